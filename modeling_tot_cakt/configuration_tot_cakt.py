@@ -1,0 +1,219 @@
+"""TOT-CAKT model configuration."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import AutoConfig, PretrainedConfig
+
+ALIGNMENT_MODES = ("tot", "ot", "none")
+GRAD_MODES = ("envelope", "autodiff")
+CTC_REDUCTIONS = ("mean", "sum")
+
+# Audio encoders whose base model maps `input_values`/`input_features` to frame features and
+# exposes `_get_feature_vector_attention_mask` (all wav2vec-style models in transformers).
+SUPPORTED_ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert", "unispeech", "unispeech-sat", "sew", "sew-d")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(condition: bool, field: str, allowed: str, value) -> None:
+    if not condition:
+        raise ValueError(f"TOTCAKTConfig.{field} must be {allowed}, got {value!r}.")
+
+
+class TOTCAKTConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`TOTCAKTForCTC`]: a wav2vec-style acoustic encoder with a CTC head and, for
+    training only, an adapter plus a temporal-order-preserving optimal-transport (TOT) alignment to a
+    frozen pretrained language model (the *teacher*).
+
+    Args:
+        encoder_config (`dict` or `PretrainedConfig`, *optional*):
+            Configuration of the acoustic encoder. A dict must carry `model_type` (one of
+            `wav2vec2`, `hubert`, `wavlm`, `data2vec-audio`, `wav2vec2-bert`, ...). Defaults to
+            `Wav2Vec2Config()`. SpecAugment (`mask_time_prob`, ...), `layerdrop` and frame-rate
+            reduction (`add_adapter`, `adapter_stride`, `num_adapter_layers`) are set here.
+        vocab_size (`int`, defaults to 32):
+            Number of CTC output symbols, blank included.
+        pad_token_id (`int`, defaults to 0):
+            Id of the padding token, which is also the CTC blank (as in `Wav2Vec2ForCTC`).
+        ctc_loss_reduction (`str`, defaults to `"mean"`):
+            `"mean"` (each utterance's loss divided by its label length, then averaged) or `"sum"`.
+        ctc_zero_infinity (`bool`, defaults to `True`):
+            Zero infinite CTC losses (more labels than frames) instead of propagating `inf`.
+        final_dropout (`float`, defaults to 0.0):
+            Dropout on encoder features before the CTC head.
+        teacher_name_or_path (`str`, defaults to `"bert-base-chinese"`):
+            Frozen BERT-like language model (Hub id or local folder) used during training only.
+        teacher_hidden_size (`int`, defaults to 768):
+            Hidden size of the teacher; the adapter maps acoustic frames to this size.
+        adapter_hidden_size (`int`, defaults to 512):
+            Width of the adapter's hidden layers.
+        adapter_num_layers (`int`, defaults to 2):
+            Number of linear layers of the adapter (1 = a single projection).
+        adapter_dropout (`float`, defaults to 0.1):
+            Dropout inside the adapter.
+        alignment (`str`, defaults to `"tot"`):
+            `"tot"` (TOT-CAKT), `"ot"` (plain entropic OT, the OT-CAKT baseline) or `"none"`
+            (CTC-only baseline: no adapter, no teacher).
+        tot_lambda1 (`float`, defaults to 0.1):
+            Weight of the local order reward `S_ij = lambda1 / ((u_i - v_j)^2 + 1)`.
+        tot_lambda2 (`float`, defaults to 0.1):
+            Entropic / KL regularisation weight of the transport problem.
+        tot_sigma (`float`, defaults to 1.0):
+            Width of the Gaussian temporal prior, in units of `sqrt(1/N^2 + 1/M^2)`.
+        tot_max_iter (`int`, defaults to 50):
+            Maximum number of Sinkhorn iterations.
+        tot_tol (`float`, defaults to 1e-4):
+            Stop when the marginal error falls below this value.
+        tot_grad (`str`, defaults to `"envelope"`):
+            `"envelope"` (coupling detached; exact gradient of the transport cost at the optimum,
+            no graph through the iterations) or `"autodiff"` (backprop through the iterations).
+        ctc_loss_weight, ot_loss_weight, align_loss_weight (`float`):
+            `L = w_ctc * L_ctc + w_ot * L_ot + w_align * L_align`.
+        teacher_strip_special_tokens (`bool`, defaults to `True`):
+            Drop the first and last valid teacher positions (`[CLS]`, `[SEP]`) before alignment.
+    """
+
+    model_type = "tot_cakt"
+    sub_configs = {"encoder_config": AutoConfig}
+
+    def __init__(
+        self,
+        encoder_config: dict | PretrainedConfig | None = None,
+        vocab_size: int = 32,
+        pad_token_id: int = 0,
+        ctc_loss_reduction: str = "mean",
+        ctc_zero_infinity: bool = True,
+        final_dropout: float = 0.0,
+        teacher_name_or_path: str = "bert-base-chinese",
+        teacher_hidden_size: int = 768,
+        adapter_hidden_size: int = 512,
+        adapter_num_layers: int = 2,
+        adapter_dropout: float = 0.1,
+        alignment: str = "tot",
+        tot_lambda1: float = 0.1,
+        tot_lambda2: float = 0.1,
+        tot_sigma: float | None = 1.0,
+        tot_max_iter: int = 50,
+        tot_tol: float = 1e-4,
+        tot_grad: str = "envelope",
+        ctc_loss_weight: float = 1.0,
+        ot_loss_weight: float = 0.1,
+        align_loss_weight: float = 0.3,
+        teacher_strip_special_tokens: bool = True,
+        **kwargs,
+    ):
+        if encoder_config is None:
+            encoder_config = AutoConfig.for_model("wav2vec2")
+        elif isinstance(encoder_config, dict):
+            encoder_config = dict(encoder_config)
+            model_type = encoder_config.pop("model_type", None)
+            _check(model_type is not None, "encoder_config", "a dict with a 'model_type' key", "no model_type")
+            encoder_config = AutoConfig.for_model(model_type, **encoder_config)
+        _check(isinstance(encoder_config, PretrainedConfig), "encoder_config", "a dict or a PretrainedConfig", type(encoder_config))
+        _check(
+            encoder_config.model_type in SUPPORTED_ENCODERS,
+            "encoder_config.model_type",
+            f"one of {SUPPORTED_ENCODERS}",
+            encoder_config.model_type,
+        )
+        self.encoder_config = encoder_config
+
+        self.vocab_size = vocab_size
+        self.ctc_loss_reduction = ctc_loss_reduction
+        self.ctc_zero_infinity = ctc_zero_infinity
+        self.final_dropout = final_dropout
+        self.teacher_name_or_path = teacher_name_or_path
+        self.teacher_hidden_size = teacher_hidden_size
+        self.adapter_hidden_size = adapter_hidden_size
+        self.adapter_num_layers = adapter_num_layers
+        self.adapter_dropout = adapter_dropout
+        self.alignment = alignment
+        self.tot_lambda1 = tot_lambda1
+        self.tot_lambda2 = tot_lambda2
+        self.tot_sigma = tot_sigma
+        self.tot_max_iter = tot_max_iter
+        self.tot_tol = tot_tol
+        self.tot_grad = tot_grad
+        self.ctc_loss_weight = ctc_loss_weight
+        self.ot_loss_weight = ot_loss_weight
+        self.align_loss_weight = align_loss_weight
+        self.teacher_strip_special_tokens = teacher_strip_special_tokens
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the first field whose value is out of range."""
+        _check(_is_int(self.vocab_size) and self.vocab_size >= 2, "vocab_size", "an int >= 2", self.vocab_size)
+        _check(
+            _is_int(self.pad_token_id) and 0 <= self.pad_token_id < self.vocab_size,
+            "pad_token_id",
+            f"an int in [0, vocab_size={self.vocab_size})",
+            self.pad_token_id,
+        )
+        _check(self.ctc_loss_reduction in CTC_REDUCTIONS, "ctc_loss_reduction", f"one of {CTC_REDUCTIONS}", self.ctc_loss_reduction)
+        for name in ("final_dropout", "adapter_dropout"):
+            value = getattr(self, name)
+            _check(_is_number(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
+        _check(
+            _is_int(self.teacher_hidden_size) and self.teacher_hidden_size > 0,
+            "teacher_hidden_size",
+            "a positive int",
+            self.teacher_hidden_size,
+        )
+        _check(
+            _is_int(self.adapter_hidden_size) and self.adapter_hidden_size > 0,
+            "adapter_hidden_size",
+            "a positive int",
+            self.adapter_hidden_size,
+        )
+        _check(
+            _is_int(self.adapter_num_layers) and self.adapter_num_layers >= 1,
+            "adapter_num_layers",
+            "an int >= 1",
+            self.adapter_num_layers,
+        )
+        _check(self.alignment in ALIGNMENT_MODES, "alignment", f"one of {ALIGNMENT_MODES}", self.alignment)
+        _check(_is_number(self.tot_lambda1) and self.tot_lambda1 >= 0.0, "tot_lambda1", "a finite float >= 0", self.tot_lambda1)
+        _check(_is_number(self.tot_lambda2) and self.tot_lambda2 > 0.0, "tot_lambda2", "a finite float > 0", self.tot_lambda2)
+        _check(
+            self.tot_sigma is None or (_is_number(self.tot_sigma) and self.tot_sigma > 0.0),
+            "tot_sigma",
+            "None (no temporal prior) or a finite float > 0",
+            self.tot_sigma,
+        )
+        _check(_is_int(self.tot_max_iter) and self.tot_max_iter >= 1, "tot_max_iter", "an int >= 1", self.tot_max_iter)
+        _check(_is_number(self.tot_tol) and self.tot_tol >= 0.0, "tot_tol", "a float >= 0", self.tot_tol)
+        _check(self.tot_grad in GRAD_MODES, "tot_grad", f"one of {GRAD_MODES}", self.tot_grad)
+        for name in ("ctc_loss_weight", "ot_loss_weight", "align_loss_weight"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0.0, name, "a finite float >= 0", value)
+
+    @property
+    def inputs_to_logits_ratio(self) -> int:
+        """Input samples per output frame (used by the ASR pipeline for chunking and timestamps)."""
+        return self.encoder_config.inputs_to_logits_ratio
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training needs the frozen teacher (False for the CTC-only baseline)."""
+        return self.alignment != "none"
+
+    @property
+    def hidden_size(self) -> int:
+        """Size of the encoder's output features (after its optional frame-rate adapter)."""
+        enc = self.encoder_config
+        if getattr(enc, "add_adapter", False):
+            return getattr(enc, "output_hidden_size", None) or enc.hidden_size
+        return enc.hidden_size
+
+
+__all__ = ["TOTCAKTConfig"]

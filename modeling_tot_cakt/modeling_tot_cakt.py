@@ -1,0 +1,393 @@
+"""TOT-CAKT: a wav2vec-style CTC recogniser that learns from a frozen language model through
+temporal-order-preserving optimal transport.
+
+Reference: Lu, Shen, Tsao, Kawai, "Temporal Order Preserved Optimal Transport-based Cross-modal
+Knowledge Transfer Learning for ASR", IEEE SLT 2024 (arXiv:2409.02239).
+
+This file is copied next to the saved weights for `trust_remote_code=True`; it imports only torch,
+transformers and its sibling files `configuration_tot_cakt.py` and `tot.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_tot_cakt import TOTCAKTConfig
+from .tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TOTCAKTOutput(ModelOutput):
+    """
+    Output of [`TOTCAKTForCTC`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            `ctc_loss_weight * ctc_loss + ot_loss_weight * ot_loss + align_loss_weight * align_loss`
+            (the alignment terms only when teacher features are available).
+        logits (`torch.FloatTensor` of shape `(batch_size, frames, vocab_size)`):
+            CTC logits (before softmax).
+        ctc_loss (`torch.FloatTensor` of shape `()`, *optional*): CTC loss.
+        ot_loss (`torch.FloatTensor` of shape `()`, *optional*): transport cost `<T*, C>`, batch mean.
+        align_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean cosine distance between transported acoustics and teacher token features.
+        coupling (`torch.FloatTensor` of shape `(batch_size, frames, tokens)`, *optional*):
+            The transport plan `T*`, returned when `output_coupling=True` and teacher features exist.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): encoder hidden states, when asked.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, when asked.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    ctc_loss: torch.FloatTensor | None = None
+    ot_loss: torch.FloatTensor | None = None
+    align_loss: torch.FloatTensor | None = None
+    coupling: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class TOTCAKTAdapter(nn.Module):
+    """Maps acoustic frames `(B, N, hidden_size)` into the teacher's space `(B, N, teacher_hidden_size)`."""
+
+    def __init__(self, config: TOTCAKTConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(config.hidden_size)]
+        width = config.hidden_size
+        for _ in range(config.adapter_num_layers - 1):
+            layers += [nn.Linear(width, config.adapter_hidden_size), nn.GELU(), nn.Dropout(config.adapter_dropout)]
+            width = config.adapter_hidden_size
+        layers.append(nn.Linear(width, config.teacher_hidden_size))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden_states)
+
+
+class TOTCAKTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading for TOT-CAKT models; the encoder keeps its own initialisation."""
+
+    config: TOTCAKTConfig
+    config_class = TOTCAKTConfig
+    base_model_prefix = "tot_cakt"
+    main_input_name = "input_values"
+    input_modalities = "audio"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+
+class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
+    """
+    Acoustic encoder + CTC head. During training an adapter and a TOT alignment head couple encoder
+    frames to the token features of a frozen teacher language model, so that
+    `L = w_ctc * L_ctc + w_ot * <T*, C> + w_align * mean_j (1 - cos(â_j, l_j))`.
+
+    The teacher is attached with [`~TOTCAKTForCTC.attach_teacher`]; it is not a registered submodule,
+    so it is never saved with the model, never handed to the optimiser and never needed at inference.
+    """
+
+    def __init__(self, config: TOTCAKTConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config)
+        # The pipeline feeds the feature extractor's output under this name.
+        self.main_input_name = self.encoder.main_input_name
+        self.dropout = nn.Dropout(config.final_dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.adapter = TOTCAKTAdapter(config) if config.uses_teacher else None
+        self.__dict__["_teacher"] = None  # plain attribute: kept out of state_dict and parameters()
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_encoder_pretrained(
+        cls,
+        encoder_name_or_path: str,
+        config: TOTCAKTConfig | None = None,
+        encoder_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "TOTCAKTForCTC":
+        """
+        Build a TOT-CAKT model whose encoder starts from a pretrained wav2vec2 / HuBERT / WavLM /
+        data2vec-audio / Wav2Vec2-BERT checkpoint (Hub id or local folder; a `*ForCTC` or
+        `*ForPreTraining` checkpoint works too, its head is dropped).
+
+        Args:
+            encoder_name_or_path: checkpoint to take the encoder weights and configuration from.
+            config: a TOT-CAKT configuration whose `encoder_config` is replaced by the checkpoint's.
+            encoder_kwargs: overrides for the encoder configuration (e.g. `mask_time_prob=0.05`).
+            config_kwargs: fields of a new [`TOTCAKTConfig`] when `config` is not given.
+        """
+        try:
+            encoder = AutoModel.from_pretrained(encoder_name_or_path, **(encoder_kwargs or {}))
+        except OSError as err:
+            raise ValueError(
+                f"Could not load the acoustic encoder from '{encoder_name_or_path}': {err}. Pass a Hub id "
+                "(with network access) or a local folder written by save_pretrained."
+            ) from err
+        if config is None:
+            config = TOTCAKTConfig(encoder_config=encoder.config, **config_kwargs)
+        else:
+            config = TOTCAKTConfig.from_dict({**config.to_dict(), "encoder_config": encoder.config.to_dict()})
+        model = cls(config)
+        model.encoder.load_state_dict(encoder.state_dict())
+        return model
+
+    def attach_teacher(self, teacher: PreTrainedModel | None = None) -> PreTrainedModel | None:
+        """
+        Attach the frozen teacher used for training (loaded from `config.teacher_name_or_path` when
+        `teacher` is None). It is put in eval mode with gradients off. No-op for `alignment="none"`.
+        """
+        if not self.config.uses_teacher:
+            return None
+        if teacher is None:
+            name = self.config.teacher_name_or_path
+            try:
+                teacher = AutoModel.from_pretrained(name)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"Could not load the teacher language model from teacher_name_or_path='{name}': {err}. "
+                    "Pass a Hub id (with network access) or a local folder with config.json, the weights and "
+                    "the tokenizer (for example one built by `python -m modeling_tot_cakt.teacher`)."
+                ) from err
+        hidden = getattr(teacher.config, "hidden_size", None)
+        if hidden != self.config.teacher_hidden_size:
+            raise ValueError(
+                f"The teacher's hidden size is {hidden} but config.teacher_hidden_size is "
+                f"{self.config.teacher_hidden_size}. Set teacher_hidden_size={hidden} in the TOT-CAKT config "
+                "(the adapter's output size must match the teacher)."
+            )
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self.__dict__["_teacher"] = teacher
+        return teacher
+
+    @property
+    def teacher(self) -> PreTrainedModel | None:
+        """The attached frozen teacher, or None."""
+        return self.__dict__["_teacher"]
+
+    def freeze_feature_encoder(self) -> None:
+        """Stop gradients into the convolutional feature encoder (raw-waveform encoders only)."""
+        feature_extractor = getattr(self.encoder, "feature_extractor", None)
+        if feature_extractor is None or not hasattr(feature_extractor, "_freeze_parameters"):
+            raise ValueError(
+                f"The {self.config.encoder_config.model_type} encoder has no convolutional feature encoder to freeze."
+            )
+        feature_extractor._freeze_parameters()
+
+    # ------------------------------------------------------------------ teacher features
+    @torch.no_grad()
+    def teacher_token_features(
+        self, teacher_input_ids: torch.LongTensor, teacher_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.FloatTensor, torch.BoolTensor]:
+        """
+        Run the frozen teacher on a tokenised transcript and keep one feature per text token.
+
+        Args:
+            teacher_input_ids (`torch.LongTensor` of shape `(B, L)`): teacher tokenisation with
+                `[CLS] ... [SEP]` (right padded).
+            teacher_attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real tokens.
+
+        Returns:
+            `(features, token_mask)`: `(B, L', teacher_hidden_size)` float features and a `(B, L')`
+            bool mask of valid tokens, where `[CLS]`/`[SEP]` are dropped when
+            `config.teacher_strip_special_tokens` (then `L' = L - 1`).
+        """
+        if self.teacher is None:
+            raise ValueError(
+                "teacher_input_ids were given but no teacher is attached: call model.attach_teacher() "
+                "or pass precomputed teacher_hidden_states."
+            )
+        if teacher_attention_mask is None:
+            teacher_attention_mask = torch.ones_like(teacher_input_ids)
+        device = teacher_input_ids.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        hidden = self.teacher(input_ids=teacher_input_ids, attention_mask=teacher_attention_mask).last_hidden_state
+        mask = teacher_attention_mask.bool()
+        if self.config.teacher_strip_special_tokens:
+            last = mask.sum(dim=1) - 1  # index of [SEP]
+            positions = torch.arange(mask.shape[1], device=device)
+            mask = mask & (positions[None, :] < last[:, None])
+            hidden, mask = hidden[:, 1:], mask[:, 1:]
+        return hidden.float(), mask
+
+    def _resolve_teacher_features(
+        self,
+        batch_size: int,
+        teacher_input_ids: torch.LongTensor | None,
+        teacher_attention_mask: torch.Tensor | None,
+        teacher_hidden_states: torch.FloatTensor | None,
+        teacher_token_mask: torch.Tensor | None,
+    ) -> tuple[torch.FloatTensor, torch.BoolTensor] | None:
+        if teacher_hidden_states is None and teacher_input_ids is None:
+            return None
+        if teacher_hidden_states is None:
+            return self.teacher_token_features(teacher_input_ids, teacher_attention_mask)
+        expected = (batch_size, "tokens", self.config.teacher_hidden_size)
+        if (
+            teacher_hidden_states.dim() != 3
+            or teacher_hidden_states.shape[0] != batch_size
+            or teacher_hidden_states.shape[2] != self.config.teacher_hidden_size
+        ):
+            raise ValueError(
+                f"teacher_hidden_states must have shape {expected}, got {tuple(teacher_hidden_states.shape)}. "
+                "Pass the teacher's token features for this batch (see teacher_token_features)."
+            )
+        mask = teacher_token_mask if teacher_token_mask is not None else teacher_attention_mask
+        if mask is None:
+            mask = torch.ones(teacher_hidden_states.shape[:2], dtype=torch.bool, device=teacher_hidden_states.device)
+        elif mask.shape != teacher_hidden_states.shape[:2]:
+            raise ValueError(
+                f"teacher_token_mask must have shape {tuple(teacher_hidden_states.shape[:2])} (batch, tokens) to "
+                f"match teacher_hidden_states, got {tuple(mask.shape)}."
+            )
+        return teacher_hidden_states.float(), mask.bool()
+
+    # ------------------------------------------------------------------ losses
+    def _frame_mask(self, frames: int, attention_mask: torch.Tensor | None, batch_size: int, device) -> torch.BoolTensor:
+        if attention_mask is None:
+            return torch.ones(batch_size, frames, dtype=torch.bool, device=device)
+        return self.encoder._get_feature_vector_attention_mask(frames, attention_mask).bool()
+
+    def _ctc_loss(self, logits: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"labels contain id {int(labels.max())} but vocab_size is {self.config.vocab_size}: the tokenizer "
+                "and the model configuration disagree."
+            )
+        label_mask = labels >= 0
+        target_lengths = label_mask.sum(-1)
+        if bool((target_lengths > frame_lengths).any()):
+            logger.warning_once(
+                "Some utterances have more label tokens than encoder frames, so CTC cannot align them; their CTC "
+                "loss is zeroed (ctc_zero_infinity). Filter such utterances or reduce the frame-rate reduction."
+            )
+        flat_targets = labels.masked_select(label_mask)
+        log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        with torch.backends.cudnn.flags(enabled=False):
+            return nn.functional.ctc_loss(
+                log_probs,
+                flat_targets,
+                frame_lengths,
+                target_lengths,
+                blank=self.config.pad_token_id,
+                reduction=self.config.ctc_loss_reduction,
+                zero_infinity=self.config.ctc_zero_infinity,
+            )
+
+    def _alignment(
+        self, hidden_states: torch.Tensor, frame_mask: torch.BoolTensor, tokens: torch.Tensor, token_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return `(ot_loss, align_loss, coupling)` for adapted frames against teacher token features."""
+        adapted = self.adapter(hidden_states).float()
+        cost = cosine_cost(adapted, tokens)
+        plain = self.config.alignment == "ot"
+        coupling = tot_sinkhorn(
+            cost,
+            frame_mask,
+            token_mask,
+            lambda1=0.0 if plain else self.config.tot_lambda1,
+            lambda2=self.config.tot_lambda2,
+            sigma=None if plain else self.config.tot_sigma,
+            max_iter=self.config.tot_max_iter,
+            tol=self.config.tot_tol,
+            grad=self.config.tot_grad,
+        )
+        transported = barycentric_transport(coupling, adapted, token_mask)
+        return ot_loss(coupling, cost), align_loss(transported, tokens, token_mask), coupling
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        teacher_input_ids: torch.LongTensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        teacher_hidden_states: torch.FloatTensor | None = None,
+        teacher_token_mask: torch.Tensor | None = None,
+        output_coupling: bool = False,
+        input_features: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TOTCAKTOutput | tuple:
+        r"""
+        Args:
+            input_values (`torch.FloatTensor` of shape `(B, samples)` or `(B, frames, features)`):
+                What the feature extractor produced: raw waveform for wav2vec2/HuBERT/WavLM, log-mel
+                features for Wav2Vec2-BERT (also accepted as `input_features`).
+            attention_mask (`torch.Tensor` of shape like the input without the feature axis, *optional*):
+                1 for real input, 0 for padding.
+            labels (`torch.LongTensor` of shape `(B, target_length)`, *optional*):
+                CTC targets in `[0, vocab_size)`, padded with -100.
+            teacher_input_ids, teacher_attention_mask (`(B, L)`, *optional*):
+                The transcript tokenised by the teacher's tokenizer (with `[CLS]`/`[SEP]`); the attached
+                teacher computes the token features.
+            teacher_hidden_states (`torch.FloatTensor` of shape `(B, M, teacher_hidden_size)`, *optional*):
+                Precomputed token features (as returned by `teacher_token_features`) instead of ids.
+            teacher_token_mask (`torch.BoolTensor` of shape `(B, M)`, *optional*):
+                Valid positions of `teacher_hidden_states` (if absent, `teacher_attention_mask` is used,
+                and if that is absent too, all positions are valid).
+            output_coupling (`bool`): also return the transport plan.
+
+        The alignment losses are computed when teacher features are available and `alignment` is not
+        `"none"`; inference needs neither text nor teacher.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_values is None:
+            input_values = input_features
+        if input_values is None:
+            raise ValueError(f"Pass the audio features as input_values (or {self.main_input_name}).")
+
+        outputs = self.encoder(
+            input_values,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = self.dropout(outputs.last_hidden_state)
+        logits = self.lm_head(hidden_states)
+
+        batch_size, frames = hidden_states.shape[:2]
+        teacher = None
+        if self.config.uses_teacher:
+            teacher = self._resolve_teacher_features(
+                batch_size, teacher_input_ids, teacher_attention_mask, teacher_hidden_states, teacher_token_mask
+            )
+        loss = ctc = ot = align = coupling = None
+        if labels is not None or teacher is not None:
+            frame_mask = self._frame_mask(frames, attention_mask, batch_size, hidden_states.device)
+        if teacher is not None:
+            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
+            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
+        if labels is not None:
+            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
+            loss = self.config.ctc_loss_weight * ctc
+            if teacher is not None:
+                loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
+
+        output = TOTCAKTOutput(
+            loss=loss,
+            logits=logits,
+            ctc_loss=ctc,
+            ot_loss=ot,
+            align_loss=align,
+            coupling=coupling if output_coupling else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["TOTCAKTAdapter", "TOTCAKTForCTC", "TOTCAKTOutput", "TOTCAKTPreTrainedModel"]

@@ -1,0 +1,61 @@
+import pytest
+from transformers import AutoConfig, HubertConfig, Wav2Vec2BertConfig, Wav2Vec2Config
+
+from modeling_tot_cakt import TOTCAKTConfig
+from tiny_models import TINY_WAV2VEC2_BERT
+
+
+def test_defaults_are_the_tot_cakt_method():
+    config = TOTCAKTConfig()
+    assert isinstance(config.encoder_config, Wav2Vec2Config)
+    assert config.alignment == "tot" and config.teacher_name_or_path == "bert-base-chinese"
+    assert config.teacher_hidden_size == 768 and config.tot_grad == "envelope"
+    assert config.inputs_to_logits_ratio == 320 and config.uses_teacher
+
+
+def test_round_trip_keeps_nested_encoder(tmp_path):
+    config = TOTCAKTConfig(
+        encoder_config={"model_type": "hubert", "hidden_size": 48, "num_attention_heads": 4},
+        vocab_size=100, alignment="ot", tot_sigma=None, tot_lambda1=0.0,
+    )
+    config.save_pretrained(tmp_path)
+    for loaded in (TOTCAKTConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert isinstance(loaded.encoder_config, HubertConfig)
+        assert loaded.encoder_config.hidden_size == 48
+        assert loaded.alignment == "ot" and loaded.tot_sigma is None and loaded.vocab_size == 100
+
+
+def test_log_mel_encoder_with_frame_rate_reduction():
+    config = TOTCAKTConfig(encoder_config=dict(TINY_WAV2VEC2_BERT))
+    assert isinstance(config.encoder_config, Wav2Vec2BertConfig)
+    assert config.inputs_to_logits_ratio == 640  # 10 ms hop x stride 2 x adapter stride 2
+    assert config.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("alignment", "kl", "alignment must be one of"),
+        ("tot_lambda1", -1.0, "tot_lambda1 must be a finite float >= 0"),
+        ("tot_lambda2", 0.0, "tot_lambda2 must be a finite float > 0"),
+        ("tot_lambda2", float("nan"), "tot_lambda2"),
+        ("tot_sigma", 0.0, "tot_sigma must be None"),
+        ("tot_sigma", "wide", "tot_sigma"),
+        ("tot_max_iter", 0, "tot_max_iter must be an int >= 1"),
+        ("tot_tol", -1e-3, "tot_tol"),
+        ("tot_grad", "implicit", "tot_grad must be one of"),
+        ("vocab_size", 1, "vocab_size must be an int >= 2"),
+        ("pad_token_id", 40, "pad_token_id must be an int in"),
+        ("ctc_loss_reduction", "none", "ctc_loss_reduction"),
+        ("ot_loss_weight", -0.5, "ot_loss_weight"),
+        ("align_loss_weight", float("inf"), "align_loss_weight"),
+        ("adapter_num_layers", 0, "adapter_num_layers"),
+        ("adapter_dropout", 1.0, "adapter_dropout must be in"),
+        ("teacher_hidden_size", 0, "teacher_hidden_size"),
+        ("encoder_config", {"hidden_size": 8}, "model_type"),
+        ("encoder_config", {"model_type": "bert"}, "encoder_config.model_type must be one of"),
+    ],
+)
+def test_invalid_values_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TOTCAKTConfig(**{field: value})

@@ -1,0 +1,47 @@
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoProcessor, Wav2Vec2BertProcessor, Wav2Vec2Processor
+
+from modeling_tot_cakt import create_processor, create_tokenizer
+from modeling_tot_cakt.configuration_tot_cakt import TOTCAKTConfig
+from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
+from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
+
+
+def test_character_tokenizer_round_trip(tmp_path):
+    tokenizer = create_tokenizer(write_vocab(tmp_path))
+    assert len(tokenizer) == len(CHARACTERS) + 3 and tokenizer.pad_token_id == 0
+    ni, hao = tokenizer.convert_tokens_to_ids(["你", "好"])
+    assert tokenizer("你好").input_ids == [ni, hao]
+    assert tokenizer.decode([ni, ni, 0, ni, hao, hao]) == "你你好"  # CTC collapse around the blank
+    assert tokenizer.decode([ni, ni, hao], group_tokens=False) == "你你好"  # labels are never collapsed
+    assert tokenizer.decode(tokenizer("好人猫").input_ids) == "好人[UNK]"
+
+
+def test_vocabulary_layout():
+    vocab = vocabulary_from_characters("好你好 |")
+    assert vocab == {"[PAD]": 0, "[UNK]": 1, "|": 2, "你": 3, "好": 4}
+
+
+def test_vocab_without_blank_is_rejected(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"[UNK]": 0, "|": 1, "你": 2}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no '\[PAD\]' entry"):
+        create_tokenizer(path)
+
+
+@pytest.mark.parametrize("encoder, cls, key", [(None, Wav2Vec2Processor, "input_values"),
+                                               (TINY_WAV2VEC2_BERT, Wav2Vec2BertProcessor, "input_features")])
+def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls, key):
+    config = TOTCAKTConfig(encoder_config=dict(encoder) if encoder else None)
+    processor = create_processor(write_vocab(tmp_path), encoder_config=config.encoder_config)
+    assert isinstance(processor, cls)
+    processor.save_pretrained(tmp_path / "proc")
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "proc")
+    assert isinstance(reloaded, cls)
+    audio = [np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)]
+    features = reloaded(audio=audio, sampling_rate=16000, return_tensors="pt", padding=True)
+    assert key in features and features["attention_mask"].sum(1).tolist()[0] > features["attention_mask"].sum(1).tolist()[1]
+    assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()

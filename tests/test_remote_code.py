@@ -1,0 +1,129 @@
+"""The saved folder works through `trust_remote_code` in a process where this package cannot be imported."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tiny_models import TINY_WAV2VEC2_BERT, make_model, make_processor, write_wav
+
+CODE_FILES = {"configuration_tot_cakt.py", "modeling_tot_cakt.py", "tot.py"}
+
+# Runs in a fresh interpreter: makes `modeling_tot_cakt` unimportable, then loads and transcribes.
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_tot_cakt" or name.startswith("modeling_tot_cakt."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+            return None
+
+    sys.meta_path.insert(0, BlockPackage())
+    try:
+        import modeling_tot_cakt  # noqa: F401
+        raise SystemExit("the package is still importable")
+    except ModuleNotFoundError:
+        pass
+
+    import numpy as np, soundfile as sf, torch
+    from transformers import AutoModelForCTC, pipeline
+
+    source, wav, reference = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = AutoModelForCTC.from_pretrained(source, trust_remote_code=True).eval()
+    assert "transformers_modules" in type(model).__module__, type(model).__module__
+    ref = np.load(reference)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ref["inputs"]), attention_mask=torch.from_numpy(ref["mask"])).logits
+    asr = pipeline("automatic-speech-recognition", model=source, trust_remote_code=True)
+    audio, rate = sf.read(wav, dtype="float32")
+    result = asr({"raw": audio, "sampling_rate": rate}, return_timestamps="char")
+    print(json.dumps({
+        "max_logit_diff": float((logits - torch.from_numpy(ref["logits"])).abs().max()),
+        "text": result["text"],
+        "chunks": [c["text"] for c in result["chunks"]],
+        "class": type(model).__name__,
+        "package_modules": sorted(m for m in sys.modules if m.split(".")[0] == "modeling_tot_cakt"),
+        "remote_modules": sorted(m for m in sys.modules if m.startswith("transformers_modules") and "tot" in m),
+    }, ensure_ascii=False))
+    """
+)
+
+
+@pytest.fixture(params=["wav2vec2", "wav2vec2-bert"])
+def saved_model(request, tmp_path):
+    """A tiny trained-for-nothing model + processor saved with save_pretrained, and a reference forward pass."""
+    torch.manual_seed(0)
+    encoder = TINY_WAV2VEC2_BERT if request.param == "wav2vec2-bert" else None
+    model = make_model(encoder).eval()
+    # Bias the head so that the untrained model emits characters, not only blanks.
+    with torch.no_grad():
+        model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
+        model.lm_head.bias[0] = -5
+    processor = make_processor(tmp_path, model)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    wav = write_wav(tmp_path / "clip.wav", seconds=1.5)
+    audio, rate = sf.read(wav, dtype="float32")
+    inputs = processor(audio=audio, sampling_rate=rate, return_tensors="pt")
+    key = model.main_input_name
+    with torch.no_grad():
+        logits = model(inputs[key], attention_mask=inputs["attention_mask"]).logits
+    expected = processor.batch_decode(logits.argmax(-1))[0]
+    np.savez(tmp_path / "reference.npz", inputs=inputs[key].numpy(), mask=inputs["attention_mask"].numpy(), logits=logits.numpy())
+    return folder, wav, tmp_path / "reference.npz", expected
+
+
+def run_fresh(source, wav, reference, env_extra, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_extra)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(source), str(wav), str(reference)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_save_pretrained_writes_auto_map_and_code_files(saved_model):
+    folder = saved_model[0]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_tot_cakt.TOTCAKTConfig",
+        "AutoModelForCTC": "modeling_tot_cakt.TOTCAKTForCTC",
+    }
+    assert CODE_FILES <= {p.name for p in folder.iterdir()}
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+
+
+def test_fresh_process_loads_folder_and_transcribes(saved_model, tmp_path):
+    folder, wav, reference, expected = saved_model
+    out = run_fresh(folder, wav, reference, {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert out["class"] == "TOTCAKTForCTC"
+    assert out["max_logit_diff"] < 1e-5
+    assert out["text"] == expected and expected
+    assert "".join(out["chunks"]) == expected
+    assert out["package_modules"] == [] and out["remote_modules"]
+
+
+def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_path):
+    """A Hub-style cache (models--org--name/snapshots/<commit>) resolves by repo id with HF_HUB_OFFLINE=1."""
+    folder, wav, reference, expected = saved_model
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tot-cakt--tiny-test"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = run_fresh("tot-cakt/tiny-test", wav, reference, env, tmp_path)
+    assert out["max_logit_diff"] < 1e-5
+    assert out["text"] == expected
