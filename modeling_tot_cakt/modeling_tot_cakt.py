@@ -251,6 +251,29 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
         return teacher_hidden_states.float(), mask.bool()
 
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Reject what would otherwise fail deep inside torch: non-finite input, clips too short to encode."""
+        if not bool(torch.isfinite(input_values).all()):
+            bad = (~torch.isfinite(input_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{self.main_input_name} contains NaN or Inf values (batch items {bad}); check the audio files "
+                "(the data loaders drop such clips and report them)."
+            )
+        lengths = (
+            attention_mask.sum(-1)
+            if attention_mask is not None
+            else torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)
+        )
+        frames = self.encoder._get_feat_extract_output_lengths(lengths)
+        if bool((frames < 1).any()):
+            shortest = int(lengths.min())
+            raise ValueError(
+                f"An input of {shortest} {'samples' if input_values.dim() == 2 else 'frames'} is shorter than the "
+                f"{self.config.encoder_config.model_type} encoder's receptive field and yields no output frame; "
+                "drop such clips or pad them (min_duration_in_seconds filters them in training)."
+            )
+
     # ------------------------------------------------------------------ losses
     def _frame_mask(self, frames: int, attention_mask: torch.Tensor | None, batch_size: int, device) -> torch.BoolTensor:
         if attention_mask is None:
@@ -348,6 +371,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             input_values = input_features
         if input_values is None:
             raise ValueError(f"Pass the audio features as input_values (or {self.main_input_name}).")
+        self._check_inputs(input_values, attention_mask)
 
         outputs = self.encoder(
             input_values,

@@ -201,3 +201,18 @@ def test_auto_model_resolves_teacher_free_base(tmp_path):
     assert isinstance(AutoModel.from_config(model.config.encoder_config), Wav2Vec2Model)
     assert model.main_input_name == "input_values"
     assert make_model(TINY_WAV2VEC2_BERT).main_input_name == "input_features"
+
+
+def test_bad_audio_inputs_are_rejected_clearly():
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="shorter than the wav2vec2 encoder's receptive field"):
+        model(torch.randn(1, 20))
+    short = torch.randn(2, 4000)
+    mask = torch.ones(2, 4000, dtype=torch.long)
+    mask[1, 12:] = 0
+    with pytest.raises(ValueError, match="12 samples"):
+        model(short, attention_mask=mask)
+    broken = torch.randn(2, 4000)
+    broken[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(batch items \[1\]\)"):
+        model(broken)
