@@ -36,6 +36,7 @@ def vocabulary_from_characters(characters) -> dict[str, int]:
 
 # Encoders that take log-mel filter banks (SeamlessM4T front-end) instead of the raw waveform.
 LOG_MEL_ENCODERS = ("wav2vec2-bert",)
+NUM_MEL_BINS = 80
 
 
 def create_tokenizer(vocab_file: str | os.PathLike) -> Wav2Vec2CTCTokenizer:
@@ -66,15 +67,28 @@ def create_tokenizer(vocab_file: str | os.PathLike) -> Wav2Vec2CTCTokenizer:
 
 def create_feature_extractor(encoder_config: PretrainedConfig | dict | None = None, sampling_rate: int = 16000):
     """
-    The feature extractor an encoder expects: log-mel filter banks (80 bins, stride 2) for
-    Wav2Vec2-BERT, the normalised raw waveform for wav2vec2 / HuBERT / WavLM / data2vec-audio.
+    The feature extractor an encoder expects: the normalised raw waveform for wav2vec2 / HuBERT /
+    WavLM / data2vec-audio; for Wav2Vec2-BERT, 80-bin log-mel filter banks (10 ms hop) with
+    `stride` consecutive frames stacked, where `stride = feature_projection_input_dim / 80`. A larger
+    stride is a free frame-rate reduction: stride 2 gives 20 ms encoder frames, stride 4 gives 40 ms.
     """
     if isinstance(encoder_config, dict):
         encoder_config = AutoConfig.for_model(**encoder_config)
     model_type = encoder_config.model_type if encoder_config is not None else "wav2vec2"
     if model_type in LOG_MEL_ENCODERS:
+        stride, remainder = divmod(encoder_config.feature_projection_input_dim, NUM_MEL_BINS)
+        if remainder or stride < 1:
+            raise ValueError(
+                f"encoder_config.feature_projection_input_dim must be a multiple of {NUM_MEL_BINS} (mel bins x "
+                f"stacked frames), got {encoder_config.feature_projection_input_dim}."
+            )
         return SeamlessM4TFeatureExtractor(
-            feature_size=80, num_mel_bins=80, sampling_rate=sampling_rate, stride=2, padding_value=1.0, return_attention_mask=True
+            feature_size=NUM_MEL_BINS,
+            num_mel_bins=NUM_MEL_BINS,
+            sampling_rate=sampling_rate,
+            stride=stride,
+            padding_value=1.0,
+            return_attention_mask=True,
         )
     return Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True, return_attention_mask=True

@@ -5,6 +5,7 @@ import pytest
 from transformers import AutoProcessor, Wav2Vec2BertProcessor, Wav2Vec2Processor
 
 from modeling_tot_cakt import create_processor, create_tokenizer
+from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
 from modeling_tot_cakt.configuration_tot_cakt import TOTCAKTConfig
 from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
 from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
@@ -45,3 +46,20 @@ def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls,
     features = reloaded(audio=audio, sampling_rate=16000, return_tensors="pt", padding=True)
     assert key in features and features["attention_mask"].sum(1).tolist()[0] > features["attention_mask"].sum(1).tolist()[1]
     assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_log_mel_stride_follows_encoder_projection(stride):
+    config = TOTCAKTConfig(encoder_config={**TINY_WAV2VEC2_BERT, "feature_projection_input_dim": 80 * stride})
+    extractor = create_feature_extractor(config.encoder_config)
+    features = extractor(np.zeros(16000, dtype=np.float32), sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert features.shape[-1] == 80 * stride
+    # One encoder frame per `inputs_to_logits_ratio` samples (before the adapter's own reduction).
+    assert abs(features.shape[1] - 16000 / (160 * stride)) <= 1
+    assert config.inputs_to_logits_ratio == 160 * stride * 2  # the tiny encoder's adapter halves once more
+
+
+def test_log_mel_projection_must_be_whole_frames():
+    config = TOTCAKTConfig(encoder_config={**TINY_WAV2VEC2_BERT, "feature_projection_input_dim": 100})
+    with pytest.raises(ValueError, match="multiple of 80"):
+        create_feature_extractor(config.encoder_config)
