@@ -127,3 +127,35 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
     out = run_fresh("tot-cakt/tiny-test", wav, reference, env, tmp_path)
     assert out["max_logit_diff"] < 1e-5
     assert out["text"] == expected
+
+
+# What the files copied for trust_remote_code may import: no network, subprocess or file-system modules.
+ALLOWED_IMPORTS = {"__future__", "dataclasses", "math", "typing", "torch", "transformers"}
+FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}
+FORBIDDEN_CALLS = {"torch.load", "torch.hub.load", "torch.save"}
+
+
+def test_copied_code_files_import_only_torch_and_transformers(saved_model):
+    import ast
+
+    folder = saved_model[0]
+    copied = sorted(folder.glob("*.py"))
+    assert {p.name for p in copied} == CODE_FILES
+    for path in copied:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative import of a sibling file: must itself be a copied file
+                    assert f"{node.module}.py" in CODE_FILES, (path.name, node.module)
+                    continue
+                roots = {node.module.split(".")[0]}
+            elif isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Name):
+                    assert node.func.id not in FORBIDDEN_BUILTINS, (path.name, node.lineno, node.func.id)
+                assert ast.unparse(node.func) not in FORBIDDEN_CALLS, (path.name, node.lineno)
+                continue
+            else:
+                continue
+            assert roots <= ALLOWED_IMPORTS, (path.name, node.lineno, roots)
