@@ -130,7 +130,7 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
 
 
 # What the files copied for trust_remote_code may import: no network, subprocess or file-system modules.
-ALLOWED_IMPORTS = {"__future__", "dataclasses", "math", "typing", "torch", "transformers"}
+ALLOWED_IMPORTS = {"__future__", "contextlib", "dataclasses", "math", "typing", "torch", "transformers"}
 FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}
 FORBIDDEN_CALLS = {"torch.load", "torch.hub.load", "torch.save"}
 
