@@ -81,6 +81,8 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
     input_modalities = "audio"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # The loss is already a per-batch mean: the Trainer must scale it for gradient accumulation / DDP.
+    accepts_loss_kwargs = False
 
 
 class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
@@ -166,6 +168,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         teacher.eval()
         teacher.requires_grad_(False)
         self.__dict__["_teacher"] = teacher
+        return teacher
+
+    def detach_teacher(self) -> PreTrainedModel | None:
+        """Drop the attached teacher (e.g. once its features are cached) and return it."""
+        teacher, self.__dict__["_teacher"] = self.__dict__["_teacher"], None
         return teacher
 
     @property
@@ -275,9 +282,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
 
     # ------------------------------------------------------------------ losses
-    def _frame_mask(self, frames: int, attention_mask: torch.Tensor | None, batch_size: int, device) -> torch.BoolTensor:
-        if attention_mask is None:
-            return torch.ones(batch_size, frames, dtype=torch.bool, device=device)
+    def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
+        """
+        Valid output frames `(B, frames)` for an input `attention_mask` (`(B, samples)` for raw-waveform
+        encoders, `(B, feature frames)` for log-mel ones): True where the encoder saw real input.
+        """
         return self.encoder._get_feature_vector_attention_mask(frames, attention_mask).bool()
 
     def _ctc_loss(self, logits: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -391,7 +400,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
         loss = ctc = ot = align = coupling = None
         if labels is not None or teacher is not None:
-            frame_mask = self._frame_mask(frames, attention_mask, batch_size, hidden_states.device)
+            frame_mask = (
+                self.frame_mask(frames, attention_mask)
+                if attention_mask is not None
+                else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
+            )
         if teacher is not None:
             tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
             ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)

@@ -89,7 +89,7 @@ def test_precomputed_teacher_features_match_ids(teacher_dir, tmp_path):
     from_ids = model(**batch["inputs"], labels=batch["labels"], teacher_input_ids=batch["teacher_input_ids"],
                      teacher_attention_mask=batch["teacher_attention_mask"], output_coupling=True)
     features, mask = model.teacher_token_features(batch["teacher_input_ids"], batch["teacher_attention_mask"])
-    model.__dict__["_teacher"] = None  # precomputed features need no teacher
+    assert model.detach_teacher() is not None and model.teacher is None  # precomputed features need no teacher
     cached = model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=features,
                    teacher_token_mask=mask, output_coupling=True)
     torch.testing.assert_close(from_ids.loss, cached.loss)
