@@ -1,0 +1,668 @@
+"""Speech datasets for CTC training: loading, transcript normalisation, featurisation, bad-row
+filtering and the character vocabulary.
+
+Every loader returns a `datasets.Dataset` (or `IterableDataset` when streaming) with two columns:
+`audio` (a file path, or a `{"bytes", "path"}` dict: the storage of `datasets.Audio`) and `text`
+(the raw transcript). Audio is decoded later by [`prepare_speech_example`] with soundfile, so
+neither FFmpeg nor torchcodec is needed.
+
+Sources:
+- a Hub dataset or a local folder that `datasets.load_dataset` reads (parquet, arrow, ...), or a
+  folder written by `Dataset.save_to_disk`;
+- an `audiofolder` folder (`<split>/metadata.csv|jsonl` with a `file_name` column);
+- a CSV / JSON Lines manifest (audio path relative to the manifest, or absolute, plus transcript);
+- AISHELL-1 in its published layout (`wav/<split>/<speaker>/*.wav`,
+  `transcript/aishell_transcript_v0.8.txt`).
+
+Rows that cannot be trained on (missing or undecodable audio, empty transcripts, transcripts
+that normalise to nothing, audio outside the duration range) are marked during preprocessing
+and dropped by [`drop_bad_rows`], which logs how many were dropped and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+from datasets import (
+    Audio,
+    Dataset,
+    Features,
+    IterableDataset,
+    List,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
+from datasets.exceptions import DatasetGenerationError
+
+from .audio import AudioDecodingError, load_audio
+from .processing_tot_cakt import vocabulary_from_characters
+from .text import normalize_transcript
+
+logger = logging.getLogger(__name__)
+
+AUDIO_COLUMN = "audio"
+TEXT_COLUMN = "text"
+LENGTH_COLUMN = "input_length"
+LABELS_COLUMN = "labels"
+SKIP_REASON_COLUMN = "skip_reason"
+SKIP_DETAIL_COLUMN = "skip_detail"
+
+AISHELL_TRANSCRIPT = os.path.join("transcript", "aishell_transcript_v0.8.txt")
+# Local layouts name their splits after folders; "validation" (the `datasets` name) is "dev" in AISHELL-1.
+SPLIT_FOLDER_ALIASES = {"validation": ("validation", "dev")}
+MANIFEST_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+
+SpeechDataset = Dataset | IterableDataset
+# The Arrow storage of `datasets.Audio` as a plain struct. `Audio(decode=False)` would also keep rows
+# undecoded, but `datasets` still runs the Audio *encoder* (which needs torchcodec) on streamed rows
+# after a column rename; a plain struct holds the same bytes and path without either codec.
+ENCODED_AUDIO = {"bytes": Value("binary"), "path": Value("string")}
+
+
+# ----------------------------------------------------------------------------------------- sources
+def _split_parts(split: str) -> list[str]:
+    """`"train+dev"` -> `["train", "dev"]` (the `datasets` syntax for concatenated splits)."""
+    return [part.strip() for part in split.split("+") if part.strip()]
+
+
+def _concatenate(parts: list[SpeechDataset]) -> SpeechDataset:
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _split_folder(root: str, split: str) -> str:
+    """The folder of `split` under `root`, honouring [`SPLIT_FOLDER_ALIASES`]."""
+    for name in SPLIT_FOLDER_ALIASES.get(split, (split,)):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    available = sorted(entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry)))
+    raise ValueError(f"No folder for split '{split}' under {root}; available splits: {available}.")
+
+
+def _rows_generator(rows: list[dict]) -> Iterator[dict]:
+    yield from rows
+
+
+def _from_rows(rows: list[dict], streaming: bool, cache_dir: str | None) -> SpeechDataset:
+    # `from_generator` writes Arrow files to the datasets cache (keyed by the rows themselves), so
+    # later `.map` calls are cached on disk instead of holding every waveform in memory.
+    features = Features({AUDIO_COLUMN: Value("string"), TEXT_COLUMN: Value("string")})
+    if streaming:
+        return IterableDataset.from_generator(_rows_generator, gen_kwargs={"rows": rows}, features=features)
+    return Dataset.from_generator(_rows_generator, gen_kwargs={"rows": rows}, features=features, cache_dir=cache_dir)
+
+
+def read_aishell_transcripts(path: str) -> dict[str, str]:
+    """Read `aishell_transcript_v0.8.txt`: one `<utt_id> <space separated words>` per line."""
+    transcripts = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            fields = line.split(maxsplit=1)
+            if not fields:
+                continue
+            if len(fields) == 1:
+                logger.warning("%s:%d: utterance %s has no transcript; it is skipped.", path, line_number, fields[0])
+                continue
+            transcripts[fields[0]] = fields[1].strip()
+    return transcripts
+
+
+def load_aishell_split(
+    aishell_dir: str, split: str, *, streaming: bool = False, cache_dir: str | None = None
+) -> SpeechDataset:
+    """
+    Load one split of AISHELL-1 from its published layout.
+
+    Args:
+        aishell_dir: the `data_aishell` folder, holding `wav/{train,dev,test}/<speaker>/<utt_id>.wav`
+            (the per-speaker archives extracted) and `transcript/aishell_transcript_v0.8.txt`.
+        split: `train`, `dev` (or `validation`), `test`, or several joined with `+`.
+
+    Returns:
+        A dataset with `audio` (wav path) and `text` (raw transcript) columns, sorted by utterance id.
+        Wav files without a transcript line are left out and counted in the log.
+    """
+    transcript_path = os.path.join(aishell_dir, AISHELL_TRANSCRIPT)
+    wav_root = os.path.join(aishell_dir, "wav")
+    if not (os.path.isfile(transcript_path) and os.path.isdir(wav_root)):
+        raise ValueError(
+            f"{aishell_dir} is not an AISHELL-1 folder: expected {AISHELL_TRANSCRIPT} and wav/<split>/<speaker>/*.wav "
+            "(extract the per-speaker archives under wav/ first)."
+        )
+    transcripts = read_aishell_transcripts(transcript_path)
+    rows, untranscribed = [], 0
+    for part in _split_parts(split):
+        wav_paths = sorted(glob.glob(os.path.join(_split_folder(wav_root, part), "*", "*.wav")))
+        if not wav_paths:
+            raise ValueError(f"No wav files under {os.path.join(wav_root, part)}/<speaker>/.")
+        for wav_path in wav_paths:
+            utt_id = os.path.splitext(os.path.basename(wav_path))[0]
+            if utt_id in transcripts:
+                rows.append({AUDIO_COLUMN: wav_path, TEXT_COLUMN: transcripts[utt_id]})
+            else:
+                untranscribed += 1
+    if untranscribed:
+        logger.warning("AISHELL-1 %s: %d wav files have no transcript and are skipped.", split, untranscribed)
+    return _from_rows(rows, streaming, cache_dir)
+
+
+def _check_columns(columns: Iterable[str], required: dict[str, str], where: str) -> None:
+    columns = list(columns)
+    for flag, column in required.items():
+        if column not in columns:
+            raise ValueError(f"{where} has no column '{column}' (set --{flag}); its columns are {columns}.")
+
+
+def _manifest_row(example: dict, base_dir: str) -> dict:
+    path, text = example[AUDIO_COLUMN], example[TEXT_COLUMN]
+    if path and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)  # a JSON manifest may hold a transcript such as 110 as a number
+    return {AUDIO_COLUMN: path, TEXT_COLUMN: text}
+
+
+def load_manifest(
+    manifest_path: str,
+    *,
+    audio_column_name: str = AUDIO_COLUMN,
+    text_column_name: str = TEXT_COLUMN,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> SpeechDataset:
+    """
+    Load a CSV/TSV or JSON Lines manifest with one utterance per row.
+
+    Args:
+        manifest_path: `.csv`, `.tsv`, `.json` or `.jsonl` file.
+        audio_column_name: column with the audio file path, relative to the manifest's folder or absolute.
+        text_column_name: column with the transcript.
+
+    Returns:
+        A dataset with `audio` (absolute path) and `text` (string) columns.
+    """
+    extension = os.path.splitext(manifest_path)[1].lower()
+    if extension not in MANIFEST_FORMATS:
+        raise ValueError(f"Unsupported manifest {manifest_path}: use one of {sorted(MANIFEST_FORMATS)}.")
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"Manifest not found: {manifest_path}")
+    required = {"audio_column_name": audio_column_name, "text_column_name": text_column_name}
+    kwargs: dict = {}
+    if MANIFEST_FORMATS[extension] == "csv":
+        delimiter = "\t" if extension == ".tsv" else ","
+        with open(manifest_path, encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+        _check_columns(header, required, f"Manifest {manifest_path}")
+        # Read only the two columns, both as strings: transcripts such as "110" must not become ints,
+        # and an empty cell must stay "" (reported as an empty transcript) rather than NaN.
+        kwargs = {
+            "sep": delimiter,
+            "usecols": [audio_column_name, text_column_name],
+            "keep_default_na": False,
+            "features": Features({audio_column_name: Value("string"), text_column_name: Value("string")}),
+        }
+    dataset = load_dataset(
+        MANIFEST_FORMATS[extension],
+        data_files=os.path.abspath(manifest_path),
+        split="train",
+        streaming=streaming,
+        cache_dir=cache_dir,
+        **kwargs,
+    )
+    if not streaming:
+        _check_columns(dataset.column_names, required, f"Manifest {manifest_path}")
+    dataset = _canonical_columns(dataset, audio_column_name, text_column_name)
+    base_dir = os.path.dirname(os.path.abspath(manifest_path))
+    return dataset.map(
+        _manifest_row,
+        fn_kwargs={"base_dir": base_dir},
+        features=Features({AUDIO_COLUMN: Value("string"), TEXT_COLUMN: Value("string")}),
+    )
+
+
+def is_audiofolder(path: str) -> bool:
+    """Whether `path` is a local `audiofolder` dataset (has a `metadata.csv|jsonl` somewhere below)."""
+    if not os.path.isdir(path):
+        return False
+    return any(glob.glob(os.path.join(path, "**", name), recursive=True) for name in AUDIOFOLDER_METADATA)
+
+
+def load_audiofolder_split(
+    folder: str,
+    split: str,
+    *,
+    text_column_name: str = TEXT_COLUMN,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> SpeechDataset:
+    """
+    Load one split of an `audiofolder` dataset: `<folder>/<split>/**/metadata.csv|jsonl` whose
+    `file_name` column points at audio files relative to the metadata file (a single split may
+    also keep its metadata at `<folder>/` directly).
+
+    `datasets`' own audiofolder builder encodes audio with torchcodec even when it only stores
+    paths, so the metadata files are read as manifests instead.
+    """
+    parts = []
+    for part in _split_parts(split):
+        # A single-split audiofolder keeps its metadata at the root; `datasets` calls that split "train".
+        split_dir = folder if part == "train" and _has_metadata(folder) else _split_folder(folder, part)
+        metadata = sorted(
+            path
+            for name in AUDIOFOLDER_METADATA
+            for path in glob.glob(os.path.join(split_dir, "**", name), recursive=True)
+        )
+        parts += [
+            load_manifest(
+                path,
+                audio_column_name="file_name",
+                text_column_name=text_column_name,
+                streaming=streaming,
+                cache_dir=cache_dir,
+            )
+            for path in metadata
+        ]
+    return _concatenate(parts)
+
+
+def _has_metadata(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in AUDIOFOLDER_METADATA)
+
+
+def _canonical_columns(dataset: SpeechDataset, audio_column_name: str, text_column_name: str) -> SpeechDataset:
+    dataset = dataset.select_columns([audio_column_name, text_column_name])
+    if audio_column_name != AUDIO_COLUMN:
+        dataset = dataset.rename_column(audio_column_name, AUDIO_COLUMN)
+    if text_column_name != TEXT_COLUMN:
+        dataset = dataset.rename_column(text_column_name, TEXT_COLUMN)
+    return dataset
+
+
+def load_hub_split(
+    dataset_name: str,
+    dataset_config_name: str | None,
+    split: str,
+    *,
+    audio_column_name: str = AUDIO_COLUMN,
+    text_column_name: str = TEXT_COLUMN,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+) -> SpeechDataset:
+    """
+    Load a split with `datasets.load_dataset` (a Hub id or a local folder of data files) or
+    `datasets.load_from_disk` (a folder written by `save_to_disk`). An `Audio` column is cast to its
+    undecoded storage ([`ENCODED_AUDIO`]), so rows carry the encoded bytes/path and soundfile decodes them.
+    """
+    if os.path.isfile(os.path.join(dataset_name, "dataset_dict.json")):
+        dataset = _concatenate([load_from_disk(dataset_name)[part] for part in _split_parts(split)])
+    elif os.path.isfile(os.path.join(dataset_name, "state.json")):
+        dataset = load_from_disk(dataset_name)
+    else:
+        try:
+            dataset = load_dataset(
+                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir, token=token
+            )
+        except (ImportError, DatasetGenerationError) as err:
+            if "torchcodec" not in f"{err} {err.__cause__}":
+                raise
+            raise ValueError(
+                f"datasets needs torchcodec to build '{dataset_name}' from audio files. Install torchcodec (and "
+                "FFmpeg), or describe the files with a CSV/JSONL manifest (--train_manifest/--eval_manifest)."
+            ) from err
+    if streaming and isinstance(dataset, Dataset):
+        dataset = dataset.to_iterable_dataset()
+    if dataset.column_names is not None:
+        _check_columns(
+            dataset.column_names,
+            {"audio_column_name": audio_column_name, "text_column_name": text_column_name},
+            f"Dataset '{dataset_name}' split '{split}'",
+        )
+    features = dataset.features or {}
+    if isinstance(features.get(audio_column_name), Audio):
+        dataset = dataset.cast_column(audio_column_name, ENCODED_AUDIO)
+    return _canonical_columns(dataset, audio_column_name, text_column_name)
+
+
+def load_speech_split(
+    split: str,
+    *,
+    manifest: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    aishell_dir: str | None = None,
+    audio_column_name: str = AUDIO_COLUMN,
+    text_column_name: str = TEXT_COLUMN,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+) -> SpeechDataset:
+    """
+    Load one split from whichever source is given: a manifest file, an AISHELL-1 folder, or a
+    dataset name/folder (audiofolder, `save_to_disk` folder, or anything `load_dataset` reads).
+
+    Returns a dataset with the columns `audio` and `text`.
+    """
+    if manifest is not None:
+        return load_manifest(
+            manifest,
+            audio_column_name=audio_column_name,
+            text_column_name=text_column_name,
+            streaming=streaming,
+            cache_dir=cache_dir,
+        )
+    if aishell_dir is not None:
+        return load_aishell_split(aishell_dir, split, streaming=streaming, cache_dir=cache_dir)
+    if dataset_name is None:
+        raise ValueError("No data source: pass --dataset_name, --train_manifest/--eval_manifest or --aishell_dir.")
+    if is_audiofolder(dataset_name):
+        return load_audiofolder_split(
+            dataset_name, split, text_column_name=text_column_name, streaming=streaming, cache_dir=cache_dir
+        )
+    return load_hub_split(
+        dataset_name,
+        dataset_config_name,
+        split,
+        audio_column_name=audio_column_name,
+        text_column_name=text_column_name,
+        streaming=streaming,
+        cache_dir=cache_dir,
+        token=token,
+    )
+
+
+# ------------------------------------------------------------------------------- preprocessing
+def normalize_text_example(example: dict, do_lower_case: bool = True) -> dict:
+    """
+    Normalise `example["text"]` (see [`normalize_transcript`]) and mark rows without usable text.
+
+    Returns `{"text", "skip_reason", "skip_detail"}`; `skip_reason` is `""` for a good row.
+    """
+    raw = example[TEXT_COLUMN]
+    if not isinstance(raw, str) or not raw.strip():
+        return {TEXT_COLUMN: "", SKIP_REASON_COLUMN: "empty transcript", SKIP_DETAIL_COLUMN: _describe(example)}
+    text = normalize_transcript(raw, do_lower_case=do_lower_case)
+    if not text:
+        detail = f"{_describe(example)}: {raw[:80]!r}"
+        return {TEXT_COLUMN: "", SKIP_REASON_COLUMN: "transcript empty after normalisation", SKIP_DETAIL_COLUMN: detail}
+    return {TEXT_COLUMN: text, SKIP_REASON_COLUMN: "", SKIP_DETAIL_COLUMN: ""}
+
+
+def _describe(example: dict) -> str:
+    audio = example.get(AUDIO_COLUMN)
+    path = audio.get("path") if isinstance(audio, dict) else audio
+    return str(path) if path else "<audio bytes>"
+
+
+def _empty_input(feature_extractor) -> np.ndarray:
+    """A zero-length input of the extractor's dtype and trailing shape: `(0,)` or `(0, features)`."""
+    rate = feature_extractor.sampling_rate
+    probe = feature_extractor(np.zeros(rate // 10, dtype=np.float32), sampling_rate=rate)
+    return np.asarray(probe[feature_extractor.model_input_names[0]][0])[:0]
+
+
+def speech_features(feature_extractor) -> Features:
+    """
+    Output schema of [`prepare_speech_example`]: the feature extractor's main input (a waveform
+    `(samples,)` or a `(frames, features)` matrix), `labels`, `input_length` (samples at the
+    extractor's rate), the normalised `text` and the skip columns. Fixing it up front lets
+    placeholder rows of skipped utterances share the schema of good rows.
+    """
+    rank = _empty_input(feature_extractor).ndim
+    input_feature = List(Value("float32")) if rank == 1 else List(List(Value("float32")))
+    return Features(
+        {
+            feature_extractor.model_input_names[0]: input_feature,
+            LABELS_COLUMN: List(Value("int32")),
+            LENGTH_COLUMN: Value("int64"),
+            TEXT_COLUMN: Value("string"),
+            SKIP_REASON_COLUMN: Value("string"),
+            SKIP_DETAIL_COLUMN: Value("string"),
+        }
+    )
+
+
+def prepare_speech_example(
+    example: dict,
+    *,
+    feature_extractor,
+    tokenizer,
+    min_input_length: int = 0,
+    max_input_length: int | None = None,
+) -> dict:
+    """
+    Decode one row's audio (soundfile, mono, resampled to the extractor's rate), run the feature
+    extractor and encode the normalised transcript into CTC label ids.
+
+    Args:
+        example: row with `audio`, normalised `text`, `skip_reason` and `skip_detail`.
+        feature_extractor: e.g. `Wav2Vec2FeatureExtractor` or `SeamlessM4TFeatureExtractor`.
+        tokenizer: the CTC tokenizer (`Wav2Vec2CTCTokenizer`).
+        min_input_length, max_input_length: allowed duration in samples at the extractor's rate
+            (bounds excluded, as in `run_speech_recognition_ctc.py`).
+
+    Returns:
+        `{<input name>, "labels", "input_length", "text", "skip_reason", "skip_detail"}`; rows that
+        cannot be used get empty inputs and a `skip_reason`.
+    """
+    input_name = feature_extractor.model_input_names[0]
+
+    def skipped(reason: str, detail: str) -> dict:
+        return {
+            input_name: _empty_input(feature_extractor),
+            LABELS_COLUMN: [],
+            LENGTH_COLUMN: 0,
+            TEXT_COLUMN: example[TEXT_COLUMN],
+            SKIP_REASON_COLUMN: reason,
+            SKIP_DETAIL_COLUMN: detail,
+        }
+
+    if example[SKIP_REASON_COLUMN]:
+        return skipped(example[SKIP_REASON_COLUMN], example[SKIP_DETAIL_COLUMN])
+    if example[AUDIO_COLUMN] is None:
+        return skipped("missing audio", "no audio path or bytes in the row")
+    try:
+        waveform = load_audio(example[AUDIO_COLUMN], feature_extractor.sampling_rate)
+    except AudioDecodingError as err:
+        return skipped("unreadable audio", str(err))
+    length = len(waveform)
+    if length <= min_input_length:
+        return skipped("audio too short", f"{_describe(example)}: {length} samples")
+    if max_input_length is not None and length >= max_input_length:
+        return skipped("audio too long", f"{_describe(example)}: {length} samples")
+    inputs = feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate)
+    return {
+        input_name: inputs[input_name][0],
+        LABELS_COLUMN: tokenizer(example[TEXT_COLUMN]).input_ids,
+        LENGTH_COLUMN: length,
+        TEXT_COLUMN: example[TEXT_COLUMN],
+        SKIP_REASON_COLUMN: "",
+        SKIP_DETAIL_COLUMN: "",
+    }
+
+
+def _keep_streamed_row(example: dict, split_name: str) -> bool:
+    if not example[SKIP_REASON_COLUMN]:
+        return True
+    logger.warning("%s: skipping a row (%s): %s", split_name, example[SKIP_REASON_COLUMN], example[SKIP_DETAIL_COLUMN])
+    return False
+
+
+def drop_bad_rows(dataset: SpeechDataset, split_name: str, num_proc: int | None = None) -> SpeechDataset:
+    """
+    Remove rows marked with a `skip_reason` and log how many were removed, per reason, with a few
+    examples. A streamed dataset logs each skipped row as it goes by.
+    """
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(_keep_streamed_row, fn_kwargs={"split_name": split_name})
+    reasons = dataset[SKIP_REASON_COLUMN]
+    counts = Counter(reason for reason in reasons if reason)
+    if not counts:
+        logger.info("%s: all %d rows are usable.", split_name, len(dataset))
+        return dataset
+    summary = ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
+    bad_indices = [index for index, reason in enumerate(reasons) if reason]
+    examples = "; ".join(dataset.select(bad_indices[:5])[SKIP_DETAIL_COLUMN])
+    logger.warning(
+        "%s: skipped %d of %d rows (%s). Examples: %s", split_name, len(bad_indices), len(dataset), summary, examples
+    )
+    return dataset.filter(lambda reason: not reason, input_columns=SKIP_REASON_COLUMN, num_proc=num_proc)
+
+
+def remove_skip_columns(dataset: SpeechDataset) -> SpeechDataset:
+    """Drop the bookkeeping columns once bad rows are gone."""
+    return dataset.remove_columns([SKIP_REASON_COLUMN, SKIP_DETAIL_COLUMN])
+
+
+def _map_kwargs(dataset: SpeechDataset, num_proc: int | None, load_from_cache_file: bool, desc: str) -> dict:
+    # Streamed datasets map lazily in the data loader: no worker processes, no cache, no progress bar.
+    if isinstance(dataset, IterableDataset):
+        return {}
+    return {"num_proc": num_proc, "load_from_cache_file": load_from_cache_file, "desc": desc}
+
+
+def normalize_split(
+    dataset: SpeechDataset,
+    split_name: str,
+    *,
+    do_lower_case: bool = True,
+    num_proc: int | None = None,
+    load_from_cache_file: bool = True,
+) -> SpeechDataset:
+    """
+    Normalise the `text` column of a loaded split and mark rows without usable text (they are
+    dropped, and counted, together with bad audio by [`featurize_split`]).
+    """
+    return dataset.map(
+        normalize_text_example,
+        fn_kwargs={"do_lower_case": do_lower_case},
+        **_map_kwargs(dataset, num_proc, load_from_cache_file, f"normalise {split_name} transcripts"),
+    )
+
+
+def featurize_split(
+    dataset: SpeechDataset,
+    split_name: str,
+    *,
+    feature_extractor,
+    tokenizer,
+    min_input_length: int = 0,
+    max_input_length: int | None = None,
+    num_proc: int | None = None,
+    load_from_cache_file: bool = True,
+) -> SpeechDataset:
+    """
+    Turn a normalised split into model inputs ([`prepare_speech_example`]), then drop and count
+    the rows that cannot be used.
+
+    Returns a dataset with the extractor's input column, `labels`, `input_length` and `text`.
+    """
+    dataset = dataset.map(
+        prepare_speech_example,
+        fn_kwargs={
+            "feature_extractor": feature_extractor,
+            "tokenizer": tokenizer,
+            "min_input_length": min_input_length,
+            "max_input_length": max_input_length,
+        },
+        remove_columns=[AUDIO_COLUMN],
+        features=speech_features(feature_extractor),
+        **_map_kwargs(dataset, num_proc, load_from_cache_file, f"decode and featurise {split_name} audio"),
+    )
+    return remove_skip_columns(drop_bad_rows(dataset, split_name, num_proc=num_proc))
+
+
+# ------------------------------------------------------------------------------------ vocabulary
+def build_vocabulary(texts: Iterable[str]) -> dict[str, int]:
+    """
+    CTC character vocabulary of normalised transcripts, in the layout of
+    [`~processing_tot_cakt.vocabulary_from_characters`] (`[PAD]` = 0 is the blank, then `[UNK]`,
+    the word delimiter, and every character that occurs, sorted so ids do not depend on data order).
+    """
+    characters: set[str] = set()
+    for text in texts:
+        characters.update(text)
+    return vocabulary_from_characters(characters)
+
+
+def write_vocabulary(vocab: dict[str, int], path: str) -> None:
+    """Write `vocab` as the `vocab.json` a `Wav2Vec2CTCTokenizer` reads."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle, ensure_ascii=False, indent=0)
+
+
+@dataclass
+class OutOfVocabularyReport:
+    """Characters of a transcript set that the vocabulary lacks (they become `[UNK]`)."""
+
+    oov_tokens: int
+    total_tokens: int
+    oov_types: list[str]
+
+    @property
+    def oov_rate(self) -> float:
+        return self.oov_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def __str__(self) -> str:
+        shown = "".join(self.oov_types[:30]) + ("..." if len(self.oov_types) > 30 else "")
+        return (
+            f"{self.oov_tokens} of {self.total_tokens} characters ({self.oov_rate:.2%}) are out of vocabulary, "
+            f"{len(self.oov_types)} distinct: {shown}"
+        )
+
+
+def count_out_of_vocabulary(texts: Iterable[str], vocab: dict[str, int]) -> OutOfVocabularyReport:
+    """Count the characters of `texts` (normalised transcripts) missing from `vocab`."""
+    counts: Counter = Counter()
+    total = 0
+    for text in texts:
+        total += len(text)
+        counts.update(character for character in text if character not in vocab)
+    return OutOfVocabularyReport(sum(counts.values()), total, sorted(counts))
+
+
+def dataset_texts(dataset: SpeechDataset) -> Iterator[str]:
+    """The `text` column of a dataset, without reading (or decoding) any other column."""
+    if isinstance(dataset, IterableDataset):
+        for row in dataset.select_columns([TEXT_COLUMN]):
+            yield row[TEXT_COLUMN]
+    else:
+        yield from dataset[TEXT_COLUMN]
+
+
+__all__ = [
+    "AUDIO_COLUMN",
+    "LABELS_COLUMN",
+    "LENGTH_COLUMN",
+    "TEXT_COLUMN",
+    "OutOfVocabularyReport",
+    "build_vocabulary",
+    "count_out_of_vocabulary",
+    "dataset_texts",
+    "drop_bad_rows",
+    "featurize_split",
+    "is_audiofolder",
+    "load_aishell_split",
+    "load_audiofolder_split",
+    "load_hub_split",
+    "load_manifest",
+    "load_speech_split",
+    "normalize_split",
+    "normalize_text_example",
+    "prepare_speech_example",
+    "read_aishell_transcripts",
+    "remove_skip_columns",
+    "speech_features",
+    "write_vocabulary",
+]

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from modeling_tot_cakt.audio import AudioDecodingError, decode_audio, downmix, load_audio, resample, validate_waveform
+
+
+def tone(frequency, seconds, rate):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def dominant_frequency(waveform, rate):
+    spectrum = np.abs(np.fft.rfft(waveform))
+    return np.fft.rfftfreq(len(waveform), 1 / rate)[spectrum.argmax()]
+
+
+def test_path_bytes_and_datasets_dict_decode_alike(tmp_path):
+    path = tmp_path / "a.wav"
+    sf.write(path, tone(440, 0.5, 16000), 16000)
+    from_path = load_audio(str(path), 16000)
+    from_bytes = load_audio(path.read_bytes(), 16000)
+    from_dict = load_audio({"path": "ignored-when-bytes-are-given.wav", "bytes": path.read_bytes()}, 16000)
+    from_dict_path = load_audio({"path": str(path), "bytes": None}, 16000)
+    assert from_path.dtype == np.float32 and from_path.shape == (8000,)
+    for other in (from_bytes, from_dict, from_dict_path):
+        np.testing.assert_array_equal(from_path, other)
+
+
+def test_stereo_is_downmixed_and_resampled(tmp_path):
+    path = tmp_path / "stereo.flac"
+    left, right = tone(500, 1.0, 8000), tone(1500, 1.0, 8000)
+    sf.write(path, np.stack([left, right], axis=1), 8000)
+    waveform = load_audio(path, 16000)
+    assert waveform.ndim == 1 and len(waveform) == 16000
+    spectrum = np.abs(np.fft.rfft(waveform))
+    freqs = np.fft.rfftfreq(len(waveform), 1 / 16000)
+    # Both channels survive the mix, at their own pitch, with equal weight.
+    strongest = sorted(freqs[np.argsort(spectrum)[-2:]])
+    assert strongest == pytest.approx([500, 1500], abs=2)
+
+
+def test_resample_keeps_pitch_and_duration():
+    waveform = resample(tone(1000, 0.5, 44100), 44100, 16000)
+    assert len(waveform) == 8000
+    assert dominant_frequency(waveform, 16000) == pytest.approx(1000, abs=3)
+    same = tone(1000, 0.1, 16000)
+    assert resample(same, 16000, 16000) is same
+
+
+def test_downmix_averages_channels():
+    np.testing.assert_allclose(downmix(np.array([[1.0, 3.0], [0.0, -2.0]])), [2.0, -1.0])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AudioDecodingError, match="not found"):
+        load_audio(tmp_path / "nope.wav", 16000)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "corrupt.wav"
+    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    with pytest.raises(AudioDecodingError, match="Cannot decode audio .*corrupt.wav"):
+        load_audio(path, 16000)
+
+
+def test_empty_and_silent_and_non_finite_audio(tmp_path):
+    empty, silent, broken = tmp_path / "empty.wav", tmp_path / "silent.wav", tmp_path / "nan.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    sf.write(silent, np.zeros(1600, dtype=np.float32), 16000)
+    sf.write(broken, np.array([0.1, np.nan, 0.2], dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodingError, match="empty.wav has no samples"):
+        load_audio(empty, 16000)
+    with pytest.raises(AudioDecodingError, match="silence"):
+        load_audio(silent, 16000)
+    with pytest.raises(AudioDecodingError, match="NaN"):
+        load_audio(broken, 16000)
+
+
+def test_entry_without_path_or_bytes():
+    with pytest.raises(AudioDecodingError, match="needs a 'path' or 'bytes'"):
+        decode_audio({"path": None, "bytes": None})
+    with pytest.raises(AudioDecodingError, match="Cannot decode audio from a int"):
+        decode_audio(3)
+
+
+def test_validate_returns_good_waveform_unchanged():
+    waveform = tone(300, 0.1, 16000)
+    assert validate_waveform(waveform) is waveform

@@ -1,0 +1,186 @@
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from datasets import Audio, Dataset, Features, IterableDataset, Value
+
+from conftest import SAMPLING_RATE, synthesize
+from modeling_tot_cakt import create_processor
+from modeling_tot_cakt.data import (
+    build_vocabulary,
+    count_out_of_vocabulary,
+    dataset_texts,
+    featurize_split,
+    load_aishell_split,
+    load_manifest,
+    load_speech_split,
+    normalize_split,
+)
+from tiny_models import TINY_WAV2VEC2_BERT, write_vocab
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    return create_processor(write_vocab(tmp_path_factory.mktemp("vocab")))
+
+
+def test_audiofolder_and_manifests_hold_the_same_utterances(speech_corpus, tmp_path):
+    folder = load_speech_split("train", dataset_name=str(speech_corpus.root), cache_dir=str(tmp_path))
+    manifest = load_speech_split("ignored", manifest=str(speech_corpus.train_manifest), cache_dir=str(tmp_path))
+    jsonl = load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path))
+    assert folder.column_names == manifest.column_names == jsonl.column_names == ["audio", "text"]
+    assert folder["text"] == manifest["text"] == speech_corpus.train_texts
+    assert jsonl["text"] == speech_corpus.eval_texts
+    # Relative manifest paths are resolved against the manifest's folder.
+    assert folder["audio"] == manifest["audio"]
+    assert all(os.path.isabs(path) and os.path.isfile(path) for path in manifest["audio"])
+
+
+def test_split_concatenation(speech_corpus, tmp_path):
+    both = load_speech_split("train+test", dataset_name=str(speech_corpus.root), cache_dir=str(tmp_path))
+    assert both["text"] == speech_corpus.train_texts + speech_corpus.eval_texts
+    with pytest.raises(ValueError, match=r"No folder for split 'dev'.*\['test', 'train'\]"):
+        load_speech_split("dev", dataset_name=str(speech_corpus.root), cache_dir=str(tmp_path))
+
+
+def test_aishell_layout(aishell_corpus, tmp_path, caplog):
+    root = str(aishell_corpus.root)
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
+        train = load_aishell_split(root, "train", cache_dir=str(tmp_path))
+    assert "1 wav files have no transcript" in caplog.text
+    assert len(train) == 6  # 2 speakers x 3, the untranscribed wav left out
+    dev = load_speech_split("validation", aishell_dir=root, cache_dir=str(tmp_path))  # "validation" is AISHELL's dev
+    test = load_aishell_split(root, "test", cache_dir=str(tmp_path))
+    for split in (train, dev, test):
+        for path, text in zip(split["audio"], split["text"]):
+            assert text == aishell_corpus.transcripts[os.path.basename(path)[:-4]]
+    assert {os.path.basename(os.path.dirname(path)) for path in dev["audio"]} == {"S0724"}
+    normalized = normalize_split(test, "test")
+    assert all(" " not in text and len(text) >= 2 for text in normalized["text"])
+
+
+def test_aishell_wrong_layout(tmp_path):
+    with pytest.raises(ValueError, match="not an AISHELL-1 folder"):
+        load_aishell_split(str(tmp_path), "train")
+
+
+def test_hub_style_parquet_with_audio_feature(tmp_path):
+    """A Hub dataset ships parquet files whose audio column is an `Audio` feature; rows must arrive
+    undecoded (bytes + path) for soundfile, in map-style and streaming mode."""
+    wav = tmp_path / "x.wav"
+    sf.write(wav, synthesize("你好", np.random.default_rng(0)), SAMPLING_RATE)
+    features = Features({"speech": Audio(), "sentence": Value("string"), "speaker": Value("string")})
+    table = pa.table(
+        {"speech": pa.array([{"bytes": wav.read_bytes(), "path": "x.wav"}], type=Audio().pa_type),
+         "sentence": ["你好！"], "speaker": ["s1"]}
+    ).replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "train-00000.parquet")
+    kwargs = dict(dataset_name=str(tmp_path / "data"), audio_column_name="speech", text_column_name="sentence",
+                  cache_dir=str(tmp_path / "cache"))
+    loaded = load_speech_split("train", **kwargs)
+    streamed = load_speech_split("train", streaming=True, **kwargs)
+    for row in (loaded[0], next(iter(streamed))):
+        assert set(row) == {"audio", "text"} and row["text"] == "你好！"
+        assert row["audio"]["bytes"] == wav.read_bytes()
+
+
+def test_save_to_disk_folder(tmp_path):
+    Dataset.from_dict({"audio": ["/a.wav"], "text": ["好"]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_speech_split("train", dataset_name=str(tmp_path / "saved"))["text"] == ["好"]
+
+
+def test_manifest_errors(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,sentence\na.wav,你好\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"has no column 'audio' \(set --audio_column_name\)"):
+        load_manifest(str(manifest))
+    with pytest.raises(ValueError, match="Unsupported manifest"):
+        load_manifest(str(tmp_path / "m.txt"))
+    with pytest.raises(ValueError, match="Manifest not found"):
+        load_manifest(str(tmp_path / "missing.csv"))
+
+
+def test_bad_rows_are_skipped_and_counted(bad_rows_manifest, tmp_path, processor, caplog):
+    dataset = normalize_split(load_manifest(str(bad_rows_manifest), cache_dir=str(tmp_path)), "train")
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
+        prepared = featurize_split(dataset, "train", feature_extractor=processor.feature_extractor,
+                                   tokenizer=processor.tokenizer)
+    assert prepared["text"] == ["你好"]
+    assert set(prepared.column_names) == {"input_values", "labels", "input_length", "text"}
+    message = caplog.text
+    assert "train: skipped 5 of 6 rows" in message
+    for reason in ("3 unreadable audio", "1 empty transcript", "1 transcript empty after normalisation"):
+        assert reason in message
+    assert "missing.wav" in message and "corrupt.wav" in message
+
+
+def test_bad_rows_are_skipped_when_streaming(bad_rows_manifest, processor, caplog):
+    stream = load_manifest(str(bad_rows_manifest), streaming=True)
+    prepared = featurize_split(normalize_split(stream, "train"), "train",
+                               feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer)
+    assert isinstance(prepared, IterableDataset)
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
+        rows = list(prepared)
+    assert [row["text"] for row in rows] == ["你好"]
+    assert caplog.text.count("skipping a row") == 5
+
+
+def test_featurised_rows(speech_corpus, processor, tmp_path):
+    raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval", num_proc=2)
+    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
+                               tokenizer=processor.tokenizer, num_proc=2)
+    first = prepared.with_format("numpy")[0]
+    samples = len(sf.read(speech_corpus.root / "test" / "utt000.wav")[0])
+    assert first["input_length"] == len(first["input_values"]) == samples
+    assert abs(first["input_values"].mean()) < 1e-3 and first["input_values"].std() == pytest.approx(1, abs=1e-2)
+    assert processor.tokenizer.decode(first["labels"], group_tokens=False) == speech_corpus.eval_texts[0]
+
+
+def test_duration_limits(speech_corpus, processor, tmp_path):
+    raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval")
+    lengths = sorted(len(sf.read(path)[0]) for path in raw["audio"])
+    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
+                               tokenizer=processor.tokenizer, min_input_length=lengths[0], max_input_length=lengths[-1])
+    assert sorted(prepared["input_length"]) == [n for n in lengths if lengths[0] < n < lengths[-1]]
+
+
+def test_log_mel_features(speech_corpus, tmp_path):
+    processor = create_processor(write_vocab(tmp_path), encoder_config=dict(TINY_WAV2VEC2_BERT))
+    raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval")
+    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
+                               tokenizer=processor.tokenizer)
+    features = np.asarray(prepared[0]["input_features"])
+    assert features.ndim == 2 and features.shape[1] == 160
+
+
+def test_vocabulary_and_out_of_vocabulary_report():
+    vocab = build_vocabulary(["你好", "好中", ""])
+    assert vocab == {"[PAD]": 0, "[UNK]": 1, "|": 2, "中": 3, "你": 4, "好": 5}
+    report = count_out_of_vocabulary(["你好猫", "狗狗中"], vocab)
+    assert (report.oov_tokens, report.total_tokens, report.oov_types) == (3, 6, ["狗", "猫"])
+    assert "3 of 6 characters (50.00%) are out of vocabulary, 2 distinct" in str(report)
+
+
+def test_dataset_texts_streams_only_text(speech_corpus):
+    stream = load_manifest(str(speech_corpus.eval_manifest), streaming=True)
+    assert list(dataset_texts(stream)) == speech_corpus.eval_texts
+
+
+def test_numeric_transcripts_in_a_json_manifest(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": 110}\n{"audio": "b.wav", "text": "你好"}\n', encoding="utf-8")
+    for streaming in (False, True):
+        manifest = load_manifest(str(tmp_path / "m.jsonl"), streaming=streaming, cache_dir=str(tmp_path))
+        dataset = normalize_split(manifest, "x")
+        assert [row["text"] for row in dataset] == ["110", "你好"]
+
+
+def test_audio_folder_without_metadata_explains_the_torchcodec_limit(tmp_path):
+    sf.write(tmp_path / "a.wav", synthesize("你好", np.random.default_rng(0)), SAMPLING_RATE)
+    with pytest.raises(ValueError, match="needs torchcodec .* CSV/JSONL manifest"):
+        load_speech_split("train", dataset_name=str(tmp_path), cache_dir=str(tmp_path / "cache"))

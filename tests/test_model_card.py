@@ -1,0 +1,112 @@
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from transformers import TrainingArguments
+
+from modeling_tot_cakt.model_card import (
+    UPLOAD_IGNORE_PATTERNS,
+    cer_result,
+    is_hub_id,
+    push_folder_to_hub,
+    render_model_card,
+    training_hyperparameters,
+)
+from tiny_models import make_model
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "README_TEMPLATE.md"
+
+
+def render(tmp_path, alignment="tot", **kwargs):
+    config = make_model(alignment=alignment).config
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=2, use_cpu=True)
+    defaults = dict(
+        model_name="tot-cakt-aishell",
+        repo_id="someone/tot-cakt-aishell",
+        encoder_name_or_path="facebook/wav2vec2-base",
+        datasets=["someone/aishell1", str(tmp_path)],
+        dataset_description="AISHELL-1 (`train` split)",
+        results=[
+            cer_result(0.0812, "AISHELL-1", "aishell-1", "dev"),
+            cer_result(0.0915, "AISHELL-1", "aishell-1", "test"),
+        ],
+        hyperparameters=training_hyperparameters(args, 1234, config),
+    )
+    return render_model_card(TEMPLATE, config, **{**defaults, **kwargs})
+
+
+def test_metadata(tmp_path):
+    card = render(tmp_path)
+    card.save(tmp_path / "README.md")
+    metadata = metadata_load(tmp_path / "README.md")
+    assert metadata["language"] == "zh" and metadata["license"] == "apache-2.0"
+    assert metadata["pipeline_tag"] == "automatic-speech-recognition" and metadata["library_name"] == "transformers"
+    assert {"automatic-speech-recognition", "ctc", "tot-cakt", "optimal-transport"} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["someone/aishell1"]  # the local folder is not a Hub dataset
+    assert metadata["base_model"] == "facebook/wav2vec2-base"
+    assert metadata["teacher_model"] == "bert-base-chinese"
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "tot-cakt-aishell"
+    assert [(r.dataset_split, r.metric_type, r.metric_value) for r in results] == [("dev", "cer", 0.0812),
+                                                                                   ("test", "cer", 0.0915)]
+    reloaded = ModelCard.load(tmp_path / "README.md")
+    assert reloaded.data.eval_results[1].task_type == "automatic-speech-recognition"
+
+
+def test_local_teacher_and_encoder_are_not_recorded_as_hub_ids(tmp_path):
+    config = make_model(teacher_dir=tmp_path).config
+    card = render_model_card(TEMPLATE, config, model_name="m", repo_id="someone/m", encoder_name_or_path=str(tmp_path))
+    assert card.data.to_dict().keys().isdisjoint({"teacher_model", "base_model", "model-index", "datasets"})
+    assert "trained from scratch" in card.text and "No evaluation was run" in card.text
+
+
+def test_text(tmp_path):
+    text = render(tmp_path).text
+    assert 'pipeline("automatic-speech-recognition", model="someone/tot-cakt-aishell", trust_remote_code=True)' in text
+    assert "| AISHELL-1 | test | 9.15 % |" in text
+    assert "temporal-order-preserving optimal transport" in text and "## Limitations" in text
+    assert "| learning_rate | 0.0003 |" in text and "| total_train_batch_size | 16 |" in text
+    assert "| training_steps | 1234 |" in text and "| tot_lambda1 | 0.1 |" in text
+    assert "{{" not in text and "{%" not in text
+
+
+def test_baseline_card_does_not_claim_a_teacher(tmp_path):
+    card = render(tmp_path, alignment="none")
+    assert "CTC-only baseline" in card.text and "trained without a teacher" in card.text
+    assert "bert-base-chinese" not in card.text and "tot_lambda1" not in card.text
+    assert "teacher_model" not in card.data.to_dict()
+
+
+def test_ot_baseline_is_named(tmp_path):
+    assert "trained with **OT-CAKT**" in render(tmp_path, alignment="ot").text
+
+
+def test_is_hub_id(tmp_path):
+    assert is_hub_id("bert-base-chinese") and is_hub_id("facebook/wav2vec2-base")
+    assert not is_hub_id(str(tmp_path)) and not is_hub_id("a/b/c") and not is_hub_id(None)
+
+
+def test_upload_goes_through_hf_api(tmp_path):
+    (tmp_path / "README.md").write_text("card", encoding="utf-8")
+    with mock.patch("modeling_tot_cakt.model_card.HfApi") as api_class:
+        api = api_class.return_value
+        api.create_repo.return_value = SimpleNamespace(repo_id="someone/m")
+        api.upload_folder.return_value = SimpleNamespace(commit_url="https://huggingface.co/someone/m/commit/1")
+        url = push_folder_to_hub(tmp_path, "m", token="hf_x", private=True)
+    assert url.endswith("/commit/1")
+    api_class.assert_called_once_with(token="hf_x")
+    api.create_repo.assert_called_once_with("m", private=True, exist_ok=True, repo_type="model")
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "someone/m" and kwargs["folder_path"] == str(tmp_path)
+    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and "checkpoint-*" in UPLOAD_IGNORE_PATTERNS
+
+
+@pytest.mark.parametrize("precision, expected", [({}, "fp32"), ({"bf16": True}, "bf16")])
+def test_precision_row(tmp_path, precision, expected):
+    args = SimpleNamespace(**{**vars(TrainingArguments(output_dir=str(tmp_path), use_cpu=True)), "bf16": False,
+                              "fp16": False, **precision, "world_size": 1})
+    assert training_hyperparameters(args, 1, make_model().config)["mixed_precision"] == expected

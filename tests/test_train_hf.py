@@ -1,0 +1,280 @@
+"""End-to-end runs of train_hf.py (in-process, tiny encoder and teacher, generated audio) and the
+Trainer's own behaviour (loss components, non-finite losses)."""
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from datasets import Dataset
+from huggingface_hub import metadata_load
+from transformers import AutoModelForCTC, AutoProcessor, TrainingArguments, Wav2Vec2Config, Wav2Vec2Model
+
+from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
+from modeling_tot_cakt import TOTCAKTConfig
+from modeling_tot_cakt.trainer import TOTCAKTTrainer, build_model, parse_encoder_config
+from conftest import TRAINING_ENCODER
+from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_hf", ROOT / "train_hf.py")
+train_hf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_hf)
+
+
+def run_training(*args):
+    with mock.patch.object(sys, "argv", ["train_hf.py", *map(str, args)]):
+        return train_hf.main()
+
+
+def common_args(output_dir, teacher, cache_dir, encoder=TRAINING_ENCODER):
+    return [
+        "--output_dir", output_dir,
+        "--encoder_config", json.dumps(encoder),
+        "--teacher_name_or_path", teacher,
+        "--adapter_hidden_size", 16,
+        "--per_device_train_batch_size", 4,
+        "--per_device_eval_batch_size", 8,
+        "--learning_rate", "5e-3",
+        "--logging_steps", 1,
+        "--report_to", "none",
+        "--use_cpu",
+        "--seed", 0,
+        "--disable_tqdm", "true",
+        "--cache_dir", cache_dir,
+    ]
+
+
+def train_logs(output_dir):
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return state, [entry for entry in state["log_history"] if "loss" in entry]
+
+
+def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    results = run_training(
+        *common_args(out, tiny_teacher, tmp_path / "cache"),
+        "--dataset_name", speech_corpus.root, "--eval_split_name", "test",
+        "--do_train", "--do_eval", "--max_steps", 16,
+        "--eval_strategy", "steps", "--eval_steps", 8, "--save_steps", 8, "--load_best_model_at_end",
+        "--report_to", "tensorboard",
+    )
+    state, logs = train_logs(out)
+    assert state["global_step"] == 16
+    # The loss goes down, and its components are logged next to it.
+    first, last = np.mean([e["loss"] for e in logs[:3]]), np.mean([e["loss"] for e in logs[-3:]])
+    assert last < 0.5 * first
+    for entry in logs:
+        assert {"ctc_loss", "ot_loss", "align_loss"} <= entry.keys()
+        weighted = entry["ctc_loss"] + 0.1 * entry["ot_loss"] + 0.3 * entry["align_loss"]  # the config's weights
+        assert entry["loss"] == pytest.approx(weighted, rel=1e-4)
+    evals = [entry for entry in state["log_history"] if "eval_cer" in entry]
+    assert len(evals) == 2 and all({"eval_ctc_loss", "eval_ot_loss", "eval_align_loss"} <= e.keys() for e in evals)
+    # The best checkpoint is chosen by CER.
+    assert state["best_metric"] == min(e["eval_cer"] for e in evals)
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{min(evals, key=lambda e: e['eval_cer'])['step']}")
+
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["eval_cer"] == results["eval"]["eval_cer"] and eval_results["eval_samples"] == 6
+    assert {"eval_ctc_loss", "eval_ot_loss", "eval_align_loss"} <= eval_results.keys()
+    assert json.loads((out / "train_results.json").read_text())["train_samples"] == 24
+
+    # TensorBoard gets the separate losses for training and evaluation.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (out / "runs").iterdir()  # TensorBoard's default: output_dir/runs/<date>_<host>
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert {"train/ctc_loss", "train/ot_loss", "train/align_loss", "eval/ctc_loss", "eval/cer"} <= set(
+        events.Tags()["scalars"]
+    )
+
+    # The saved folder is a self-contained model: remote code, weights, processor, card.
+    for name in ("configuration_tot_cakt.py", "modeling_tot_cakt.py", "tot.py", "vocab.json", "README.md"):
+        assert (out / name).is_file(), name
+    model = AutoModelForCTC.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    waveform, rate = sf.read(speech_corpus.root / "test" / "utt000.wav", dtype="float32")
+    inputs = processor(waveform, sampling_rate=rate, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == len(processor.tokenizer) and model.teacher is None
+    card = metadata_load(out / "README.md")
+    assert card["model-index"][0]["results"][0]["metrics"][0]["value"] == results["eval"]["eval_cer"]
+
+    # A saved model is a starting point: its vocabulary and weights carry over.
+    more = tmp_path / "more"
+    run_training("--model_name_or_path", out, "--output_dir", more, "--dataset_name", speech_corpus.root,
+                 "--do_train", "--max_steps", 1, "--per_device_train_batch_size", 4, "--learning_rate", "1e-4",
+                 "--logging_steps", 1, "--report_to", "none", "--use_cpu", "--cache_dir", tmp_path / "cache")
+    assert (more / "vocab.json").read_text() == (out / "vocab.json").read_text()
+    assert train_logs(more)[1][0]["loss"] < logs[0]["loss"]
+
+
+def test_resume_continues_from_the_last_checkpoint(aishell_corpus, tiny_teacher, tmp_path, caplog):
+    out = tmp_path / "out"
+    args = [
+        *common_args(out, tiny_teacher, tmp_path / "cache"),
+        "--aishell_dir", aishell_corpus.root, "--do_train", "--alignment", "ot",
+        "--save_steps", 3, "--activation_checkpointing", "--max_train_samples", 5,
+    ]
+    run_training(*args, "--max_steps", 3)
+    assert (out / "checkpoint-3").is_dir()
+    with caplog.at_level(logging.INFO):
+        results = run_training(*args, "--max_steps", 6, "--do_predict")
+    assert f"resuming training at {out / 'checkpoint-3'}" in caplog.text
+    state, logs = train_logs(out)
+    assert state["global_step"] == 6
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4, 5, 6]  # steps 1-3 were not trained again
+    assert json.loads((out / "config.json").read_text())["alignment"] == "ot"
+    assert json.loads((out / "train_results.json").read_text())["train_samples"] == 5
+    # --do_predict scores AISHELL-1's test split.
+    test_results = json.loads((out / "test_results.json").read_text())
+    assert test_results["test_samples"] == 3 and test_results["test_cer"] == results["test"]["test_cer"]
+    (result,) = metadata_load(out / "README.md")["model-index"][0]["results"]
+    assert result["dataset"] == {"name": "AISHELL-1", "type": "aishell-1", "split": "test"}
+
+
+def test_log_mel_encoder_cached_teacher_features_and_bad_rows(
+    speech_corpus, bad_rows_manifest, tiny_teacher, tmp_path, caplog
+):
+    out, teacher_cache = tmp_path / "out", tmp_path / "teacher_cache"
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt"), \
+            mock.patch("modeling_tot_cakt.model_card.HfApi") as api_class:
+        api_class.return_value.create_repo.return_value = SimpleNamespace(repo_id="someone/tiny")
+        results = run_training(
+            *common_args(out, tiny_teacher, tmp_path / "cache", encoder=TINY_WAV2VEC2_BERT),
+            "--train_manifest", bad_rows_manifest, "--eval_manifest", speech_corpus.eval_manifest,
+            "--do_train", "--do_eval", "--max_steps", 2, "--per_device_train_batch_size", 1,
+            "--cache_teacher_features", "--teacher_cache_dir", teacher_cache,
+            "--push_to_hub", "--hub_model_id", "someone/tiny", "--hub_token", "hf_test",
+            # SpecAugment of the Wav2Vec2-BERT (log-mel) encoder, set from the command line.
+            "--mask_time_prob", 0.05, "--mask_time_length", 2,
+        )
+    assert "train: skipped 5 of 6 rows" in caplog.text
+    assert math.isfinite(results["eval"]["eval_align_loss"])
+    # One cached feature file per distinct usable transcript of both splits.
+    texts = {"你好"} | set(speech_corpus.eval_texts)  # the two bad transcripts are not cached
+    assert len(list(teacher_cache.rglob("*.safetensors"))) == len(texts)
+    # The upload goes through HfApi, with the rendered card in the folder.
+    api = api_class.return_value
+    api.create_repo.assert_called_once_with("someone/tiny", private=None, exist_ok=True, repo_type="model")
+    assert api.upload_folder.call_args.kwargs["folder_path"] == str(out)
+    assert metadata_load(out / "README.md")["tags"][:3] == ["automatic-speech-recognition", "ctc", "tot-cakt"]
+    encoder_config = json.loads((out / "config.json").read_text())["encoder_config"]
+    assert (encoder_config["model_type"], encoder_config["mask_time_prob"]) == ("wav2vec2-bert", 0.05)
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Wav2Vec2BertProcessor"
+
+
+def test_yaml_arguments_streaming_and_gradient_accumulation(speech_corpus, tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    arguments = {
+        "output_dir": str(out),
+        "encoder_config": json.dumps(TRAINING_ENCODER),
+        "teacher_name_or_path": str(tiny_teacher),
+        "alignment": "none",
+        "train_manifest": str(speech_corpus.train_manifest),
+        "streaming": True,
+        "do_train": True,
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    config_file = tmp_path / "args.yaml"
+    config_file.write_text(yaml.safe_dump(arguments), encoding="utf-8")
+    run_training(config_file)
+    state, logs = train_logs(out)
+    assert state["global_step"] == 2
+    for entry in logs:
+        # With alignment "none" the loss is the CTC loss: averaged, not summed, over accumulated batches.
+        assert entry["loss"] == pytest.approx(entry["ctc_loss"], rel=1e-4) and "ot_loss" not in entry
+
+
+def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tmp_path):
+    encoder = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in TINY_WAV2VEC2.items() if k != "model_type"}))
+    encoder.save_pretrained(tmp_path / "encoder")
+    model = build_model(
+        vocab_size=9, pad_token_id=0, encoder_name_or_path=str(tmp_path / "encoder"),
+        encoder_overrides={"mask_time_prob": 0.3, "layerdrop": None},
+        config_overrides={"alignment": "ot", "teacher_name_or_path": str(tiny_teacher), "tot_lambda2": None},
+    )
+    for name, tensor in encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[name], tensor)
+    config = model.config
+    assert config.encoder_config.mask_time_prob == 0.3 and config.encoder_config.layerdrop == encoder.config.layerdrop
+    assert (config.vocab_size, config.alignment, config.tot_lambda2) == (9, "ot", TOTCAKTConfig().tot_lambda2)
+    assert config.teacher_hidden_size == 24  # read from the teacher's configuration
+
+    model.save_pretrained(tmp_path / "saved")
+    again = build_model(vocab_size=9, pad_token_id=0, model_name_or_path=str(tmp_path / "saved"),
+                        encoder_overrides={"layerdrop": 0.2}, config_overrides={"tot_lambda1": 0.5})
+    assert again.config.encoder_config.layerdrop == 0.2 and again.config.tot_lambda1 == 0.5
+    assert again.config.alignment == "ot"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor)
+    with pytest.raises(ValueError, match="at most one of"):
+        build_model(vocab_size=9, pad_token_id=0, model_name_or_path="a", encoder_config={"model_type": "wav2vec2"})
+
+
+def test_parse_encoder_config(tmp_path):
+    assert parse_encoder_config('{"model_type": "hubert", "hidden_size": 32}') == {"model_type": "hubert", "hidden_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(TRAINING_ENCODER))
+    assert parse_encoder_config(str(tmp_path / "config.json")) == json.loads(json.dumps(TRAINING_ENCODER))
+    with pytest.raises(ValueError, match="needs a JSON object with a 'model_type'"):
+        parse_encoder_config('{"hidden_size": 32}')
+    with pytest.raises(ValueError, match="must be a JSON object or the path of a JSON file"):
+        parse_encoder_config("hidden_size=32")
+
+
+def test_argument_errors(speech_corpus, tmp_path):
+    with pytest.raises(ValueError, match="exactly one data source"):
+        run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root,
+                     "--train_manifest", speech_corpus.train_manifest)
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root, "--streaming")
+    (tmp_path / "stray.txt").write_text("x")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root)
+
+
+def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
+    model = make_model(alignment="none")
+    processor = make_processor(tmp_path, model)
+    rng = np.random.default_rng(0)
+    row = {"labels": processor.tokenizer("你好").input_ids, "input_length": 4000, "text": "你好"}
+    rows = [{**row, "input_values": rng.standard_normal(4000).astype(np.float32)} for _ in range(4)]
+    forward, calls = model.forward, []
+
+    def forward_with_one_nan(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.forward = forward_with_one_nan
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", learning_rate=1e-2)
+    trainer = TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             data_collator=DataCollatorCTCWithTeacher(processor))
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+        trainer.train()
+    assert "Non-finite loss" in caplog.text and trainer.nonfinite_loss_batches == 1
+    assert trainer.state.log_history[0]["nonfinite_loss_batches"] == 1
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, before[name], msg=name)
+    assert trainer.model_accepts_loss_kwargs is False

@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""Train a TOT-CAKT Mandarin CTC recogniser with the Hugging Face Trainer.
+
+Runs on one device (`python train_hf.py ...`), on several (`accelerate launch train_hf.py ...`,
+`torchrun ...`), and reads its arguments from the command line or from one JSON/YAML file
+(`python train_hf.py args.yaml`). Flags follow transformers'
+`examples/pytorch/speech-recognition/run_speech_recognition_ctc.py`; see `--help`.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import datasets
+import transformers
+from huggingface_hub.constants import HF_HOME
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    HfArgumentParser,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint, is_main_process
+
+from modeling_tot_cakt import create_processor
+from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
+from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
+from modeling_tot_cakt.data import (
+    build_vocabulary,
+    count_out_of_vocabulary,
+    dataset_texts,
+    featurize_split,
+    load_speech_split,
+    normalize_split,
+    write_vocabulary,
+)
+from modeling_tot_cakt.model_card import (
+    cer_result,
+    describe_training_data,
+    push_folder_to_hub,
+    render_model_card,
+    training_hyperparameters,
+)
+from modeling_tot_cakt.teacher_cache import TeacherFeatureCache, precompute_teacher_features, teacher_fingerprint
+from modeling_tot_cakt.trainer import (
+    CTCCharacterErrorRate,
+    TOTCAKTTrainer,
+    TOTCAKTTrainingArguments,
+    build_model,
+    parse_encoder_config,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "README_TEMPLATE.md")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from and how to change its encoder (None keeps the configuration's value)."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A saved TOT-CAKT model (Hub id or folder) to continue training; its vocabulary is reused."},
+    )
+    encoder_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT checkpoint for the encoder."},
+    )
+    encoder_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "Configuration of a from-scratch encoder: JSON with a 'model_type', or a JSON file."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A CTC tokenizer whose vocabulary to use instead of one built from the transcripts."},
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to store models and datasets from the Hub."}
+    )
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+    freeze_feature_encoder: bool = field(
+        default=True,
+        metadata={"help": "Freeze the convolutional feature encoder of a pretrained raw-waveform encoder "
+                  "(a from-scratch encoder always trains it)."},
+    )
+    attention_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on attention probabilities."})
+    activation_dropout: Optional[float] = field(
+        default=None, metadata={"help": "Dropout inside the feed-forward layers."}
+    )
+    feat_proj_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the projected features."})
+    hidden_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the encoder's hidden states."})
+    final_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout before the CTC head."})
+    mask_time_prob: Optional[float] = field(
+        default=None, metadata={"help": "SpecAugment: probability of each frame to start a masked time span."}
+    )
+    mask_time_length: Optional[int] = field(
+        default=None, metadata={"help": "SpecAugment: length of masked time spans."}
+    )
+    mask_feature_prob: Optional[float] = field(
+        default=None, metadata={"help": "SpecAugment: probability of each feature to start a masked feature span."}
+    )
+    mask_feature_length: Optional[int] = field(
+        default=None, metadata={"help": "SpecAugment: length of masked feature spans."}
+    )
+    layerdrop: Optional[float] = field(default=None, metadata={"help": "The LayerDrop probability."})
+    ctc_loss_reduction: Optional[str] = field(
+        default=None, metadata={"help": "How the CTC loss is reduced.", "choices": CTC_REDUCTIONS}
+    )
+    ctc_zero_infinity: Optional[bool] = field(
+        default=None, metadata={"help": "Zero infinite CTC losses (utterances with more labels than frames)."}
+    )
+
+    def encoder_overrides(self) -> dict:
+        """Fields of the encoder configuration to change: dropouts, SpecAugment, LayerDrop."""
+        names = ("attention_dropout", "activation_dropout", "feat_proj_dropout", "hidden_dropout", "mask_time_prob",
+                 "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop")
+        return {name: getattr(self, name) for name in names}
+
+    def config_overrides(self) -> dict:
+        """Fields of the TOT-CAKT configuration to change: the CTC head."""
+        return {name: getattr(self, name) for name in ("final_dropout", "ctc_loss_reduction", "ctc_zero_infinity")}
+
+
+@dataclass
+class TOTCAKTArguments:
+    """The knowledge-transfer method (None keeps the configuration's value)."""
+
+    alignment: Optional[str] = field(
+        default=None,
+        metadata={"help": "tot (TOT-CAKT), ot (plain OT: OT-CAKT) or none (CTC only).", "choices": ALIGNMENT_MODES},
+    )
+    teacher_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Frozen BERT-like teacher (Hub id or folder with weights and tokenizer)."}
+    )
+    adapter_hidden_size: Optional[int] = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
+    adapter_num_layers: Optional[int] = field(default=None, metadata={"help": "Linear layers in the adapter."})
+    tot_lambda1: Optional[float] = field(default=None, metadata={"help": "Weight of the local order reward."})
+    tot_lambda2: Optional[float] = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
+    tot_sigma: Optional[float] = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
+    tot_max_iter: Optional[int] = field(default=None, metadata={"help": "Maximum Sinkhorn iterations."})
+    tot_tol: Optional[float] = field(default=None, metadata={"help": "Sinkhorn stopping tolerance on the marginals."})
+    tot_grad: Optional[str] = field(
+        default=None, metadata={"help": "Gradient of the transport plan.", "choices": GRAD_MODES}
+    )
+    ctc_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the CTC loss."})
+    ot_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the transport cost."})
+    align_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the alignment loss."})
+    cache_teacher_features: bool = field(
+        default=False,
+        metadata={"help": "Run the teacher once per transcript before training and train on its cached features."},
+    )
+    teacher_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where cached teacher features live (default: $HF_HOME/tot_cakt/teacher_features)."},
+    )
+    teacher_batch_size: int = field(
+        default=64, metadata={"help": "Transcripts per teacher pass when caching features."}
+    )
+
+    def config_overrides(self) -> dict:
+        """Fields of the TOT-CAKT configuration to change: everything but the feature cache settings."""
+        cache_settings = ("cache_teacher_features", "teacher_cache_dir", "teacher_batch_size")
+        return {name: value for name, value in asdict(self).items() if name not in cache_settings}
+
+
+@dataclass
+class DataTrainingArguments:
+    """What data to train and evaluate on. Give --dataset_name, --aishell_dir, or manifests."""
+
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset id or local folder (audiofolder, data files, save_to_disk)."}
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split ('a+b' concatenates)."})
+    eval_split_name: str = field(default="validation", metadata={"help": "Evaluation split (AISHELL-1 calls it dev)."})
+    test_split_name: str = field(default="test", metadata={"help": "Split scored with --do_predict."})
+    train_manifest: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL manifest of the training data."})
+    eval_manifest: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL manifest of the evaluation data."})
+    test_manifest: Optional[str] = field(
+        default=None, metadata={"help": "CSV/JSONL manifest scored with --do_predict."}
+    )
+    aishell_dir: Optional[str] = field(
+        default=None, metadata={"help": "AISHELL-1 folder with wav/<split>/<speaker>/*.wav and transcript/."}
+    )
+    audio_column_name: str = field(default="audio", metadata={"help": "Column with the audio (or its path)."})
+    text_column_name: str = field(default="text", metadata={"help": "Column with the transcript."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the data instead of preparing it up front (needs --max_steps)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the preprocessed datasets."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh in --output_dir instead of resuming from its last checkpoint."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    preprocessing_only: bool = field(default=False, metadata={"help": "Only preprocess the data (to fill the cache)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Use at most this many evaluation rows (and test rows with --do_predict)."}
+    )
+    max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Skip longer utterances."})
+    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Skip shorter utterances."})
+    do_lower_case: bool = field(
+        default=True, metadata={"help": "Lower-case Latin letters in transcripts (upper-case them when False)."}
+    )
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, TOTCAKTArguments, DataTrainingArguments, TOTCAKTTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, method_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        model_args, method_args, data_args, training_args = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, method_args, data_args, training_args = parser.parse_args_into_dataclasses()
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    # This script's and the package's own reports (vocabulary, skipped rows, ...) show on the main process.
+    for name in (__name__, "modeling_tot_cakt"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"distributed: {training_args.world_size > 1}, fp16: {training_args.fp16}, bf16: {training_args.bf16}"
+    )
+
+    # 1. Check the arguments.
+    manifests = data_args.train_manifest or data_args.eval_manifest or data_args.test_manifest
+    sources = [data_args.dataset_name, data_args.aishell_dir, manifests]
+    if sum(source is not None for source in sources) != 1:
+        raise ValueError(
+            "Give exactly one data source: --dataset_name, --aishell_dir, or --train_manifest/--eval_manifest."
+        )
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a streamed dataset has no length to count epochs with.")
+    starts = (model_args.model_name_or_path, model_args.encoder_name_or_path, model_args.encoder_config)
+    if sum(start is not None for start in starts) > 1:
+        raise ValueError("Give at most one of --model_name_or_path, --encoder_name_or_path and --encoder_config.")
+    # The model card and upload are done here, once, after training: keep the Trainer from pushing on its own.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    training_args.remove_unused_columns = False  # the collator needs the transcript column
+    training_args.length_column_name = "input_length"
+
+    # 2. Resume from the last checkpoint in output_dir unless told to start afresh.
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and not data_args.overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is None and os.listdir(training_args.output_dir):
+            raise ValueError(
+                f"Output directory ({training_args.output_dir}) already exists and is not empty. "
+                "Use --overwrite_output_dir to train in it anyway."
+            )
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+
+    set_seed(training_args.seed)
+
+    # 3. Load and normalise the data.
+    source = dict(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        aishell_dir=data_args.aishell_dir,
+        audio_column_name=data_args.audio_column_name,
+        text_column_name=data_args.text_column_name,
+        streaming=data_args.streaming,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    splits = {}
+    if training_args.do_train:
+        splits["train"] = (data_args.train_split_name, data_args.train_manifest, data_args.max_train_samples)
+    if training_args.do_eval:
+        splits["eval"] = (data_args.eval_split_name, data_args.eval_manifest, data_args.max_eval_samples)
+    if training_args.do_predict:
+        splits["test"] = (data_args.test_split_name, data_args.test_manifest, data_args.max_eval_samples)
+    raw_datasets = {}
+    with training_args.main_process_first(desc="load and normalise datasets"):
+        for name, (split, manifest, max_samples) in splits.items():
+            dataset = load_speech_split(split, manifest=manifest, **source)
+            if max_samples is not None and data_args.streaming:
+                dataset = dataset.take(max_samples)
+            elif max_samples is not None:
+                dataset = dataset.select(range(min(max_samples, len(dataset))))
+            raw_datasets[name] = normalize_split(
+                dataset,
+                name,
+                do_lower_case=data_args.do_lower_case,
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache,
+            )
+
+    # 4. The processor: the saved model's, or a new one over a character vocabulary.
+    encoder_config = parse_encoder_config(model_args.encoder_config) if model_args.encoder_config else None
+    if model_args.model_name_or_path is not None:
+        processor = AutoProcessor.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    else:
+        vocab_file = os.path.join(training_args.output_dir, "vocab.json")
+        with training_args.main_process_first(desc="vocabulary"):
+            starting_afresh = data_args.overwrite_output_dir and is_main_process(training_args.local_rank)
+            if starting_afresh and os.path.isfile(vocab_file):
+                os.remove(vocab_file)
+            if not os.path.isfile(vocab_file):
+                if model_args.tokenizer_name_or_path is not None:
+                    reference = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, token=model_args.token)
+                    vocab = reference.get_vocab()
+                elif "train" in raw_datasets:
+                    vocab = build_vocabulary(dataset_texts(raw_datasets["train"]))
+                else:
+                    raise ValueError(
+                        "Without training data there is no vocabulary: "
+                        "pass --model_name_or_path or --tokenizer_name_or_path."
+                    )
+                write_vocabulary(vocab, vocab_file)
+        input_config = encoder_config  # decides between raw-waveform and log-mel features
+        if model_args.encoder_name_or_path is not None:
+            input_config = AutoConfig.from_pretrained(
+                model_args.encoder_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+            )
+        processor = create_processor(vocab_file, encoder_config=input_config)
+    tokenizer = processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    logger.info(f"Vocabulary: {len(tokenizer)} symbols.")
+    for name in ("eval", "test"):
+        if name in raw_datasets:
+            logger.info(f"{name} transcripts: {count_out_of_vocabulary(dataset_texts(raw_datasets[name]), vocab)}")
+
+    # 5. The model.
+    model = build_model(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        model_name_or_path=model_args.model_name_or_path,
+        encoder_name_or_path=model_args.encoder_name_or_path,
+        encoder_config=encoder_config,
+        encoder_overrides=model_args.encoder_overrides(),
+        config_overrides={**model_args.config_overrides(), **method_args.config_overrides()},
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    pretrained_encoder = model_args.model_name_or_path or model_args.encoder_name_or_path
+    if model_args.freeze_feature_encoder and pretrained_encoder and model.main_input_name == "input_values":
+        model.freeze_feature_encoder()
+
+    # 6. The teacher: tokenised transcripts for on-the-fly features, or a cache of its features.
+    teacher_tokenizer = teacher_cache = None
+    if model.config.uses_teacher:
+        teacher_name = model.config.teacher_name_or_path
+        hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token}
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name, **hub_kwargs)
+        model.attach_teacher(AutoModel.from_pretrained(teacher_name, **hub_kwargs))
+        if method_args.cache_teacher_features:
+            fingerprint = teacher_fingerprint(
+                model.teacher,
+                teacher_tokenizer,
+                model.config.teacher_name_or_path,
+                feature_layout={"strip_special_tokens": model.config.teacher_strip_special_tokens},
+            )
+            cache_dir = method_args.teacher_cache_dir or os.path.join(HF_HOME, "tot_cakt", "teacher_features")
+            teacher_cache = TeacherFeatureCache(cache_dir, fingerprint)
+            with training_args.main_process_first(desc="cache teacher features"):
+                for name, dataset in raw_datasets.items():
+                    computed = precompute_teacher_features(
+                        model,
+                        teacher_tokenizer,
+                        dataset_texts(dataset),
+                        teacher_cache,
+                        batch_size=method_args.teacher_batch_size,
+                        device=training_args.device,
+                    )
+                    logger.info(f"{name}: computed teacher features for {computed} new transcripts.")
+            model.detach_teacher()  # training reads the cache; free the teacher's memory for the student
+
+    # 7. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
+    feature_extractor = processor.feature_extractor
+    vectorized_datasets = {}
+    with training_args.main_process_first(desc="featurise datasets"):
+        for name, dataset in raw_datasets.items():
+            vectorized_datasets[name] = featurize_split(
+                dataset,
+                name,
+                feature_extractor=feature_extractor,
+                tokenizer=tokenizer,
+                min_input_length=int(data_args.min_duration_in_seconds * feature_extractor.sampling_rate),
+                max_input_length=int(data_args.max_duration_in_seconds * feature_extractor.sampling_rate),
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache,
+            )
+    if data_args.preprocessing_only:
+        logger.info("Data preprocessing finished.")
+        return
+
+    # 8. The Trainer.
+    trainer = TOTCAKTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=DataCollatorCTCWithTeacher(
+            processor=processor,
+            teacher_tokenizer=teacher_tokenizer if teacher_cache is None else None,
+            teacher_cache=teacher_cache,
+        ),
+        train_dataset=vectorized_datasets.get("train"),
+        eval_dataset=vectorized_datasets.get("eval"),
+        processing_class=processor,
+        compute_metrics=CTCCharacterErrorRate(tokenizer) if training_args.do_eval or training_args.do_predict else None,
+    )
+
+    # 9. Train, evaluate, test.
+    results = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
+        metrics = train_result.metrics
+        if not data_args.streaming:
+            metrics["train_samples"] = len(vectorized_datasets["train"])
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    for name in ("eval", "test"):
+        if name in vectorized_datasets:
+            logger.info(f"*** {name} ***")
+            metrics = trainer.evaluate(vectorized_datasets[name], metric_key_prefix=name)
+            if not data_args.streaming:
+                metrics[f"{name}_samples"] = len(vectorized_datasets[name])
+            trainer.log_metrics(name, metrics)
+            trainer.save_metrics(name, metrics)
+            results[name] = metrics
+
+    # 10. Model card, and the upload.
+    if trainer.is_world_process_zero():
+        data = describe_training_data(
+            data_args.dataset_name, data_args.aishell_dir, data_args.train_manifest, data_args.train_split_name
+        )
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        card = render_model_card(
+            MODEL_CARD_TEMPLATE,
+            trainer.model.config,
+            model_name=os.path.basename(repo_id),
+            repo_id=repo_id,
+            encoder_name_or_path=model_args.encoder_name_or_path,
+            datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+            dataset_description=data.description,
+            results=[
+                cer_result(metrics[f"{name}_cer"], data.name, data.type, split, data_args.dataset_config_name)
+                for name, split in (("eval", data_args.eval_split_name), ("test", data_args.test_split_name))
+                if name in results
+            ],
+            hyperparameters=training_hyperparameters(training_args, trainer.state.global_step, trainer.model.config),
+            sampling_rate=feature_extractor.sampling_rate,
+            do_lower_case=data_args.do_lower_case,
+        )
+        card.save(os.path.join(training_args.output_dir, "README.md"))
+        if push_to_hub:
+            url = push_folder_to_hub(
+                training_args.output_dir,
+                repo_id,
+                token=training_args.hub_token,
+                private=training_args.hub_private_repo,
+                revision=training_args.hub_revision,
+            )
+            logger.info(f"Uploaded to {url}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
