@@ -63,7 +63,7 @@ class TOTCAKTConfig(PretrainedConfig):
         alignment (`str`, defaults to `"tot"`):
             `"tot"` (TOT-CAKT), `"ot"` (plain entropic OT, the OT-CAKT baseline) or `"none"`
             (CTC-only baseline: no adapter, no teacher).
-        tot_lambda1 (`float`, defaults to 0.1):
+        tot_lambda1 (`float`, defaults to 1.0):
             Weight of the local order reward `S_ij = lambda1 / ((u_i - v_j)^2 + 1)`.
         tot_lambda2 (`float`, defaults to 0.1):
             Entropic / KL regularisation weight of the transport problem.
@@ -99,7 +99,7 @@ class TOTCAKTConfig(PretrainedConfig):
         adapter_num_layers: int = 2,
         adapter_dropout: float = 0.1,
         alignment: str = "tot",
-        tot_lambda1: float = 0.1,
+        tot_lambda1: float = 1.0,
         tot_lambda2: float = 0.1,
         tot_sigma: float | None = 1.0,
         tot_max_iter: int = 50,
