@@ -9,6 +9,7 @@ Runs on one device (`python train_hf.py ...`), on several (`accelerate launch tr
 
 import logging
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -18,13 +19,12 @@ import transformers
 from huggingface_hub.constants import HF_HOME
 from transformers import (
     AutoConfig,
-    AutoModel,
     AutoProcessor,
     AutoTokenizer,
     HfArgumentParser,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint, is_main_process
+from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import create_processor
 from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
@@ -47,16 +47,24 @@ from modeling_tot_cakt.model_card import (
 )
 from modeling_tot_cakt.teacher_cache import TeacherFeatureCache, precompute_teacher_features, teacher_fingerprint
 from modeling_tot_cakt.trainer import (
+    INCOMPLETE_CHECKPOINTS_DIR,
     CTCCharacterErrorRate,
     TOTCAKTTrainer,
     TOTCAKTTrainingArguments,
     build_model,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    load_teacher,
     parse_encoder_config,
+    shortest_usable_input,
 )
 
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "README_TEMPLATE.md")
+# What a run writes to output_dir before its first complete checkpoint (the vocabulary, TensorBoard
+# logs, checkpoints it was killed while saving): a rerun over only these starts afresh.
+PRE_CHECKPOINT_OUTPUTS = {"vocab.json", "runs", INCOMPLETE_CHECKPOINTS_DIR}
 
 
 @dataclass
@@ -251,17 +259,25 @@ def main():
     training_args.remove_unused_columns = False  # the collator needs the transcript column
     training_args.length_column_name = "input_length"
 
-    # 2. Resume from the last checkpoint in output_dir unless told to start afresh.
+    # 2. Resume from the last complete checkpoint in output_dir unless told to start afresh.
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train and not data_args.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is None and os.listdir(training_args.output_dir):
+        last_checkpoint = last_complete_checkpoint(
+            training_args.output_dir, set_aside_incomplete=training_args.should_save
+        )
+        if last_checkpoint is None and set(os.listdir(training_args.output_dir)) - PRE_CHECKPOINT_OUTPUTS:
             raise ValueError(
                 f"Output directory ({training_args.output_dir}) already exists and is not empty. "
                 "Use --overwrite_output_dir to train in it anyway."
             )
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+    resume = training_args.resume_from_checkpoint
+    if training_args.do_train and resume is not None and not is_complete_checkpoint(resume):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint (it needs trainer_state.json and "
+            "model.safetensors; a run stopped while saving leaves them out). Pass an earlier checkpoint."
+        )
 
     set_seed(training_args.seed)
 
@@ -308,7 +324,11 @@ def main():
     else:
         vocab_file = os.path.join(training_args.output_dir, "vocab.json")
         with training_args.main_process_first(desc="vocabulary"):
-            starting_afresh = data_args.overwrite_output_dir and is_main_process(training_args.local_rank)
+            # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.
+            nothing_to_resume = training_args.do_train and last_checkpoint is None and resume is None
+            starting_afresh = (data_args.overwrite_output_dir or nothing_to_resume) and is_main_process(
+                training_args.local_rank
+            )
             if starting_afresh and os.path.isfile(vocab_file):
                 os.remove(vocab_file)
             if not os.path.isfile(vocab_file):
@@ -332,9 +352,13 @@ def main():
     tokenizer = processor.tokenizer
     vocab = tokenizer.get_vocab()
     logger.info(f"Vocabulary: {len(tokenizer)} symbols.")
-    for name in ("eval", "test"):
-        if name in raw_datasets:
-            logger.info(f"{name} transcripts: {count_out_of_vocabulary(dataset_texts(raw_datasets[name]), vocab)}")
+    for name, dataset in raw_datasets.items():
+        # Out-of-vocabulary characters become [UNK]. Training transcripts have them only with a saved
+        # model's or a given tokenizer's vocabulary; a streamed training set is not read a second time.
+        if name == "train" and data_args.streaming:
+            continue
+        report = count_out_of_vocabulary(dataset_texts(dataset), vocab)
+        logger.log(logging.WARNING if report.oov_tokens else logging.INFO, f"{name} transcripts: {report}")
 
     # 5. The model.
     model = build_model(
@@ -357,8 +381,8 @@ def main():
     if model.config.uses_teacher:
         teacher_name = model.config.teacher_name_or_path
         hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token}
-        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name, **hub_kwargs)
-        model.attach_teacher(AutoModel.from_pretrained(teacher_name, **hub_kwargs))
+        teacher, teacher_tokenizer = load_teacher(teacher_name, **hub_kwargs)
+        model.attach_teacher(teacher)
         if method_args.cache_teacher_features:
             fingerprint = teacher_fingerprint(
                 model.teacher,
@@ -383,6 +407,10 @@ def main():
 
     # 7. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
     feature_extractor = processor.feature_extractor
+    shortest = shortest_usable_input(model, feature_extractor)
+    logger.info(f"Clips shorter than {shortest} samples give the encoder no frame; they are skipped as too short.")
+    # `featurize_split` keeps clips longer than min_input_length samples.
+    min_input_length = max(int(data_args.min_duration_in_seconds * feature_extractor.sampling_rate), shortest - 1)
     vectorized_datasets = {}
     with training_args.main_process_first(desc="featurise datasets"):
         for name, dataset in raw_datasets.items():
@@ -391,7 +419,7 @@ def main():
                 name,
                 feature_extractor=feature_extractor,
                 tokenizer=tokenizer,
-                min_input_length=int(data_args.min_duration_in_seconds * feature_extractor.sampling_rate),
+                min_input_length=min_input_length,
                 max_input_length=int(data_args.max_duration_in_seconds * feature_extractor.sampling_rate),
                 num_proc=data_args.preprocessing_num_workers,
                 load_from_cache_file=not data_args.overwrite_cache,
@@ -420,6 +448,10 @@ def main():
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
         trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
+        set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
+        if training_args.should_save and os.path.isdir(set_aside):
+            shutil.rmtree(set_aside)  # of no use once the run has finished, and not to be uploaded
+            logger.info(f"Removed {set_aside}: checkpoints that an interrupted run left half-written.")
         metrics = train_result.metrics
         if not data_args.streaming:
             metrics["train_samples"] = len(vectorized_datasets["train"])

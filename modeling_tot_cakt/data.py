@@ -219,7 +219,7 @@ def load_manifest(
         cache_dir=cache_dir,
         **kwargs,
     )
-    if not streaming:
+    if dataset.column_names is not None:  # a streamed JSON manifest knows its columns from the first rows
         _check_columns(dataset.column_names, required, f"Manifest {manifest_path}")
     dataset = _canonical_columns(dataset, audio_column_name, text_column_name)
     base_dir = os.path.dirname(os.path.abspath(manifest_path))
@@ -262,6 +262,9 @@ def load_audiofolder_split(
             for name in AUDIOFOLDER_METADATA
             for path in glob.glob(os.path.join(split_dir, "**", name), recursive=True)
         )
+        if not metadata:
+            names = " or ".join(AUDIOFOLDER_METADATA)
+            raise ValueError(f"Split '{part}' of the audiofolder {folder} has no {names} under {split_dir}.")
         parts += [
             load_manifest(
                 path,
@@ -469,8 +472,8 @@ def prepare_speech_example(
 
     if example[SKIP_REASON_COLUMN]:
         return skipped(example[SKIP_REASON_COLUMN], example[SKIP_DETAIL_COLUMN])
-    if example[AUDIO_COLUMN] is None:
-        return skipped("missing audio", "no audio path or bytes in the row")
+    if not example[AUDIO_COLUMN]:  # None, or an empty manifest cell
+        return skipped("missing audio", f"no audio path or bytes in the row of transcript {example[TEXT_COLUMN]!r}")
     try:
         waveform = load_audio(example[AUDIO_COLUMN], feature_extractor.sampling_rate)
     except AudioDecodingError as err:
@@ -598,8 +601,11 @@ def build_vocabulary(texts: Iterable[str]) -> dict[str, int]:
 def write_vocabulary(vocab: dict[str, int], path: str) -> None:
     """Write `vocab` as the `vocab.json` a `Wav2Vec2CTCTokenizer` reads."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
+    # Written to a temporary file and renamed, so that a run killed meanwhile leaves no half-written vocabulary.
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(vocab, handle, ensure_ascii=False, indent=0)
+    os.replace(temporary, path)
 
 
 @dataclass

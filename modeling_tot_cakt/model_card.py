@@ -17,8 +17,16 @@ CARD_TAGS = [
     "knowledge-distillation",
     "mandarin",
 ]
-# Written by training but not part of the model: resumable checkpoints and temporary files.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "*.tmp", "**/*.tmp"]
+# Training state that must not be published: checkpoints, the pickled TrainingArguments, leftovers of a
+# killed run.
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "incomplete_checkpoints/**",
+    "training_args.bin",
+    "*.tmp",
+    "**/*.tmp",
+]
 
 
 def is_hub_id(name: str | None) -> bool:

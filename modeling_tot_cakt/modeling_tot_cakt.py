@@ -260,25 +260,28 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Reject what would otherwise fail deep inside torch: non-finite input, clips too short to encode."""
-        if not bool(torch.isfinite(input_values).all()):
-            bad = (~torch.isfinite(input_values)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(
-                f"{self.main_input_name} contains NaN or Inf values (batch items {bad}); check the audio files "
-                "(the data loaders drop such clips and report them)."
-            )
+        """Reject what would otherwise fail deep inside torch: clips too short to encode, non-finite input."""
         lengths = (
             attention_mask.sum(-1)
             if attention_mask is not None
             else torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)
         )
-        frames = self.encoder._get_feat_extract_output_lengths(lengths)
-        if bool((frames < 1).any()):
-            shortest = int(lengths.min())
+        nonfinite = (~torch.isfinite(input_values)).flatten(1).any(1)
+        # A log-mel clip of a single frame normalises to NaN: it is too short, not broken.
+        too_short = self.encoder._get_feat_extract_output_lengths(lengths) < 1
+        if input_values.dim() == 3:
+            too_short = too_short | (nonfinite & (lengths < 2))
+        if bool(too_short.any()):
+            shortest = int(lengths[too_short].min())
             raise ValueError(
                 f"An input of {shortest} {'samples' if input_values.dim() == 2 else 'frames'} is shorter than the "
-                f"{self.config.encoder_config.model_type} encoder's receptive field and yields no output frame; "
-                "drop such clips or pad them (min_duration_in_seconds filters them in training)."
+                f"{self.config.encoder_config.model_type} encoder's receptive field and yields no usable output "
+                "frame; drop such clips or pad them (train_hf.py skips them and counts them as 'audio too short')."
+            )
+        if bool(nonfinite.any()):
+            raise ValueError(
+                f"{self.main_input_name} contains NaN or Inf values (batch items {nonfinite.nonzero().flatten().tolist()}); "
+                "check the audio files (the data loaders drop such clips and report them)."
             )
 
     # ------------------------------------------------------------------ losses

@@ -1,17 +1,34 @@
-"""Training glue for `transformers.Trainer`: model set-up from arguments, the CER metric, and a
-Trainer that logs the CTC / OT / alignment losses separately and survives non-finite losses."""
+"""Training glue for `transformers.Trainer`: model set-up from arguments, the shortest usable clip,
+the CER metric, a Trainer that logs the CTC / OT / alignment losses separately and survives non-finite
+losses and gradients, and the choice of the checkpoint to resume from."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import evaluate
 import numpy as np
 import torch
-from transformers import AutoConfig, EvalPrediction, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .modeling_tot_cakt import TOTCAKTForCTC
@@ -20,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 CER_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "cer")
 LOSS_COMPONENTS = ("ctc_loss", "ot_loss", "align_loss")
+# Sub-folder of output_dir where checkpoints that a killed run left half-written are moved.
+INCOMPLETE_CHECKPOINTS_DIR = "incomplete_checkpoints"
 
 
 # ------------------------------------------------------------------------------------ model set-up
@@ -83,9 +102,11 @@ def build_model(
         raise ValueError("Give at most one of model_name_or_path, encoder_name_or_path and encoder_config.")
     encoder_overrides, config_overrides = _given(encoder_overrides), _given(config_overrides)
     hub_kwargs = {"cache_dir": cache_dir, "token": token}
+    saved_adapter_size = None  # output size of a saved model's adapter, which the teacher must match
     if model_name_or_path is not None:
         config = TOTCAKTConfig.from_pretrained(model_name_or_path, **hub_kwargs)
         config.encoder_config.update(encoder_overrides)
+        saved_adapter_size = config.teacher_hidden_size if config.uses_teacher else None
     else:
         # With `encoder_name_or_path`, `from_encoder_pretrained` replaces this encoder configuration
         # by the checkpoint's (and applies the overrides there).
@@ -93,7 +114,20 @@ def build_model(
         config.encoder_config.update(encoder_overrides)
     config.update({**config_overrides, "vocab_size": vocab_size, "pad_token_id": pad_token_id})
     if config.uses_teacher and "teacher_hidden_size" not in config_overrides:
-        teacher_config = AutoConfig.from_pretrained(config.teacher_name_or_path, **hub_kwargs)
+        try:
+            teacher_config = AutoConfig.from_pretrained(config.teacher_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"Could not load the teacher language model's configuration from "
+                f"teacher_name_or_path='{config.teacher_name_or_path}': {err} Pass a Hub id (with network access) "
+                "or a local folder with config.json, the weights and the tokenizer."
+            ) from err
+        if saved_adapter_size not in (None, teacher_config.hidden_size):
+            raise ValueError(
+                f"The teacher '{config.teacher_name_or_path}' has hidden size {teacher_config.hidden_size}, but the "
+                f"adapter of {model_name_or_path} maps to {saved_adapter_size} (teacher_hidden_size): continue with "
+                "the teacher it was trained with, or one of the same hidden size."
+            )
         config.teacher_hidden_size = teacher_config.hidden_size
     config.validate()
 
@@ -106,6 +140,80 @@ def build_model(
     else:
         model = TOTCAKTForCTC(config)
     return model
+
+
+def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """
+    Load the frozen teacher language model and its tokenizer (Hub id or folder), with errors that name
+    `teacher_name_or_path`.
+
+    Returns:
+        `(teacher, tokenizer)`.
+
+    Raises:
+        ValueError: nothing loadable there, or a tokenizer that does not fit the teacher's embeddings.
+            A folder without tokenizer files still loads a 5-token BERT tokenizer that reads every
+            character as [UNK]; that, and ids beyond the embedding table, are refused.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} Pass a "
+            "Hub id (with network access) or a local folder with config.json, the weights and the tokenizer."
+        ) from err
+    # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
+    # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
+    embeddings = teacher.get_input_embeddings().num_embeddings
+    if not embeddings // 2 < len(tokenizer) <= embeddings:
+        raise ValueError(
+            f"The tokenizer loaded from teacher_name_or_path='{name_or_path}' has {len(tokenizer)} tokens but the "
+            f"teacher's embedding table has {embeddings}: the folder's tokenizer files (vocab.txt, "
+            "tokenizer.json) are missing or belong to another model."
+        )
+    return teacher, tokenizer
+
+
+def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds: float = 1.0) -> int:
+    """
+    The fewest samples (at the feature extractor's rate) from which `feature_extractor` makes finite
+    features that give `model`'s encoder at least one output frame. Shorter clips cannot be trained
+    on: a raw-waveform encoder's convolutions need a whole receptive field, and a log-mel extractor
+    fails below one analysis window and normalises a clip of a single frame to NaN.
+
+    Args:
+        model: the model to train.
+        feature_extractor: its feature extractor (`Wav2Vec2FeatureExtractor`, `SeamlessM4TFeatureExtractor`, ...).
+        probe_seconds: length of the noise clip searched (any usable encoder accepts one second).
+
+    Returns:
+        `int`: the minimum clip length in samples, found by bisection on a noise clip.
+    """
+    input_name = feature_extractor.model_input_names[0]
+    rate = feature_extractor.sampling_rate
+    noise = np.random.default_rng(0).standard_normal(int(probe_seconds * rate)).astype(np.float32)
+
+    def usable(samples: int) -> bool:
+        try:
+            with warnings.catch_warnings():  # numpy's divide-by-zero warnings of degenerate clips
+                warnings.simplefilter("ignore", RuntimeWarning)
+                features = np.asarray(feature_extractor(noise[:samples], sampling_rate=rate)[input_name][0])
+        except ValueError:  # SeamlessM4T's extractor rejects clips shorter than one analysis window
+            return False
+        frames = model.encoder._get_feat_extract_output_lengths(torch.tensor(len(features)))
+        return bool(np.isfinite(features).all()) and int(frames) >= 1
+
+    if not usable(len(noise)):
+        raise ValueError(
+            f"A {probe_seconds:g} s clip gives the {model.config.encoder_config.model_type} encoder no output frame: "
+            "its convolution kernels / strides or adapter strides reduce the frame rate too much."
+        )
+    unusable, shortest = 0, len(noise)
+    while shortest - unusable > 1:
+        middle = (unusable + shortest) // 2
+        unusable, shortest = (unusable, middle) if usable(middle) else (middle, shortest)
+    return shortest
 
 
 # ------------------------------------------------------------------------------------------ metric
@@ -182,6 +290,34 @@ class LossComponentMeter:
         return {name: total / count for name, total, count in zip(LOSS_COMPONENTS, *totals) if count > 0}
 
 
+class NonFiniteGradientGuard(TrainerCallback):
+    """
+    Zeroes the gradients of an optimizer step when some are NaN/inf although the loss was finite (an
+    overflow in the backward pass, say), so that the step cannot write NaN into the weights, and counts
+    such steps in `skipped_steps`. It runs after gradient clipping, which spreads one non-finite value
+    to every gradient. Under fp16 it stays out of the way: the loss scaler already skips these steps
+    (and lowers its scale).
+    """
+
+    def __init__(self):
+        self.skipped_steps = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+        if not gradients or bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients))):
+            return
+        self.skipped_steps += 1
+        logger.warning(
+            "Non-finite gradients with a finite loss at step %d; this update is skipped (%d so far).",
+            state.global_step,
+            self.skipped_steps,
+        )
+        for gradient in gradients:
+            gradient.zero_()
+
+
 class TOTCAKTTrainer(Trainer):
     """
     `Trainer` for [`TOTCAKTForCTC`]:
@@ -191,6 +327,8 @@ class TOTCAKTTrainer(Trainer):
       processes; with `report_to tensorboard` they become `train/ctc_loss`, `eval/ctc_loss`, ...;
     - skips the update of a batch whose loss is NaN/inf (its gradients are zero on every process),
       warns, and logs the running count as `nonfinite_loss_batches`, instead of corrupting the weights;
+      likewise an optimizer step whose gradients are NaN/inf under a finite loss
+      ([`NonFiniteGradientGuard`], logged as `nonfinite_grad_steps`);
     - returns greedy CTC ids from `prediction_step`, with frames beyond each utterance's length set
       to -100, so that [`CTCCharacterErrorRate`] never reads padding as speech.
     """
@@ -200,6 +338,8 @@ class TOTCAKTTrainer(Trainer):
         self.train_losses = LossComponentMeter(self.args.device)
         self.eval_losses = LossComponentMeter(self.args.device)
         self.nonfinite_loss_batches = 0
+        self.gradient_guard = NonFiniteGradientGuard()
+        self.add_callback(self.gradient_guard)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -223,6 +363,8 @@ class TOTCAKTTrainer(Trainer):
             logs.update(self.train_losses.pop_means(self.accelerator))
             if self.nonfinite_loss_batches:
                 logs["nonfinite_loss_batches"] = self.nonfinite_loss_batches
+            if self.gradient_guard.skipped_steps:
+                logs["nonfinite_grad_steps"] = self.gradient_guard.skipped_steps
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -250,14 +392,78 @@ class TOTCAKTTrainer(Trainer):
         return loss, predicted_ids, labels
 
 
+# ---------------------------------------------------------------------------------------- resuming
+def is_complete_checkpoint(checkpoint: str | os.PathLike) -> bool:
+    """
+    Whether the Trainer finished writing the checkpoint folder `checkpoint`. It writes the weights,
+    optimizer, scheduler and RNG states first and `trainer_state.json` last, without a temporary
+    folder, so a run killed while saving leaves a folder without a readable `trainer_state.json`
+    (or, killed earlier, without the safetensors weights).
+    """
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    weights = (os.path.join(checkpoint, name) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+    return isinstance(state, dict) and any(os.path.isfile(path) for path in weights)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, set_aside_incomplete: bool = True) -> str | None:
+    """
+    The `checkpoint-<step>` folder of `output_dir` with the highest step that [`is_complete_checkpoint`]
+    (transformers' `get_last_checkpoint` takes the highest step even when that folder is half-written,
+    and resuming from it fails or starts from step 0).
+
+    Args:
+        output_dir: the training output folder.
+        set_aside_incomplete: move incomplete checkpoint folders to
+            `output_dir/incomplete_checkpoints/` (with a warning), so that the Trainer neither loads
+            them nor writes a new checkpoint over their stale files. Only the process that saves
+            checkpoints should do so.
+
+    Returns:
+        `str | None`: the path of the checkpoint to resume from, or None when there is none.
+    """
+    output_dir = os.fspath(output_dir)
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = pattern.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[os.path.join(output_dir, name)] = int(match.group(1))
+    last = None
+    for checkpoint in sorted(steps, key=steps.get):
+        if is_complete_checkpoint(checkpoint):
+            last = checkpoint
+        elif set_aside_incomplete:
+            target = os.path.join(output_dir, INCOMPLETE_CHECKPOINTS_DIR, os.path.basename(checkpoint))
+            if os.path.isdir(target):
+                shutil.rmtree(target)  # an older incomplete copy of the same step
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(checkpoint, target)
+            logger.warning(
+                "%s is incomplete (the run was stopped while saving it): moved to %s, it is not resumed from.",
+                checkpoint,
+                target,
+            )
+    return last
+
+
 __all__ = [
     "CER_METRIC_PATH",
     "CTCCharacterErrorRate",
+    "INCOMPLETE_CHECKPOINTS_DIR",
     "LOSS_COMPONENTS",
     "LossComponentMeter",
+    "NonFiniteGradientGuard",
     "TOTCAKTTrainer",
     "TOTCAKTTrainingArguments",
     "build_model",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
     "load_cer_metric",
+    "load_teacher",
     "parse_encoder_config",
+    "shortest_usable_input",
 ]

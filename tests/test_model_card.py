@@ -70,7 +70,7 @@ def test_text(tmp_path):
     assert "| AISHELL-1 | test | 9.15 % |" in text
     assert "temporal-order-preserving optimal transport" in text and "## Limitations" in text
     assert "| learning_rate | 0.0003 |" in text and "| total_train_batch_size | 16 |" in text
-    assert "| training_steps | 1234 |" in text and "| tot_lambda1 | 0.1 |" in text
+    assert "| training_steps | 1234 |" in text and "| tot_lambda1 | 1.0 |" in text
     assert "{{" not in text and "{%" not in text
 
 
@@ -102,7 +102,7 @@ def test_upload_goes_through_hf_api(tmp_path):
     api.create_repo.assert_called_once_with("m", private=True, exist_ok=True, repo_type="model")
     kwargs = api.upload_folder.call_args.kwargs
     assert kwargs["repo_id"] == "someone/m" and kwargs["folder_path"] == str(tmp_path)
-    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and "checkpoint-*" in UPLOAD_IGNORE_PATTERNS
+    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and {"checkpoint-*", "training_args.bin", "incomplete_checkpoints/**"} <= set(UPLOAD_IGNORE_PATTERNS)
 
 
 @pytest.mark.parametrize("precision, expected", [({}, "fp32"), ({"bf16": True}, "bf16")])

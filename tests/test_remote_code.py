@@ -159,3 +159,31 @@ def test_copied_code_files_import_only_torch_and_transformers(saved_model):
             else:
                 continue
             assert roots <= ALLOWED_IMPORTS, (path.name, node.lineno, roots)
+
+
+# Modules that unpickle, which can run arbitrary code from a downloaded file.
+PICKLE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve"}
+
+
+def test_nothing_in_the_repository_unpickles():
+    """Weights and cached teacher features are read as safetensors: no source file imports a pickle module,
+    calls `torch.load` without `weights_only=True`, or `np.load` with `allow_pickle=True`."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "train_hf.py", *(root / "modeling_tot_cakt").rglob("*.py"), *(root / "benchmarks").rglob("*.py"),
+               *(root / "tests").rglob("*.py")]
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                assert not {alias.name.split(".")[0] for alias in node.names} & PICKLE_MODULES, (path, node.lineno)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] not in PICKLE_MODULES, (path, node.lineno)
+            elif isinstance(node, ast.Call):
+                function = ast.unparse(node.func)
+                keywords = {keyword.arg: ast.unparse(keyword.value) for keyword in node.keywords}
+                if function.endswith("torch.load"):
+                    assert keywords.get("weights_only") == "True", (path, node.lineno, function)
+                if function in ("np.load", "numpy.load"):
+                    assert keywords.get("allow_pickle", "False") == "False", (path, node.lineno)

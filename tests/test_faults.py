@@ -1,0 +1,251 @@
+"""Faults during training: a run of train_hf.py killed with SIGKILL at any moment, also while it writes a
+checkpoint, resumes from its last complete checkpoint when the same command is run again; half-written
+checkpoints are never loaded; non-finite gradients never reach the weights."""
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCTC, TrainingArguments
+
+from conftest import TRAINING_ENCODER
+from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
+from modeling_tot_cakt.trainer import (
+    INCOMPLETE_CHECKPOINTS_DIR,
+    TOTCAKTTrainer,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+)
+from test_train_hf import run_training
+from tiny_models import make_model, make_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS = 40
+RUN_TIMEOUT_S = 120
+
+
+def train_command(output_dir: Path, corpus: Path, teacher: Path, cache_dir: Path) -> list[str]:
+    """The same command for every attempt: a checkpoint after every step, the two newest kept."""
+    return [
+        sys.executable, str(ROOT / "train_hf.py"),
+        "--output_dir", str(output_dir),
+        "--dataset_name", str(corpus),
+        "--encoder_config", json.dumps(TRAINING_ENCODER),
+        "--teacher_name_or_path", str(teacher),
+        "--adapter_hidden_size", "16",
+        "--do_train", "--max_steps", str(MAX_STEPS),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "5e-3",
+        "--save_steps", "1", "--save_total_limit", "2",
+        "--logging_steps", "1",
+        "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
+        "--cache_dir", str(cache_dir),
+    ]
+
+
+@pytest.fixture()
+def start():
+    """Start a run in the background, its output going to a log file; runs still alive at the end are killed."""
+    processes = []
+
+    def start_run(command: list[str], log: Path) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        with open(log, "w") as handle:
+            processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT))
+        return processes[-1]
+
+    yield start_run
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def checkpoint_steps(output_dir: Path) -> dict[int, Path]:
+    return {int(path.name.split("-")[1]): path for path in output_dir.glob("checkpoint-*") if path.is_dir()}
+
+
+def finished_steps(output_dir: Path) -> list[int]:
+    """Steps whose checkpoint was written to the end, judged independently of the library: its
+    trainer_state.json parses and records that step, and its weights open as safetensors."""
+    steps = []
+    for step, path in checkpoint_steps(output_dir).items():
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            with safe_open(str(path / "model.safetensors"), "pt") as weights:
+                weights.keys()
+        except (OSError, ValueError, SafetensorError):
+            continue
+        if state["global_step"] == step:
+            steps.append(step)
+    return sorted(steps)
+
+
+def wait_for(process: subprocess.Popen, condition, log: Path):
+    """Poll `condition()` every millisecond until it returns something truthy; fail if the run ends first."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (rc={process.returncode}) too early:\n{log.read_text()[-3000:]}")
+        time.sleep(0.001)
+    process.kill()
+    pytest.fail("the run did not get there in time")
+
+
+def kill_while_saving(process: subprocess.Popen, output_dir: Path, log: Path) -> Path:
+    """SIGKILL the run while it writes a checkpoint. As soon as the newest checkpoint folder lacks its
+    trainer_state.json, the run is stopped (SIGSTOP) and looked at again: killed if the folder is still
+    unfinished, continued otherwise (it finished between the two looks) until the next one. (Older
+    folders are skipped: they may be lacking files because the Trainer is deleting them.)"""
+
+    def unfinished(path: Path) -> bool:
+        return path.is_dir() and not (path / "trainer_state.json").exists()
+
+    def caught() -> Path | None:
+        steps = checkpoint_steps(output_dir)
+        newest = steps[max(steps)] if steps else None
+        if newest is None or not unfinished(newest):
+            return None
+        os.kill(process.pid, signal.SIGSTOP)
+        if unfinished(newest):
+            process.kill()
+            process.wait()
+            return newest
+        os.kill(process.pid, signal.SIGCONT)
+        return None
+
+    return wait_for(process, caught, log)
+
+
+def test_killed_runs_resume_from_the_last_complete_checkpoint(speech_corpus, tiny_teacher, tmp_path, start):
+    out, rng = tmp_path / "out", random.Random(0)
+    command = train_command(out, speech_corpus.root, tiny_teacher, tmp_path / "cache")
+
+    # 1. Killed while it writes a checkpoint: usually its first, so that nothing complete is left to resume from.
+    first_log = tmp_path / "first.log"
+    half_written = kill_while_saving(start(command, first_log), out, first_log)
+    assert not is_complete_checkpoint(half_written)
+    complete_before = finished_steps(out)
+
+    # 2. The same command sets the half-written checkpoint aside and trains again, from the last complete
+    # checkpoint if there is one, else afresh; it is killed at a random moment a few steps later.
+    second_log = tmp_path / "second.log"
+    second = start(command, second_log)
+    target = rng.randint(max(complete_before, default=0) + 3, MAX_STEPS - 5)
+    wait_for(second, lambda: max(checkpoint_steps(out), default=0) >= target, second_log)
+    time.sleep(rng.uniform(0.0, 0.05))
+    second.kill()
+    second.wait()
+    text = second_log.read_text()
+    assert f"{half_written} is incomplete" in text
+    assert not is_complete_checkpoint(out / INCOMPLETE_CHECKPOINTS_DIR / half_written.name)
+    assert (out / INCOMPLETE_CHECKPOINTS_DIR / half_written.name).is_dir()
+    if complete_before:
+        assert f"resuming training at {out / f'checkpoint-{complete_before[-1]}'}" in text
+    else:
+        assert "resuming training" not in text
+
+    # 3. The same command again: it resumes from the newest complete checkpoint and finishes.
+    resume_step = finished_steps(out)[-1]
+    assert resume_step >= target - 1
+    third_log = tmp_path / "third.log"
+    third = start(command, third_log)
+    assert third.wait(timeout=RUN_TIMEOUT_S) == 0, third_log.read_text()[-3000:]
+    assert f"resuming training at {out / f'checkpoint-{resume_step}'}" in third_log.read_text()
+
+    # Every step was trained exactly once in the history the final state carries, and the step count is right.
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == MAX_STEPS
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(1, MAX_STEPS + 1))
+    # Only complete checkpoints are left; the unfinished ones, moved aside meanwhile, are gone with the run's end.
+    assert sorted(checkpoint_steps(out)) == finished_steps(out) == [MAX_STEPS - 1, MAX_STEPS]
+    assert not (out / INCOMPLETE_CHECKPOINTS_DIR).exists()
+    assert last_complete_checkpoint(out) == str(out / f"checkpoint-{MAX_STEPS}")
+    # Weights are written as safetensors only, in the model folder and in every checkpoint.
+    assert not list(out.rglob("pytorch_model*.bin"))
+    assert all((path / "model.safetensors").is_file() for path in checkpoint_steps(out).values())
+    model = AutoModelForCTC.from_pretrained(out)
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+
+
+def make_checkpoint(path: Path, *, state: str | None = None, weights: bool = True) -> Path:
+    path.mkdir(parents=True)
+    if state is not None:
+        (path / "trainer_state.json").write_text(state)
+    if weights:
+        (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def test_last_complete_checkpoint_skips_and_sets_aside_unfinished_folders(tmp_path, caplog):
+    good = json.dumps({"global_step": 2})
+    make_checkpoint(tmp_path / "checkpoint-2", state=good)
+    make_checkpoint(tmp_path / "checkpoint-3", state=good, weights=False)  # killed before the weights
+    make_checkpoint(tmp_path / "checkpoint-4", state='{"global_step": 4, "log_hi')  # killed mid-state
+    make_checkpoint(tmp_path / "checkpoint-10", state=None)  # killed before the state
+    make_checkpoint(tmp_path / "checkpoint-1", state=good)
+    (tmp_path / "checkpoint-11").write_text("a file, not a checkpoint")
+    make_checkpoint(tmp_path / "checkpoint-best", state=good)
+    make_checkpoint(tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-10", state="earlier kill")
+
+    assert last_complete_checkpoint(tmp_path, set_aside_incomplete=False) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-10").is_dir()  # left in place when told so
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-11", "checkpoint-2", "checkpoint-best"
+    ]
+    assert sorted(path.name for path in (tmp_path / INCOMPLETE_CHECKPOINTS_DIR).iterdir()) == [
+        "checkpoint-10", "checkpoint-3", "checkpoint-4"
+    ]
+    assert not (tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-10" / "trainer_state.json").exists()  # replaced
+    assert caplog.text.count("is incomplete (the run was stopped while saving it)") == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert last_complete_checkpoint(empty) is None
+
+
+def test_an_unfinished_checkpoint_given_to_resume_from_is_refused(speech_corpus, tmp_path):
+    half_written = make_checkpoint(tmp_path / "checkpoint-7", state=None)
+    with pytest.raises(ValueError, match="checkpoint-7 is not a complete checkpoint"):
+        run_training("--output_dir", tmp_path / "out", "--dataset_name", speech_corpus.root, "--do_train",
+                     "--resume_from_checkpoint", half_written)
+
+
+def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog):
+    model = make_model(alignment="none")
+    processor = make_processor(tmp_path, model)
+    rng = np.random.default_rng(0)
+    row = {"labels": processor.tokenizer("你好").input_ids, "input_length": 4000, "text": "你好"}
+    rows = [{**row, "input_values": rng.standard_normal(4000).astype(np.float32)} for _ in range(2)]
+    # An overflow in the backward pass: one gradient turns NaN while the loss stays finite.
+    model.lm_head.bias.register_hook(lambda gradient: gradient * float("nan"))
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", learning_rate=1e-2)
+    trainer = TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             data_collator=DataCollatorCTCWithTeacher(processor))
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+        trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert math.isfinite(log["loss"]) and trainer.nonfinite_loss_batches == 0
+    assert "Non-finite gradients with a finite loss at step 0" in caplog.text
+    assert trainer.gradient_guard.skipped_steps == 1 and log["nonfinite_grad_steps"] == 1
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, before[name], msg=name)
