@@ -1,0 +1,802 @@
+"""Offline synthetic Mandarin speech corpus: Chinese sentences -> toneful pinyin -> espeak-ng speech.
+
+Pipeline (``synthesize_corpus``):
+
+1. Han-only clauses from Debian's ``fortunes-zh`` (:mod:`modeling_tot_cakt.chinese_text`), kept when
+   they have ``min_chars``-``max_chars`` characters, all among the ``vocab_size`` most frequent
+   characters.
+2. Train/dev/test split **by sentence** (no transcript in two splits): after a seeded shuffle,
+   train takes its sentences first, then test and dev take sentences whose characters all occur
+   in train, so every held-out character can be learned.
+3. Each sentence becomes pinyin with tone digits (pypinyin) and is spoken by espeak-ng's
+   ``cmn-latn-pinyin`` voice (the plain ``cmn`` voice reads tone digits as English numbers).
+   Train sentences get ``renditions_per_train_sentence`` renditions with train voice variants;
+   dev/test get one rendition with held-out variants, so evaluation is on unseen voices. Speed,
+   pitch and the level of added white noise (SNR) are drawn per utterance.
+4. Audio is resampled from espeak's 22.05 kHz to ``sample_rate`` (soxr) and written as 16-bit
+   mono WAV; ``{split}.jsonl`` manifests and a ``corpus.json`` summary go next to it.
+
+espeak-ng is driven through its C library (``libespeak-ng``, shipped with the ``espeak-ng``
+package) rather than its command line: the library reports synthesis events (a word event where
+each syllable starts, a word-end phoneme event where it ends), measured on the very samples
+written, and needs no process per utterance. Each manifest line carries these times as
+``char_times``. The library gets the command line's settings (voice, ``-s``, ``-p``, end pause).
+
+Determinism: libespeak-ng keeps hidden state between utterances (pitch-flutter phase, gain
+control, noise generator), so the samples of an utterance depend on what the process spoke
+before. Utterances are therefore rendered in fixed blocks of ``RENDER_BLOCK_SIZE``, each block in
+a fresh process forked from one whose engine has never spoken. The first utterance of a block is
+sample-for-sample what ``espeak-ng`` on the command line gives; the others differ only in that
+hidden state. With everything else drawn from the seed, the same settings give byte-identical
+WAVs and manifests, whatever ``num_workers`` is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import random
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from .chinese_text import (
+    INSTALL_HINT,
+    char_frequencies,
+    fortunes_zh_paths,
+    has_pinyin,
+    load_han_clauses,
+    restrict_to_frequent_chars,
+    to_pinyin,
+)
+
+ESPEAK_VOICE = "cmn-latn-pinyin"
+"""espeak-ng voice that reads toneful pinyin (``ni3 hao3``) as Mandarin."""
+
+SPLITS = ("train", "dev", "test")
+CORPUS_SUMMARY_FILE = "corpus.json"
+FORMAT_VERSION = 1
+"""Bumped whenever the output for given settings changes, so old caches are rebuilt."""
+
+RENDER_BLOCK_SIZE = 32
+"""Utterances spoken in sequence by one fresh process (the output depends on it)."""
+
+CHAR_TIMES_DESCRIPTION = (
+    "char_times[k] = [start, end] in seconds of the k-th character's syllable, from libespeak-ng "
+    "synthesis events of this very rendering: start = the syllable's word event, end = its "
+    "word-end phoneme event (1 ms resolution). Silence before the first syllable belongs to "
+    "no character; the end pause follows the last one."
+)
+
+# libespeak-ng API constants (espeak-ng/speak_lib.h).
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_PHONEME_EVENTS = 0x0001
+_EVENT_LIST_TERMINATED = 0
+_EVENT_WORD = 1
+_EVENT_PHONEME = 7
+_PARAMETER_RATE = 1
+_PARAMETER_PITCH = 3
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_ENDPAUSE = 0x1000
+_EE_OK = 0
+_WORD_END_PHONEME = b"_|"
+
+
+class _EspeakEventId(ctypes.Union):
+    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+
+class _EspeakEvent(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", _EspeakEventId),
+    ]
+
+
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
+)
+
+
+@dataclass
+class Rendering:
+    """One utterance as espeak-ng speaks it.
+
+    Attributes:
+        samples: ``(T,)`` int16 mono samples at ``sample_rate``.
+        sample_rate: espeak-ng's output rate (22050 Hz).
+        syllable_times: one ``(start, end)`` pair in seconds per syllable, in order.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    syllable_times: list[tuple[float, float]]
+
+
+class EspeakEngine:
+    """libespeak-ng in synchronous mode with word and phoneme events.
+
+    The library is process-global and keeps state between utterances (see the module
+    docstring): for reproducible samples, render a fixed sequence of utterances in a process
+    whose engine has not rendered before (:attr:`has_rendered` is False).
+
+    Args:
+        library: name for ``ctypes.util.find_library`` (``"espeak-ng"``) or a path to the
+            shared library.
+
+    Raises:
+        FileNotFoundError: the library or the ``cmn-latn-pinyin`` voice is not installed.
+    """
+
+    def __init__(self, library: str = "espeak-ng"):
+        location = library if "/" in library else ctypes.util.find_library(library)
+        try:
+            if location is None:
+                raise OSError(f"ctypes.util.find_library({library!r}) found nothing")
+            self._lib = ctypes.CDLL(location)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"The espeak-ng speech synthesiser library ({library!r}) is not available ({error}); {INSTALL_HINT}."
+            ) from error
+        self._declare_signatures()
+        self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_PHONEME_EVENTS)
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed (returned {self.sample_rate}); is espeak-ng-data installed?")
+        data_path = ctypes.c_char_p()
+        self.version = self._lib.espeak_Info(ctypes.byref(data_path)).decode()
+        self.data_path = Path(data_path.value.decode())
+        self._samples: list[np.ndarray] = []
+        self._events: list[tuple[int, int, int, bytes]] = []
+        self._callback = _SynthCallback(self._collect)  # kept referenced while the library holds it
+        self._lib.espeak_SetSynthCallback(self._callback)
+        self._select_voice(ESPEAK_VOICE)
+        self.has_rendered = False
+
+    def _declare_signatures(self) -> None:
+        lib = self._lib
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_Info.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
+        lib.espeak_Info.restype = ctypes.c_char_p
+        lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
+        lib.espeak_SetSynthCallback.restype = None
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_SetParameter.restype = ctypes.c_int
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_void_p,
+        ]
+        lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_Synchronize.argtypes = []
+        lib.espeak_Synchronize.restype = ctypes.c_int
+
+    def _collect(self, wav, num_samples, events) -> int:
+        if num_samples > 0:
+            self._samples.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        index = 0
+        while events[index].type != _EVENT_LIST_TERMINATED:
+            event = events[index]
+            phoneme = event.id.string if event.type == _EVENT_PHONEME else b""
+            self._events.append((event.type, event.text_position, event.audio_position, phoneme))
+            index += 1
+        return 0  # 0 = go on synthesising
+
+    def _select_voice(self, name: str) -> None:
+        if self._lib.espeak_SetVoiceByName(name.encode()) != _EE_OK:
+            raise FileNotFoundError(f"espeak-ng has no voice {name!r}; {INSTALL_HINT}.")
+
+    def variants(self) -> list[str]:
+        """Names of the installed voice variants (``m1``, ``f2``, ...), sorted."""
+        return sorted(path.name for path in (self.data_path / "voices" / "!v").iterdir())
+
+    def render(self, syllables: Sequence[str], variant: str, speed: int, pitch: int) -> Rendering:
+        """Speak toneful pinyin syllables with ``cmn-latn-pinyin+variant``.
+
+        Args:
+            syllables: e.g. ``["ni2", "hao3"]``; spoken as one sentence.
+            variant: voice variant name (see :meth:`variants`).
+            speed: words per minute (espeak-ng ``-s``, 80-450).
+            pitch: 0-99 (espeak-ng ``-p``).
+
+        Returns:
+            The samples and one ``(start, end)`` time per syllable.
+        """
+        self._select_voice(f"{ESPEAK_VOICE}+{variant}")
+        self._lib.espeak_SetParameter(_PARAMETER_RATE, speed, 0)
+        self._lib.espeak_SetParameter(_PARAMETER_PITCH, pitch, 0)
+        self._samples, self._events = [], []
+        self.has_rendered = True
+        text = " ".join(syllables).encode()
+        status = self._lib.espeak_Synth(text, len(text) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
+        if status != _EE_OK or self._lib.espeak_Synchronize() != _EE_OK:
+            raise RuntimeError(f"espeak-ng failed (status {status}) on {text.decode()!r}.")
+        samples = np.concatenate(self._samples) if self._samples else np.zeros(0, dtype=np.int16)
+        return Rendering(samples, self.sample_rate, self._syllable_times(syllables))
+
+    def _syllable_times(self, syllables: Sequence[str]) -> list[tuple[float, float]]:
+        # Text positions are 1-based character offsets; syllable k starts after k separators.
+        offsets, position = [], 1
+        for syllable in syllables:
+            offsets.append(position)
+            position += len(syllable) + 1
+        starts: dict[int, int] = {}
+        ends: dict[int, int] = {}
+        for kind, text_position, milliseconds, phoneme in self._events:
+            if kind == _EVENT_WORD:
+                starts.setdefault(text_position, milliseconds)
+            elif kind == _EVENT_PHONEME and phoneme == _WORD_END_PHONEME:
+                ends[text_position] = milliseconds
+        missing = [
+            s for s, offset in zip(syllables, offsets, strict=True) if offset not in starts or offset not in ends
+        ]
+        if missing:
+            raise RuntimeError(
+                f"espeak-ng reported no word start/end for syllables {missing} of {' '.join(syllables)!r}."
+            )
+        return [(starts[offset] / 1000.0, ends[offset] / 1000.0) for offset in offsets]
+
+
+@functools.cache
+def load_espeak(library: str = "espeak-ng") -> EspeakEngine:
+    """The process-wide :class:`EspeakEngine` (libespeak-ng supports one instance per process)."""
+    return EspeakEngine(library)
+
+
+@dataclass
+class SynthesisConfig:
+    """Settings of a synthetic corpus. Everything except ``output_dir`` and ``num_workers``
+    determines the output (and its cache key)."""
+
+    output_dir: str = field(metadata={"help": "Folder for the WAVs, the {split}.jsonl manifests and corpus.json."})
+    num_sentences: int = field(default=3000, metadata={"help": "Distinct sentences over all splits."})
+    seed: int = field(default=0, metadata={"help": "Seed for sentence choice, split, voices and noise."})
+    min_chars: int = field(default=4, metadata={"help": "Shortest sentence, in characters."})
+    max_chars: int = field(default=12, metadata={"help": "Longest sentence, in characters."})
+    vocab_size: int = field(
+        default=500,
+        metadata={"help": "Keep sentences whose characters are all among the K most frequent (0 = no limit)."},
+    )
+    dev_fraction: float = field(default=0.05, metadata={"help": "Share of the sentences held out for dev."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Share of the sentences held out for test."})
+    renditions_per_train_sentence: int = field(
+        default=2, metadata={"help": "Utterances per train sentence (dev/test get one)."}
+    )
+    train_variants: list[str] = field(
+        default_factory=lambda: ["m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3"],
+        metadata={"help": "espeak-ng voice variants for train utterances."},
+    )
+    heldout_variants: list[str] = field(
+        default_factory=lambda: ["m7", "m8", "f4", "f5"],
+        metadata={"help": "espeak-ng voice variants for dev/test utterances (unseen in train)."},
+    )
+    speed_min: int = field(default=140, metadata={"help": "Slowest speaking rate, words per minute (espeak-ng -s)."})
+    speed_max: int = field(default=200, metadata={"help": "Fastest speaking rate, words per minute."})
+    pitch_min: int = field(default=30, metadata={"help": "Lowest pitch setting, 0-99 (espeak-ng -p)."})
+    pitch_max: int = field(default=70, metadata={"help": "Highest pitch setting, 0-99."})
+    snr_db_min: float = field(
+        default=20.0, metadata={"help": "Lowest signal-to-noise ratio of the added white noise, dB."}
+    )
+    snr_db_max: float = field(
+        default=40.0, metadata={"help": "Highest SNR, dB (set both high, e.g. 90, for clean audio)."}
+    )
+    sample_rate: int = field(default=16000, metadata={"help": "Output sample rate, Hz."})
+    fortunes_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the fortunes-zh files (default: Debian's)."}
+    )
+    espeak_library: str = field(default="espeak-ng", metadata={"help": "libespeak-ng name or path."})
+    num_workers: int = field(default=2, metadata={"help": "Synthesis processes."})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        checks = [
+            (self.num_sentences >= 1, "num_sentences must be >= 1"),
+            (1 <= self.min_chars <= self.max_chars, "need 1 <= min_chars <= max_chars"),
+            (self.vocab_size >= 0, "vocab_size must be >= 0"),
+            (
+                0 <= self.dev_fraction
+                and 0 <= self.test_fraction
+                and round(self.dev_fraction * self.num_sentences) + round(self.test_fraction * self.num_sentences)
+                < self.num_sentences,
+                "dev_fraction and test_fraction must be >= 0 and leave train sentences",
+            ),
+            (self.renditions_per_train_sentence >= 1, "renditions_per_train_sentence must be >= 1"),
+            (
+                bool(self.train_variants) and bool(self.heldout_variants),
+                "train_variants and heldout_variants must not be empty",
+            ),
+            (80 <= self.speed_min <= self.speed_max <= 450, "need 80 <= speed_min <= speed_max <= 450"),
+            (0 <= self.pitch_min <= self.pitch_max <= 99, "need 0 <= pitch_min <= pitch_max <= 99"),
+            (self.snr_db_min <= self.snr_db_max, "need snr_db_min <= snr_db_max"),
+            (self.sample_rate > 0, "sample_rate must be positive"),
+            (self.num_workers >= 1, "num_workers must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid synthesis setting: {message} (got {self}).")
+
+    def output_settings(self) -> dict:
+        """The settings that determine the output (all but ``output_dir`` and ``num_workers``)."""
+        settings = asdict(self)
+        del settings["output_dir"], settings["num_workers"]
+        return settings
+
+
+@dataclass
+class HomophoneStats:
+    """How many characters share their spoken syllable (toneful pinyin) with another character.
+
+    Attributes:
+        tokens: character occurrences examined.
+        tokens_with_homophone: those whose syllable is also a reading of another vocabulary character.
+        types: distinct characters examined.
+        types_with_homophone: those with a homophone for at least one of their occurrences.
+    """
+
+    tokens: int
+    tokens_with_homophone: int
+    types: int
+    types_with_homophone: int
+
+
+def char_readings(items: Iterable[tuple[str, Sequence[str]]]) -> dict[str, set[str]]:
+    """Readings of each character: the set of syllables it is spoken as.
+
+    Args:
+        items: ``(sentence, syllables)`` pairs with one syllable per character.
+    """
+    readings: dict[str, set[str]] = {}
+    for sentence, syllables in items:
+        for char, syllable in zip(sentence, syllables, strict=True):
+            readings.setdefault(char, set()).add(syllable)
+    return readings
+
+
+def homophone_stats(
+    items: Iterable[tuple[str, Sequence[str]]], vocabulary_readings: Mapping[str, set[str]]
+) -> HomophoneStats:
+    """Count the characters of ``items`` that have a homophone in the vocabulary.
+
+    An occurrence of character ``c`` spoken as syllable ``s`` has a homophone when another
+    vocabulary character ``c' != c`` has ``s`` among its readings; tones count (``ma1`` and
+    ``ma3`` differ).
+
+    Args:
+        items: ``(sentence, syllables)`` pairs, e.g. the test transcripts with their pinyin.
+        vocabulary_readings: readings of every vocabulary character (see :func:`char_readings`).
+
+    Returns:
+        Token and type counts.
+    """
+    chars_by_syllable: dict[str, set[str]] = {}
+    for char, syllables in vocabulary_readings.items():
+        for syllable in syllables:
+            chars_by_syllable.setdefault(syllable, set()).add(char)
+    tokens = tokens_with_homophone = 0
+    types: set[str] = set()
+    types_with_homophone: set[str] = set()
+    for sentence, syllables in items:
+        for char, syllable in zip(sentence, syllables, strict=True):
+            tokens += 1
+            types.add(char)
+            if chars_by_syllable.get(syllable, set()) - {char}:
+                tokens_with_homophone += 1
+                types_with_homophone.add(char)
+    return HomophoneStats(tokens, tokens_with_homophone, len(types), len(types_with_homophone))
+
+
+def select_sentences(
+    clauses: Sequence[str], *, min_chars: int, max_chars: int, vocab_size: int
+) -> tuple[list[str], dict[str, int]]:
+    """The clauses fit for the corpus: length within bounds, frequent characters, speakable.
+
+    Args:
+        clauses: unique Han-only clauses (see :func:`~modeling_tot_cakt.chinese_text.load_han_clauses`).
+        min_chars, max_chars: length bounds in characters.
+        vocab_size: keep clauses within the K most frequent characters (counted over the clauses
+            of the right length); 0 = no limit.
+
+    Returns:
+        The kept clauses in source order, and how many were left after each filter.
+    """
+    in_length = [clause for clause in clauses if min_chars <= len(clause) <= max_chars]
+    in_vocab = restrict_to_frequent_chars(in_length, vocab_size) if vocab_size else in_length
+    speakable = [sentence for sentence in in_vocab if has_pinyin(sentence)]
+    counts = {
+        "han_clauses": len(clauses),
+        "in_length": len(in_length),
+        "in_vocab": len(in_vocab),
+        "speakable": len(speakable),
+    }
+    return speakable, counts
+
+
+def split_by_sentence(
+    pool: Sequence[str], *, num_train: int, num_dev: int, num_test: int, seed: int
+) -> dict[str, list[str]]:
+    """Draw disjoint train/dev/test sentence sets whose held-out characters all occur in train.
+
+    After a seeded shuffle of ``pool``, train takes the first ``num_train`` sentences; test and
+    then dev take the next sentences whose characters all occur in train (others are left out).
+
+    Args:
+        pool: distinct candidate sentences.
+        num_train, num_dev, num_test: sentences per split.
+        seed: shuffle seed.
+
+    Returns:
+        ``{"train": [...], "dev": [...], "test": [...]}``, each in drawing order.
+
+    Raises:
+        ValueError: the pool has duplicates or too few sentences for these sizes.
+    """
+    if len(set(pool)) != len(pool):
+        raise ValueError("split_by_sentence needs distinct sentences.")
+    if num_train + num_dev + num_test > len(pool):
+        raise ValueError(
+            f"Only {len(pool)} sentences pass the filters, {num_train + num_dev + num_test} were asked for: "
+            "lower num_sentences or widen min_chars/max_chars/vocab_size."
+        )
+    shuffled = list(pool)
+    random.Random(seed).shuffle(shuffled)
+    splits = {"train": shuffled[:num_train], "dev": [], "test": []}
+    train_chars = {char for sentence in splits["train"] for char in sentence}
+    for sentence in shuffled[num_train:]:
+        target = "test" if len(splits["test"]) < num_test else "dev" if len(splits["dev"]) < num_dev else None
+        if target is None:
+            break
+        if set(sentence) <= train_chars:
+            splits[target].append(sentence)
+    if len(splits["test"]) < num_test or len(splits["dev"]) < num_dev:
+        raise ValueError(
+            f"Only {len(splits['test'])}/{num_test} test and {len(splits['dev'])}/{num_dev} dev sentences have all "
+            "their characters in the train sentences: use more sentences or a smaller vocab_size."
+        )
+    return splits
+
+
+@dataclass
+class UtteranceJob:
+    """Everything needed to render and store one utterance (picklable, for the rendering processes)."""
+
+    utterance_id: str
+    split: str
+    sentence_id: str
+    text: str
+    syllables: list[str]
+    variant: str
+    speed: int
+    pitch: int
+    snr_db: float
+    noise_seed: tuple[int, int]
+    audio: str  # path relative to the output folder
+    output_dir: str
+    sample_rate: int
+    espeak_library: str
+
+
+def plan_utterances(splits: Mapping[str, Sequence[str]], config: SynthesisConfig) -> list[UtteranceJob]:
+    """Draw voice, speed, pitch and SNR for every utterance, in a fixed order from the seed."""
+    rng = random.Random(config.seed + 1)  # a stream apart from the sentence shuffle
+    jobs: list[UtteranceJob] = []
+    sentence_index = 0
+    for split in SPLITS:
+        variants = config.train_variants if split == "train" else config.heldout_variants
+        renditions = config.renditions_per_train_sentence if split == "train" else 1
+        for text in splits[split]:
+            sentence_id = f"s{sentence_index:05d}"
+            sentence_index += 1
+            syllables = to_pinyin(text)
+            for rendition in range(renditions):
+                utterance_id = f"{split}_{sentence_id}_r{rendition}"
+                jobs.append(
+                    UtteranceJob(
+                        utterance_id=utterance_id,
+                        split=split,
+                        sentence_id=sentence_id,
+                        text=text,
+                        syllables=syllables,
+                        variant=rng.choice(variants),
+                        speed=rng.randint(config.speed_min, config.speed_max),
+                        pitch=rng.randint(config.pitch_min, config.pitch_max),
+                        snr_db=round(rng.uniform(config.snr_db_min, config.snr_db_max), 1),
+                        noise_seed=(config.seed, len(jobs)),
+                        audio=f"audio/{split}/{utterance_id}.wav",
+                        output_dir=config.output_dir,
+                        sample_rate=config.sample_rate,
+                        espeak_library=config.espeak_library,
+                    )
+                )
+    return jobs
+
+
+def add_white_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``audio + n`` with Gaussian ``n`` whose power is the mean power of ``audio`` over ``10^(snr_db/10)``."""
+    signal_power = float(np.mean(audio.astype(np.float64) ** 2))
+    noise = rng.standard_normal(audio.shape[0]) * math.sqrt(signal_power / 10.0 ** (snr_db / 10.0))
+    return (audio + noise).astype(np.float32)
+
+
+def render_utterance(engine: EspeakEngine, job: UtteranceJob) -> dict:
+    """Render, resample, add noise and write one utterance; return its manifest record."""
+    rendering = engine.render(job.syllables, job.variant, job.speed, job.pitch)
+    audio = soxr.resample(rendering.samples.astype(np.float32) / 32768.0, rendering.sample_rate, job.sample_rate)
+    audio = add_white_noise(audio, job.snr_db, np.random.default_rng(job.noise_seed))
+    path = Path(job.output_dir) / job.audio
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.clip(audio, -1.0, 32767 / 32768), job.sample_rate, subtype="PCM_16")
+    return {
+        "id": job.utterance_id,
+        "audio": job.audio,
+        "text": job.text,
+        "pinyin": " ".join(job.syllables),
+        "sentence_id": job.sentence_id,
+        "voice": f"{ESPEAK_VOICE}+{job.variant}",
+        "speed": job.speed,
+        "pitch": job.pitch,
+        "snr_db": job.snr_db,
+        "duration": round(audio.shape[0] / job.sample_rate, 4),
+        "char_times": [[round(start, 3), round(end, 3)] for start, end in rendering.syllable_times],
+    }
+
+
+def render_block(jobs: Sequence[UtteranceJob]) -> list[dict]:
+    """Render ``jobs`` in order with this process's engine (run in a fresh process)."""
+    engine = load_espeak(jobs[0].espeak_library)
+    return [render_utterance(engine, job) for job in jobs]
+
+
+def _render_all(jobs: Sequence[UtteranceJob], engine: EspeakEngine, num_workers: int) -> list[dict]:
+    """Manifest records of ``jobs``, in order, rendered block by block in fresh processes.
+
+    ``maxtasksperchild=1`` with ``chunksize=1`` gives every block its own process, forked from
+    this one so that it inherits the loaded, never-used engine.
+    """
+    if engine.has_rendered:
+        raise RuntimeError(
+            "libespeak-ng has already rendered audio in this process, so processes forked from it would not "
+            "reproduce the corpus; synthesise corpora from a process that does not call EspeakEngine.render()."
+        )
+    blocks = [jobs[start : start + RENDER_BLOCK_SIZE] for start in range(0, len(jobs), RENDER_BLOCK_SIZE)]
+    records: list[dict] = []
+    with (
+        multiprocessing.get_context("fork").Pool(num_workers, maxtasksperchild=1) as pool,
+        tqdm(total=len(jobs), desc="synthesising", unit="utt") as progress,
+    ):
+        for block_records in pool.imap(render_block, blocks, chunksize=1):
+            records.extend(block_records)
+            progress.update(len(block_records))
+    return records
+
+
+@dataclass
+class CorpusSummary:
+    """What :func:`synthesize_corpus` made (the content of ``corpus.json`` plus where it is).
+
+    Attributes:
+        output_dir: the corpus folder.
+        manifests: split -> path of its JSON-lines manifest.
+        info: the parsed ``corpus.json``.
+        reused: True when an existing complete corpus with the same settings was kept.
+    """
+
+    output_dir: Path
+    manifests: dict[str, Path]
+    info: dict
+    reused: bool
+
+    @property
+    def num_utterances(self) -> dict[str, int]:
+        return {split: self.info["splits"][split]["utterances"] for split in SPLITS}
+
+    @property
+    def num_sentences(self) -> dict[str, int]:
+        return {split: self.info["splits"][split]["sentences"] for split in SPLITS}
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Characters of the corpus, most frequent first."""
+        return list(self.info["vocabulary"])
+
+    @property
+    def homophones(self) -> HomophoneStats:
+        """Homophone counts over the test transcripts."""
+        return HomophoneStats(**self.info["homophones_test"])
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Records of a ``{split}.jsonl`` manifest, with ``audio`` resolved to an absolute path."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+                record["audio"] = str((path.parent / record["audio"]).resolve())
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{path}:{line_number}: not a manifest record with an 'audio' field ({error})."
+                ) from error
+            records.append(record)
+    return records
+
+
+def settings_hash(config: SynthesisConfig, engine_version: str) -> str:
+    """Cache key: hash of the output-determining settings, the espeak-ng version and the format."""
+    key = {"settings": config.output_settings(), "espeak_ng": engine_version, "format_version": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_complete_corpus(output_dir: Path, expected_hash: str) -> CorpusSummary | None:
+    """The corpus in ``output_dir`` if it is complete and was made with ``expected_hash``."""
+    summary_path = output_dir / CORPUS_SUMMARY_FILE
+    if not summary_path.is_file():
+        return None
+    try:
+        info = json.loads(summary_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    if info.get("settings_hash") != expected_hash:
+        return None
+    manifests = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
+    for split, manifest in manifests.items():
+        if not manifest.is_file():
+            return None
+        records = read_manifest(manifest)
+        if len(records) != info["splits"][split]["utterances"] or not all(Path(r["audio"]).is_file() for r in records):
+            return None
+    return CorpusSummary(output_dir, manifests, info, reused=True)
+
+
+def _remove_previous_output(output_dir: Path) -> None:
+    """Delete what an earlier (stale or partial) run wrote, and nothing else."""
+    (output_dir / CORPUS_SUMMARY_FILE).unlink(missing_ok=True)
+    for split in SPLITS:
+        (output_dir / f"{split}.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "audio", ignore_errors=True)
+
+
+def _check_variants(config: SynthesisConfig, engine: EspeakEngine) -> None:
+    installed = set(engine.variants())
+    unknown = sorted(set(config.train_variants + config.heldout_variants) - installed)
+    if unknown:
+        raise ValueError(f"Unknown espeak-ng voice variants {unknown}; installed: {' '.join(sorted(installed))}.")
+    shared = sorted(set(config.train_variants) & set(config.heldout_variants))
+    if shared:
+        raise ValueError(
+            f"Voice variants {shared} are in both train_variants and heldout_variants; held-out voices must be unseen."
+        )
+
+
+def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
+    """Build (or reuse) a synthetic Mandarin corpus; see the module docstring.
+
+    Output in ``config.output_dir``: ``audio/{split}/*.wav`` (16-bit mono), ``{split}.jsonl``
+    (one record per utterance: ``id``, ``audio`` relative to the manifest, ``text``, ``pinyin``,
+    ``sentence_id``, ``voice``, ``speed``, ``pitch``, ``snr_db``, ``duration`` in seconds,
+    ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts).
+
+    A complete corpus made with the same settings is reused; a stale or partial one is replaced.
+
+    Raises:
+        FileNotFoundError: espeak-ng or fortunes-zh is not installed.
+        ValueError: invalid settings, or too few sentences for them.
+    """
+    config.validate()
+    engine = load_espeak(config.espeak_library)
+    _check_variants(config, engine)
+    source_files = fortunes_zh_paths(config.fortunes_dir)
+    output_dir = Path(config.output_dir)
+    key = settings_hash(config, engine.version)
+    cached = _load_complete_corpus(output_dir, key)
+    if cached is not None:
+        return cached
+    _remove_previous_output(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    pool, filter_counts = select_sentences(
+        load_han_clauses(source_files),
+        min_chars=config.min_chars,
+        max_chars=config.max_chars,
+        vocab_size=config.vocab_size,
+    )
+    num_test = round(config.test_fraction * config.num_sentences)
+    num_dev = round(config.dev_fraction * config.num_sentences)
+    splits = split_by_sentence(
+        pool, num_train=config.num_sentences - num_dev - num_test, num_dev=num_dev, num_test=num_test, seed=config.seed
+    )
+    jobs = plan_utterances(splits, config)
+    records = _render_all(jobs, engine, config.num_workers)
+    records_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for job, record in zip(jobs, records, strict=True):
+        records_by_split[job.split].append(record)
+    manifests = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
+    for split, manifest in manifests.items():
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records_by_split[split]]
+        manifest.write_text("".join(lines), encoding="utf-8")
+
+    sentence_pinyin = {job.text: job.syllables for job in jobs}
+    readings = char_readings(sentence_pinyin.items())
+    test_items = [(text, sentence_pinyin[text]) for text in splits["test"]]
+    info = {
+        "format_version": FORMAT_VERSION,
+        "settings_hash": key,
+        "settings": config.output_settings(),
+        "espeak_ng_version": engine.version,
+        "voice": ESPEAK_VOICE,
+        "sample_rate": config.sample_rate,
+        "source_files": [str(path) for path in source_files],
+        "sentence_filter_counts": filter_counts,
+        "splits": {
+            split: {
+                "sentences": len(splits[split]),
+                "utterances": len(split_records),
+                "hours": round(sum(record["duration"] for record in split_records) / 3600, 4),
+            }
+            for split, split_records in records_by_split.items()
+        },
+        "vocabulary_size": len(readings),
+        "vocabulary": "".join(char for char, _ in char_frequencies(sentence_pinyin.keys())),
+        "homophones_test": asdict(homophone_stats(test_items, readings)),
+        "char_times": CHAR_TIMES_DESCRIPTION,
+    }
+    (output_dir / CORPUS_SUMMARY_FILE).write_text(
+        json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    return CorpusSummary(output_dir, manifests, info, reused=False)
+
+
+def main(args: Sequence[str] | None = None) -> CorpusSummary:
+    """Command line: ``python -m modeling_tot_cakt.synthesis --output_dir DIR [settings]``."""
+    (config,) = HfArgumentParser(SynthesisConfig).parse_args_into_dataclasses(args)
+    start = time.perf_counter()
+    summary = synthesize_corpus(config)
+    seconds = time.perf_counter() - start
+    total = sum(summary.num_utterances.values())
+    verb = "Reused" if summary.reused else "Synthesised"
+    print(
+        f"{verb} {total} utterances in {summary.output_dir} "
+        f"({seconds:.1f} s, {1000 * seconds / max(total, 1):.1f} ms/utterance)."
+    )
+    for split in SPLITS:
+        part = summary.info["splits"][split]
+        print(
+            f"  {split}: {part['sentences']} sentences, {part['utterances']} utterances, {part['hours'] * 60:.1f} min"
+        )
+    stats = summary.homophones
+    print(
+        f"  vocabulary: {summary.info['vocabulary_size']} characters; test characters with a homophone: "
+        f"{stats.tokens_with_homophone}/{stats.tokens} tokens, {stats.types_with_homophone}/{stats.types} types"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

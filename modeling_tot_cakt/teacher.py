@@ -1,0 +1,443 @@
+"""Offline stand-in for bert-base-chinese: a small character-level BERT pretrained with masked-LM.
+
+Without network access the usual teacher (``bert-base-chinese``) cannot be downloaded, so this
+module pretrains a small ``BertForMaskedLM`` on the Chinese clauses of Debian's ``fortunes-zh``
+(:mod:`modeling_tot_cakt.chinese_text`) and saves it in Hugging Face format:
+``AutoModel.from_pretrained(output_dir)`` gives the ``BertModel`` whose hidden states the
+speech recogniser learns from, and ``AutoTokenizer.from_pretrained(output_dir)`` a
+``BertTokenizer`` that splits Chinese into characters. ``vocab.txt`` follows bert-base-chinese's
+layout (``[PAD]`` = 0, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, then one character per line).
+
+The speech corpus' dev and test transcripts are *held out*: no training clause contains one of
+them or is contained in one (compared after :func:`~modeling_tot_cakt.text.normalize_transcript`),
+so the teacher has never seen the sentences the recogniser is evaluated on. They serve instead to
+measure the teacher: each character of each held-out sentence is masked in turn and predicted
+from the rest (``heldout_masked_token_accuracy`` in ``teacher_report.json``).
+
+A folder built with the same settings and the same held-out sentences is reused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    get_linear_schedule_with_warmup,
+)
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .chinese_text import char_frequencies, fortunes_zh_paths, load_han_clauses
+from .synthesis import read_manifest
+from .text import normalize_transcript
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+"""First lines of ``vocab.txt``, in bert-base-chinese's relative order ([PAD] has id 0)."""
+
+HELDOUT_SPLITS = ("dev", "test")
+REPORT_FILE = "teacher_report.json"
+TEACHER_FILES = (
+    REPORT_FILE,
+    "config.json",
+    "model.safetensors",
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""What a teacher folder holds (written by this module, so removed before a rebuild)."""
+FORMAT_VERSION = 1
+"""Bumped whenever what a given configuration builds changes, so old teachers are rebuilt."""
+
+
+@dataclass
+class TeacherConfig:
+    """Settings of the offline teacher (see :meth:`cache_settings` for what the cache key holds)."""
+
+    output_dir: str = field(metadata={"help": "Folder for the model, tokenizer and teacher_report.json."})
+    corpus_dir: str | None = field(
+        default=None, metadata={"help": "Speech corpus whose dev.jsonl/test.jsonl transcripts are held out."}
+    )
+    exclude_file: str | None = field(
+        default=None, metadata={"help": "Text file with more sentences to hold out, one per line."}
+    )
+    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
+    hidden_size: int = field(
+        default=256, metadata={"help": "Hidden size (the feature size the recogniser's adapter maps to)."}
+    )
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    min_chars: int = field(default=2, metadata={"help": "Shortest training clause, in characters."})
+    max_chars: int = field(
+        default=16,
+        metadata={
+            "help": "Longest training clause, in characters (longer ones, about 1 % of the clauses, are left out)."
+        },
+    )
+    min_char_count: int = field(
+        default=2, metadata={"help": "Characters seen fewer times in the training text become [UNK]."}
+    )
+    max_steps: int = field(default=600, metadata={"help": "Optimisation steps."})
+    batch_size: int = field(default=64, metadata={"help": "Clauses per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Share of the steps with a linearly rising learning rate."}
+    )
+    mlm_probability: float = field(default=0.15, metadata={"help": "Share of the tokens masked for training."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, batches and masks."})
+    fortunes_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the fortunes-zh files (default: Debian's)."}
+    )
+    num_threads: int = field(
+        default=1, metadata={"help": "torch CPU threads (more only pays on an otherwise idle machine)."}
+    )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        checks = [
+            (
+                self.corpus_dir is not None or self.exclude_file is not None,
+                "give corpus_dir and/or exclude_file: the held-out sentences are needed to keep them out of "
+                "training and to measure the teacher",
+            ),
+            (self.num_layers >= 1 and self.hidden_size >= 1, "num_layers and hidden_size must be >= 1"),
+            (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
+            (1 <= self.min_chars <= self.max_chars, "need 1 <= min_chars <= max_chars"),
+            (self.min_char_count >= 1, "min_char_count must be >= 1"),
+            (self.max_steps >= 1 and self.batch_size >= 1, "max_steps and batch_size must be >= 1"),
+            (0 < self.mlm_probability < 1, "mlm_probability must be in (0, 1)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.num_threads >= 1, "num_threads must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid teacher setting: {message} (got {self}).")
+
+    def cache_settings(self) -> dict:
+        """The settings that determine the teacher besides the held-out sentences themselves:
+        all but ``output_dir``, ``num_threads`` and where the held-out sentences were read."""
+        settings = asdict(self)
+        for name in ("output_dir", "num_threads", "corpus_dir", "exclude_file"):
+            del settings[name]
+        return settings
+
+
+@dataclass
+class TeacherSummary:
+    """What :func:`build_teacher` made.
+
+    Attributes:
+        output_dir: the teacher folder (loadable with ``AutoModel`` / ``AutoTokenizer``).
+        report: the parsed ``teacher_report.json``.
+        reused: True when an existing teacher with the same settings and held-out set was kept.
+    """
+
+    output_dir: Path
+    report: dict
+    reused: bool
+
+
+def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | Path | None = None) -> list[str]:
+    """Normalised sentences to keep out of training: dev/test transcripts and lines of a file.
+
+    Returns:
+        Distinct non-empty sentences after :func:`~modeling_tot_cakt.text.normalize_transcript`, sorted.
+
+    Raises:
+        FileNotFoundError: a manifest or the file is missing.
+    """
+    texts: list[str] = []
+    if corpus_dir is not None:
+        for split in HELDOUT_SPLITS:
+            manifest = Path(corpus_dir) / f"{split}.jsonl"
+            if not manifest.is_file():
+                raise FileNotFoundError(
+                    f"No {manifest}: corpus_dir must be a corpus made by modeling_tot_cakt.synthesis."
+                )
+            texts.extend(record["text"] for record in read_manifest(manifest))
+    if exclude_file is not None:
+        texts.extend(Path(exclude_file).read_text(encoding="utf-8").splitlines())
+    return sorted({sentence for sentence in map(normalize_transcript, texts) if sentence})
+
+
+def exclude_heldout(texts: Sequence[str], heldout: Iterable[str]) -> tuple[list[str], int]:
+    """Drop the texts that contain a held-out sentence or are contained in one.
+
+    Args:
+        texts: normalised training texts (no line breaks).
+        heldout: normalised held-out sentences.
+
+    Returns:
+        The remaining texts in order, and how many were dropped.
+    """
+    heldout = [sentence for sentence in set(heldout) if sentence]
+    # One search per held-out sentence over all texts joined by line breaks, which no sentence
+    # holds, so a match lies inside one text; bisect on the text start offsets finds which.
+    joined = "\n".join(texts)
+    starts, offset = [], 0
+    for text in texts:
+        starts.append(offset)
+        offset += len(text) + 1
+    containing: set[int] = set()
+    for sentence in heldout:
+        position = joined.find(sentence)
+        while position != -1:
+            containing.add(bisect.bisect_right(starts, position) - 1)
+            position = joined.find(sentence, position + 1)
+    heldout_joined = "\n".join(heldout)
+    kept = [text for index, text in enumerate(texts) if index not in containing and text not in heldout_joined]
+    return kept, len(texts) - len(kept)
+
+
+def training_texts(config: TeacherConfig, heldout: Iterable[str]) -> tuple[list[str], int]:
+    """The teacher's training clauses: fortunes-zh clauses within the length bounds, held-out removed.
+
+    Returns:
+        The clauses, and how many were dropped for overlapping a held-out sentence.
+    """
+    clauses = [normalize_transcript(clause) for clause in load_han_clauses(fortunes_zh_paths(config.fortunes_dir))]
+    clauses = [clause for clause in clauses if config.min_chars <= len(clause) <= config.max_chars]
+    return exclude_heldout(clauses, heldout)
+
+
+def write_vocab(texts: Iterable[str], min_count: int, path: str | Path) -> list[str]:
+    """Write a bert-base-chinese style ``vocab.txt``: special tokens, then characters by frequency.
+
+    Args:
+        texts: training texts.
+        min_count: characters seen fewer times are left out (they become ``[UNK]``).
+        path: file to write.
+
+    Returns:
+        The vocabulary, one token per id.
+    """
+    vocab = list(SPECIAL_TOKENS) + [char for char, count in char_frequencies(texts) if count >= min_count]
+    Path(path).write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
+    return vocab
+
+
+def _settings_hash(config: TeacherConfig, heldout: Sequence[str]) -> str:
+    key = {
+        "settings": config.cache_settings(),
+        "heldout_sha256": hashlib.sha256("\n".join(heldout).encode()).hexdigest(),
+        "format_version": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def masked_token_accuracy(
+    model: BertForMaskedLM, tokenizer: BertTokenizer, sentences: Sequence[str], batch_size: int = 512
+) -> tuple[float, int]:
+    """Accuracy of predicting each token of each sentence with only that token masked.
+
+    Every sentence of ``n`` tokens gives ``n`` inputs with one ``[MASK]`` each; the prediction
+    is the arg-max over the vocabulary at the masked position.
+
+    Returns:
+        ``(accuracy, number of masked tokens)``.
+    """
+    inputs, targets = [], []
+    for ids in tokenizer(list(sentences))["input_ids"]:
+        for position in range(1, len(ids) - 1):  # skip [CLS] and [SEP]
+            masked = list(ids)
+            masked[position] = tokenizer.mask_token_id
+            inputs.append((masked, position))
+            targets.append(ids[position])
+    if not inputs:
+        raise ValueError("masked_token_accuracy needs at least one non-empty sentence.")
+    model.eval()
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids for ids, _ in chunk]}, return_tensors="pt")
+        logits = model(**batch).logits
+        rows = torch.arange(len(chunk))
+        positions = torch.tensor([position for _, position in chunk])
+        predicted = logits[rows, positions].argmax(-1)
+        correct += int((predicted == torch.tensor(targets[start : start + batch_size])).sum())
+    return correct / len(inputs), len(inputs)
+
+
+def pretrain_masked_lm(
+    model: BertForMaskedLM, tokenizer: BertTokenizer, texts: Sequence[str], config: TeacherConfig
+) -> list[float]:
+    """Masked-LM training with AdamW and a linear warm-up/decay schedule.
+
+    Batches group texts of similar length (transformers' ``LengthGroupedSampler``; short clauses
+    would otherwise be mostly padding), epoch after epoch until ``config.max_steps``. Masking is
+    transformers' ``DataCollatorForLanguageModeling`` (80 % [MASK], 10 % random, 10 % kept) and
+    the loss the cross-entropy of ``model.cls`` at the masked positions.
+
+    Returns:
+        The loss of every step.
+    """
+    if not texts:
+        raise ValueError("No training text for the teacher: check fortunes_dir, min_chars and max_chars.")
+    encodings = [{"input_ids": ids} for ids in tokenizer(list(texts))["input_ids"]]
+    sampler = LengthGroupedSampler(
+        config.batch_size,
+        lengths=[len(encoding["input_ids"]) for encoding in encodings],
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability, seed=config.seed)
+    loader = DataLoader(encodings, batch_size=config.batch_size, sampler=sampler, collate_fn=collator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps)
+    losses: list[float] = []
+    model.train()
+    with tqdm(total=config.max_steps, desc="teacher masked-LM", unit="step") as progress:
+        while len(losses) < config.max_steps:
+            for batch in loader:
+                labels = batch.pop("labels")
+                masked = labels != -100
+                # The prediction head runs on the masked positions only: the loss of
+                # BertForMaskedLM's forward without projecting the other ~85 % onto the vocabulary.
+                hidden = model.bert(**batch).last_hidden_state
+                loss = torch.nn.functional.cross_entropy(model.cls(hidden[masked]), labels[masked])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                progress.update()
+                if len(losses) == config.max_steps:
+                    break
+    return losses
+
+
+def _load_complete_teacher(output_dir: Path, expected_hash: str) -> TeacherSummary | None:
+    report_path = output_dir / REPORT_FILE
+    if not report_path.is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    needed = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
+    if report.get("settings_hash") != expected_hash or not all((output_dir / name).is_file() for name in needed):
+        return None
+    return TeacherSummary(output_dir, report, reused=True)
+
+
+def build_teacher(config: TeacherConfig) -> TeacherSummary:
+    """Pretrain (or reuse) the offline teacher; see the module docstring.
+
+    Output in ``config.output_dir``: ``config.json`` + ``model.safetensors`` (a
+    ``BertForMaskedLM``; ``AutoModel`` loads its ``BertModel``), the tokenizer files with
+    ``vocab.txt``, and ``teacher_report.json`` (settings, hash, data counts, accuracy, time).
+
+    Raises:
+        ValueError: invalid settings, or no held-out sentence was found.
+        FileNotFoundError: fortunes-zh, the corpus manifests or the exclude file is missing.
+    """
+    config.validate()
+    heldout = heldout_sentences(config.corpus_dir, config.exclude_file)
+    if not heldout:
+        raise ValueError(
+            f"No held-out sentences in corpus_dir={config.corpus_dir!r} / exclude_file={config.exclude_file!r}."
+        )
+    output_dir = Path(config.output_dir)
+    key = _settings_hash(config, heldout)
+    cached = _load_complete_teacher(output_dir, key)
+    if cached is not None:
+        return cached
+
+    start = time.perf_counter()
+    # Old files go first: the report marks a complete folder, and a stale tokenizer.json would
+    # win over the new vocab.txt when the tokenizer is loaded below.
+    for name in TEACHER_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        report = _train_and_save(config, heldout, output_dir)
+    finally:
+        torch.set_num_threads(threads)
+    report = {"format_version": FORMAT_VERSION, "settings_hash": key, **report}
+    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return TeacherSummary(output_dir, report, reused=False)
+
+
+def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: Path) -> dict:
+    """Make the vocabulary, pretrain, measure and save the teacher; return the report's body."""
+    torch.manual_seed(config.seed)
+    texts, num_excluded = training_texts(config, heldout)
+    vocab = write_vocab(texts, config.min_char_count, output_dir / "vocab.txt")
+    max_length = config.max_chars + 2  # [CLS] + characters + [SEP]
+    # from_pretrained on the folder that holds only vocab.txt yet: the one constructor that
+    # reads a vocab.txt in transformers 4 and 5 alike.
+    tokenizer = BertTokenizer.from_pretrained(output_dir, do_lower_case=False, model_max_length=max_length)
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=4 * config.hidden_size,
+            max_position_embeddings=max(max_length, max(map(len, heldout)) + 2),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    losses = pretrain_masked_lm(model, tokenizer, texts, config)
+    heldout_accuracy, heldout_tokens = masked_token_accuracy(model, tokenizer, heldout)
+    train_sample = texts[:: max(1, len(texts) // len(heldout))][: len(heldout)]
+    train_accuracy, _ = masked_token_accuracy(model, tokenizer, train_sample)
+
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return {
+        "settings": asdict(config),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "training_clauses": len(texts),
+        "training_characters": sum(map(len, texts)),
+        "excluded_overlapping_clauses": num_excluded,
+        "heldout_sentences": len(heldout),
+        "heldout_characters_missing_from_vocab": sorted(set("".join(heldout)) - set(vocab)),
+        "vocab_size": len(vocab),
+        "parameters": model.num_parameters(),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "heldout_masked_token_accuracy": round(heldout_accuracy, 4),
+        "heldout_masked_tokens": heldout_tokens,
+        "train_masked_token_accuracy": round(train_accuracy, 4),
+    }
+
+
+def main(args: Sequence[str] | None = None) -> TeacherSummary:
+    """Command line: ``python -m modeling_tot_cakt.teacher --corpus_dir DIR --output_dir DIR [settings]``."""
+    (config,) = HfArgumentParser(TeacherConfig).parse_args_into_dataclasses(args)
+    summary = build_teacher(config)
+    report = summary.report
+    verb = "Reused" if summary.reused else "Built"
+    print(
+        f"{verb} teacher in {summary.output_dir}: {report['parameters'] / 1e6:.2f} M parameters, "
+        f"{report['vocab_size']} tokens, {report['training_clauses']} training clauses "
+        f"({report['excluded_overlapping_clauses']} left out for overlapping "
+        f"{report['heldout_sentences']} held-out sentences)."
+    )
+    print(
+        f"  held-out masked-token accuracy {report['heldout_masked_token_accuracy']:.3f} "
+        f"over {report['heldout_masked_tokens']} tokens (train sample {report['train_masked_token_accuracy']:.3f}); "
+        f"built in {report['build_seconds']} s"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()

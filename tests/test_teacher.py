@@ -1,0 +1,135 @@
+"""Tests of the offline masked-LM teacher (modeling_tot_cakt.teacher)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertModel
+
+from modeling_tot_cakt.chinese_text import load_han_clauses
+from modeling_tot_cakt.teacher import (
+    SPECIAL_TOKENS,
+    TeacherConfig,
+    build_teacher,
+    exclude_heldout,
+    heldout_sentences,
+    training_texts,
+)
+
+TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=2, max_steps=3, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def heldout_corpus(tmp_path_factory):
+    """A corpus folder whose dev/test transcripts are real fortunes-zh clauses.
+
+    One of them is only a part of a longer clause, so holding it out must drop that clause too.
+    """
+    clauses = load_han_clauses()
+    whole = [clause for clause in clauses if 5 <= len(clause) <= 8][:5]
+    longer = next(clause for clause in clauses if len(clause) >= 10 and clause not in whole)
+    part = longer[1:7]
+    folder = tmp_path_factory.mktemp("corpus")
+    for split, texts in (("dev", whole[:2]), ("test", whole[2:] + [part + "。"])):
+        lines = [
+            json.dumps({"audio": f"audio/{split}/{index}.wav", "text": text}, ensure_ascii=False)
+            for index, text in enumerate(texts)
+        ]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder, whole + [part], longer
+
+
+@pytest.fixture(scope="module")
+def teacher(heldout_corpus, tmp_path_factory):
+    folder, _, _ = heldout_corpus
+    config = TeacherConfig(output_dir=str(tmp_path_factory.mktemp("teacher")), corpus_dir=str(folder), **TINY)
+    return config, build_teacher(config)
+
+
+def test_heldout_sentences_are_read_from_dev_and_test_and_normalised(heldout_corpus, tmp_path):
+    folder, expected, _ = heldout_corpus
+    assert heldout_sentences(folder) == sorted(expected)  # "。" was dropped by normalisation
+    extra = tmp_path / "extra.txt"
+    extra.write_text("  你好，世界！\n\n", encoding="utf-8")
+    assert heldout_sentences(folder, extra) == sorted(expected + ["你好世界"])
+    with pytest.raises(FileNotFoundError, match="dev.jsonl"):
+        heldout_sentences(tmp_path)
+
+
+def test_no_training_text_overlaps_a_heldout_sentence(heldout_corpus):
+    folder, heldout, longer = heldout_corpus
+    config = TeacherConfig(output_dir="unused", corpus_dir=str(folder), **TINY)
+    texts, num_excluded = training_texts(config, heldout_sentences(folder))
+    assert texts and num_excluded >= len(heldout)  # every held-out sentence is in fortunes-zh
+    assert longer not in texts
+    joined_heldout = "\n".join(heldout)
+    for text in texts:
+        assert not any(sentence in text for sentence in heldout)
+        assert text not in joined_heldout
+
+
+def test_exclude_heldout_drops_containing_and_contained_texts():
+    texts = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "闻啼", "花落知多少", "处处闻啼鸟"]
+    kept, dropped = exclude_heldout(texts, ["处处闻啼鸟", "风雨"])
+    assert kept == ["春眠不觉晓", "花落知多少"] and dropped == 4
+
+
+def test_teacher_folder_loads_with_auto_classes_and_tokenises_by_character(teacher):
+    config, summary = teacher
+    assert not summary.reused
+    tokenizer = AutoTokenizer.from_pretrained(config.output_dir)
+    model = AutoModel.from_pretrained(config.output_dir)
+    assert isinstance(model, BertModel) and model.config.hidden_size == 32
+    vocab_lines = (summary.output_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert tuple(vocab_lines[: len(SPECIAL_TOKENS)]) == SPECIAL_TOKENS
+    chars = vocab_lines[len(SPECIAL_TOKENS) :]
+    assert all(len(char) == 1 for char in chars) and len(set(chars)) == len(chars)
+    assert len(vocab_lines) == model.config.vocab_size == summary.report["vocab_size"]
+    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+
+    sentence = "不知天上宫阙"
+    assert tokenizer.tokenize(sentence) == list(sentence)
+    encoded = tokenizer(sentence, return_tensors="pt")
+    assert (
+        encoded["input_ids"][0, 0] == tokenizer.cls_token_id and encoded["input_ids"][0, -1] == tokenizer.sep_token_id
+    )
+    with torch.no_grad():
+        hidden = model(**encoded).last_hidden_state
+    assert hidden.shape == (1, len(sentence) + 2, 32)
+
+
+def test_report_measures_every_heldout_character(teacher, heldout_corpus):
+    _, summary = teacher
+    _, heldout, _ = heldout_corpus
+    report = json.loads((summary.output_dir / "teacher_report.json").read_text(encoding="utf-8"))
+    assert report["heldout_sentences"] == len(heldout)
+    assert report["heldout_masked_tokens"] == sum(map(len, heldout))
+    assert 0.0 <= report["heldout_masked_token_accuracy"] <= 1.0
+    assert report["heldout_characters_missing_from_vocab"] == []
+    assert report["excluded_overlapping_clauses"] >= len(heldout)
+
+
+def test_same_settings_and_heldout_set_reuse_the_teacher(teacher, heldout_corpus, tmp_path):
+    config, summary = teacher
+    weights = (summary.output_dir / "model.safetensors").read_bytes()
+    again = build_teacher(config)
+    assert again.reused and again.report == summary.report
+    assert (summary.output_dir / "model.safetensors").read_bytes() == weights
+
+    # The same held-out sentences given as a file (not a corpus folder) are the same key.
+    _, heldout, _ = heldout_corpus
+    listed = tmp_path / "heldout.txt"
+    listed.write_text("\n".join(heldout), encoding="utf-8")
+    assert build_teacher(replace(config, corpus_dir=None, exclude_file=str(listed))).reused
+
+    listed.write_text("\n".join(heldout[1:]), encoding="utf-8")
+    rebuilt = build_teacher(replace(config, corpus_dir=None, exclude_file=str(listed)))
+    assert not rebuilt.reused and rebuilt.report["heldout_sentences"] == len(heldout) - 1
+
+
+def test_a_teacher_needs_heldout_sentences():
+    with pytest.raises(ValueError, match="give corpus_dir and/or exclude_file"):
+        build_teacher(TeacherConfig(output_dir="unused"))
