@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # override (e.g. TORCH_SPEC="torch") to let pip pick a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+PRESET ?= quick
+DEMO_DIR ?= outputs/demo
+BENCH_DEVICE ?= cpu
 
 .PHONY: install system-deps test demo bench bench-quick bench-quality clean
 
@@ -27,6 +30,22 @@ install: system-deps $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR)
+
+# Speed figures (under 30 minutes on 2 CPU cores); results go to docs/results/.
+bench-quick: install
+	$(PY) benchmarks/bench_solver.py --preset quick --device $(BENCH_DEVICE) --out docs/results/solver.json
+	$(PY) benchmarks/bench_training_cost.py --preset quick --device $(BENCH_DEVICE) --out docs/results/training_cost.json
+	$(PY) benchmarks/bench_inference.py --preset quick --device $(BENCH_DEVICE) --out docs/results/inference.json
+
+# The paper's comparison: CTC-only vs OT-CAKT vs TOT-CAKT, 3 seeds each (about 2 hours on 2 CPU cores).
+bench-quality: install
+	$(PY) benchmarks/bench_quality.py --preset quality --out docs/results/quality.json
+	$(PY) benchmarks/bench_alignment.py --out docs/results/alignment.json
+
+bench: bench-quick bench-quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache
