@@ -18,19 +18,14 @@ coupling with ours: ``pot.batch`` updates the potentials in our order and agrees
 ``ot.solve`` updates the column potential first, so after a fixed number of iterations its plan
 differs from ours by the marginal error still left (TOT converges slowly, see ``tot_sinkhorn``).
 
-Timing: after one warm-up call per solver, the solvers take turns (round robin, ``repeats``
-rounds) so that a change in machine load hits all of them alike; ``median`` and ``min`` are
-over the rounds, ``x ours`` is the median divided by that of ``tot[envelope]`` on the same
-size (above 1: slower than ours).
-
-Memory (``peak MiB``): on CPU, the growth of the process's peak resident set (``VmHWM`` in
-``/proc/self/status``, reset through ``/proc/self/clear_refs``) over its resident set before
-the step, taken after ``malloc_trim`` has handed freed heap back to the system, so it counts
-tensors, temporaries and workspaces alike; on CUDA, ``torch.cuda.max_memory_allocated`` over the
-memory allocated before the step. Largest over the timed rounds. Solvers that keep a graph
-through the iterations (``tot[autodiff]`` and, in POT 0.9.7, ``pot.batch``, whose "envelope"
-mode still records the iterations) are skipped where that graph would exceed
-``--max-graph-gib``.
+Timing and memory follow ``benchmarks/common.py``: after one warm-up call per solver, the
+solvers take turns (round robin, ``repeats`` rounds) so that a change in machine load hits all of
+them alike; ``median`` and ``min`` are over the rounds, ``x ours`` is the median divided by that
+of ``tot[envelope]`` on the same size (above 1: slower than ours). ``peak MiB`` is the growth of
+the peak resident set (CPU) or of the allocated CUDA memory over the step, largest over the
+timed rounds. Solvers that keep a graph through the iterations (``tot[autodiff]`` and, in POT
+0.9.7, ``pot.batch``, whose "envelope" mode still records the iterations) are skipped where that
+graph would exceed ``--max-graph-gib``.
 
 Usage::
 
@@ -38,14 +33,9 @@ Usage::
 """
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import ot
@@ -53,6 +43,7 @@ import ot.batch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchmarks.common import round_robin, write_json
 from modeling_tot_cakt.tot import cosine_cost, order_reward, ot_loss, temporal_prior_log, tot_sinkhorn
 
 
@@ -79,44 +70,6 @@ def parse_args(argv=None):
     parser.add_argument("--max-graph-gib", type=float, default=3.0,
                         help="skip solvers that keep the iterations' graph when it would exceed this (GiB)")
     return parser.parse_args(argv)
-
-
-def _resident_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-class PeakMemory:
-    """Extra peak memory (MiB) of the code run inside the context; see the module docstring."""
-
-    def __init__(self, device):
-        self.device = device
-        self.mib = 0.0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM to the current resident set
-            self.start = _resident_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _resident_kib("VmHWM") * 1024
-        self.mib = max(0, peak - self.start) / 2**20
-        return False
 
 
 def equivalent_cost(cost):
@@ -177,29 +130,12 @@ def benchmark_size(size, device, iters, repeats, max_graph_gib):
                for solver in GRAPH_SOLVERS if graph_gib(size, iters) > max_graph_gib}
     solvers = [solver for solver in SOLVERS if solver not in skipped]
 
-    def timed(solver):
+    def reset_gradient(solver):
         source.grad = None
-        with PeakMemory(device) as memory:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            coupling = STEPS[solver](source, target, iters)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-        return elapsed, memory.mib, coupling
 
-    for solver in solvers:  # warm-up
-        timed(solver)
-    times = {solver: [] for solver in solvers}
-    peaks = {solver: [] for solver in solvers}
-    couplings = {}
-    for round_index in range(repeats):
-        shift = round_index % len(solvers)
-        for solver in solvers[shift:] + solvers[:shift]:
-            elapsed, mib, couplings[solver] = timed(solver)
-            times[solver].append(elapsed)
-            peaks[solver].append(mib)
+    calls = {solver: (lambda solver=solver: STEPS[solver](source, target, iters)) for solver in solvers}
+    timings = round_robin(calls, repeats, device, setup=reset_gradient)
+    times, peaks, couplings = timings.wall, timings.peak_mib, timings.results
 
     reference = couplings["tot[envelope]"]
     results = []
@@ -253,8 +189,7 @@ def main(argv=None):
                     ratio="median time / median time of tot[envelope] on the same size",
                     peak_mib="CPU: growth of peak RSS (VmHWM) over RSS before the step, after malloc_trim; "
                              "CUDA: max_memory_allocated over memory_allocated before the step")
-        with open(args.out, "w") as out:
-            json.dump(dict(meta=meta, results=rows), out, indent=2)
+        write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":
