@@ -75,11 +75,14 @@ class TeacherConfig:
     exclude_file: str | None = field(
         default=None, metadata={"help": "Text file with more sentences to hold out, one per line."}
     )
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
+    num_layers: int = field(default=2, metadata={"help": "Transformer layers."})
     hidden_size: int = field(
-        default=256, metadata={"help": "Hidden size (the feature size the recogniser's adapter maps to)."}
+        default=128, metadata={"help": "Hidden size (the feature size the recogniser's adapter maps to)."}
     )
-    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    num_attention_heads: int = field(default=2, metadata={"help": "Attention heads."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "Hidden and attention dropout (a short pretraining does not overfit)."}
+    )
     min_chars: int = field(default=2, metadata={"help": "Shortest training clause, in characters."})
     max_chars: int = field(
         default=16,
@@ -90,8 +93,8 @@ class TeacherConfig:
     min_char_count: int = field(
         default=2, metadata={"help": "Characters seen fewer times in the training text become [UNK]."}
     )
-    max_steps: int = field(default=600, metadata={"help": "Optimisation steps."})
-    batch_size: int = field(default=64, metadata={"help": "Clauses per step."})
+    max_steps: int = field(default=2000, metadata={"help": "Optimisation steps."})
+    batch_size: int = field(default=128, metadata={"help": "Clauses per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_ratio: float = field(
         default=0.1, metadata={"help": "Share of the steps with a linearly rising learning rate."}
@@ -119,6 +122,7 @@ class TeacherConfig:
             (self.min_char_count >= 1, "min_char_count must be >= 1"),
             (self.max_steps >= 1 and self.batch_size >= 1, "max_steps and batch_size must be >= 1"),
             (0 < self.mlm_probability < 1, "mlm_probability must be in (0, 1)"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.num_threads >= 1, "num_threads must be >= 1"),
         ]
@@ -239,6 +243,53 @@ def _settings_hash(config: TeacherConfig, heldout: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def cooccurrence_embeddings(
+    sequences: Sequence[Sequence[int]], vocab_size: int, dim: int, window: int = 2
+) -> torch.Tensor:
+    """Token vectors from co-occurrence counts: truncated SVD of the positive PMI matrix.
+
+    ``PPMI_ij = max(0, log(n_ij n / (n_i n_j)))`` over pairs of tokens at most ``window`` apart
+    in a sequence; the vectors are ``U_k sqrt(S_k)`` of its rank-``dim`` SVD (Levy & Goldberg,
+    "Neural word embedding as implicit matrix factorization", NeurIPS 2014).
+
+    Args:
+        sequences: token ids of each training text.
+        vocab_size: ``V``.
+        dim: ``k``, the vector size.
+        window: largest distance of a counted pair.
+
+    Returns:
+        ``(V, k)`` float tensor; rows of tokens that never occur are zero.
+    """
+    counts = torch.zeros(vocab_size, vocab_size)
+    ones = torch.ones(1)
+    for ids in map(torch.tensor, sequences):
+        for distance in range(1, min(window, len(ids) - 1) + 1):
+            counts.index_put_((ids[:-distance], ids[distance:]), ones.expand(len(ids) - distance), accumulate=True)
+    counts += counts.T.clone()
+    row_totals = counts.sum(1, keepdim=True)
+    pmi = torch.log(counts * counts.sum() / (row_totals * row_totals.T))
+    ppmi = torch.nan_to_num(pmi, nan=0.0, neginf=0.0).clamp_(min=0.0)
+    left, singular_values, _ = torch.svd_lowrank(ppmi, q=dim, niter=4)
+    return left * singular_values.sqrt()
+
+
+def initialise_token_embeddings(model: BertForMaskedLM, sequences: Sequence[Sequence[int]]) -> None:
+    """Start the (input and tied output) token embeddings from :func:`cooccurrence_embeddings`.
+
+    From BERT's random initialisation a small model spends most of a few-minute CPU budget
+    predicting character frequencies only; starting from distributional vectors it learns to use
+    the context within that budget. Tokens that never occur keep their random vectors, and the
+    vectors are scaled to BERT's initialiser range.
+    """
+    embeddings = model.get_input_embeddings().weight
+    vectors = cooccurrence_embeddings(sequences, embeddings.shape[0], embeddings.shape[1])
+    seen = vectors.norm(dim=1) > 0
+    with torch.no_grad():
+        embeddings[seen] = vectors[seen] * (model.config.initializer_range / vectors[seen].std())
+
+
+@torch.no_grad()
 def masked_token_accuracy(
     model: BertForMaskedLM, tokenizer: BertTokenizer, sentences: Sequence[str], batch_size: int = 512
 ) -> tuple[float, int]:
@@ -277,6 +328,7 @@ def pretrain_masked_lm(
 ) -> list[float]:
     """Masked-LM training with AdamW and a linear warm-up/decay schedule.
 
+    The token embeddings start from co-occurrence statistics (:func:`initialise_token_embeddings`).
     Batches group texts of similar length (transformers' ``LengthGroupedSampler``; short clauses
     would otherwise be mostly padding), epoch after epoch until ``config.max_steps``. Masking is
     transformers' ``DataCollatorForLanguageModeling`` (80 % [MASK], 10 % random, 10 % kept) and
@@ -288,6 +340,7 @@ def pretrain_masked_lm(
     if not texts:
         raise ValueError("No training text for the teacher: check fortunes_dir, min_chars and max_chars.")
     encodings = [{"input_ids": ids} for ids in tokenizer(list(texts))["input_ids"]]
+    initialise_token_embeddings(model, [encoding["input_ids"] for encoding in encodings])
     sampler = LengthGroupedSampler(
         config.batch_size,
         lengths=[len(encoding["input_ids"]) for encoding in encodings],
@@ -296,7 +349,9 @@ def pretrain_masked_lm(
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability, seed=config.seed)
     loader = DataLoader(encodings, batch_size=config.batch_size, sampler=sampler, collate_fn=collator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps)
+    schedule = get_linear_schedule_with_warmup(
+        optimizer, round(config.warmup_ratio * config.max_steps), config.max_steps
+    )
     losses: list[float] = []
     model.train()
     with tqdm(total=config.max_steps, desc="teacher masked-LM", unit="step") as progress:
@@ -390,6 +445,8 @@ def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: P
             num_hidden_layers=config.num_layers,
             num_attention_heads=config.num_attention_heads,
             intermediate_size=4 * config.hidden_size,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
             max_position_embeddings=max(max_length, max(map(len, heldout)) + 2),
             pad_token_id=tokenizer.pad_token_id,
         )

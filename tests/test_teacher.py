@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -126,8 +127,21 @@ def test_same_settings_and_heldout_set_reuse_the_teacher(teacher, heldout_corpus
     assert build_teacher(replace(config, corpus_dir=None, exclude_file=str(listed))).reused
 
     listed.write_text("\n".join(heldout[1:]), encoding="utf-8")
-    rebuilt = build_teacher(replace(config, corpus_dir=None, exclude_file=str(listed)))
+    copy = shutil.copytree(config.output_dir, tmp_path / "teacher")
+    rebuilt = build_teacher(replace(config, output_dir=str(copy), corpus_dir=None, exclude_file=str(listed)))
     assert not rebuilt.reused and rebuilt.report["heldout_sentences"] == len(heldout) - 1
+
+
+def test_changed_settings_rebuild_with_a_fresh_tokenizer(teacher, tmp_path):
+    config, summary = teacher
+    config = replace(config, output_dir=str(shutil.copytree(config.output_dir, tmp_path / "teacher")))
+    rebuilt = build_teacher(replace(config, min_char_count=5))
+    assert not rebuilt.reused and rebuilt.report["vocab_size"] < summary.report["vocab_size"]
+    # The new vocab.txt, not the previous tokenizer.json, defines the tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(config.output_dir)
+    assert (
+        len(tokenizer) == rebuilt.report["vocab_size"] == AutoModel.from_pretrained(config.output_dir).config.vocab_size
+    )
 
 
 def test_a_teacher_needs_heldout_sentences():
