@@ -77,8 +77,8 @@ RENDER_BLOCK_SIZE = 32
 CHAR_TIMES_DESCRIPTION = (
     "char_times[k] = [start, end] in seconds of the k-th character's syllable, from libespeak-ng "
     "synthesis events of this very rendering: start = the syllable's word event, end = its "
-    "word-end phoneme event (1 ms resolution). Silence before the first syllable belongs to "
-    "no character; the end pause follows the last one."
+    "word-end phoneme event (1 ms resolution). The first syllable starts at 0 (espeak-ng's "
+    "leading silence lasts a few ms); the end pause after the last syllable belongs to no character."
 )
 
 # libespeak-ng API constants (espeak-ng/speak_lib.h).
@@ -140,24 +140,21 @@ class EspeakEngine:
     docstring): for reproducible samples, render a fixed sequence of utterances in a process
     whose engine has not rendered before (:attr:`has_rendered` is False).
 
+    Use :func:`load_espeak`, which makes one engine per library and process: the library's
+    state is global, so a second engine on it would take the first one's callback.
+
     Args:
-        library: name for ``ctypes.util.find_library`` (``"espeak-ng"``) or a path to the
-            shared library.
+        location: the shared library, as :func:`find_espeak_library` gives it.
 
     Raises:
-        FileNotFoundError: the library or the ``cmn-latn-pinyin`` voice is not installed.
+        FileNotFoundError: the library cannot be loaded or lacks the ``cmn-latn-pinyin`` voice.
     """
 
-    def __init__(self, library: str = "espeak-ng"):
-        location = library if "/" in library else ctypes.util.find_library(library)
+    def __init__(self, location: str):
         try:
-            if location is None:
-                raise OSError(f"ctypes.util.find_library({library!r}) found nothing")
             self._lib = ctypes.CDLL(location)
         except OSError as error:
-            raise FileNotFoundError(
-                f"The espeak-ng speech synthesiser library ({library!r}) is not available ({error}); {INSTALL_HINT}."
-            ) from error
+            raise FileNotFoundError(f"Cannot load libespeak-ng from {location!r} ({error}); {INSTALL_HINT}.") from error
         self._declare_signatures()
         self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_PHONEME_EVENTS)
         if self.sample_rate <= 0:
@@ -265,9 +262,28 @@ class EspeakEngine:
 
 
 @functools.cache
+def find_espeak_library(library: str = "espeak-ng") -> str:
+    """Where libespeak-ng is: ``library`` itself if it is a path, else ``ctypes.util.find_library(library)``.
+
+    Raises:
+        FileNotFoundError: no such library is installed.
+    """
+    location = library if "/" in library else ctypes.util.find_library(library)
+    if location is None:
+        raise FileNotFoundError(
+            f"The espeak-ng speech synthesiser library ({library!r}) is not installed; {INSTALL_HINT}."
+        )
+    return location
+
+
 def load_espeak(library: str = "espeak-ng") -> EspeakEngine:
-    """The process-wide :class:`EspeakEngine` (libespeak-ng supports one instance per process)."""
-    return EspeakEngine(library)
+    """This process's :class:`EspeakEngine` for ``library`` (a name or a path), made on first use."""
+    return _engine_at(find_espeak_library(library))
+
+
+@functools.cache
+def _engine_at(location: str) -> EspeakEngine:
+    return EspeakEngine(location)
 
 
 @dataclass
@@ -504,7 +520,7 @@ class UtteranceJob:
 
 def plan_utterances(splits: Mapping[str, Sequence[str]], config: SynthesisConfig) -> list[UtteranceJob]:
     """Draw voice, speed, pitch and SNR for every utterance, in a fixed order from the seed."""
-    rng = random.Random(config.seed + 1)  # a stream apart from the sentence shuffle
+    rng = random.Random(f"{config.seed}/utterances")  # a stream apart from the sentence shuffle
     jobs: list[UtteranceJob] = []
     sentence_index = 0
     for split in SPLITS:

@@ -14,7 +14,10 @@ so the teacher has never seen the sentences the recogniser is evaluated on. They
 measure the teacher: each character of each held-out sentence is masked in turn and predicted
 from the rest (``heldout_masked_token_accuracy`` in ``teacher_report.json``).
 
-A folder built with the same settings and the same held-out sentences is reused.
+The defaults (2 layers, hidden size 128, 2000 steps of 128 clauses, token embeddings started
+from character co-occurrence statistics) are sized to build in a few minutes on a 2-core CPU;
+``bert-base-chinese`` by name, or a bigger teacher built with more layers and steps, drops in
+unchanged. A folder built with the same settings and the same held-out sentences is reused.
 """
 
 from __future__ import annotations
