@@ -1,0 +1,616 @@
+"""The whole offline TOT-CAKT job in one command (``make demo``).
+
+``python -m modeling_tot_cakt.demo --preset quick --work_dir outputs/demo`` runs, in
+``<work_dir>/<preset>/``:
+
+1. ``corpus/``: a synthetic Mandarin speech corpus (:mod:`modeling_tot_cakt.synthesis`);
+2. ``teacher/``: a small character BERT pretrained offline, the stand-in for bert-base-chinese
+   (:mod:`modeling_tot_cakt.teacher`);
+3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
+   the demo trains exactly as a user of the script does);
+4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
+5. three test clips transcribed by ``pipeline("automatic-speech-recognition", trust_remote_code=True)``;
+6. ``couplings.png``: the TOT coupling next to the plain-OT coupling of one test utterance, both
+   computed by :func:`~modeling_tot_cakt.tot.tot_sinkhorn` on the trained model's adapted frames
+   against the teacher's token features, with the synthesiser's syllable timings drawn over them;
+7. ``demo_report.json``: CERs, timings per stage, corpus and teacher statistics.
+
+Caching: the corpus and the teacher are rebuilt only when their settings change (their own caches).
+Training is skipped when ``model/`` holds a model trained to completion with the very same
+``train_hf.py`` arguments, unless ``--retrain`` is given; evaluation, transcription and the plot
+always run on the saved model. Featurised datasets and teacher features are cached in
+``<work_dir>/cache`` and shared between presets.
+
+A preset is a YAML file with three sections: ``synthesis`` (:class:`SynthesisConfig` fields),
+``teacher`` (:class:`TeacherConfig` fields) and ``train`` (``train_hf.py`` arguments). The demo adds
+the paths (see :data:`DEMO_TRAIN_ARGS`) and writes the ``train`` section to ``train_args.yaml``,
+which is what ``train_hf.py`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .audio import load_audio
+from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, read_manifest, synthesize_corpus
+from .teacher import TeacherConfig, TeacherSummary, build_teacher
+from .tot import cosine_cost, tot_sinkhorn
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+PRESETS = ("quick", "full")
+PRESET_SECTIONS = ("synthesis", "teacher", "train")
+DEMO_TRAIN_ARGS = (
+    "output_dir",
+    "train_manifest",
+    "eval_manifest",
+    "test_manifest",
+    "teacher_name_or_path",
+    "teacher_cache_dir",
+    "cache_dir",
+    "model_name_or_path",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "overwrite_output_dir",
+    "eval_split_name",
+)
+"""``train_hf.py`` arguments the demo sets itself (paths and stages); a preset must not give them."""
+EVALUATION_ARGS_FROM_PRESET = (
+    "per_device_eval_batch_size",
+    "preprocessing_num_workers",
+    "dataloader_num_workers",
+    "use_cpu",
+    "bf16",
+    "fp16",
+    "cache_teacher_features",
+    "max_duration_in_seconds",
+    "report_to",
+    "disable_tqdm",
+)
+"""Arguments of the preset's ``train`` section that the evaluation-only run inherits."""
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_hf.py"
+REPORT_FILE = "demo_report.json"
+COUPLINGS_FILE = "couplings.png"
+TRAINED_MARKER = "demo_train_args.yaml"
+"""Written into ``model/`` after a complete training run: the arguments it was trained with."""
+
+
+# ----------------------------------------------------------------------------------------- presets
+@dataclass
+class DemoPreset:
+    """A demo configuration.
+
+    Attributes:
+        name: preset name (``quick``, ``full``) or the file's stem.
+        source: the YAML file it was read from.
+        synthesis: :class:`SynthesisConfig` fields (``output_dir`` excluded).
+        teacher: :class:`TeacherConfig` fields (``output_dir`` and ``corpus_dir`` excluded).
+        train: ``train_hf.py`` arguments (:data:`DEMO_TRAIN_ARGS` excluded).
+    """
+
+    name: str
+    source: Path
+    synthesis: dict = field(default_factory=dict)
+    teacher: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+def _field_names(config_class) -> set[str]:
+    return {item.name for item in dataclasses.fields(config_class)}
+
+
+def load_preset(name_or_path: str | os.PathLike) -> DemoPreset:
+    """Read a preset: a name in :data:`PRESETS` (``recipes/demo_<name>.yaml``) or a YAML file path.
+
+    Raises:
+        ValueError: unknown preset, unknown section or field, or a field the demo sets itself.
+    """
+    path = Path(name_or_path)
+    if str(name_or_path) in PRESETS:
+        path = RECIPES_DIR / f"demo_{name_or_path}.yaml"
+    elif not path.is_file():
+        raise ValueError(f"Unknown demo preset {str(name_or_path)!r}: give one of {PRESETS} or a YAML file.")
+    content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(content, dict) or set(content) - set(PRESET_SECTIONS):
+        raise ValueError(f"{path}: a demo preset is a mapping with the sections {PRESET_SECTIONS}, got {content!r}.")
+    allowed = {
+        "synthesis": _field_names(SynthesisConfig) - {"output_dir"},
+        "teacher": _field_names(TeacherConfig) - {"output_dir", "corpus_dir"},
+    }
+    for section, names in allowed.items():
+        unknown = sorted(set(content.get(section) or {}) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown {section} settings {unknown}; allowed: {sorted(names)}.")
+    owned = sorted(set(content.get("train") or {}) & set(DEMO_TRAIN_ARGS))
+    if owned:
+        raise ValueError(f"{path}: the train section must not set {owned}; the demo sets these itself.")
+    return DemoPreset(
+        name=path.stem.removeprefix("demo_"),
+        source=path,
+        synthesis=dict(content.get("synthesis") or {}),
+        teacher=dict(content.get("teacher") or {}),
+        train=dict(content.get("train") or {}),
+    )
+
+
+@dataclass
+class DemoPaths:
+    """Where a run keeps its files.
+
+    Attributes:
+        root: the run's folder (argument files, logs, report, plot).
+        corpus, teacher: the corpus and teacher folders.
+        model: ``train_hf.py``'s output folder (the trained model).
+        cache: featurised datasets and teacher features, shared between runs.
+    """
+
+    root: Path
+    corpus: Path
+    teacher: Path
+    model: Path
+    cache: Path
+
+    @classmethod
+    def create(cls, work_dir: str | os.PathLike, preset: DemoPreset) -> DemoPaths:
+        """The demo's layout: everything in ``<work_dir>/<preset>/``, the cache in ``<work_dir>/cache``."""
+        root = Path(work_dir).resolve() / preset.name
+        return cls(
+            root=root, corpus=root / "corpus", teacher=root / "teacher", model=root / "model", cache=root.parent / "cache"
+        )
+
+    evaluation = property(lambda self: self.root / "evaluation")
+    logs = property(lambda self: self.root / "logs")
+    report = property(lambda self: self.root / REPORT_FILE)
+    couplings_png = property(lambda self: self.root / COUPLINGS_FILE)
+
+
+# ------------------------------------------------------------------------------------------ stages
+def synthesize_stage(preset: DemoPreset, paths: DemoPaths) -> CorpusSummary:
+    """Make (or reuse) the preset's corpus in ``paths.corpus``."""
+    return synthesize_corpus(SynthesisConfig(output_dir=str(paths.corpus), **preset.synthesis))
+
+
+def teacher_stage(preset: DemoPreset, paths: DemoPaths) -> TeacherSummary:
+    """Pretrain (or reuse) the teacher in ``paths.teacher``, holding out the corpus' dev/test sentences."""
+    return build_teacher(TeacherConfig(output_dir=str(paths.teacher), corpus_dir=str(paths.corpus), **preset.teacher))
+
+
+def training_arguments(preset: DemoPreset, paths: DemoPaths) -> dict:
+    """The ``train_hf.py`` arguments of the training run: the preset's plus the demo's paths."""
+    return {
+        **preset.train,
+        "output_dir": str(paths.model),
+        "train_manifest": str(paths.corpus / "train.jsonl"),
+        "eval_manifest": str(paths.corpus / "dev.jsonl"),
+        "teacher_name_or_path": str(paths.teacher),
+        "teacher_cache_dir": str(paths.cache / "teacher_features"),
+        "cache_dir": str(paths.cache / "datasets"),
+        "do_train": True,
+        "do_eval": preset.train.get("eval_strategy", "no") != "no",
+        "overwrite_output_dir": True,
+    }
+
+
+def evaluation_arguments(preset: DemoPreset, paths: DemoPaths, split: str) -> dict:
+    """The ``train_hf.py`` arguments that score the saved model on one split (``dev`` or ``test``)."""
+    return {
+        **{name: preset.train[name] for name in EVALUATION_ARGS_FROM_PRESET if name in preset.train},
+        "model_name_or_path": str(paths.model),
+        "output_dir": str(paths.evaluation / split),
+        "eval_manifest": str(paths.corpus / f"{split}.jsonl"),
+        "eval_split_name": split,
+        "teacher_name_or_path": str(paths.teacher),
+        "teacher_cache_dir": str(paths.cache / "teacher_features"),
+        "cache_dir": str(paths.cache / "datasets"),
+        "do_eval": True,
+    }
+
+
+def run_train_script(
+    arguments: dict, args_file: Path, log_file: Path, echo: bool = True, environment: dict | None = None
+) -> None:
+    """Write ``arguments`` to ``args_file`` and run ``python train_hf.py args_file``.
+
+    The script's output goes to ``log_file`` and, with ``echo``, to the console too.
+    ``environment`` adds variables to the script's environment (e.g. ``OMP_NUM_THREADS``).
+
+    Raises:
+        FileNotFoundError: ``train_hf.py`` is not next to the package (the package is not used from a clone).
+        RuntimeError: the script failed; the message names the log.
+    """
+    if not TRAIN_SCRIPT.is_file():
+        raise FileNotFoundError(
+            f"{TRAIN_SCRIPT} not found: the demo runs train_hf.py from a clone of the repository "
+            "(pip install -e . keeps the package next to it)."
+        )
+    args_file.parent.mkdir(parents=True, exist_ok=True)
+    args_file.write_text(yaml.safe_dump(arguments, allow_unicode=True, sort_keys=True), encoding="utf-8")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("wb") as log, subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), str(args_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=str(TRAIN_SCRIPT.parent),
+        env={**os.environ, **(environment or {})},
+    ) as process:
+        # Chunks, not lines: progress bars end their updates with carriage returns.
+        while chunk := process.stdout.read1(65536):
+            log.write(chunk)
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+    if process.returncode != 0:
+        raise RuntimeError(f"train_hf.py {args_file} failed with exit status {process.returncode}; see {log_file}.")
+
+
+def is_trained(paths: DemoPaths, arguments: dict) -> bool:
+    """Whether ``paths.model`` holds a model whose training with ``arguments`` ran to completion."""
+    marker = paths.model / TRAINED_MARKER
+    if not (marker.is_file() and (paths.model / "model.safetensors").is_file()):
+        return False
+    return yaml.safe_load(marker.read_text(encoding="utf-8")) == arguments
+
+
+def train_stage(preset: DemoPreset, paths: DemoPaths, retrain: bool = False, **script_options) -> bool:
+    """Train with ``train_hf.py`` unless an identical completed run is there.
+
+    ``script_options`` go to :func:`run_train_script` (``echo``, ``environment``).
+
+    Returns:
+        True when the saved model was reused.
+    """
+    arguments = training_arguments(preset, paths)
+    if not retrain and is_trained(paths, arguments):
+        return True
+    (paths.model / TRAINED_MARKER).unlink(missing_ok=True)
+    run_train_script(arguments, paths.root / "train_args.yaml", paths.logs / "train.log", **script_options)
+    (paths.model / TRAINED_MARKER).write_text(
+        yaml.safe_dump(arguments, allow_unicode=True, sort_keys=True), encoding="utf-8"
+    )
+    return False
+
+
+def evaluate_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> dict:
+    """Score the saved model on dev and on test with ``train_hf.py``.
+
+    One evaluation-only run per split, each scoring its split as the evaluation set;
+    ``script_options`` go to :func:`run_train_script`.
+
+    Returns:
+        ``{split: {"cer", "utterances", "loss"}}`` for ``dev`` and ``test``.
+    """
+    metrics = {}
+    for split in ("dev", "test"):
+        arguments = evaluation_arguments(preset, paths, split)
+        log_file = paths.logs / f"evaluation_{split}.log"
+        run_train_script(arguments, paths.root / f"eval_{split}_args.yaml", log_file, **script_options)
+        results = json.loads((paths.evaluation / split / "eval_results.json").read_text(encoding="utf-8"))
+        metrics[split] = {"cer": results["eval_cer"], "utterances": results["eval_samples"], "loss": results["eval_loss"]}
+    return metrics
+
+
+def training_summary(model_dir: Path) -> dict:
+    """Steps, run time, final loss and the dev CER curve of the run saved in ``model_dir``."""
+    state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    results = json.loads((model_dir / "train_results.json").read_text(encoding="utf-8"))
+    history = state["log_history"]
+    return {
+        "steps": state["global_step"],
+        "train_runtime_seconds": results.get("train_runtime"),
+        "train_loss": results.get("train_loss"),
+        "dev_cer_by_step": [[entry["step"], entry["eval_cer"]] for entry in history if "eval_cer" in entry],
+        "last_logged_losses": next(
+            ({key: entry[key] for key in ("loss", "ctc_loss", "ot_loss", "align_loss") if key in entry}
+             for entry in reversed(history) if "loss" in entry),
+            {},
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------- transcription
+def character_error_rate(hypothesis: str, reference: str) -> float:
+    """CER of one transcript with the package's metric (edit distance / reference length)."""
+    from .trainer import load_cer_metric
+
+    return float(load_cer_metric().compute(predictions=[hypothesis], references=[reference]))
+
+
+def transcribe_clips(model_dir: Path, records: Sequence[dict]) -> list[dict]:
+    """Transcribe manifest records through the ASR pipeline with remote code, as a Hub user would.
+
+    The audio is decoded with soundfile (no FFmpeg) and passed as ``{"raw", "sampling_rate"}``.
+
+    Returns:
+        One ``{"id", "reference", "hypothesis", "cer"}`` per record.
+    """
+    import soundfile
+    from transformers import pipeline
+
+    recogniser = pipeline("automatic-speech-recognition", model=str(model_dir), trust_remote_code=True)
+    transcriptions = []
+    for record in records:
+        audio, rate = soundfile.read(record["audio"], dtype="float32")
+        hypothesis = recogniser({"raw": audio, "sampling_rate": rate})["text"].replace(" ", "")
+        transcriptions.append(
+            {
+                "id": record["id"],
+                "reference": record["text"],
+                "hypothesis": hypothesis,
+                "cer": round(character_error_rate(hypothesis, record["text"]), 4),
+            }
+        )
+    return transcriptions
+
+
+# --------------------------------------------------------------------------------------- couplings
+@dataclass
+class UtteranceCouplings:
+    """TOT and plain-OT couplings of one utterance.
+
+    Attributes:
+        tot: ``(N, M)`` TOT coupling (the trained model's ``tot_lambda1``, ``tot_lambda2``, ``tot_sigma``).
+        plain: ``(N, M)`` plain entropic OT coupling (``lambda1 = 0``, no prior, same ``lambda2``).
+        frame_seconds: duration of one encoder frame.
+    """
+
+    tot: np.ndarray
+    plain: np.ndarray
+    frame_seconds: float
+
+
+class AlignmentModels:
+    """A trained TOT-CAKT model with its processor and teacher, for computing couplings.
+
+    Args:
+        model_dir: the saved model (``train_hf.py``'s output); it must have been trained with
+            an alignment (``tot`` or ``ot``), so that it has the adapter.
+        teacher_dir: the teacher it was trained with.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, teacher_dir: str | os.PathLike):
+        from transformers import AutoProcessor
+
+        from .modeling_tot_cakt import TOTCAKTForCTC
+        from .trainer import load_teacher
+
+        self.model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
+        if not self.model.config.uses_teacher:
+            raise ValueError(
+                f"{model_dir} was trained with alignment='none': it has no adapter, so there are no couplings to show."
+            )
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        teacher, self.teacher_tokenizer = load_teacher(str(teacher_dir))
+        self.model.attach_teacher(teacher)
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per encoder frame."""
+        return self.model.config.inputs_to_logits_ratio / self.processor.feature_extractor.sampling_rate
+
+    @torch.no_grad()
+    def couplings(self, waveform: np.ndarray, text: str) -> UtteranceCouplings:
+        """Couplings of one utterance: ``waveform`` ``(samples,)`` at the processor's rate, normalised ``text``.
+
+        Raises:
+            ValueError: the teacher does not give one token per character of ``text``.
+        """
+        extractor = self.processor.feature_extractor
+        inputs = extractor(waveform, sampling_rate=extractor.sampling_rate, return_tensors="pt", return_attention_mask=True)
+        features = inputs[extractor.model_input_names[0]]
+        hidden = self.model.encoder(features, attention_mask=inputs["attention_mask"]).last_hidden_state
+        frame_mask = self.model.frame_mask(hidden.shape[1], inputs["attention_mask"])
+        adapted = self.model.adapter(hidden)
+        encoded = self.teacher_tokenizer([text], return_tensors="pt")
+        tokens, token_mask = self.model.teacher_token_features(encoded["input_ids"], encoded["attention_mask"])
+        if int(token_mask.sum()) != len(text):
+            raise ValueError(
+                f"The teacher's tokenizer gives {int(token_mask.sum())} tokens for the {len(text)} characters of "
+                f"{text!r}; couplings are drawn per character."
+            )
+        cost = cosine_cost(adapted, tokens)
+        config = self.model.config
+        solve = dict(lambda2=config.tot_lambda2, max_iter=config.tot_max_iter, tol=config.tot_tol)
+        tot = tot_sinkhorn(cost, frame_mask, token_mask, lambda1=config.tot_lambda1, sigma=config.tot_sigma, **solve)
+        plain = tot_sinkhorn(cost, frame_mask, token_mask, lambda1=0.0, sigma=None, **solve)
+        valid = frame_mask[0]
+        return UtteranceCouplings(
+            tot=tot[0][valid][:, token_mask[0]].numpy(),
+            plain=plain[0][valid][:, token_mask[0]].numpy(),
+            frame_seconds=self.frame_seconds,
+        )
+
+
+def alignment_error_seconds(coupling: np.ndarray, frame_seconds: float, char_times: Sequence[Sequence[float]]) -> float:
+    """How far a coupling's mass lies from the true alignment, in seconds.
+
+    For each token ``j``, the expected distance ``sum_i T_ij / nu_j * |t_i - c_j|`` between the
+    frame times ``t_i = (i + 1/2) * frame_seconds`` and the centre ``c_j`` of the character's
+    syllable (``char_times[j] = [start, end]``); the mean over tokens.
+
+    Args:
+        coupling: ``(N, M)`` coupling whose columns sum to ``1/M``.
+        frame_seconds: duration of an encoder frame.
+        char_times: ``M`` ``[start, end]`` pairs in seconds (the synthesis manifest's ``char_times``).
+    """
+    if coupling.shape[1] != len(char_times):
+        raise ValueError(f"The coupling has {coupling.shape[1]} tokens but char_times has {len(char_times)} entries.")
+    frame_times = (np.arange(coupling.shape[0]) + 0.5) * frame_seconds
+    centres = np.array([(start + end) / 2 for start, end in char_times])
+    columns = coupling / coupling.sum(axis=0, keepdims=True)
+    return float((columns * np.abs(frame_times[:, None] - centres[None, :])).sum(axis=0).mean())
+
+
+def plot_couplings(couplings: UtteranceCouplings, record: dict, path: Path) -> None:
+    """Save the TOT and plain-OT couplings side by side (frames down, characters across) as a PNG.
+
+    The tick labels are the syllables (toneful pinyin), which every font can draw; a white box
+    marks the frames of each syllable according to the synthesiser.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.patches import Rectangle
+
+    syllables = record["pinyin"].split()
+    frames = couplings.tot.shape[0]
+    width = max(9.0, 3.0 + 0.9 * len(syllables))
+    figure, axes = pyplot.subplots(1, 2, figsize=(width, 3.0 + 0.12 * frames), sharey=True)
+    for axis, (title, coupling) in zip(axes, (("TOT", couplings.tot), ("plain OT", couplings.plain))):
+        error = alignment_error_seconds(coupling, couplings.frame_seconds, record["char_times"])
+        image = axis.imshow(coupling * coupling.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
+        for column, (start, end) in enumerate(record["char_times"]):
+            top = start / couplings.frame_seconds - 0.5
+            axis.add_patch(
+                Rectangle((column - 0.5, top), 1, (end - start) / couplings.frame_seconds, fill=False, edgecolor="white")
+            )
+        axis.set_title(f"{title}\nmean |t - t_char| = {error * 1000:.0f} ms", fontsize=10)
+        axis.set_xticks(range(len(syllables)), syllables, rotation=60, fontsize=8)
+        axis.set_xlabel("character (pinyin)")
+        figure.colorbar(image, ax=axis, label="T_ij / nu_j (each column sums to 1)")
+    axes[0].set_ylabel(f"encoder frame ({couplings.frame_seconds * 1000:.0f} ms)")
+    figure.suptitle(f"{record['id']}: {record['pinyin']}", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def coupling_stage(paths: DemoPaths, record: dict) -> dict:
+    """Draw the couplings of ``record`` into ``paths.couplings_png``; returns their alignment errors."""
+    models = AlignmentModels(paths.model, paths.teacher)
+    sampling_rate = models.processor.feature_extractor.sampling_rate
+    couplings = models.couplings(load_audio(record["audio"], sampling_rate), record["text"])
+    plot_couplings(couplings, record, paths.couplings_png)
+    return {
+        "utterance": record["id"],
+        "png": str(paths.couplings_png),
+        "tot_alignment_error_seconds": round(alignment_error_seconds(couplings.tot, couplings.frame_seconds, record["char_times"]), 4),
+        "ot_alignment_error_seconds": round(alignment_error_seconds(couplings.plain, couplings.frame_seconds, record["char_times"]), 4),
+    }
+
+
+# --------------------------------------------------------------------------------------------- run
+def _corpus_stats(corpus: CorpusSummary) -> dict:
+    info = corpus.info
+    return {
+        "utterances": corpus.num_utterances,
+        "sentences": corpus.num_sentences,
+        "hours": {split: info["splits"][split]["hours"] for split in SPLITS},
+        "vocabulary_size": info["vocabulary_size"],
+        "homophones_test": info["homophones_test"],
+    }
+
+
+def _teacher_stats(teacher: TeacherSummary) -> dict:
+    names = (
+        "parameters",
+        "vocab_size",
+        "training_clauses",
+        "heldout_masked_token_accuracy",
+        "train_masked_token_accuracy",
+        "build_seconds",
+    )
+    return {name: teacher.report[name] for name in names}
+
+
+def run_demo(
+    preset: DemoPreset, work_dir: str | os.PathLike, retrain: bool = False, num_transcriptions: int = 3
+) -> dict:
+    """Run every stage (see the module docstring) and write ``demo_report.json``; returns the report."""
+    paths = DemoPaths.create(work_dir, preset)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def timed(stage: str, function, *args, **kwargs):
+        print(f"\n=== {stage} ===", flush=True)
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        timings[stage] = round(time.perf_counter() - start, 1)
+        return result
+
+    corpus = timed("synthesis", synthesize_stage, preset, paths)
+    teacher = timed("teacher", teacher_stage, preset, paths)
+    model_reused = timed("training", train_stage, preset, paths, retrain)
+    evaluation = timed("evaluation", evaluate_stage, preset, paths)
+    test_records = read_manifest(corpus.manifests["test"])
+    transcriptions = timed("transcription", transcribe_clips, paths.model, test_records[:num_transcriptions])
+    couplings = timed("couplings", coupling_stage, paths, test_records[0])
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    report = {
+        "preset": preset.name,
+        "preset_file": str(preset.source),
+        "work_dir": str(paths.root),
+        "model_dir": str(paths.model),
+        "reused": {"corpus": corpus.reused, "teacher": teacher.reused, "model": model_reused},
+        "timings_seconds": timings,
+        "cer": {split: evaluation[split]["cer"] for split in ("dev", "test")},
+        "evaluation": evaluation,
+        "training": training_summary(paths.model),
+        "corpus": _corpus_stats(corpus),
+        "teacher": _teacher_stats(teacher),
+        "transcriptions": transcriptions,
+        "couplings": couplings,
+    }
+    paths.report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """The demo's closing printout: CERs, transcriptions, couplings and timings."""
+    lines = [
+        "",
+        f"=== TOT-CAKT demo ({report['preset']}) ===",
+        f"dev CER  {report['cer']['dev']:.3f}  ({report['evaluation']['dev']['utterances']} utterances)",
+        f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances)",
+        f"trained {report['training']['steps']} steps; teacher held-out masked-token accuracy "
+        f"{report['teacher']['heldout_masked_token_accuracy']:.3f}",
+        "",
+        "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:",
+    ]
+    for item in report["transcriptions"]:
+        lines += [f"  {item['id']}  CER {item['cer']:.2f}", f"    reference:  {item['reference']}", f"    hypothesis: {item['hypothesis']}"]
+    couplings = report["couplings"]
+    lines += [
+        "",
+        f"couplings of {couplings['utterance']}: {couplings['png']}",
+        f"  mean distance of the coupling mass from the true syllable centre: TOT "
+        f"{couplings['tot_alignment_error_seconds'] * 1000:.0f} ms, plain OT {couplings['ot_alignment_error_seconds'] * 1000:.0f} ms",
+        "",
+        "time per stage (s): " + ", ".join(f"{stage} {seconds}" for stage, seconds in report["timings_seconds"].items()),
+        f"reused: {', '.join(name for name, reused in report['reused'].items() if reused) or 'nothing'}",
+        f"report: {Path(report['work_dir']) / REPORT_FILE}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line: ``python -m modeling_tot_cakt.demo --preset quick --work_dir outputs/demo``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", help=f"One of {PRESETS}, or the path of a preset YAML file.")
+    parser.add_argument("--work_dir", default="outputs/demo", help="Folder for everything the demo makes.")
+    parser.add_argument("--retrain", action="store_true", help="Train again even when a completed model is there.")
+    parser.add_argument("--num_transcriptions", type=int, default=3, help="Test clips to transcribe with the pipeline.")
+    args = parser.parse_args(argv)
+    report = run_demo(load_preset(args.preset), args.work_dir, retrain=args.retrain, num_transcriptions=args.num_transcriptions)
+    print(format_summary(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The demo's orchestration end to end on a tiny corpus, teacher and model (a few seconds of training)."""
+
+import json
+import struct
+
+import pytest
+import yaml
+
+from modeling_tot_cakt import demo
+from modeling_tot_cakt.synthesis import read_manifest
+
+TINY_ENCODER = {
+    "model_type": "wav2vec2-bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "output_hidden_size": 32,
+    "conv_depthwise_kernel_size": 3,
+    "feature_projection_input_dim": 320,
+    "mask_time_prob": 0.0,
+    "layerdrop": 0.0,
+}
+TINY_PRESET = {
+    "synthesis": {
+        "num_sentences": 24,
+        "vocab_size": 50,
+        "min_chars": 2,
+        "max_chars": 4,
+        "dev_fraction": 0.125,
+        "test_fraction": 0.125,
+        "renditions_per_train_sentence": 1,
+        "num_workers": 1,
+    },
+    "teacher": {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "max_steps": 2, "batch_size": 8},
+    "train": {
+        "encoder_config": json.dumps(TINY_ENCODER),
+        "alignment": "tot",
+        "adapter_hidden_size": 16,
+        "cache_teacher_features": True,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    },
+}
+
+
+def png_size(path):
+    """(width, height) from a PNG header; fails on anything that is not a PNG."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One demo run on the tiny preset: `(preset, work_dir, report)`."""
+    root = tmp_path_factory.mktemp("demo")
+    preset_file = root / "demo_tiny.yaml"
+    preset_file.write_text(yaml.safe_dump(TINY_PRESET), encoding="utf-8")
+    preset = demo.load_preset(preset_file)
+    return preset, root / "work", demo.run_demo(preset, root / "work")
+
+
+def test_demo_report_transcriptions_and_plot(tiny_demo):
+    preset, work_dir, report = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    assert json.loads(paths.report.read_text(encoding="utf-8")) == report
+    assert report["preset"] == "tiny" and report["reused"] == {"corpus": False, "teacher": False, "model": False}
+    assert report["evaluation"]["dev"]["utterances"] == 3 and report["evaluation"]["test"]["utterances"] == 3
+    assert all(report["cer"][split] >= 0 for split in ("dev", "test"))
+    assert report["training"]["steps"] == 2
+    assert set(report["timings_seconds"]) == {
+        "synthesis", "teacher", "training", "evaluation", "transcription", "couplings", "total"
+    }
+    assert report["corpus"]["utterances"] == {"train": 18, "dev": 3, "test": 3}
+    assert 0 <= report["teacher"]["heldout_masked_token_accuracy"] <= 1
+
+    test_records = read_manifest(paths.corpus / "test.jsonl")
+    transcriptions = report["transcriptions"]
+    assert [item["id"] for item in transcriptions] == [record["id"] for record in test_records]
+    assert [item["reference"] for item in transcriptions] == [record["text"] for record in test_records]
+    for item in transcriptions:
+        assert isinstance(item["hypothesis"], str) and item["cer"] >= 0
+
+    couplings = report["couplings"]
+    assert couplings["utterance"] == test_records[0]["id"]
+    width, height = png_size(paths.couplings_png)
+    assert width > 300 and height > 200
+    assert couplings["tot_alignment_error_seconds"] >= 0 and couplings["ot_alignment_error_seconds"] >= 0
+
+
+def test_a_second_run_reuses_corpus_teacher_and_model(tiny_demo, monkeypatch):
+    preset, work_dir, _ = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    assert demo.synthesize_stage(preset, paths).reused and demo.teacher_stage(preset, paths).reused
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("train_hf.py was run although the trained model is complete")
+
+    monkeypatch.setattr(demo, "run_train_script", no_training)
+    assert demo.train_stage(preset, paths) is True
+
+
+def test_changed_training_arguments_or_retrain_train_again(tiny_demo, monkeypatch):
+    preset, work_dir, _ = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    changed = demo.DemoPreset(preset.name, preset.source, preset.synthesis, preset.teacher, {**preset.train, "max_steps": 3})
+    assert demo.is_trained(paths, demo.training_arguments(preset, paths))
+    assert not demo.is_trained(paths, demo.training_arguments(changed, paths))
+    calls = []
+    monkeypatch.setattr(demo, "run_train_script", lambda arguments, *args, **kwargs: calls.append(arguments))
+    assert demo.train_stage(preset, paths, retrain=True) is False
+    assert calls and calls[0]["overwrite_output_dir"] is True and calls[0]["max_steps"] == 2
+
+
+def test_alignment_error_is_zero_for_a_coupling_on_the_syllable_centres():
+    import numpy as np
+
+    # Frames of 0.1 s; syllable centres at 0.05 s and 0.25 s lie on the centres of frames 0 and 2.
+    coupling = np.zeros((4, 2))
+    coupling[0, 0] = coupling[2, 1] = 0.5
+    assert demo.alignment_error_seconds(coupling, 0.1, [[0.0, 0.1], [0.2, 0.3]]) == pytest.approx(0.0)
+    spread = np.full((4, 2), 1 / 8)  # uniform: mean distance of frames 0.05..0.35 from 0.05 and 0.25
+    assert demo.alignment_error_seconds(spread, 0.1, [[0.0, 0.1], [0.2, 0.3]]) == pytest.approx((0.6 + 0.4) / 2 / 4)
+
+
+def test_presets_ship_and_bad_presets_are_refused(tmp_path):
+    for name in demo.PRESETS:
+        preset = demo.load_preset(name)
+        assert preset.name == name and preset.train["alignment"] == "tot"
+    with pytest.raises(ValueError, match="Unknown demo preset"):
+        demo.load_preset("nonexistent")
+    owned = tmp_path / "owned.yaml"
+    owned.write_text(yaml.safe_dump({"train": {"output_dir": "x"}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="must not set"):
+        demo.load_preset(owned)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump({"synthesis": {"speakers": 3}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown synthesis settings"):
+        demo.load_preset(unknown)
