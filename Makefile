@@ -42,8 +42,8 @@ bench-quick: install
 
 # The paper's comparison: CTC-only vs OT-CAKT vs TOT-CAKT, 3 seeds each (about 2 hours on 2 CPU cores).
 bench-quality: install
-	$(PY) benchmarks/bench_quality.py --preset quality --out docs/results/quality.json
-	$(PY) benchmarks/bench_alignment.py --out docs/results/alignment.json
+	$(PY) benchmarks/bench_quality.py --preset quality --output docs/results/quality.json
+	$(PY) benchmarks/bench_alignment.py --output docs/results/alignment.json
 
 bench: bench-quick bench-quality
 

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Recognition quality of CTC-only, OT-CAKT and TOT-CAKT on the embedded synthetic corpus.
+
+The comparison of the paper (arXiv 2409.02239, Table 1) at the scale of this repository: the same
+encoder, data, optimiser, schedule and number of steps, trained by ``train_hf.py`` with
+``--alignment none``, ``ot`` and ``tot``, several seeds each. Corpus, teacher and training
+arguments come from a demo preset (:mod:`modeling_tot_cakt.demo`), so the benchmark measures what
+``make demo`` trains.
+
+Reported (``--output``, default ``docs/results/quality.json``): dev and test CER per run and as
+mean +- std per method, the dev-CER-vs-step curve of every run (periodic evaluation during
+training), and for each method the steps it needs to reach the CER that CTC-only reaches at the
+end (``--target_cer`` overrides). ``--plot`` (default ``docs/results/quality_curves.png``) draws
+the curves. The JSON is rewritten after every finished run, so an interrupted benchmark leaves
+its finished runs; a rerun reuses runs trained to completion with the same arguments.
+
+Presets: ``quality`` (2 cores, two runs at a time on one thread each) and ``full`` (the demo's
+``full`` preset, longer, one run at a time; for a GPU).
+
+    python benchmarks/bench_quality.py --preset quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modeling_tot_cakt import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"none": "CTC only", "ot": "OT-CAKT", "tot": "TOT-CAKT"}
+
+
+@dataclass
+class BenchPreset:
+    """A quality benchmark configuration.
+
+    Attributes:
+        demo_preset: the demo preset whose corpus, teacher and training arguments are used.
+        train_overrides: ``train_hf.py`` arguments changed for the benchmark (steps, evaluation).
+        seeds: training seeds per method.
+        parallel: runs at a time.
+        threads_per_run: ``OMP_NUM_THREADS`` of each run (None: torch's default).
+    """
+
+    demo_preset: str
+    train_overrides: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    parallel: int = 1
+    threads_per_run: int | None = None
+
+
+PRESETS = {
+    # 9 runs, two at a time with one thread each: on an idle 2-core machine each run takes about
+    # 20 minutes (see docs/DEMO.md for the step times), so the whole benchmark about 100 minutes.
+    "quality": BenchPreset(
+        demo_preset="quick",
+        train_overrides={"max_steps": 4000, "eval_strategy": "steps", "eval_steps": 250, "disable_tqdm": True},
+        parallel=2,
+        threads_per_run=1,
+    ),
+    "full": BenchPreset(
+        demo_preset="full",
+        train_overrides={"eval_strategy": "steps", "eval_steps": 500, "disable_tqdm": True},
+        parallel=1,
+    ),
+}
+
+
+def run_once(preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threads: int | None) -> dict:
+    """Train and evaluate one run (or reuse a completed one); returns its result record."""
+    paths = demo.DemoPaths(root=run_dir, corpus=base.corpus, teacher=base.teacher, model=run_dir / "model", cache=base.cache)
+    result_file = run_dir / "result.json"
+    environment = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    start = time.perf_counter()
+    reused = demo.train_stage(preset, paths, echo=False, environment=environment)
+    if reused and result_file.is_file():
+        return json.loads(result_file.read_text(encoding="utf-8"))
+    train_seconds = time.perf_counter() - start
+    evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
+    summary = demo.training_summary(paths.model)
+    result = {
+        "alignment": preset.train["alignment"],
+        "seed": preset.train["seed"],
+        "dev_cer": evaluation["dev"]["cer"],
+        "test_cer": evaluation["test"]["cer"],
+        "steps": summary["steps"],
+        "train_runtime_seconds": summary["train_runtime_seconds"],
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "train_wall_seconds": round(train_seconds, 1),
+        "dev_cer_by_step": summary["dev_cer_by_step"],
+        "model_dir": str(paths.model),
+    }
+    result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
+    """First evaluated step whose dev CER is at most ``target`` (None if never)."""
+    return next((int(step) for step, cer in curve if cer <= target), None)
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarise(runs: list[dict], target_cer: float | None) -> dict:
+    """Per-method dev/test CER mean +- std, mean curves, and steps to reach the target CER.
+
+    The default target is the mean final dev CER of CTC-only: how many steps each method needs
+    to get where the baseline ends.
+    """
+    by_method = {method: [run for run in runs if run["alignment"] == method] for method in METHODS}
+    if target_cer is None and by_method["none"]:
+        target_cer = float(np.mean([run["dev_cer"] for run in by_method["none"]]))
+    summary = {"target_dev_cer": target_cer, "methods": {}}
+    for method, method_runs in by_method.items():
+        if not method_runs:
+            continue
+        reached = [steps_to_reach(run["dev_cer_by_step"], target_cer) for run in method_runs] if target_cer else []
+        summary["methods"][method] = {
+            "name": METHODS[method],
+            "dev_cer": _mean_std([run["dev_cer"] for run in method_runs]),
+            "test_cer": _mean_std([run["test_cer"] for run in method_runs]),
+            "steps_to_target": reached,
+            "runs_reaching_target": sum(step is not None for step in reached),
+        }
+    return summary
+
+
+def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
+    """Dev CER against training step: every run thin, the mean per method thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(7, 4.5))
+    for index, method in enumerate(METHODS):
+        method_runs = [run for run in runs if run["alignment"] == method and run["dev_cer_by_step"]]
+        if not method_runs:
+            continue
+        colour = f"C{index}"
+        for run in method_runs:
+            steps, cers = zip(*run["dev_cer_by_step"])
+            axis.plot(steps, cers, color=colour, alpha=0.3, linewidth=0.8)
+        length = min(len(run["dev_cer_by_step"]) for run in method_runs)
+        steps = [step for step, _ in method_runs[0]["dev_cer_by_step"][:length]]
+        mean = np.mean([[cer for _, cer in run["dev_cer_by_step"][:length]] for run in method_runs], axis=0)
+        axis.plot(steps, mean, color=colour, linewidth=2, label=f"{METHODS[method]} (n={len(method_runs)})")
+    if summary.get("target_dev_cer") is not None:
+        axis.axhline(summary["target_dev_cer"], color="grey", linestyle=":", label="final CTC-only dev CER")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("dev CER")
+    axis.set_ylim(0, 1.05)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quality")
+    parser.add_argument(
+        "--demo_work_dir",
+        default=str(ROOT / "outputs" / "demo"),
+        help="The demo's --work_dir: its corpus, teacher and caches are used (and made if missing).",
+    )
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench_quality"), help="Folder for the runs.")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "quality.json"))
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "results" / "quality_curves.png"))
+    parser.add_argument("--seeds", type=int, nargs="+", help="Override the preset's seeds.")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--max_steps", type=int, help="Override the preset's number of steps.")
+    parser.add_argument("--target_cer", type=float, help="Dev CER for steps_to_target (default: CTC-only's final).")
+    args = parser.parse_args(argv)
+
+    bench = PRESETS[args.preset]
+    preset = demo.load_preset(bench.demo_preset)
+    overrides = dict(bench.train_overrides)
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    base = demo.DemoPaths.create(args.demo_work_dir, preset)
+    base.root.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.work_dir).resolve() / args.preset
+    corpus = demo.synthesize_stage(preset, base)
+    teacher = demo.teacher_stage(preset, base)
+
+    jobs = [
+        (method, seed)
+        for seed in (args.seeds or bench.seeds)
+        for method in args.methods
+    ]
+    runs: list[dict] = []
+    lock = threading.Lock()
+    output, plot = Path(args.output), Path(args.plot)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def record(report_complete: bool) -> dict:
+        summary = summarise(runs, args.target_cer)
+        report = {
+            "preset": args.preset,
+            "demo_preset": bench.demo_preset,
+            "train_arguments": {**preset.train, **overrides},
+            "parallel_runs": bench.parallel,
+            "threads_per_run": bench.threads_per_run,
+            "corpus": {"dir": str(base.corpus), "utterances": corpus.num_utterances, "vocabulary_size": corpus.info["vocabulary_size"]},
+            "teacher": {"dir": str(base.teacher), "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"]},
+            "complete": report_complete,
+            "runs_planned": len(jobs),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "summary": summary,
+            "runs": sorted(runs, key=lambda run: (run["alignment"], run["seed"])),
+        }
+        output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if runs:
+            plot_curves(runs, summary, plot)
+        return report
+
+    def job(method: str, seed: int) -> None:
+        run_preset = demo.DemoPreset(
+            name=preset.name,
+            source=preset.source,
+            synthesis=preset.synthesis,
+            teacher=preset.teacher,
+            train={**preset.train, **overrides, "alignment": method, "seed": seed},
+        )
+        result = run_once(run_preset, base, runs_dir / f"{method}-seed{seed}", bench.threads_per_run)
+        with lock:
+            runs.append(result)
+            record(report_complete=False)
+            print(f"{METHODS[method]} seed {seed}: dev CER {result['dev_cer']:.4f}, test CER {result['test_cer']:.4f} "
+                  f"({result['wall_seconds']:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=bench.parallel) as pool:
+        for future in [pool.submit(job, method, seed) for method, seed in jobs]:
+            future.result()
+    report = record(report_complete=True)
+    for method, stats in report["summary"]["methods"].items():
+        dev, test = stats["dev_cer"], stats["test_cer"]
+        print(f"{stats['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
+              f"{test['std']:.4f}   steps to dev CER {report['summary']['target_dev_cer']:.4f}: {stats['steps_to_target']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
