@@ -311,7 +311,8 @@ def training_summary(model_dir: Path) -> dict:
         "steps": state["global_step"],
         "train_runtime_seconds": results.get("train_runtime"),
         "train_loss": results.get("train_loss"),
-        "dev_cer_by_step": [[entry["step"], entry["eval_cer"]] for entry in history if "eval_cer" in entry],
+        # The evaluation after training repeats the last periodic one: one value per step.
+        "dev_cer_by_step": sorted({entry["step"]: entry["eval_cer"] for entry in history if "eval_cer" in entry}.items()),
         "last_logged_losses": next(
             ({key: entry[key] for key in ("loss", "ctc_loss", "ot_loss", "align_loss") if key in entry}
              for entry in reversed(history) if "loss" in entry),
