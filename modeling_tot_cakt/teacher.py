@@ -90,7 +90,7 @@ class TeacherConfig:
     max_chars: int = field(
         default=16,
         metadata={
-            "help": "Longest training clause, in characters (longer ones, about 1 % of the clauses, are left out)."
+            "help": "Longest training clause, in characters (longer ones, about 1 %% of the clauses, are left out)."
         },
     )
     min_char_count: int = field(
