@@ -63,11 +63,11 @@ PRESETS = {
     # thread each: about 13 minutes per run on an idle 2-core machine, 70 minutes in all.
     "quality": BenchPreset(
         demo_preset="quick",
-        train_overrides={"eval_strategy": "steps", "eval_steps": 500, "disable_tqdm": True},
+        train_overrides={"disable_tqdm": True},
         parallel=2,
         threads_per_run=1,
     ),
-    # The full demo's training (20,000 steps, best dev checkpoint kept), one run at a time: for a GPU.
+    # The full demo's training (12,000 steps, best dev checkpoint kept), one run at a time: for a GPU.
     "full": BenchPreset(
         demo_preset="full",
         train_overrides={"disable_tqdm": True},
