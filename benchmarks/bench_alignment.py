@@ -16,7 +16,9 @@ its syllable, ``mean_j sum_i T_ij / nu_j |t_i - c_j|`` in seconds
 
 Models: ``--models DIR ...``; by default the demo's model (``outputs/demo/quick/model``) and the
 quality benchmark's seed-0 OT-CAKT and TOT-CAKT models, where they exist. Writes
-``docs/results/alignment.json`` and ``docs/results/alignment.png``.
+``docs/results/alignment.json``, ``docs/results/alignment.png`` (per-utterance errors) and, for the
+last TOT-trained model, heat maps of both couplings for the ``--examples`` longest test utterances
+(``docs/results/alignment_example_<k>.png``).
 
     python benchmarks/bench_alignment.py
 """
@@ -85,6 +87,20 @@ def measure_model(model_dir: Path, records: list[dict]) -> dict:
     }
 
 
+def plot_examples(model_dir: Path, records: list[dict], count: int, folder: Path) -> list[str]:
+    """TOT and plain-OT coupling heat maps of the ``count`` longest utterances; returns the PNG paths."""
+    teacher_dir = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["teacher_name_or_path"]
+    models = demo.AlignmentModels(model_dir, teacher_dir)
+    rate = models.processor.feature_extractor.sampling_rate
+    longest = sorted(records, key=lambda record: (-len(record["text"]), record["id"]))[:count]
+    paths = []
+    for index, record in enumerate(longest):
+        path = folder / f"alignment_example_{index}.png"
+        demo.plot_couplings(models.couplings(load_audio(record["audio"], rate), record["text"]), record, path)
+        paths.append(str(path))
+    return paths
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Box plots of the per-utterance alignment errors: one group per model, one box per coupling."""
     import matplotlib
@@ -128,6 +144,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_utterances", type=int, default=None, help="Use only the first N test utterances.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "alignment.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "alignment.png")
+    parser.add_argument("--examples", type=int, default=3, help="Coupling heat maps of the N longest test utterances.")
     args = parser.parse_args(argv)
 
     models = args.models or [path for path in DEFAULT_MODELS if (path / "model.safetensors").is_file()]
@@ -142,7 +159,9 @@ def main(argv=None) -> dict:
         results.append(measure_model(Path(model_dir), records))
         means = results[-1]["mean_error_seconds"]
         print(f"{model_dir}: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in means.items()), flush=True)
-    report = {"corpus_dir": str(corpus_dir), "utterances": len(records), "models": results}
+    tot_models = [result["model_dir"] for result in results if result["trained_alignment"] == "tot"]
+    examples = plot_examples(Path(tot_models[-1]), records, args.examples, args.plot.parent) if tot_models and args.examples else []
+    report = {"corpus_dir": str(corpus_dir), "utterances": len(records), "models": results, "example_plots": examples}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot(results, args.plot)

@@ -145,3 +145,28 @@ def test_presets_ship_and_bad_presets_are_refused(tmp_path):
     unknown.write_text(yaml.safe_dump({"synthesis": {"speakers": 3}}), encoding="utf-8")
     with pytest.raises(ValueError, match="unknown synthesis settings"):
         demo.load_preset(unknown)
+
+
+def test_alignment_benchmark_on_the_demo_model(tiny_demo, tmp_path, monkeypatch):
+    """benchmarks/bench_alignment.py measures every coupling of every test utterance and plots examples."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_alignment
+
+    preset, work_dir, _ = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    report = bench_alignment.main([
+        "--models", str(paths.model), "--corpus_dir", str(paths.corpus),
+        "--output", str(tmp_path / "alignment.json"), "--plot", str(tmp_path / "alignment.png"), "--examples", "2",
+    ])
+    assert json.loads((tmp_path / "alignment.json").read_text(encoding="utf-8")) == report
+    (result,) = report["models"]
+    assert result["trained_alignment"] == "tot" and result["utterances"] == report["utterances"] == 3
+    for name in bench_alignment.COUPLINGS:
+        errors = result["per_utterance_seconds"][name]
+        assert len(errors) == 3 and all(error >= 0 for error in errors)
+    png_size(tmp_path / "alignment.png")
+    assert [Path(path).name for path in report["example_plots"]] == ["alignment_example_0.png", "alignment_example_1.png"]
+    for path in report["example_plots"]:
+        png_size(Path(path))
