@@ -14,8 +14,8 @@ and the expected distance between a character's frames under the coupling and th
 its syllable, ``mean_j sum_i T_ij / nu_j |t_i - c_j|`` in seconds
 (:func:`modeling_tot_cakt.demo.alignment_error_seconds`).
 
-Models: ``--models DIR ...``; by default the demo's model (``outputs/demo/quick/model``) and the
-quality benchmark's seed-0 OT-CAKT and TOT-CAKT models, where they exist. Writes
+Models: ``--models DIR ...``; by default the quality benchmark's OT-CAKT and TOT-CAKT models of
+every seed, or the demo's model (``outputs/demo/quick/model``) where there are none. Writes
 ``docs/results/alignment.json``, ``docs/results/alignment.png`` (per-utterance errors) and, for the
 last TOT-trained model, heat maps of both couplings for the ``--examples`` longest test utterances
 (``docs/results/alignment_example_<k>.png``).
@@ -38,11 +38,14 @@ from modeling_tot_cakt.synthesis import read_manifest
 from modeling_tot_cakt.tot import tot_sinkhorn
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = (
-    ROOT / "outputs" / "demo" / "quick" / "model",
-    ROOT / "outputs" / "bench_quality" / "quality" / "ot-seed0" / "model",
-    ROOT / "outputs" / "bench_quality" / "quality" / "tot-seed0" / "model",
-)
+QUALITY_RUNS = ROOT / "outputs" / "bench_quality" / "quality"
+
+
+def default_models() -> list[Path]:
+    """The quality benchmark's OT-CAKT and TOT-CAKT models (every seed), else the demo's model."""
+    bench = sorted(QUALITY_RUNS.glob("ot-seed*/model")) + sorted(QUALITY_RUNS.glob("tot-seed*/model"))
+    models = bench or [ROOT / "outputs" / "demo" / "quick" / "model"]
+    return [path for path in models if (path / "model.safetensors").is_file()]
 COUPLINGS = ("tot", "ot", "prior_only")
 
 
@@ -147,7 +150,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", type=int, default=3, help="Coupling heat maps of the N longest test utterances.")
     args = parser.parse_args(argv)
 
-    models = args.models or [path for path in DEFAULT_MODELS if (path / "model.safetensors").is_file()]
+    models = args.models or default_models()
     if not models:
         raise SystemExit(
             "No trained model found: run `make demo` or benchmarks/bench_quality.py first, or pass --models."
