@@ -9,6 +9,7 @@ computes, on the model's adapted frames against the teacher's token features:
 - the plain entropic OT coupling (``lambda1 = 0``, no prior: the OT-CAKT solver),
 - the prior-only coupling (TOT with a zero cost: where the temporal prior and order reward alone
   put the mass, i.e. what the features add is the difference to it),
+- the uniform coupling (every frame with every character: what knowing nothing scores),
 
 and the expected distance between a character's frames under the coupling and the centre of
 its syllable, ``mean_j sum_i T_ij / nu_j |t_i - c_j|`` in seconds
@@ -46,7 +47,7 @@ def default_models() -> list[Path]:
     bench = sorted(QUALITY_RUNS.glob("ot-seed*/model")) + sorted(QUALITY_RUNS.glob("tot-seed*/model"))
     models = bench or [ROOT / "outputs" / "demo" / "quick" / "model"]
     return [path for path in models if (path / "model.safetensors").is_file()]
-COUPLINGS = ("tot", "ot", "prior_only")
+COUPLINGS = ("tot", "ot", "prior_only", "uniform")
 
 
 def prior_only_coupling(models: demo.AlignmentModels, frames: int, tokens: int) -> np.ndarray:
@@ -72,7 +73,8 @@ def measure_model(model_dir: Path, records: list[dict]) -> dict:
     for record in records:
         couplings = models.couplings(load_audio(record["audio"], rate), record["text"])
         prior = prior_only_coupling(models, *couplings.tot.shape)
-        for name, coupling in zip(COUPLINGS, (couplings.tot, couplings.plain, prior)):
+        uniform = np.full(couplings.tot.shape, 1.0 / couplings.tot.size)
+        for name, coupling in zip(COUPLINGS, (couplings.tot, couplings.plain, prior, uniform)):
             errors[name].append(demo.alignment_error_seconds(coupling, couplings.frame_seconds, record["char_times"]))
     config = models.model.config
     return {
@@ -112,9 +114,9 @@ def plot(results: list[dict], path: Path) -> None:
     from matplotlib import pyplot
 
     figure, axis = pyplot.subplots(figsize=(2.5 + 2.6 * len(results), 4.5))
-    width = 0.25
+    width = 0.2
     for index, name in enumerate(COUPLINGS):
-        positions = [group + (index - 1) * width for group in range(len(results))]
+        positions = [group + (index - 1.5) * width for group in range(len(results))]
         boxes = axis.boxplot(
             [np.array(result["per_utterance_seconds"][name]) * 1000 for result in results],
             positions=positions,
