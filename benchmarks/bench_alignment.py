@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchmarks.common import save_figure
 from modeling_tot_cakt import demo
 from modeling_tot_cakt.audio import load_audio
 from modeling_tot_cakt.synthesis import read_manifest
@@ -136,10 +139,7 @@ def plot(results: list[dict], path: Path) -> None:
     axis.set_title("Distance of the coupling mass from the true alignment (test set)")
     axis.grid(axis="y", alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv=None) -> dict:

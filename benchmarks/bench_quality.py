@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from benchmarks.common import save_figure
 from modeling_tot_cakt import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +166,7 @@ def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
     axis.set_ylim(0, 1.05)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv=None) -> dict:

@@ -165,3 +165,13 @@ def write_json(path: str, meta: Dict[str, Any], results: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as out:
         json.dump(dict(meta=meta, results=results), out, indent=2, ensure_ascii=False)
+
+
+def save_figure(figure, path: Path, dpi: int = 110) -> None:
+    """Lay out a matplotlib figure, write it as ``path`` (folders made as needed) and close it."""
+    from matplotlib import pyplot
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    pyplot.close(figure)

@@ -302,6 +302,19 @@ def evaluate_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> di
     return metrics
 
 
+def dev_cer_by_step(history: Sequence[dict]) -> list[tuple[int, float]]:
+    """``(step, dev CER)`` of the periodic evaluations in a Trainer's ``log_history``.
+
+    The evaluation after training is logged at the last step too; with ``load_best_model_at_end``
+    it measures the best checkpoint, not the last, so the first value logged at a step is kept.
+    """
+    curve: dict[int, float] = {}
+    for entry in history:
+        if "eval_cer" in entry:
+            curve.setdefault(entry["step"], entry["eval_cer"])
+    return sorted(curve.items())
+
+
 def training_summary(model_dir: Path) -> dict:
     """Steps, run time, final loss and the dev CER curve of the run saved in ``model_dir``."""
     state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
@@ -311,8 +324,7 @@ def training_summary(model_dir: Path) -> dict:
         "steps": state["global_step"],
         "train_runtime_seconds": results.get("train_runtime"),
         "train_loss": results.get("train_loss"),
-        # The evaluation after training repeats the last periodic one: one value per step.
-        "dev_cer_by_step": sorted({entry["step"]: entry["eval_cer"] for entry in history if "eval_cer" in entry}.items()),
+        "dev_cer_by_step": dev_cer_by_step(history),
         "last_logged_losses": next(
             ({key: entry[key] for key in ("loss", "ctc_loss", "ot_loss", "align_loss") if key in entry}
              for entry in reversed(history) if "loss" in entry),

@@ -170,3 +170,15 @@ def test_alignment_benchmark_on_the_demo_model(tiny_demo, tmp_path, monkeypatch)
     assert [Path(path).name for path in report["example_plots"]] == ["alignment_example_0.png", "alignment_example_1.png"]
     for path in report["example_plots"]:
         png_size(Path(path))
+
+
+def test_dev_cer_by_step_keeps_the_periodic_value_at_the_last_step():
+    history = [
+        {"loss": 3.0, "step": 500},
+        {"eval_cer": 0.6, "step": 1000},
+        {"eval_cer": 0.7, "step": 2000},
+        {"train_runtime": 1.0, "step": 2000},
+        {"eval_cer": 0.6, "step": 2000},  # the final evaluation: the best checkpoint (step 1000), logged at step 2000
+    ]
+    assert demo.dev_cer_by_step(history) == [(1000, 0.6), (2000, 0.7)]
+    assert demo.dev_cer_by_step([]) == []
