@@ -16,20 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCTC, TrainingArguments
+from transformers import AutoModelForCTC
 
 from conftest import TRAINING_ENCODER
-from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
-    TOTCAKTTrainer,
     is_complete_checkpoint,
     last_complete_checkpoint,
 )
 from test_train_hf import run_training
-from tiny_models import make_model, make_processor
+from tiny_models import make_model, make_processor, one_step_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 40
@@ -236,11 +233,7 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog
     # An overflow in the backward pass: one gradient turns NaN while the loss stays finite.
     model.lm_head.bias.register_hook(lambda gradient: gradient * float("nan"))
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
-                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
-                             save_strategy="no", learning_rate=1e-2)
-    trainer = TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             data_collator=DataCollatorCTCWithTeacher(processor))
+    trainer = one_step_trainer(model, processor, rows, tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
         trainer.train()
     (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -15,15 +15,13 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from datasets import Dataset
 from huggingface_hub import metadata_load
-from transformers import AutoModelForCTC, AutoProcessor, TrainingArguments, Wav2Vec2Config, Wav2Vec2Model
+from transformers import AutoModelForCTC, AutoProcessor, Wav2Vec2Config, Wav2Vec2Model
 
-from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt import TOTCAKTConfig
-from modeling_tot_cakt.trainer import TOTCAKTTrainer, build_model, parse_encoder_config
+from modeling_tot_cakt.trainer import build_model, parse_encoder_config
 from conftest import TRAINING_ENCODER
-from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor
+from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_hf", ROOT / "train_hf.py")
@@ -266,11 +264,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
 
     model.forward = forward_with_one_nan
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
-                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
-                             save_strategy="no", learning_rate=1e-2)
-    trainer = TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             data_collator=DataCollatorCTCWithTeacher(processor))
+    trainer = one_step_trainer(model, processor, rows, tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
         trainer.train()
     assert "Non-finite loss" in caplog.text and trainer.nonfinite_loss_batches == 1

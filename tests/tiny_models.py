@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from transformers import BertConfig, BertModel, BertTokenizer
+from datasets import Dataset
+from transformers import BertConfig, BertModel, BertTokenizer, TrainingArguments
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, create_processor
+from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
+from modeling_tot_cakt.trainer import TOTCAKTTrainer
 
 CHARACTERS = "你好中国人大学生天上地下"
 TEACHER_HIDDEN = 24
@@ -98,3 +101,12 @@ def write_wav(path: Path, seconds: float = 1.0, sampling_rate: int = 16000, seed
     audio = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.01 * rng.standard_normal(t.shape)
     sf.write(path, audio.astype(np.float32), sampling_rate, subtype="PCM_16")
     return Path(path)
+
+
+def one_step_trainer(model: TOTCAKTForCTC, processor, rows: list[dict], output_dir: Path):
+    """A `TOTCAKTTrainer` that takes one optimiser step (lr 1e-2) over ``rows`` on the CPU, saving nothing."""
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
+                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", learning_rate=1e-2)
+    return TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                          data_collator=DataCollatorCTCWithTeacher(processor))
