@@ -10,7 +10,7 @@ PRESET ?= quick
 DEMO_DIR ?= outputs/demo
 BENCH_DEVICE ?= cpu
 
-.PHONY: install system-deps test demo bench bench-quick bench-quality clean
+.PHONY: install system-deps lint test demo bench bench-quick bench-quality clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences.
 system-deps:
@@ -28,7 +28,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: system-deps $(VENV)/.installed
 
-test: install
+# Lint and format check first (ruff, configured in pyproject.toml), then the suite.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

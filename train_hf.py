@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import datasets
 import transformers
@@ -28,8 +27,8 @@ from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import create_processor
 from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
-from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
-from modeling_tot_cakt.data import (
+from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
+from modeling_tot_cakt.training.data import (
     build_vocabulary,
     count_out_of_vocabulary,
     dataset_texts,
@@ -38,15 +37,19 @@ from modeling_tot_cakt.data import (
     normalize_split,
     write_vocabulary,
 )
-from modeling_tot_cakt.model_card import (
+from modeling_tot_cakt.training.model_card import (
     cer_result,
     describe_training_data,
     push_folder_to_hub,
     render_model_card,
     training_hyperparameters,
 )
-from modeling_tot_cakt.teacher_cache import TeacherFeatureCache, precompute_teacher_features, teacher_fingerprint
-from modeling_tot_cakt.trainer import (
+from modeling_tot_cakt.training.teacher_features import (
+    TeacherFeatureCache,
+    precompute_teacher_features,
+    teacher_fingerprint,
+)
+from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
     CTCCharacterErrorRate,
     TOTCAKTTrainer,
@@ -71,62 +74,69 @@ PRE_CHECKPOINT_OUTPUTS = {"vocab.json", "runs", INCOMPLETE_CHECKPOINTS_DIR}
 class ModelArguments:
     """Which model to start from and how to change its encoder (None keeps the configuration's value)."""
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A saved TOT-CAKT model (Hub id or folder) to continue training; its vocabulary is reused."},
     )
-    encoder_name_or_path: Optional[str] = field(
+    encoder_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT checkpoint for the encoder."},
     )
-    encoder_config: Optional[str] = field(
+    encoder_config: str | None = field(
         default=None,
         metadata={"help": "Configuration of a from-scratch encoder: JSON with a 'model_type', or a JSON file."},
     )
-    tokenizer_name_or_path: Optional[str] = field(
+    tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A CTC tokenizer whose vocabulary to use instead of one built from the transcripts."},
     )
-    cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Where to store models and datasets from the Hub."}
-    )
-    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store models and datasets from the Hub."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
     freeze_feature_encoder: bool = field(
         default=True,
-        metadata={"help": "Freeze the convolutional feature encoder of a pretrained raw-waveform encoder "
-                  "(a from-scratch encoder always trains it)."},
+        metadata={
+            "help": "Freeze the convolutional feature encoder of a pretrained raw-waveform encoder "
+            "(a from-scratch encoder always trains it)."
+        },
     )
-    attention_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on attention probabilities."})
-    activation_dropout: Optional[float] = field(
+    attention_dropout: float | None = field(default=None, metadata={"help": "Dropout on attention probabilities."})
+    activation_dropout: float | None = field(
         default=None, metadata={"help": "Dropout inside the feed-forward layers."}
     )
-    feat_proj_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the projected features."})
-    hidden_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout on the encoder's hidden states."})
-    final_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout before the CTC head."})
-    mask_time_prob: Optional[float] = field(
+    feat_proj_dropout: float | None = field(default=None, metadata={"help": "Dropout on the projected features."})
+    hidden_dropout: float | None = field(default=None, metadata={"help": "Dropout on the encoder's hidden states."})
+    final_dropout: float | None = field(default=None, metadata={"help": "Dropout before the CTC head."})
+    mask_time_prob: float | None = field(
         default=None, metadata={"help": "SpecAugment: probability of each frame to start a masked time span."}
     )
-    mask_time_length: Optional[int] = field(
-        default=None, metadata={"help": "SpecAugment: length of masked time spans."}
-    )
-    mask_feature_prob: Optional[float] = field(
+    mask_time_length: int | None = field(default=None, metadata={"help": "SpecAugment: length of masked time spans."})
+    mask_feature_prob: float | None = field(
         default=None, metadata={"help": "SpecAugment: probability of each feature to start a masked feature span."}
     )
-    mask_feature_length: Optional[int] = field(
+    mask_feature_length: int | None = field(
         default=None, metadata={"help": "SpecAugment: length of masked feature spans."}
     )
-    layerdrop: Optional[float] = field(default=None, metadata={"help": "The LayerDrop probability."})
-    ctc_loss_reduction: Optional[str] = field(
+    layerdrop: float | None = field(default=None, metadata={"help": "The LayerDrop probability."})
+    ctc_loss_reduction: str | None = field(
         default=None, metadata={"help": "How the CTC loss is reduced.", "choices": CTC_REDUCTIONS}
     )
-    ctc_zero_infinity: Optional[bool] = field(
+    ctc_zero_infinity: bool | None = field(
         default=None, metadata={"help": "Zero infinite CTC losses (utterances with more labels than frames)."}
     )
 
     def encoder_overrides(self) -> dict:
         """Fields of the encoder configuration to change: dropouts, SpecAugment, LayerDrop."""
-        names = ("attention_dropout", "activation_dropout", "feat_proj_dropout", "hidden_dropout", "mask_time_prob",
-                 "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop")
+        names = (
+            "attention_dropout",
+            "activation_dropout",
+            "feat_proj_dropout",
+            "hidden_dropout",
+            "mask_time_prob",
+            "mask_time_length",
+            "mask_feature_prob",
+            "mask_feature_length",
+            "layerdrop",
+        )
         return {name: getattr(self, name) for name in names}
 
     def config_overrides(self) -> dict:
@@ -138,31 +148,31 @@ class ModelArguments:
 class TOTCAKTArguments:
     """The knowledge-transfer method (None keeps the configuration's value)."""
 
-    alignment: Optional[str] = field(
+    alignment: str | None = field(
         default=None,
         metadata={"help": "tot (TOT-CAKT), ot (plain OT: OT-CAKT) or none (CTC only).", "choices": ALIGNMENT_MODES},
     )
-    teacher_name_or_path: Optional[str] = field(
+    teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Frozen BERT-like teacher (Hub id or folder with weights and tokenizer)."}
     )
-    adapter_hidden_size: Optional[int] = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
-    adapter_num_layers: Optional[int] = field(default=None, metadata={"help": "Linear layers in the adapter."})
-    tot_lambda1: Optional[float] = field(default=None, metadata={"help": "Weight of the local order reward."})
-    tot_lambda2: Optional[float] = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
-    tot_sigma: Optional[float] = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
-    tot_max_iter: Optional[int] = field(default=None, metadata={"help": "Maximum Sinkhorn iterations."})
-    tot_tol: Optional[float] = field(default=None, metadata={"help": "Sinkhorn stopping tolerance on the marginals."})
-    tot_grad: Optional[str] = field(
+    adapter_hidden_size: int | None = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
+    adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the adapter."})
+    tot_lambda1: float | None = field(default=None, metadata={"help": "Weight of the local order reward."})
+    tot_lambda2: float | None = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
+    tot_sigma: float | None = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
+    tot_max_iter: int | None = field(default=None, metadata={"help": "Maximum Sinkhorn iterations."})
+    tot_tol: float | None = field(default=None, metadata={"help": "Sinkhorn stopping tolerance on the marginals."})
+    tot_grad: str | None = field(
         default=None, metadata={"help": "Gradient of the transport plan.", "choices": GRAD_MODES}
     )
-    ctc_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the CTC loss."})
-    ot_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the transport cost."})
-    align_loss_weight: Optional[float] = field(default=None, metadata={"help": "Weight of the alignment loss."})
+    ctc_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the CTC loss."})
+    ot_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the transport cost."})
+    align_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss."})
     cache_teacher_features: bool = field(
         default=False,
         metadata={"help": "Run the teacher once per transcript before training and train on its cached features."},
     )
-    teacher_cache_dir: Optional[str] = field(
+    teacher_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where cached teacher features live (default: $HF_HOME/tot_cakt/teacher_features)."},
     )
@@ -180,19 +190,17 @@ class TOTCAKTArguments:
 class DataTrainingArguments:
     """What data to train and evaluate on. Give --dataset_name, --aishell_dir, or manifests."""
 
-    dataset_name: Optional[str] = field(
+    dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset id or local folder (audiofolder, data files, save_to_disk)."}
     )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
     train_split_name: str = field(default="train", metadata={"help": "Training split ('a+b' concatenates)."})
     eval_split_name: str = field(default="validation", metadata={"help": "Evaluation split (AISHELL-1 calls it dev)."})
     test_split_name: str = field(default="test", metadata={"help": "Split scored with --do_predict."})
-    train_manifest: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL manifest of the training data."})
-    eval_manifest: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL manifest of the evaluation data."})
-    test_manifest: Optional[str] = field(
-        default=None, metadata={"help": "CSV/JSONL manifest scored with --do_predict."}
-    )
-    aishell_dir: Optional[str] = field(
+    train_manifest: str | None = field(default=None, metadata={"help": "CSV/JSONL manifest of the training data."})
+    eval_manifest: str | None = field(default=None, metadata={"help": "CSV/JSONL manifest of the evaluation data."})
+    test_manifest: str | None = field(default=None, metadata={"help": "CSV/JSONL manifest scored with --do_predict."})
+    aishell_dir: str | None = field(
         default=None, metadata={"help": "AISHELL-1 folder with wav/<split>/<speaker>/*.wav and transcript/."}
     )
     audio_column_name: str = field(default="audio", metadata={"help": "Column with the audio (or its path)."})
@@ -204,10 +212,10 @@ class DataTrainingArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh in --output_dir instead of resuming from its last checkpoint."}
     )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
     preprocessing_only: bool = field(default=False, metadata={"help": "Only preprocess the data (to fill the cache)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
-    max_eval_samples: Optional[int] = field(
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many evaluation rows (and test rows with --do_predict)."}
     )
     max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Skip longer utterances."})
@@ -333,7 +341,9 @@ def main():
                 os.remove(vocab_file)
             if not os.path.isfile(vocab_file):
                 if model_args.tokenizer_name_or_path is not None:
-                    reference = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, token=model_args.token)
+                    reference = AutoTokenizer.from_pretrained(
+                        model_args.tokenizer_name_or_path, token=model_args.token
+                    )
                     vocab = reference.get_vocab()
                 elif "train" in raw_datasets:
                     vocab = build_vocabulary(dataset_texts(raw_datasets["train"]))
@@ -440,7 +450,9 @@ def main():
         train_dataset=vectorized_datasets.get("train"),
         eval_dataset=vectorized_datasets.get("eval"),
         processing_class=processor,
-        compute_metrics=CTCCharacterErrorRate(tokenizer) if training_args.do_eval or training_args.do_predict else None,
+        compute_metrics=CTCCharacterErrorRate(tokenizer)
+        if training_args.do_eval or training_args.do_predict
+        else None,
     )
 
     # 9. Train, evaluate, test.

@@ -13,7 +13,7 @@ computes, on the model's adapted frames against the teacher's token features:
 
 and the expected distance between a character's frames under the coupling and the centre of
 its syllable, ``mean_j sum_i T_ij / nu_j |t_i - c_j|`` in seconds
-(:func:`modeling_tot_cakt.demo.alignment_error_seconds`).
+(:func:`modeling_tot_cakt.demo.run_demo.alignment_error_seconds`).
 
 Models: ``--models DIR ...``; by default the quality benchmark's OT-CAKT and TOT-CAKT models of
 every seed, or the demo's model (``outputs/demo/quick/model``) where there are none. Writes
@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import save_figure
-from modeling_tot_cakt import demo
-from modeling_tot_cakt.audio import load_audio
-from modeling_tot_cakt.synthesis import read_manifest
+from modeling_tot_cakt.demo import run_demo as demo
+from modeling_tot_cakt.demo.synthesis import read_manifest
 from modeling_tot_cakt.tot import tot_sinkhorn
+from modeling_tot_cakt.training.audio import load_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_RUNS = ROOT / "outputs" / "bench_quality" / "quality"
@@ -50,6 +50,8 @@ def default_models() -> list[Path]:
     bench = sorted(QUALITY_RUNS.glob("ot-seed*/model")) + sorted(QUALITY_RUNS.glob("tot-seed*/model"))
     models = bench or [ROOT / "outputs" / "demo" / "quick" / "model"]
     return [path for path in models if (path / "model.safetensors").is_file()]
+
+
 COUPLINGS = ("tot", "ot", "prior_only", "uniform")
 
 
@@ -132,7 +134,10 @@ def plot(results: list[dict], path: Path) -> None:
         axis.plot([], [], color=f"C{index}", linewidth=8, label=name.replace("_", " "))
     axis.set_xticks(
         range(len(results)),
-        [f"{Path(result['model_dir']).parent.name}/{Path(result['model_dir']).name}\n(trained: {result['trained_alignment']})" for result in results],
+        [
+            f"{Path(result['model_dir']).parent.name}/{Path(result['model_dir']).name}\n(trained: {result['trained_alignment']})"
+            for result in results
+        ],
         fontsize=8,
     )
     axis.set_ylabel("mean |t_frame - t_char centre| under the coupling (ms)")
@@ -144,7 +149,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", type=Path, help="Trained model folders (default: see the module docstring).")
+    parser.add_argument(
+        "--models", nargs="+", type=Path, help="Trained model folders (default: see the module docstring)."
+    )
     parser.add_argument("--corpus_dir", type=Path, help="Corpus with test.jsonl (default: the demo's quick corpus).")
     parser.add_argument("--max_utterances", type=int, default=None, help="Use only the first N test utterances.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "alignment.json")
@@ -163,9 +170,15 @@ def main(argv=None) -> dict:
     for model_dir in models:
         results.append(measure_model(Path(model_dir), records))
         means = results[-1]["mean_error_seconds"]
-        print(f"{model_dir}: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in means.items()), flush=True)
+        print(
+            f"{model_dir}: " + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in means.items()), flush=True
+        )
     tot_models = [result["model_dir"] for result in results if result["trained_alignment"] == "tot"]
-    examples = plot_examples(Path(tot_models[-1]), records, args.examples, args.plot.parent) if tot_models and args.examples else []
+    examples = (
+        plot_examples(Path(tot_models[-1]), records, args.examples, args.plot.parent)
+        if tot_models and args.examples
+        else []
+    )
     report = {"corpus_dir": str(corpus_dir), "utterances": len(records), "models": results, "example_plots": examples}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -48,7 +48,6 @@ from transformers.utils import logging as transformers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import CTC_VOCAB_SIZE, ENCODERS, environment, round_robin, summary, write_json
 
-
 PRESETS = {
     "quick": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0), repeats=9),
     "full": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0, 20.0, 30.0), repeats=20),
@@ -64,10 +63,14 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 keeps timings stable on a shared machine)")
-    parser.add_argument("--workdir", default=None,
-                        help="folder for the two saved models (default: a temporary folder, removed afterwards)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)"
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for the two saved models (default: a temporary folder, removed afterwards)",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,12 +88,16 @@ def save_models(encoder_config: dict, directory: Path) -> dict:
     torch.manual_seed(0)
     config = TOTCAKTConfig(encoder_config=dict(encoder_config), vocab_size=CTC_VOCAB_SIZE, alignment="tot")
     model = TOTCAKTForCTC(config)
-    baseline_config = AutoConfig.for_model(**encoder_config, vocab_size=CTC_VOCAB_SIZE,
-                                           pad_token_id=model.config.pad_token_id)
+    baseline_config = AutoConfig.for_model(
+        **encoder_config, vocab_size=CTC_VOCAB_SIZE, pad_token_id=model.config.pad_token_id
+    )
     baseline = AutoModelForCTC.from_config(baseline_config)
     prefix = baseline.base_model_prefix  # "wav2vec2" for Wav2Vec2ForCTC
-    weights = {(f"{prefix}.{key[len('encoder.'):]}" if key.startswith("encoder.") else key): value
-               for key, value in model.state_dict().items() if not key.startswith("adapter.")}
+    weights = {
+        (f"{prefix}.{key[len('encoder.') :]}" if key.startswith("encoder.") else key): value
+        for key, value in model.state_dict().items()
+        if not key.startswith("adapter.")
+    }
     baseline.load_state_dict(weights, strict=True)
     folders = {TOT: directory / "tot-cakt", BASELINE: directory / "baseline"}
     for name, saved in ((TOT, model), (BASELINE, baseline)):
@@ -107,8 +114,10 @@ def save_models_in_child(encoder_config: dict, directory: Path) -> dict:
 
 def load_models(folders: dict, device: torch.device) -> dict:
     """Both models as users load them, in eval mode on ``device``."""
-    return {TOT: AutoModelForCTC.from_pretrained(folders[TOT], trust_remote_code=True).to(device).eval(),
-            BASELINE: AutoModelForCTC.from_pretrained(folders[BASELINE]).to(device).eval()}
+    return {
+        TOT: AutoModelForCTC.from_pretrained(folders[TOT], trust_remote_code=True).to(device).eval(),
+        BASELINE: AutoModelForCTC.from_pretrained(folders[BASELINE]).to(device).eval(),
+    }
 
 
 def clip_inputs(folder: Path, seconds: float, device: torch.device, seed: int = 0) -> dict:
@@ -127,17 +136,25 @@ def logits(model, inputs: dict) -> torch.Tensor:
 def compare_logits(models: dict, inputs: dict) -> dict:
     """Whether both models give the same logits on ``inputs``."""
     ours, theirs = logits(models[TOT], inputs), logits(models[BASELINE], inputs)
-    return dict(identical=bool(torch.equal(ours, theirs)), max_abs_diff=(ours - theirs).abs().max().item(),
-                shape=list(ours.shape))
+    return dict(
+        identical=bool(torch.equal(ours, theirs)),
+        max_abs_diff=(ours - theirs).abs().max().item(),
+        shape=list(ours.shape),
+    )
 
 
 def weight_sizes(folders: dict, models: dict) -> dict:
     """Bytes of each ``model.safetensors`` and of TOT-CAKT's adapter in it."""
     sizes = {name: os.path.getsize(folder / WEIGHTS_FILE) for name, folder in folders.items()}
     adapter = sum(p.numel() * p.element_size() for p in models[TOT].adapter.parameters())
-    return dict(tot_cakt_bytes=sizes[TOT], baseline_bytes=sizes[BASELINE], ratio=sizes[TOT] / sizes[BASELINE],
-                adapter_bytes=adapter, adapter_share=adapter / sizes[TOT],
-                ratio_without_adapter=(sizes[TOT] - adapter) / sizes[BASELINE])
+    return dict(
+        tot_cakt_bytes=sizes[TOT],
+        baseline_bytes=sizes[BASELINE],
+        ratio=sizes[TOT] / sizes[BASELINE],
+        adapter_bytes=adapter,
+        adapter_share=adapter / sizes[TOT],
+        ratio_without_adapter=(sizes[TOT] - adapter) / sizes[BASELINE],
+    )
 
 
 def time_clips(models: dict, folder: Path, clip_seconds, repeats: int, device: torch.device) -> list:
@@ -148,8 +165,12 @@ def time_clips(models: dict, folder: Path, clip_seconds, repeats: int, device: t
     rows = []
     for seconds in clip_seconds:
         inputs = clip_inputs(folder, seconds, device)
-        timings = round_robin({name: functools.partial(logits, model, inputs) for name, model in models.items()},
-                              repeats, device, measure_memory=False)
+        timings = round_robin(
+            {name: functools.partial(logits, model, inputs) for name, model in models.items()},
+            repeats,
+            device,
+            measure_memory=False,
+        )
         row = dict(clip_seconds=seconds)
         for name in models:
             row[name] = dict(**summary(timings.wall[name]), rtf=statistics.median(timings.wall[name]) / seconds)
@@ -166,16 +187,20 @@ def time_clips(models: dict, folder: Path, clip_seconds, repeats: int, device: t
 
 
 def table_header(with_cpu: bool) -> str:
-    header = (f"{'clip s':>6} {'TOT-CAKT ms':>12} {'(min)':>8} {'baseline ms':>12} {'(min)':>8} {'RTF TOT':>8} "
-              f"{'RTF base':>8} {'ratio':>6} {'(min)':>6}" + (f" {'(CPU)':>6}" if with_cpu else ""))
+    header = (
+        f"{'clip s':>6} {'TOT-CAKT ms':>12} {'(min)':>8} {'baseline ms':>12} {'(min)':>8} {'RTF TOT':>8} "
+        f"{'RTF base':>8} {'ratio':>6} {'(min)':>6}" + (f" {'(CPU)':>6}" if with_cpu else "")
+    )
     return header + "\n" + "-" * (len(header) + 18)
 
 
 def format_row(row: dict, with_cpu: bool) -> str:
     ours, theirs = row[TOT], row[BASELINE]
-    line = (f"{row['clip_seconds']:>6g} {1e3 * ours['median_s']:>12.1f} {1e3 * ours['min_s']:>8.1f} "
-            f"{1e3 * theirs['median_s']:>12.1f} {1e3 * theirs['min_s']:>8.1f} {ours['rtf']:>8.4f} "
-            f"{theirs['rtf']:>8.4f} {row['rtf_ratio']:>6.3f} {row['rtf_ratio_min']:>6.3f}")
+    line = (
+        f"{row['clip_seconds']:>6g} {1e3 * ours['median_s']:>12.1f} {1e3 * ours['min_s']:>8.1f} "
+        f"{1e3 * theirs['median_s']:>12.1f} {1e3 * theirs['min_s']:>8.1f} {ours['rtf']:>8.4f} "
+        f"{theirs['rtf']:>8.4f} {row['rtf_ratio']:>6.3f} {row['rtf_ratio_min']:>6.3f}"
+    )
     if with_cpu:
         line += f" {row['rtf_ratio_cpu']:>6.3f}"
     verdict = "within" if row["within_target"] else "OUTSIDE"
@@ -184,10 +209,12 @@ def format_row(row: dict, with_cpu: bool) -> str:
 
 def format_sizes(sizes: dict) -> str:
     mib = 2**20
-    return (f"model.safetensors: TOT-CAKT {sizes['tot_cakt_bytes'] / mib:.2f} MiB, baseline "
-            f"{sizes['baseline_bytes'] / mib:.2f} MiB, ratio {sizes['ratio']:.4f}; TOT-CAKT's adapter "
-            f"{sizes['adapter_bytes'] / mib:.2f} MiB ({100 * sizes['adapter_share']:.2f} % of its file); without it "
-            f"the ratio is {sizes['ratio_without_adapter']:.6f}")
+    return (
+        f"model.safetensors: TOT-CAKT {sizes['tot_cakt_bytes'] / mib:.2f} MiB, baseline "
+        f"{sizes['baseline_bytes'] / mib:.2f} MiB, ratio {sizes['ratio']:.4f}; TOT-CAKT's adapter "
+        f"{sizes['adapter_bytes'] / mib:.2f} MiB ({100 * sizes['adapter_share']:.2f} % of its file); without it "
+        f"the ratio is {sizes['ratio_without_adapter']:.6f}"
+    )
 
 
 def main(argv=None):
@@ -201,25 +228,39 @@ def main(argv=None):
         directory = Path(args.workdir or scratch)
         folders = save_models_in_child(encoder_config, directory)
         models = load_models(folders, device)
-        meta = dict(preset=args.preset, **environment(device, args.threads), repeats=preset["repeats"],
-                    encoder=preset["encoder"], encoder_config=encoder_config, ctc_vocab_size=CTC_VOCAB_SIZE,
-                    classes={name: f"{type(model).__module__}.{type(model).__name__}"
-                             for name, model in models.items()},
-                    attention={TOT: models[TOT].encoder.config._attn_implementation,
-                               BASELINE: models[BASELINE].config._attn_implementation},
-                    parameters={name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
-                    batch=1, mode="eval, torch.inference_mode, float32",
-                    rtf="median seconds of compute per second of audio; ratio: TOT-CAKT / baseline (median), "
-                        "(min): with minima, (CPU): with median process CPU times",
-                    rtf_target=f"{RTF_TARGET} +- {RTF_TOLERANCE}")
-        print(f"Encoder {preset['encoder']}, CTC vocabulary {CTC_VOCAB_SIZE}, batch 1, {args.threads} thread(s) on "
-              f"{args.device}, eval + torch.inference_mode, float32.\nLoaded: TOT-CAKT {meta['classes'][TOT]} "
-              f"({meta['parameters'][TOT] / 1e6:.2f} M parameters), baseline {meta['classes'][BASELINE]} "
-              f"({meta['parameters'][BASELINE] / 1e6:.2f} M); attention {meta['attention']}.", flush=True)
+        meta = dict(
+            preset=args.preset,
+            **environment(device, args.threads),
+            repeats=preset["repeats"],
+            encoder=preset["encoder"],
+            encoder_config=encoder_config,
+            ctc_vocab_size=CTC_VOCAB_SIZE,
+            classes={name: f"{type(model).__module__}.{type(model).__name__}" for name, model in models.items()},
+            attention={
+                TOT: models[TOT].encoder.config._attn_implementation,
+                BASELINE: models[BASELINE].config._attn_implementation,
+            },
+            parameters={name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
+            batch=1,
+            mode="eval, torch.inference_mode, float32",
+            rtf="median seconds of compute per second of audio; ratio: TOT-CAKT / baseline (median), "
+            "(min): with minima, (CPU): with median process CPU times",
+            rtf_target=f"{RTF_TARGET} +- {RTF_TOLERANCE}",
+        )
+        print(
+            f"Encoder {preset['encoder']}, CTC vocabulary {CTC_VOCAB_SIZE}, batch 1, {args.threads} thread(s) on "
+            f"{args.device}, eval + torch.inference_mode, float32.\nLoaded: TOT-CAKT {meta['classes'][TOT]} "
+            f"({meta['parameters'][TOT] / 1e6:.2f} M parameters), baseline {meta['classes'][BASELINE]} "
+            f"({meta['parameters'][BASELINE] / 1e6:.2f} M); attention {meta['attention']}.",
+            flush=True,
+        )
         identity = compare_logits(models, clip_inputs(folders[TOT], 5.0, device, seed=1))
-        print(f"Logits with TOT-CAKT's encoder + CTC head weights in the baseline: "
-              f"{'identical' if identity['identical'] else 'DIFFERENT'} (max |diff| {identity['max_abs_diff']:.3g}, "
-              f"shape {identity['shape']})", flush=True)
+        print(
+            f"Logits with TOT-CAKT's encoder + CTC head weights in the baseline: "
+            f"{'identical' if identity['identical'] else 'DIFFERENT'} (max |diff| {identity['max_abs_diff']:.3g}, "
+            f"shape {identity['shape']})",
+            flush=True,
+        )
         sizes = weight_sizes(folders, models)
         print(format_sizes(sizes) + "\n", flush=True)
         rows = time_clips(models, folders[TOT], preset["clip_seconds"], preset["repeats"], device)

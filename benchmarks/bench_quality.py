@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import save_figure
-from modeling_tot_cakt import demo
+from modeling_tot_cakt.demo import run_demo as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"none": "CTC only", "ot": "OT-CAKT", "tot": "TOT-CAKT"}
@@ -80,7 +80,9 @@ PRESETS = {
 
 def run_once(preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threads: int | None) -> dict:
     """Train and evaluate one run (or reuse a completed one); returns its result record."""
-    paths = demo.DemoPaths(root=run_dir, corpus=base.corpus, teacher=base.teacher, model=run_dir / "model", cache=base.cache)
+    paths = demo.DemoPaths(
+        root=run_dir, corpus=base.corpus, teacher=base.teacher, model=run_dir / "model", cache=base.cache
+    )
     result_file = run_dir / "result.json"
     environment = {"OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.perf_counter()
@@ -112,7 +114,11 @@ def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def summarise(runs: list[dict], target_cer: float | None) -> dict:
@@ -197,11 +203,7 @@ def main(argv=None) -> dict:
     corpus = demo.synthesize_stage(preset, base)
     teacher = demo.teacher_stage(preset, base)
 
-    jobs = [
-        (method, seed)
-        for seed in (args.seeds or bench.seeds)
-        for method in args.methods
-    ]
+    jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in args.methods]
     runs: list[dict] = []
     lock = threading.Lock()
     output, plot = Path(args.output), Path(args.plot)
@@ -216,8 +218,15 @@ def main(argv=None) -> dict:
             "train_arguments": {**preset.train, **overrides},
             "parallel_runs": bench.parallel,
             "threads_per_run": bench.threads_per_run,
-            "corpus": {"dir": str(base.corpus), "utterances": corpus.num_utterances, "vocabulary_size": corpus.info["vocabulary_size"]},
-            "teacher": {"dir": str(base.teacher), "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"]},
+            "corpus": {
+                "dir": str(base.corpus),
+                "utterances": corpus.num_utterances,
+                "vocabulary_size": corpus.info["vocabulary_size"],
+            },
+            "teacher": {
+                "dir": str(base.teacher),
+                "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"],
+            },
             "complete": report_complete,
             "runs_planned": len(jobs),
             "wall_seconds": round(time.perf_counter() - started, 1),
@@ -241,17 +250,22 @@ def main(argv=None) -> dict:
         with lock:
             runs.append(result)
             record(report_complete=False)
-            print(f"{METHODS[method]} seed {seed}: dev CER {result['dev_cer']:.4f}, test CER {result['test_cer']:.4f} "
-                  f"({result['wall_seconds']:.0f} s)", flush=True)
+            print(
+                f"{METHODS[method]} seed {seed}: dev CER {result['dev_cer']:.4f}, test CER {result['test_cer']:.4f} "
+                f"({result['wall_seconds']:.0f} s)",
+                flush=True,
+            )
 
     with ThreadPoolExecutor(max_workers=bench.parallel) as pool:
         for future in [pool.submit(job, method, seed) for method, seed in jobs]:
             future.result()
     report = record(report_complete=True)
-    for method, stats in report["summary"]["methods"].items():
+    for stats in report["summary"]["methods"].values():
         dev, test = stats["dev_cer"], stats["test_cer"]
-        print(f"{stats['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
-              f"{test['std']:.4f}   steps to dev CER {report['summary']['target_dev_cer']:.4f}: {stats['steps_to_target']}")
+        print(
+            f"{stats['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
+            f"{test['std']:.4f}   steps to dev CER {report['summary']['target_dev_cer']:.4f}: {stats['steps_to_target']}"
+        )
     return report
 
 

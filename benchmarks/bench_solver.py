@@ -46,12 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.common import round_robin, write_json
 from modeling_tot_cakt.tot import cosine_cost, order_reward, ot_loss, temporal_prior_log, tot_sinkhorn
 
-
 PRESETS = {
     # (batch, frames, tokens); quick runs in a few minutes on 2 CPU cores.
     "quick": dict(sizes=[(1, 50, 5), (2, 1000, 100), (8, 500, 50), (16, 1000, 20), (64, 200, 20)], repeats=5),
-    "full": dict(sizes=[(b, n, m) for b in (1, 8, 32, 64)
-                        for n, m in ((50, 5), (200, 20), (500, 50), (1000, 20), (1000, 100))], repeats=7),
+    "full": dict(
+        sizes=[(b, n, m) for b in (1, 8, 32, 64) for n, m in ((50, 5), (200, 20), (500, 50), (1000, 20), (1000, 100))],
+        repeats=7,
+    ),
 }
 SOLVERS = ("tot[envelope]", "tot[autodiff]", "pot.solve loop", "pot.batch")
 GRAPH_SOLVERS = ("tot[autodiff]", "pot.batch")
@@ -65,10 +66,15 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
     parser.add_argument("--iters", type=int, default=100, help="Sinkhorn iterations for every solver")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 keeps timings stable on a shared machine)")
-    parser.add_argument("--max-graph-gib", type=float, default=3.0,
-                        help="skip solvers that keep the iterations' graph when it would exceed this (GiB)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)"
+    )
+    parser.add_argument(
+        "--max-graph-gib",
+        type=float,
+        default=3.0,
+        help="skip solvers that keep the iterations' graph when it would exceed this (GiB)",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,16 +98,18 @@ def pot_loop_step(source, target, iters):
     n_rows, n_cols = cost.shape[1:]
     a = torch.full((n_rows,), 1.0 / n_rows, device=cost.device)
     b = torch.full((n_cols,), 1.0 / n_cols, device=cost.device)
-    results = [ot.solve(cost[i], a, b, reg=LAMBDA2, max_iter=iters, tol=0.0, grad="envelope")
-               for i in range(cost.shape[0])]
+    results = [
+        ot.solve(cost[i], a, b, reg=LAMBDA2, max_iter=iters, tol=0.0, grad="envelope") for i in range(cost.shape[0])
+    ]
     torch.stack([result.value for result in results]).mean().backward()
     return torch.stack([result.plan for result in results]).detach()
 
 
 def pot_batch_step(source, target, iters):
     cost = equivalent_cost(cosine_cost(source, target))
-    result = ot.batch.solve_batch(cost, reg=LAMBDA2, max_iter=iters, tol=0.0, method="log_sinkhorn",
-                                  reg_type="kl", grad="envelope")
+    result = ot.batch.solve_batch(
+        cost, reg=LAMBDA2, max_iter=iters, tol=0.0, method="log_sinkhorn", reg_type="kl", grad="envelope"
+    )
     result.value.mean().backward()
     return result.plan.detach()
 
@@ -126,8 +134,11 @@ def benchmark_size(size, device, iters, repeats, max_graph_gib):
     generator = torch.Generator().manual_seed(0)
     source = torch.randn(batch, n_rows, FEATURE_DIM, generator=generator).to(device).requires_grad_()
     target = torch.randn(batch, n_cols, FEATURE_DIM, generator=generator).to(device)
-    skipped = {solver: f"graph ~{graph_gib(size, iters):.1f} GiB > --max-graph-gib"
-               for solver in GRAPH_SOLVERS if graph_gib(size, iters) > max_graph_gib}
+    skipped = {
+        solver: f"graph ~{graph_gib(size, iters):.1f} GiB > --max-graph-gib"
+        for solver in GRAPH_SOLVERS
+        if graph_gib(size, iters) > max_graph_gib
+    }
     solvers = [solver for solver in SOLVERS if solver not in skipped]
 
     def reset_gradient(solver):
@@ -144,17 +155,23 @@ def benchmark_size(size, device, iters, repeats, max_graph_gib):
         if solver in skipped:
             row["skipped"] = skipped[solver]
         else:
-            row.update(median_s=statistics.median(times[solver]), min_s=min(times[solver]), times_s=times[solver],
-                       ratio_to_ours=statistics.median(times[solver]) / statistics.median(times["tot[envelope]"]),
-                       peak_mib=max(peaks[solver]),
-                       max_abs_diff=(couplings[solver] - reference).abs().max().item())
+            row.update(
+                median_s=statistics.median(times[solver]),
+                min_s=min(times[solver]),
+                times_s=times[solver],
+                ratio_to_ours=statistics.median(times[solver]) / statistics.median(times["tot[envelope]"]),
+                peak_mib=max(peaks[solver]),
+                max_abs_diff=(couplings[solver] - reference).abs().max().item(),
+            )
         results.append(row)
     return results
 
 
 def format_table(rows):
-    header = (f"{'B':>3} {'N':>5} {'M':>4}  {'solver':<15} {'median ms':>10} {'min ms':>9} {'x ours':>7} "
-              f"{'peak MiB':>9} {'max|dT|':>8}")
+    header = (
+        f"{'B':>3} {'N':>5} {'M':>4}  {'solver':<15} {'median ms':>10} {'min ms':>9} {'x ours':>7} "
+        f"{'peak MiB':>9} {'max|dT|':>8}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         batch, n_rows, n_cols = row["size"]
@@ -162,8 +179,10 @@ def format_table(rows):
         if "skipped" in row:
             lines.append(f"{prefix} skipped: {row['skipped']}")
             continue
-        lines.append(f"{prefix} {row['median_s'] * 1e3:>10.1f} {row['min_s'] * 1e3:>9.1f} "
-                     f"{row['ratio_to_ours']:>7.2f} {row['peak_mib']:>9.1f} {row['max_abs_diff']:>8.1e}")
+        lines.append(
+            f"{prefix} {row['median_s'] * 1e3:>10.1f} {row['min_s'] * 1e3:>9.1f} "
+            f"{row['ratio_to_ours']:>7.2f} {row['peak_mib']:>9.1f} {row['max_abs_diff']:>8.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -181,14 +200,25 @@ def main(argv=None):
     print()
     print(format_table(rows))
     if args.out:
-        meta = dict(preset=args.preset, device=args.device, iters=args.iters, repeats=preset["repeats"],
-                    feature_dim=FEATURE_DIM, lambda1=LAMBDA1, lambda2=LAMBDA2, sigma=SIGMA, threads=args.threads,
-                    torch=torch.__version__, pot=ot.__version__, cpu_count=os.cpu_count(),
-                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-                    load_average_before_after=[load_before, os.getloadavg()[0]],
-                    ratio="median time / median time of tot[envelope] on the same size",
-                    peak_mib="CPU: growth of peak RSS (VmHWM) over RSS before the step, after malloc_trim; "
-                             "CUDA: max_memory_allocated over memory_allocated before the step")
+        meta = dict(
+            preset=args.preset,
+            device=args.device,
+            iters=args.iters,
+            repeats=preset["repeats"],
+            feature_dim=FEATURE_DIM,
+            lambda1=LAMBDA1,
+            lambda2=LAMBDA2,
+            sigma=SIGMA,
+            threads=args.threads,
+            torch=torch.__version__,
+            pot=ot.__version__,
+            cpu_count=os.cpu_count(),
+            gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
+            load_average_before_after=[load_before, os.getloadavg()[0]],
+            ratio="median time / median time of tot[envelope] on the same size",
+            peak_mib="CPU: growth of peak RSS (VmHWM) over RSS before the step, after malloc_trim; "
+            "CUDA: max_memory_allocated over memory_allocated before the step",
+        )
         write_json(args.out, meta, rows)
 
 

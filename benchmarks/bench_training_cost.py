@@ -55,9 +55,8 @@ from transformers import BertConfig, BertModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import CTC_VOCAB_SIZE, ENCODERS, environment, round_robin, summary, synchronize, write_json
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC
-from modeling_tot_cakt.collator import pad_token_features
 from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
-
+from modeling_tot_cakt.training.collator import pad_token_features
 
 PRESETS = {
     "quick": dict(encoder="w2v2-bert-small", batch=8, seconds=(4.0, 6.0), repeats=5, profile_repeats=10),
@@ -77,15 +76,27 @@ SAMPLING_RATE = 16000
 # bert-base-chinese's [PAD], [CLS] and [SEP] ids, and the range of its CJK characters.
 TEACHER_PAD_ID, TEACHER_CLS_ID, TEACHER_SEP_ID = 0, 101, 102
 TEACHER_CHARACTER_IDS = (670, 7992)
-TEACHER_NOTE = ("bert-base-chinese architecture (BertConfig defaults: 12 layers, hidden 768, vocab 21128) with random "
-                "weights: a frozen teacher's cost does not depend on its weights, and the checkpoint cannot be "
-                "downloaded here")
-PROFILE_STAGES = ("teacher forward", "adapter forward", "cost matrix", "Sinkhorn", "transport + OT/align losses",
-                  "alignment backward")
+TEACHER_NOTE = (
+    "bert-base-chinese architecture (BertConfig defaults: 12 layers, hidden 768, vocab 21128) with random "
+    "weights: a frozen teacher's cost does not depend on its weights, and the checkpoint cannot be "
+    "downloaded here"
+)
+PROFILE_STAGES = (
+    "teacher forward",
+    "adapter forward",
+    "cost matrix",
+    "Sinkhorn",
+    "transport + OT/align losses",
+    "alignment backward",
+)
 # Functions of the modeling module that make up the alignment head, and the stage each belongs to.
-PROFILED_FUNCTIONS = {"cosine_cost": "cost matrix", "tot_sinkhorn": "Sinkhorn",
-                      "barycentric_transport": "transport + OT/align losses", "ot_loss": "transport + OT/align losses",
-                      "align_loss": "transport + OT/align losses"}
+PROFILED_FUNCTIONS = {
+    "cosine_cost": "cost matrix",
+    "tot_sinkhorn": "Sinkhorn",
+    "barycentric_transport": "transport + OT/align losses",
+    "ot_loss": "transport + OT/align losses",
+    "align_loss": "transport + OT/align losses",
+}
 
 
 def parse_args(argv=None):
@@ -93,9 +104,12 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds of whole steps (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 keeps timings stable on a shared machine)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds of whole steps (default: the preset's)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)"
+    )
     parser.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
     return parser.parse_args(argv)
 
@@ -112,15 +126,16 @@ def make_batch(encoder_config: dict, batch: int, seconds: tuple, generator: torc
     durations = torch.linspace(seconds[0], seconds[1], batch).tolist()
     waves = [0.1 * torch.randn(int(d * SAMPLING_RATE), generator=generator).numpy() for d in durations]
     extractor = create_feature_extractor(encoder_config, SAMPLING_RATE)
-    inputs = dict(extractor(waves, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True,
-                            return_tensors="pt"))
+    inputs = dict(
+        extractor(waves, sampling_rate=SAMPLING_RATE, padding=True, return_attention_mask=True, return_tensors="pt")
+    )
     lengths = [round(CHARACTERS_PER_SECOND * d) for d in durations]
     labels = torch.full((batch, max(lengths)), -100)
     teacher_ids = torch.full((batch, max(lengths) + 2), TEACHER_PAD_ID)
     for row, length in enumerate(lengths):
         labels[row, :length] = torch.randint(3, CTC_VOCAB_SIZE, (length,), generator=generator)
         teacher_ids[row, 0], teacher_ids[row, length + 1] = TEACHER_CLS_ID, TEACHER_SEP_ID
-        teacher_ids[row, 1:length + 1] = torch.randint(*TEACHER_CHARACTER_IDS, (length,), generator=generator)
+        teacher_ids[row, 1 : length + 1] = torch.randint(*TEACHER_CHARACTER_IDS, (length,), generator=generator)
     inputs["labels"] = labels
     return inputs, teacher_ids, (teacher_ids != TEACHER_PAD_ID).long(), durations
 
@@ -130,8 +145,12 @@ def build_models(encoder_config: dict, teacher: BertModel, device: torch.device)
     weights, and the alignment variants have ``teacher`` attached."""
     models = {}
     for name, (alignment, _) in VARIANTS.items():
-        config = TOTCAKTConfig(encoder_config=dict(encoder_config), vocab_size=CTC_VOCAB_SIZE, alignment=alignment,
-                               teacher_hidden_size=teacher.config.hidden_size)
+        config = TOTCAKTConfig(
+            encoder_config=dict(encoder_config),
+            vocab_size=CTC_VOCAB_SIZE,
+            alignment=alignment,
+            teacher_hidden_size=teacher.config.hidden_size,
+        )
         model = TOTCAKTForCTC(config)
         if models:
             missing, unexpected = model.load_state_dict(models[BASELINE].state_dict(), strict=False)
@@ -195,6 +214,7 @@ class StageTimer:
     def wrap(self, name: str, function, keep_arguments: bool = False):
         """``function`` timed as part of stage ``name``; ``keep_arguments`` (for ``tot_sinkhorn``) keeps
         its arguments in ``sinkhorn_calls``, to count the iterations afterwards."""
+
         @functools.wraps(function)
         def timed(*args, **kwargs):
             with self.stage(name):
@@ -202,6 +222,7 @@ class StageTimer:
             if keep_arguments:
                 self.sinkhorn_calls.append((function, args, kwargs))
             return result
+
         return timed
 
     def sinkhorn_iterations(self) -> list:
@@ -241,8 +262,9 @@ def added_stages(model: TOTCAKTForCTC, hidden_states, frame_mask, batch: dict, b
     model.adapter.zero_grad(set_to_none=True)
     with timer.hooked(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if "teacher_input_ids" in batch:
-            tokens, token_mask = model.teacher_token_features(batch["teacher_input_ids"],
-                                                              batch["teacher_attention_mask"])
+            tokens, token_mask = model.teacher_token_features(
+                batch["teacher_input_ids"], batch["teacher_attention_mask"]
+            )
         else:
             tokens, token_mask = batch["teacher_hidden_states"], batch["teacher_token_mask"]
         ot, align, _ = model._alignment(hidden_states, frame_mask, tokens, token_mask)
@@ -251,8 +273,9 @@ def added_stages(model: TOTCAKTForCTC, hidden_states, frame_mask, batch: dict, b
     return {name: timer.seconds.get(name, 0.0) for name in PROFILE_STAGES}, timer.sinkhorn_iterations()
 
 
-def profile_additions(models: dict, batches: dict, hidden_states, frame_mask, repeats: int, bf16: bool,
-                      device: torch.device) -> dict:
+def profile_additions(
+    models: dict, batches: dict, hidden_states, frame_mask, repeats: int, bf16: bool, device: torch.device
+) -> dict:
     """Median stage times (ms) of what each alignment variant adds, over ``repeats`` interleaved rounds."""
     hidden_states = hidden_states.detach().requires_grad_(True)
     rounds = defaultdict(list)
@@ -260,12 +283,18 @@ def profile_additions(models: dict, batches: dict, hidden_states, frame_mask, re
     def run(name):
         rounds[name].append(added_stages(models[name], hidden_states, frame_mask, batches[name], bf16, device))
 
-    round_robin({name: functools.partial(run, name) for name in VARIANTS if name != BASELINE}, repeats, device,
-                measure_memory=False)
+    round_robin(
+        {name: functools.partial(run, name) for name in VARIANTS if name != BASELINE},
+        repeats,
+        device,
+        measure_memory=False,
+    )
     profile = {}
     for name, results in rounds.items():
         results = results[1:]  # the first is the warm-up
-        stages_ms = {stage: 1e3 * statistics.median(stages[stage] for stages, _ in results) for stage in PROFILE_STAGES}
+        stages_ms = {
+            stage: 1e3 * statistics.median(stages[stage] for stages, _ in results) for stage in PROFILE_STAGES
+        }
         stages_ms["total added"] = sum(stages_ms.values())
         profile[name] = dict(stages_ms=stages_ms, sinkhorn_iterations=sorted({n for _, its in results for n in its}))
     return profile
@@ -281,12 +310,18 @@ def step_rows(timings, with_cpu: bool) -> list:
     rows = []
     for name in VARIANTS:
         row = dict(variant=name, **summary(timings.wall[name]), peak_mib=max(timings.peak_mib[name]))
-        row.update(ratio=row["median_s"] / statistics.median(timings.wall[BASELINE]),
-                   ratio_min=row["min_s"] / min(timings.wall[BASELINE]))
+        row.update(
+            ratio=row["median_s"] / statistics.median(timings.wall[BASELINE]),
+            ratio_min=row["min_s"] / min(timings.wall[BASELINE]),
+        )
         if with_cpu:
             cpu = summary(timings.cpu[name])
-            row.update(cpu_median_s=cpu["median_s"], cpu_min_s=cpu["min_s"], cpu_times_s=cpu["times_s"],
-                       ratio_cpu=cpu["median_s"] / statistics.median(timings.cpu[BASELINE]))
+            row.update(
+                cpu_median_s=cpu["median_s"],
+                cpu_min_s=cpu["min_s"],
+                cpu_times_s=cpu["times_s"],
+                ratio_cpu=cpu["median_s"] / statistics.median(timings.cpu[BASELINE]),
+            )
         row["target"] = TARGETS.get(name)
         rows.append(row)
     return rows
@@ -299,8 +334,10 @@ def format_steps(rows, with_cpu: bool):
     header += f" {'target':>7} {'peak MiB':>9}"
     lines = [header, "-" * (len(header) + 8)]
     for row in rows:
-        line = (f"{row['variant']:<14} {row['median_s']:>9.3f} {row['min_s']:>7.3f} {row['ratio']:>6.3f} "
-                f"{row['ratio_min']:>10.3f}")
+        line = (
+            f"{row['variant']:<14} {row['median_s']:>9.3f} {row['min_s']:>7.3f} {row['ratio']:>6.3f} "
+            f"{row['ratio_min']:>10.3f}"
+        )
         if with_cpu:
             line += f" {row['cpu_median_s']:>6.2f} {row['ratio_cpu']:>10.3f}"
         target = f"<={row['target']:.2f}" if row["target"] else ""
@@ -314,10 +351,12 @@ def format_profile(profile: dict, baseline_ms: float, repeats: int, clock: str):
     lines = [header, "-" * len(header)]
     for stage in (*PROFILE_STAGES, "total added"):
         lines.append(f"{stage:<28}" + "".join(f"{profile[name]['stages_ms'][stage]:>14.1f}" for name in names))
-    lines.append(f"{'estimate (ctc + added)/ctc':<28}"
-                 + "".join(f"{profile[name]['estimate']:>14.3f}" for name in names))
-    lines.append(f"{'Sinkhorn iterations':<28}"
-                 + "".join(f"{str(profile[name]['sinkhorn_iterations']):>14}" for name in names))
+    lines.append(
+        f"{'estimate (ctc + added)/ctc':<28}" + "".join(f"{profile[name]['estimate']:>14.3f}" for name in names)
+    )
+    lines.append(
+        f"{'Sinkhorn iterations':<28}" + "".join(f"{str(profile[name]['sinkhorn_iterations']):>14}" for name in names)
+    )
     lines.append(f"(medians over {repeats} rounds, {clock}; ctc step: {baseline_ms:.0f} ms, same clock)")
     return "\n".join(lines)
 
@@ -326,16 +365,21 @@ def target_verdicts(row: dict, estimate: float) -> dict:
     """A variant's ratio to ctc and whether it meets its target, by each measure: wall-clock
     median, CPU-time median (CPU only) and the profile's estimate."""
     ratios = {"wall median": row["ratio"], "CPU median": row.get("ratio_cpu"), "estimate": estimate}
-    return {measure: dict(ratio=ratio, met=ratio <= row["target"]) for measure, ratio in ratios.items()
-            if ratio is not None}
+    return {
+        measure: dict(ratio=ratio, met=ratio <= row["target"])
+        for measure, ratio in ratios.items()
+        if ratio is not None
+    }
 
 
 def format_verdicts(rows) -> str:
     lines = []
     for row in rows:
         if row["target"] is not None:
-            parts = [f"{measure} {verdict['ratio']:.3f} {'met' if verdict['met'] else 'MISSED'}"
-                     for measure, verdict in row["target_met"].items()]
+            parts = [
+                f"{measure} {verdict['ratio']:.3f} {'met' if verdict['met'] else 'MISSED'}"
+                for measure, verdict in row["target_met"].items()
+            ]
             lines.append(f"Target {row['variant']} <= {row['target']:.2f} x ctc: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -347,50 +391,78 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     repeats = args.repeats or preset["repeats"]
     encoder_config = ENCODERS[preset["encoder"]]
-    meta = dict(preset=args.preset, **environment(device, args.threads), bf16=args.bf16, repeats=repeats,
-                profile_repeats=preset["profile_repeats"])
+    meta = dict(
+        preset=args.preset,
+        **environment(device, args.threads),
+        bf16=args.bf16,
+        repeats=repeats,
+        profile_repeats=preset["profile_repeats"],
+    )
 
     torch.manual_seed(0)
     teacher = BertModel(BertConfig()).to(device)
     models = build_models(encoder_config, teacher, device)
-    inputs, teacher_ids, teacher_mask, durations = make_batch(encoder_config, preset["batch"], preset["seconds"],
-                                                              torch.Generator().manual_seed(0))
+    inputs, teacher_ids, teacher_mask, durations = make_batch(
+        encoder_config, preset["batch"], preset["seconds"], torch.Generator().manual_seed(0)
+    )
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    batches = {name: variant_inputs(models["tot cached"], inputs, teacher_ids.to(device), teacher_mask.to(device),
-                                    source) for name, (_, source) in VARIANTS.items()}
+    batches = {
+        name: variant_inputs(models["tot cached"], inputs, teacher_ids.to(device), teacher_mask.to(device), source)
+        for name, (_, source) in VARIANTS.items()
+    }
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     with torch.no_grad():  # encoder features of the batch, for the frame counts and the profile
-        hidden_states = models[BASELINE].encoder(
-            **{key: value for key, value in inputs.items() if key != "labels"}).last_hidden_state
+        hidden_states = (
+            models[BASELINE]
+            .encoder(**{key: value for key, value in inputs.items() if key != "labels"})
+            .last_hidden_state
+        )
     frame_mask = models[BASELINE].frame_mask(hidden_states.shape[1], inputs["attention_mask"])
 
     frames, tokens = frame_mask.sum(-1).tolist(), (inputs["labels"] >= 0).sum(-1).tolist()
-    meta.update(encoder=preset["encoder"], encoder_config=encoder_config,
-                encoder_parameters=parameter_count(models[BASELINE].encoder),
-                ctc_model_parameters=parameter_count(models[BASELINE]),
-                adapter_parameters=parameter_count(models["tot cached"].adapter), teacher=TEACHER_NOTE,
-                teacher_parameters=parameter_count(teacher), ctc_vocab_size=CTC_VOCAB_SIZE, batch=preset["batch"],
-                clip_seconds=[round(d, 3) for d in durations], frames=frames, tokens=tokens,
-                tot_config={key: getattr(models["tot cached"].config, key) for key in
-                            ("tot_lambda1", "tot_lambda2", "tot_sigma", "tot_max_iter", "tot_tol", "tot_grad")},
-                optimizer="AdamW(lr=1e-4)", targets=TARGETS,
-                ratio="median step time / median step time of ctc; x ctc(min): the same with minima; x ctc(CPU): "
-                      "with the median process CPU time (CPU only; little disturbed by other processes)",
-                profile_clock="process CPU time" if device.type == "cpu" else "wall clock, synchronised per stage")
-    print(f"Encoder {preset['encoder']} ({meta['encoder_parameters'] / 1e6:.1f} M parameters), batch {preset['batch']} "
-          f"x {preset['seconds'][0]:g}-{preset['seconds'][1]:g} s: {min(frames)}-{max(frames)} frames, "
-          f"{min(tokens)}-{max(tokens)} tokens; CTC vocabulary {CTC_VOCAB_SIZE}; {args.threads} thread(s) on "
-          f"{args.device}.\nTeacher: {TEACHER_NOTE} ({meta['teacher_parameters'] / 1e6:.0f} M parameters).", flush=True)
+    meta.update(
+        encoder=preset["encoder"],
+        encoder_config=encoder_config,
+        encoder_parameters=parameter_count(models[BASELINE].encoder),
+        ctc_model_parameters=parameter_count(models[BASELINE]),
+        adapter_parameters=parameter_count(models["tot cached"].adapter),
+        teacher=TEACHER_NOTE,
+        teacher_parameters=parameter_count(teacher),
+        ctc_vocab_size=CTC_VOCAB_SIZE,
+        batch=preset["batch"],
+        clip_seconds=[round(d, 3) for d in durations],
+        frames=frames,
+        tokens=tokens,
+        tot_config={
+            key: getattr(models["tot cached"].config, key)
+            for key in ("tot_lambda1", "tot_lambda2", "tot_sigma", "tot_max_iter", "tot_tol", "tot_grad")
+        },
+        optimizer="AdamW(lr=1e-4)",
+        targets=TARGETS,
+        ratio="median step time / median step time of ctc; x ctc(min): the same with minima; x ctc(CPU): "
+        "with the median process CPU time (CPU only; little disturbed by other processes)",
+        profile_clock="process CPU time" if device.type == "cpu" else "wall clock, synchronised per stage",
+    )
+    print(
+        f"Encoder {preset['encoder']} ({meta['encoder_parameters'] / 1e6:.1f} M parameters), batch {preset['batch']} "
+        f"x {preset['seconds'][0]:g}-{preset['seconds'][1]:g} s: {min(frames)}-{max(frames)} frames, "
+        f"{min(tokens)}-{max(tokens)} tokens; CTC vocabulary {CTC_VOCAB_SIZE}; {args.threads} thread(s) on "
+        f"{args.device}.\nTeacher: {TEACHER_NOTE} ({meta['teacher_parameters'] / 1e6:.0f} M parameters).",
+        flush=True,
+    )
 
-    calls = {name: functools.partial(training_step, models[name], optimizers[name], batches[name], args.bf16)
-             for name in VARIANTS}
+    calls = {
+        name: functools.partial(training_step, models[name], optimizers[name], batches[name], args.bf16)
+        for name in VARIANTS
+    }
     timings = round_robin(calls, repeats, device)
     rows = step_rows(timings, with_cpu=device.type == "cpu")
     print()
     print(format_steps(rows, with_cpu=device.type == "cpu"), flush=True)
 
-    profile = profile_additions(models, batches, hidden_states, frame_mask, preset["profile_repeats"], args.bf16,
-                                device)
+    profile = profile_additions(
+        models, batches, hidden_states, frame_mask, preset["profile_repeats"], args.bf16, device
+    )
     baseline_ms = 1e3 * statistics.median((timings.cpu if device.type == "cpu" else timings.wall)[BASELINE])
     for entry in profile.values():
         entry["estimate"] = (baseline_ms + entry["stages_ms"]["total added"]) / baseline_ms

@@ -20,11 +20,11 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
-
 
 # Acoustic encoders of the training-cost and inference benchmarks (dicts for TOTCAKTConfig's
 # `encoder_config`). LayerDrop is off in both: it skips layers at random, which only adds noise
@@ -99,10 +99,10 @@ class Timings(NamedTuple):
     """Per contender name: wall-clock seconds, process CPU seconds and peak MiB of each timed round,
     and the result of the last round."""
 
-    wall: Dict[str, List[float]]
-    cpu: Dict[str, List[float]]
-    peak_mib: Dict[str, List[Optional[float]]]
-    results: Dict[str, Any]
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    peak_mib: dict[str, list[float | None]]
+    results: dict[str, Any]
 
 
 def timed_call(call: Callable[[], Any], device: torch.device, measure_memory: bool = True):
@@ -121,8 +121,13 @@ def timed_call(call: Callable[[], Any], device: torch.device, measure_memory: bo
     return elapsed, cpu, memory.mib if measure_memory else None, result
 
 
-def round_robin(calls: Dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                setup: Optional[Callable[[str], None]] = None, measure_memory: bool = True) -> Timings:
+def round_robin(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int,
+    device: torch.device,
+    setup: Callable[[str], None] | None = None,
+    measure_memory: bool = True,
+) -> Timings:
     """Time every call of ``calls`` (name -> zero-argument callable) with the interleaved protocol.
 
     ``setup(name)``, when given, runs before each call, outside the timers and the memory
@@ -148,19 +153,24 @@ def round_robin(calls: Dict[str, Callable[[], Any]], repeats: int, device: torch
     return timings
 
 
-def summary(times: List[float]) -> Dict[str, Any]:
+def summary(times: list[float]) -> dict[str, Any]:
     """``median_s``, ``min_s`` and all ``times_s`` of a list of timings."""
     return dict(median_s=statistics.median(times), min_s=min(times), times_s=list(times))
 
 
-def environment(device: torch.device, threads: int) -> Dict[str, Any]:
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
     """What the timings depend on besides the code: library versions and the machine."""
-    return dict(device=device.type, threads=threads, torch=torch.__version__, cpu_count=os.cpu_count(),
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                load_average=os.getloadavg()[0])
+    return dict(
+        device=device.type,
+        threads=threads,
+        torch=torch.__version__,
+        cpu_count=os.cpu_count(),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        load_average=os.getloadavg()[0],
+    )
 
 
-def write_json(path: str, meta: Dict[str, Any], results: Any) -> None:
+def write_json(path: str, meta: dict[str, Any], results: Any) -> None:
     """Write ``{"meta": meta, "results": results}`` to ``path`` (parent folders are created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as out:

@@ -12,7 +12,17 @@ CTC_REDUCTIONS = ("mean", "sum")
 
 # Audio encoders whose base model maps `input_values`/`input_features` to frame features and
 # exposes `_get_feature_vector_attention_mask` (all wav2vec-style models in transformers).
-SUPPORTED_ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert", "unispeech", "unispeech-sat", "sew", "sew-d")
+SUPPORTED_ENCODERS = (
+    "wav2vec2",
+    "hubert",
+    "wavlm",
+    "data2vec-audio",
+    "wav2vec2-bert",
+    "unispeech",
+    "unispeech-sat",
+    "sew",
+    "sew-d",
+)
 
 
 def _is_number(value) -> bool:
@@ -118,7 +128,12 @@ class TOTCAKTConfig(PretrainedConfig):
             model_type = encoder_config.pop("model_type", None)
             _check(model_type is not None, "encoder_config", "a dict with a 'model_type' key", "no model_type")
             encoder_config = AutoConfig.for_model(model_type, **encoder_config)
-        _check(isinstance(encoder_config, PretrainedConfig), "encoder_config", "a dict or a PretrainedConfig", type(encoder_config))
+        _check(
+            isinstance(encoder_config, PretrainedConfig),
+            "encoder_config",
+            "a dict or a PretrainedConfig",
+            type(encoder_config),
+        )
         _check(
             encoder_config.model_type in SUPPORTED_ENCODERS,
             "encoder_config.model_type",
@@ -159,7 +174,12 @@ class TOTCAKTConfig(PretrainedConfig):
             f"an int in [0, vocab_size={self.vocab_size})",
             self.pad_token_id,
         )
-        _check(self.ctc_loss_reduction in CTC_REDUCTIONS, "ctc_loss_reduction", f"one of {CTC_REDUCTIONS}", self.ctc_loss_reduction)
+        _check(
+            self.ctc_loss_reduction in CTC_REDUCTIONS,
+            "ctc_loss_reduction",
+            f"one of {CTC_REDUCTIONS}",
+            self.ctc_loss_reduction,
+        )
         for name in ("final_dropout", "adapter_dropout"):
             value = getattr(self, name)
             _check(_is_number(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
@@ -182,8 +202,18 @@ class TOTCAKTConfig(PretrainedConfig):
             self.adapter_num_layers,
         )
         _check(self.alignment in ALIGNMENT_MODES, "alignment", f"one of {ALIGNMENT_MODES}", self.alignment)
-        _check(_is_number(self.tot_lambda1) and self.tot_lambda1 >= 0.0, "tot_lambda1", "a finite float >= 0", self.tot_lambda1)
-        _check(_is_number(self.tot_lambda2) and self.tot_lambda2 > 0.0, "tot_lambda2", "a finite float > 0", self.tot_lambda2)
+        _check(
+            _is_number(self.tot_lambda1) and self.tot_lambda1 >= 0.0,
+            "tot_lambda1",
+            "a finite float >= 0",
+            self.tot_lambda1,
+        )
+        _check(
+            _is_number(self.tot_lambda2) and self.tot_lambda2 > 0.0,
+            "tot_lambda2",
+            "a finite float > 0",
+            self.tot_lambda2,
+        )
         _check(
             self.tot_sigma is None or (_is_number(self.tot_sigma) and self.tot_sigma > 0.0),
             "tot_sigma",

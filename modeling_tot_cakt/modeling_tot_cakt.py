@@ -114,7 +114,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         config: TOTCAKTConfig | None = None,
         encoder_kwargs: dict | None = None,
         **config_kwargs,
-    ) -> "TOTCAKTForCTC":
+    ) -> TOTCAKTForCTC:
         """
         Build a TOT-CAKT model whose encoder starts from a pretrained wav2vec2 / HuBERT / WavLM /
         data2vec-audio / Wav2Vec2-BERT checkpoint (Hub id or local folder; a `*ForCTC` or
@@ -156,7 +156,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 raise ValueError(
                     f"Could not load the teacher language model from teacher_name_or_path='{name}': {err}. "
                     "Pass a Hub id (with network access) or a local folder with config.json, the weights and "
-                    "the tokenizer (for example one built by `python -m modeling_tot_cakt.teacher`)."
+                    "the tokenizer (for example one built by `python -m modeling_tot_cakt.demo.teacher_pretraining`)."
                 ) from err
         hidden = getattr(teacher.config, "hidden_size", None)
         if hidden != self.config.teacher_hidden_size:
@@ -319,7 +319,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
 
     def _alignment(
-        self, hidden_states: torch.Tensor, frame_mask: torch.BoolTensor, tokens: torch.Tensor, token_mask: torch.BoolTensor
+        self,
+        hidden_states: torch.Tensor,
+        frame_mask: torch.BoolTensor,
+        tokens: torch.Tensor,
+        token_mask: torch.BoolTensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return `(ot_loss, align_loss, coupling)` for adapted frames against teacher token features."""
         adapted = self.adapter(hidden_states).float()

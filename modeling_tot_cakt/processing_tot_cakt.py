@@ -34,6 +34,7 @@ def vocabulary_from_characters(characters) -> dict[str, int]:
     symbols = sorted(set(characters) - set(SPECIAL_TOKENS) - {" "})
     return {token: index for index, token in enumerate((*SPECIAL_TOKENS, *symbols))}
 
+
 # Encoders that take log-mel filter banks (SeamlessM4T front-end) instead of the raw waveform.
 LOG_MEL_ENCODERS = ("wav2vec2-bert",)
 NUM_MEL_BINS = 80

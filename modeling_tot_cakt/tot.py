@@ -1,4 +1,3 @@
-# coding=utf-8
 """Temporal-order-preserving optimal transport (TOT) between acoustic frames and text tokens.
 
 Pure functions (torch only) used by TOT-CAKT's alignment head:
@@ -36,10 +35,8 @@ References
 """
 
 import math
-from typing import Optional
 
 import torch
-
 
 GRAD_MODES = ("envelope", "autodiff")
 
@@ -58,7 +55,7 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _check_mask(mask: Optional[torch.Tensor], name: str, batch: int, length: int, device) -> torch.Tensor:
+def _check_mask(mask: torch.Tensor | None, name: str, batch: int, length: int, device) -> torch.Tensor:
     """Validate a padding mask of shape ``(batch, length)``; ``None`` becomes all-``True``."""
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -66,8 +63,9 @@ def _check_mask(mask: Optional[torch.Tensor], name: str, batch: int, length: int
         got = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a torch.bool tensor (True = valid position), got {got}.")
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape {(batch, length)} to match the other inputs, "
-                         f"got {tuple(mask.shape)}.")
+        raise ValueError(
+            f"{name} must have shape {(batch, length)} to match the other inputs, got {tuple(mask.shape)}."
+        )
     return mask
 
 
@@ -117,8 +115,9 @@ def _position_gaps(source_mask: torch.Tensor, target_mask: torch.Tensor, dtype: 
     return u[:, :, None] - v[:, None, :], pair_mask
 
 
-def temporal_prior_log(source_mask: torch.Tensor, target_mask: torch.Tensor, sigma: float,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def temporal_prior_log(
+    source_mask: torch.Tensor, target_mask: torch.Tensor, sigma: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""Logarithm of OPW's Gaussian temporal prior between frames and tokens [1].
 
     .. math::
@@ -154,8 +153,9 @@ def temporal_prior_log(source_mask: torch.Tensor, target_mask: torch.Tensor, sig
     return log_prior.masked_fill(~pair_mask, 0.0)
 
 
-def order_reward(source_mask: torch.Tensor, target_mask: torch.Tensor, lambda1: float,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def order_reward(
+    source_mask: torch.Tensor, target_mask: torch.Tensor, lambda1: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""OPW's local order reward (inverse difference moment) between frames and tokens [1].
 
     .. math::
@@ -205,10 +205,16 @@ def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -
     cost : torch.Tensor, shape (B, N, M)
         Values in ``[0, 2]``; float32 for half-precision inputs, else the inputs' dtype.
     """
-    if source.dim() != 3 or target.dim() != 3 or source.shape[0] != target.shape[0] \
-            or source.shape[2] != target.shape[2]:
-        raise ValueError("source and target must have shapes (B, N, D) and (B, M, D) with the same B and D, "
-                         f"got {tuple(source.shape)} and {tuple(target.shape)}.")
+    if (
+        source.dim() != 3
+        or target.dim() != 3
+        or source.shape[0] != target.shape[0]
+        or source.shape[2] != target.shape[2]
+    ):
+        raise ValueError(
+            "source and target must have shapes (B, N, D) and (B, M, D) with the same B and D, "
+            f"got {tuple(source.shape)} and {tuple(target.shape)}."
+        )
     dtype = _working_dtype(torch.promote_types(source.dtype, target.dtype))
     with _no_autocast(source.device):
         source_unit = torch.nn.functional.normalize(source.to(dtype), dim=-1, eps=eps)
@@ -249,10 +255,19 @@ def _log_kernel(cost, source_mask, target_mask, lambda1, lambda2, sigma):
     return log_kernel.masked_fill(~pair_mask, torch.finfo(dtype).min / 4)
 
 
-def tot_sinkhorn(cost: torch.Tensor, source_mask: Optional[torch.Tensor] = None,
-                 target_mask: Optional[torch.Tensor] = None, *, lambda1: float = 1.0, lambda2: float = 0.1,
-                 sigma: Optional[float] = 1.0, max_iter: int = 100, tol: float = 1e-4,
-                 grad: str = "envelope", log: bool = False):
+def tot_sinkhorn(
+    cost: torch.Tensor,
+    source_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+    *,
+    lambda1: float = 1.0,
+    lambda2: float = 0.1,
+    sigma: float | None = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    grad: str = "envelope",
+    log: bool = False,
+):
     r"""Temporal-order-preserving optimal transport coupling (TOT), batched and masked.
 
     Solves, for every sample of the batch, the order-preserving entropic OT problem of OPW [1]
@@ -356,8 +371,11 @@ def tot_sinkhorn(cost: torch.Tensor, source_mask: Optional[torch.Tensor] = None,
     torch.Size([2, 50, 6])
     """
     if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or not cost.is_floating_point():
-        got = (f"shape {tuple(cost.shape)} and dtype {cost.dtype}" if isinstance(cost, torch.Tensor)
-               else type(cost).__name__)
+        got = (
+            f"shape {tuple(cost.shape)} and dtype {cost.dtype}"
+            if isinstance(cost, torch.Tensor)
+            else type(cost).__name__
+        )
         raise ValueError(f"cost must be a floating-point torch.Tensor of shape (B, N, M), got {got}.")
     batch, n_rows, n_cols = cost.shape
     source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
@@ -387,8 +405,9 @@ def tot_sinkhorn(cost: torch.Tensor, source_mask: Optional[torch.Tensor] = None,
     if not log:
         return coupling
     with torch.no_grad():
-        marginal_error = ((coupling.sum(dim=2) - _uniform(row_mask, dtype)).abs().sum(dim=1)
-                          + (coupling.sum(dim=1) - _uniform(col_mask, dtype)).abs().sum(dim=1))
+        marginal_error = (coupling.sum(dim=2) - _uniform(row_mask, dtype)).abs().sum(dim=1) + (
+            coupling.sum(dim=1) - _uniform(col_mask, dtype)
+        ).abs().sum(dim=1)
     return coupling, {"n_iter": n_iter, "marginal_error": marginal_error}
 
 
@@ -397,8 +416,7 @@ def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype) / mask.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
 
 
-def _sinkhorn_log(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int,
-                  tol: float):
+def _sinkhorn_log(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int, tol: float):
     """Log-domain Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
 
     Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, and the number
@@ -429,8 +447,9 @@ def _sinkhorn_log(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: to
     return coupling, n_iter
 
 
-def barycentric_transport(coupling: torch.Tensor, source: torch.Tensor,
-                          target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def barycentric_transport(
+    coupling: torch.Tensor, source: torch.Tensor, target_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Barycentric projection of source features onto the target positions.
 
     .. math::
@@ -452,8 +471,10 @@ def barycentric_transport(coupling: torch.Tensor, source: torch.Tensor,
         half-precision inputs, else the promoted dtype of the inputs.
     """
     if coupling.dim() != 3 or source.dim() != 3 or coupling.shape[:2] != source.shape[:2]:
-        raise ValueError("coupling and source must have shapes (B, N, M) and (B, N, D) with the same B and N, "
-                         f"got {tuple(coupling.shape)} and {tuple(source.shape)}.")
+        raise ValueError(
+            "coupling and source must have shapes (B, N, M) and (B, N, D) with the same B and N, "
+            f"got {tuple(coupling.shape)} and {tuple(source.shape)}."
+        )
     batch, _, n_cols = coupling.shape
     target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, coupling.device)
     dtype = _working_dtype(torch.promote_types(coupling.dtype, source.dtype))
@@ -491,8 +512,10 @@ def ot_loss(coupling: torch.Tensor, cost: torch.Tensor, reduction: str = "mean")
         float32 for half-precision inputs, else the promoted dtype of the inputs.
     """
     if coupling.shape != cost.shape or coupling.dim() != 3:
-        raise ValueError(f"coupling and cost must have the same shape (B, N, M), got {tuple(coupling.shape)} "
-                         f"and {tuple(cost.shape)}.")
+        raise ValueError(
+            f"coupling and cost must have the same shape (B, N, M), got {tuple(coupling.shape)} "
+            f"and {tuple(cost.shape)}."
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
     dtype = _working_dtype(torch.promote_types(coupling.dtype, cost.dtype))
@@ -503,8 +526,12 @@ def ot_loss(coupling: torch.Tensor, cost: torch.Tensor, reduction: str = "mean")
     return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
 
 
-def align_loss(transported: torch.Tensor, target: torch.Tensor, target_mask: Optional[torch.Tensor] = None,
-               reduction: str = "mean") -> torch.Tensor:
+def align_loss(
+    transported: torch.Tensor,
+    target: torch.Tensor,
+    target_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     r"""Cosine alignment loss between transported features and targets.
 
     .. math::
@@ -534,8 +561,10 @@ def align_loss(transported: torch.Tensor, target: torch.Tensor, target_mask: Opt
         float32 for half-precision inputs, else the promoted dtype of the inputs.
     """
     if transported.dim() != 3 or transported.shape != target.shape:
-        raise ValueError("transported and target must have the same shape (B, M, D), got "
-                         f"{tuple(transported.shape)} and {tuple(target.shape)}.")
+        raise ValueError(
+            "transported and target must have the same shape (B, M, D), got "
+            f"{tuple(transported.shape)} and {tuple(target.shape)}."
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
     batch, n_cols, _ = target.shape

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from tiny_models import CHARACTERS, TINY_WAV2VEC2, make_teacher
 
 # The test models are tiny: extra intra-op threads cannot speed them up, but on a loaded machine
@@ -88,8 +87,10 @@ def speech_corpus(tmp_path_factory) -> SpeechCorpus:
         writer.writerows([path.relative_to(root).as_posix(), text] for path, text in zip(train_paths, train_texts))
     eval_manifest = root / "test.jsonl"
     eval_manifest.write_text(
-        "".join(json.dumps({"audio": str(path), "text": text}, ensure_ascii=False) + "\n"
-                for path, text in zip(eval_paths, eval_texts)),
+        "".join(
+            json.dumps({"audio": str(path), "text": text}, ensure_ascii=False) + "\n"
+            for path, text in zip(eval_paths, eval_texts)
+        ),
         encoding="utf-8",
     )
     return SpeechCorpus(root, train_manifest, eval_manifest, train_texts, eval_texts)

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from modeling_tot_cakt.audio import AudioDecodingError, decode_audio, downmix, load_audio, resample, validate_waveform
+from modeling_tot_cakt.training.audio import (
+    AudioDecodingError,
+    decode_audio,
+    downmix,
+    load_audio,
+    resample,
+    validate_waveform,
+)
 
 
 def tone(frequency, seconds, rate):

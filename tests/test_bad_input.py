@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import BertConfig, BertModel, pipeline
-
 from conftest import SAMPLING_RATE, synthesize
-from modeling_tot_cakt.audio import AudioDecodingError, load_audio
-from modeling_tot_cakt.data import load_aishell_split, load_manifest, load_speech_split
-from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
-from modeling_tot_cakt.trainer import build_model, load_teacher, shortest_usable_input
 from test_train_hf import common_args, run_training
 from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor
+from transformers import BertConfig, BertModel, pipeline
+
+from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
+from modeling_tot_cakt.training.audio import AudioDecodingError, load_audio
+from modeling_tot_cakt.training.data import load_aishell_split, load_manifest, load_speech_split
+from modeling_tot_cakt.training.trainer import build_model, load_teacher, shortest_usable_input
 
 
 def tone(seconds: float = 0.5, rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -31,8 +31,14 @@ def tone(seconds: float = 0.5, rate: int = SAMPLING_RATE) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ audio files
 @pytest.mark.parametrize(
     "subtype, quantisation",
-    [("PCM_U8", 1 / 128), ("PCM_16", 1 / 2**15), ("PCM_24", 1 / 2**23), ("PCM_32", 1e-7), ("FLOAT", 1e-7),
-     ("DOUBLE", 1e-7)],
+    [
+        ("PCM_U8", 1 / 128),
+        ("PCM_16", 1 / 2**15),
+        ("PCM_24", 1 / 2**23),
+        ("PCM_32", 1e-7),
+        ("FLOAT", 1e-7),
+        ("DOUBLE", 1e-7),
+    ],
 )
 def test_wav_sample_formats_decode_to_the_same_float32_waveform(subtype, quantisation, tmp_path):
     path = tmp_path / f"{subtype}.wav"
@@ -111,9 +117,13 @@ def write_bad_corpus(directory: Path) -> tuple[Path, Path]:
     clip too short for the encoder, a NaN clip, a punctuation-only transcript and a row without audio;
     and an evaluation manifest whose transcripts hold a character the training transcripts lack."""
     rng = np.random.default_rng(3)
-    good = [("u8.wav", "你好", SAMPLING_RATE, "PCM_U8"), ("s24.wav", "中国", SAMPLING_RATE, "PCM_24"),
-            ("f32.wav", "你中", SAMPLING_RATE, "FLOAT"), ("f64.wav", "好国", SAMPLING_RATE, "DOUBLE"),
-            ("mono8k.wav", "中你", 8000, "PCM_16")]
+    good = [
+        ("u8.wav", "你好", SAMPLING_RATE, "PCM_U8"),
+        ("s24.wav", "中国", SAMPLING_RATE, "PCM_24"),
+        ("f32.wav", "你中", SAMPLING_RATE, "FLOAT"),
+        ("f64.wav", "好国", SAMPLING_RATE, "DOUBLE"),
+        ("mono8k.wav", "中你", 8000, "PCM_16"),
+    ]
     for name, text, rate, subtype in good:
         sf.write(directory / name, synthesize(text, rng, rate), rate, subtype=subtype)
     stereo = synthesize("国好", rng, 44100)
@@ -123,7 +133,11 @@ def write_bad_corpus(directory: Path) -> tuple[Path, Path]:
     broken[50] = np.nan
     sf.write(directory / "nan.wav", broken, SAMPLING_RATE, subtype="FLOAT")
     rows = [(name, text) for name, text, _, _ in good] + [
-        ("stereo44k.flac", "国好"), ("short.wav", "你"), ("nan.wav", "好"), ("u8.wav", "！？"), ("", "中国")
+        ("stereo44k.flac", "国好"),
+        ("short.wav", "你"),
+        ("nan.wav", "好"),
+        ("u8.wav", "！？"),
+        ("", "中国"),
     ]
     train, evaluation = directory / "train.csv", directory / "eval.csv"
     with open(train, "w", encoding="utf-8", newline="") as handle:
@@ -138,12 +152,24 @@ def test_training_skips_and_counts_bad_rows_and_reports_out_of_vocabulary_charac
     with caplog.at_level(logging.INFO):
         results = run_training(
             *common_args(tmp_path / "out", tiny_teacher, tmp_path / "cache"),
-            "--train_manifest", train, "--eval_manifest", evaluation,
-            "--do_train", "--do_eval", "--max_steps", 2, "--per_device_train_batch_size", 3,
+            "--train_manifest",
+            train,
+            "--eval_manifest",
+            evaluation,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            2,
+            "--per_device_train_batch_size",
+            3,
         )
     assert "train: skipped 4 of 10 rows" in caplog.text
-    for reason in ("1 audio too short", "1 unreadable audio", "1 transcript empty after normalisation",
-                   "1 missing audio"):
+    for reason in (
+        "1 audio too short",
+        "1 unreadable audio",
+        "1 transcript empty after normalisation",
+        "1 missing audio",
+    ):
         assert reason in caplog.text
     assert "short.wav: 100 samples" in caplog.text and "nan.wav contains NaN" in caplog.text
     assert "no audio path or bytes in the row of transcript '中国'" in caplog.text
@@ -161,8 +187,9 @@ def test_training_skips_and_counts_bad_rows_and_reports_out_of_vocabulary_charac
 # ------------------------------------------------------------------------------------ teachers, config
 def test_missing_or_broken_teacher_folders_are_named(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="teacher_name_or_path='.*no-such-teacher'"):
-        build_model(vocab_size=15, pad_token_id=0,
-                    config_overrides={"teacher_name_or_path": str(tmp_path / "no-such-teacher")})
+        build_model(
+            vocab_size=15, pad_token_id=0, config_overrides={"teacher_name_or_path": str(tmp_path / "no-such-teacher")}
+        )
     no_tokenizer, no_weights = tmp_path / "no_tokenizer", tmp_path / "no_weights"
     shutil.copytree(tiny_teacher, no_tokenizer, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*"))
     shutil.copytree(tiny_teacher, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -180,14 +207,22 @@ def test_continuing_with_a_teacher_of_another_hidden_size_is_refused(tiny_teache
     shutil.copytree(tiny_teacher, wider)
     BertModel(BertConfig.from_pretrained(tiny_teacher, hidden_size=48)).save_pretrained(wider)
     with pytest.raises(ValueError, match="has hidden size 48, but the adapter of .*saved maps to 24"):
-        build_model(vocab_size=15, pad_token_id=0, model_name_or_path=str(tmp_path / "saved"),
-                    config_overrides={"teacher_name_or_path": str(wider)})
+        build_model(
+            vocab_size=15,
+            pad_token_id=0,
+            model_name_or_path=str(tmp_path / "saved"),
+            config_overrides={"teacher_name_or_path": str(wider)},
+        )
 
 
 def test_invalid_method_arguments_name_the_field():
     with pytest.raises(ValueError, match=r"TOTCAKTConfig.tot_lambda2 must be a finite float > 0, got 0.0"):
-        build_model(vocab_size=15, pad_token_id=0, encoder_config=dict(TINY_WAV2VEC2),
-                    config_overrides={"alignment": "none", "tot_lambda2": 0.0})
+        build_model(
+            vocab_size=15,
+            pad_token_id=0,
+            encoder_config=dict(TINY_WAV2VEC2),
+            config_overrides={"alignment": "none", "tot_lambda2": 0.0},
+        )
 
 
 # ------------------------------------------------------------------------------------ data sources

@@ -3,11 +3,11 @@ import socket
 import evaluate
 import numpy as np
 import pytest
+from tiny_models import write_vocab
 from transformers import EvalPrediction
 
-from modeling_tot_cakt.trainer import CER_METRIC_PATH, CTCCharacterErrorRate, load_cer_metric
 from modeling_tot_cakt import create_tokenizer
-from tiny_models import write_vocab
+from modeling_tot_cakt.training.trainer import CER_METRIC_PATH, CTCCharacterErrorRate, load_cer_metric
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_loads_by_path_without_network(monkeypatch):
 
 def test_corpus_level_rate(cer):
     # 1 substitution + 1 deletion over 6 reference characters, then 1 insertion over 2.
-    assert cer.compute(predictions=["今天天汽好", "你好啊"], references=["今天天气很好", "你好"]) == pytest.approx(3 / 8)
+    assert cer.compute(predictions=["今天天汽好", "你好啊"], references=["今天天气很好", "你好"]) == pytest.approx(
+        3 / 8
+    )
     assert cer.compute(predictions=["你好"], references=["你好"]) == 0.0
     assert cer.compute(predictions=[""], references=["你好"]) == 1.0
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_model, make_processor
 from transformers import AutoTokenizer
 
-from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher, pad_token_features
-from modeling_tot_cakt.teacher_cache import TeacherFeatureCache
-from tiny_models import make_model, make_processor
+from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher, pad_token_features
+from modeling_tot_cakt.training.teacher_features import TeacherFeatureCache
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_cached_teacher_features(processor, tmp_path):
 def test_tokenizer_and_cache_are_exclusive(processor, tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         DataCollatorCTCWithTeacher(
-            processor, teacher_tokenizer=AutoTokenizer.from_pretrained(tiny_teacher),
+            processor,
+            teacher_tokenizer=AutoTokenizer.from_pretrained(tiny_teacher),
             teacher_cache=TeacherFeatureCache(tmp_path, "0" * 64),
         )
 

@@ -1,8 +1,8 @@
 import pytest
+from tiny_models import TINY_WAV2VEC2_BERT
 from transformers import AutoConfig, HubertConfig, Wav2Vec2BertConfig, Wav2Vec2Config
 
 from modeling_tot_cakt import TOTCAKTConfig
-from tiny_models import TINY_WAV2VEC2_BERT
 
 
 def test_defaults_are_the_tot_cakt_method():
@@ -16,7 +16,10 @@ def test_defaults_are_the_tot_cakt_method():
 def test_round_trip_keeps_nested_encoder(tmp_path):
     config = TOTCAKTConfig(
         encoder_config={"model_type": "hubert", "hidden_size": 48, "num_attention_heads": 4},
-        vocab_size=100, alignment="ot", tot_sigma=None, tot_lambda1=0.0,
+        vocab_size=100,
+        alignment="ot",
+        tot_sigma=None,
+        tot_lambda1=0.0,
     )
     config.save_pretrained(tmp_path)
     for loaded in (TOTCAKTConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):

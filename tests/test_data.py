@@ -7,11 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from datasets import Audio, Dataset, Features, IterableDataset, Value
-
 from conftest import SAMPLING_RATE, synthesize
+from datasets import Audio, Dataset, Features, IterableDataset, Value
+from tiny_models import TINY_WAV2VEC2_BERT, write_vocab
+
 from modeling_tot_cakt import create_processor
-from modeling_tot_cakt.data import (
+from modeling_tot_cakt.training.data import (
     build_vocabulary,
     count_out_of_vocabulary,
     dataset_texts,
@@ -21,7 +22,6 @@ from modeling_tot_cakt.data import (
     load_speech_split,
     normalize_split,
 )
-from tiny_models import TINY_WAV2VEC2_BERT, write_vocab
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_split_concatenation(speech_corpus, tmp_path):
 
 def test_aishell_layout(aishell_corpus, tmp_path, caplog):
     root = str(aishell_corpus.root)
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
         train = load_aishell_split(root, "train", cache_dir=str(tmp_path))
     assert "1 wav files have no transcript" in caplog.text
     assert len(train) == 6  # 2 speakers x 3, the untranscribed wav left out
@@ -76,13 +76,20 @@ def test_hub_style_parquet_with_audio_feature(tmp_path):
     sf.write(wav, synthesize("你好", np.random.default_rng(0)), SAMPLING_RATE)
     features = Features({"speech": Audio(), "sentence": Value("string"), "speaker": Value("string")})
     table = pa.table(
-        {"speech": pa.array([{"bytes": wav.read_bytes(), "path": "x.wav"}], type=Audio().pa_type),
-         "sentence": ["你好！"], "speaker": ["s1"]}
+        {
+            "speech": pa.array([{"bytes": wav.read_bytes(), "path": "x.wav"}], type=Audio().pa_type),
+            "sentence": ["你好！"],
+            "speaker": ["s1"],
+        }
     ).replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
     (tmp_path / "data").mkdir()
     pq.write_table(table, tmp_path / "data" / "train-00000.parquet")
-    kwargs = dict(dataset_name=str(tmp_path / "data"), audio_column_name="speech", text_column_name="sentence",
-                  cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        dataset_name=str(tmp_path / "data"),
+        audio_column_name="speech",
+        text_column_name="sentence",
+        cache_dir=str(tmp_path / "cache"),
+    )
     loaded = load_speech_split("train", **kwargs)
     streamed = load_speech_split("train", streaming=True, **kwargs)
     for row in (loaded[0], next(iter(streamed))):
@@ -108,9 +115,10 @@ def test_manifest_errors(tmp_path):
 
 def test_bad_rows_are_skipped_and_counted(bad_rows_manifest, tmp_path, processor, caplog):
     dataset = normalize_split(load_manifest(str(bad_rows_manifest), cache_dir=str(tmp_path)), "train")
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
-        prepared = featurize_split(dataset, "train", feature_extractor=processor.feature_extractor,
-                                   tokenizer=processor.tokenizer)
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
+        prepared = featurize_split(
+            dataset, "train", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+        )
     assert prepared["text"] == ["你好"]
     assert set(prepared.column_names) == {"input_values", "labels", "input_length", "text"}
     message = caplog.text
@@ -122,10 +130,14 @@ def test_bad_rows_are_skipped_and_counted(bad_rows_manifest, tmp_path, processor
 
 def test_bad_rows_are_skipped_when_streaming(bad_rows_manifest, processor, caplog):
     stream = load_manifest(str(bad_rows_manifest), streaming=True)
-    prepared = featurize_split(normalize_split(stream, "train"), "train",
-                               feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer)
+    prepared = featurize_split(
+        normalize_split(stream, "train"),
+        "train",
+        feature_extractor=processor.feature_extractor,
+        tokenizer=processor.tokenizer,
+    )
     assert isinstance(prepared, IterableDataset)
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
         rows = list(prepared)
     assert [row["text"] for row in rows] == ["你好"]
     assert caplog.text.count("skipping a row") == 5
@@ -133,8 +145,9 @@ def test_bad_rows_are_skipped_when_streaming(bad_rows_manifest, processor, caplo
 
 def test_featurised_rows(speech_corpus, processor, tmp_path):
     raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval", num_proc=2)
-    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
-                               tokenizer=processor.tokenizer, num_proc=2)
+    prepared = featurize_split(
+        raw, "eval", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer, num_proc=2
+    )
     first = prepared.with_format("numpy")[0]
     samples = len(sf.read(speech_corpus.root / "test" / "utt000.wav")[0])
     assert first["input_length"] == len(first["input_values"]) == samples
@@ -145,16 +158,23 @@ def test_featurised_rows(speech_corpus, processor, tmp_path):
 def test_duration_limits(speech_corpus, processor, tmp_path):
     raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval")
     lengths = sorted(len(sf.read(path)[0]) for path in raw["audio"])
-    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
-                               tokenizer=processor.tokenizer, min_input_length=lengths[0], max_input_length=lengths[-1])
+    prepared = featurize_split(
+        raw,
+        "eval",
+        feature_extractor=processor.feature_extractor,
+        tokenizer=processor.tokenizer,
+        min_input_length=lengths[0],
+        max_input_length=lengths[-1],
+    )
     assert sorted(prepared["input_length"]) == [n for n in lengths if lengths[0] < n < lengths[-1]]
 
 
 def test_log_mel_features(speech_corpus, tmp_path):
     processor = create_processor(write_vocab(tmp_path), encoder_config=dict(TINY_WAV2VEC2_BERT))
     raw = normalize_split(load_manifest(str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)), "eval")
-    prepared = featurize_split(raw, "eval", feature_extractor=processor.feature_extractor,
-                               tokenizer=processor.tokenizer)
+    prepared = featurize_split(
+        raw, "eval", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+    )
     features = np.asarray(prepared[0]["input_features"])
     assert features.ndim == 2 and features.shape[1] == 160
 
@@ -173,7 +193,9 @@ def test_dataset_texts_streams_only_text(speech_corpus):
 
 
 def test_numeric_transcripts_in_a_json_manifest(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": 110}\n{"audio": "b.wav", "text": "你好"}\n', encoding="utf-8")
+    (tmp_path / "m.jsonl").write_text(
+        '{"audio": "a.wav", "text": 110}\n{"audio": "b.wav", "text": "你好"}\n', encoding="utf-8"
+    )
     for streaming in (False, True):
         manifest = load_manifest(str(tmp_path / "m.jsonl"), streaming=streaming, cache_dir=str(tmp_path))
         dataset = normalize_split(manifest, "x")

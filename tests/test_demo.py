@@ -6,8 +6,8 @@ import struct
 import pytest
 import yaml
 
-from modeling_tot_cakt import demo
-from modeling_tot_cakt.synthesis import read_manifest
+from modeling_tot_cakt.demo import run_demo as demo
+from modeling_tot_cakt.demo.synthesis import read_manifest
 
 TINY_ENCODER = {
     "model_type": "wav2vec2-bert",
@@ -77,7 +77,13 @@ def test_demo_report_transcriptions_and_plot(tiny_demo):
     assert all(report["cer"][split] >= 0 for split in ("dev", "test"))
     assert report["training"]["steps"] == 2
     assert set(report["timings_seconds"]) == {
-        "synthesis", "teacher", "training", "evaluation", "transcription", "couplings", "total"
+        "synthesis",
+        "teacher",
+        "training",
+        "evaluation",
+        "transcription",
+        "couplings",
+        "total",
     }
     assert report["corpus"]["utterances"] == {"train": 18, "dev": 3, "test": 3}
     assert 0 <= report["teacher"]["heldout_masked_token_accuracy"] <= 1
@@ -111,7 +117,9 @@ def test_a_second_run_reuses_corpus_teacher_and_model(tiny_demo, monkeypatch):
 def test_changed_training_arguments_or_retrain_train_again(tiny_demo, monkeypatch):
     preset, work_dir, _ = tiny_demo
     paths = demo.DemoPaths.create(work_dir, preset)
-    changed = demo.DemoPreset(preset.name, preset.source, preset.synthesis, preset.teacher, {**preset.train, "max_steps": 3})
+    changed = demo.DemoPreset(
+        preset.name, preset.source, preset.synthesis, preset.teacher, {**preset.train, "max_steps": 3}
+    )
     assert demo.is_trained(paths, demo.training_arguments(preset, paths))
     assert not demo.is_trained(paths, demo.training_arguments(changed, paths))
     calls = []
@@ -156,10 +164,20 @@ def test_alignment_benchmark_on_the_demo_model(tiny_demo, tmp_path, monkeypatch)
 
     preset, work_dir, _ = tiny_demo
     paths = demo.DemoPaths.create(work_dir, preset)
-    report = bench_alignment.main([
-        "--models", str(paths.model), "--corpus_dir", str(paths.corpus),
-        "--output", str(tmp_path / "alignment.json"), "--plot", str(tmp_path / "alignment.png"), "--examples", "2",
-    ])
+    report = bench_alignment.main(
+        [
+            "--models",
+            str(paths.model),
+            "--corpus_dir",
+            str(paths.corpus),
+            "--output",
+            str(tmp_path / "alignment.json"),
+            "--plot",
+            str(tmp_path / "alignment.png"),
+            "--examples",
+            "2",
+        ]
+    )
     assert json.loads((tmp_path / "alignment.json").read_text(encoding="utf-8")) == report
     (result,) = report["models"]
     assert result["trained_alignment"] == "tot" and result["utterances"] == report["utterances"] == 3
@@ -167,7 +185,10 @@ def test_alignment_benchmark_on_the_demo_model(tiny_demo, tmp_path, monkeypatch)
         errors = result["per_utterance_seconds"][name]
         assert len(errors) == 3 and all(error >= 0 for error in errors)
     png_size(tmp_path / "alignment.png")
-    assert [Path(path).name for path in report["example_plots"]] == ["alignment_example_0.png", "alignment_example_1.png"]
+    assert [Path(path).name for path in report["example_plots"]] == [
+        "alignment_example_0.png",
+        "alignment_example_1.png",
+    ]
     for path in report["example_plots"]:
         png_size(Path(path))
 

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
+from test_train_hf import run_training
+from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
 
-from conftest import TRAINING_ENCODER
-from modeling_tot_cakt.trainer import (
+from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
     is_complete_checkpoint,
     last_complete_checkpoint,
 )
-from test_train_hf import run_training
-from tiny_models import make_model, make_processor, one_step_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 40
@@ -36,19 +36,40 @@ RUN_TIMEOUT_S = 120
 def train_command(output_dir: Path, corpus: Path, teacher: Path, cache_dir: Path) -> list[str]:
     """The same command for every attempt: a checkpoint after every step, the two newest kept."""
     return [
-        sys.executable, str(ROOT / "train_hf.py"),
-        "--output_dir", str(output_dir),
-        "--dataset_name", str(corpus),
-        "--encoder_config", json.dumps(TRAINING_ENCODER),
-        "--teacher_name_or_path", str(teacher),
-        "--adapter_hidden_size", "16",
-        "--do_train", "--max_steps", str(MAX_STEPS),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "5e-3",
-        "--save_steps", "1", "--save_total_limit", "2",
-        "--logging_steps", "1",
-        "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
-        "--cache_dir", str(cache_dir),
+        sys.executable,
+        str(ROOT / "train_hf.py"),
+        "--output_dir",
+        str(output_dir),
+        "--dataset_name",
+        str(corpus),
+        "--encoder_config",
+        json.dumps(TRAINING_ENCODER),
+        "--teacher_name_or_path",
+        str(teacher),
+        "--adapter_hidden_size",
+        "16",
+        "--do_train",
+        "--max_steps",
+        str(MAX_STEPS),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "5e-3",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "2",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--cache_dir",
+        str(cache_dir),
     ]
 
 
@@ -202,13 +223,18 @@ def test_last_complete_checkpoint_skips_and_sets_aside_unfinished_folders(tmp_pa
 
     assert last_complete_checkpoint(tmp_path, set_aside_incomplete=False) == str(tmp_path / "checkpoint-2")
     assert (tmp_path / "checkpoint-10").is_dir()  # left in place when told so
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.trainer"):
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == [
-        "checkpoint-1", "checkpoint-11", "checkpoint-2", "checkpoint-best"
+        "checkpoint-1",
+        "checkpoint-11",
+        "checkpoint-2",
+        "checkpoint-best",
     ]
     assert sorted(path.name for path in (tmp_path / INCOMPLETE_CHECKPOINTS_DIR).iterdir()) == [
-        "checkpoint-10", "checkpoint-3", "checkpoint-4"
+        "checkpoint-10",
+        "checkpoint-3",
+        "checkpoint-4",
     ]
     assert not (tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-10" / "trainer_state.json").exists()  # replaced
     assert caplog.text.count("is incomplete (the run was stopped while saving it)") == 3
@@ -220,8 +246,15 @@ def test_last_complete_checkpoint_skips_and_sets_aside_unfinished_folders(tmp_pa
 def test_an_unfinished_checkpoint_given_to_resume_from_is_refused(speech_corpus, tmp_path):
     half_written = make_checkpoint(tmp_path / "checkpoint-7", state=None)
     with pytest.raises(ValueError, match="checkpoint-7 is not a complete checkpoint"):
-        run_training("--output_dir", tmp_path / "out", "--dataset_name", speech_corpus.root, "--do_train",
-                     "--resume_from_checkpoint", half_written)
+        run_training(
+            "--output_dir",
+            tmp_path / "out",
+            "--dataset_name",
+            speech_corpus.root,
+            "--do_train",
+            "--resume_from_checkpoint",
+            half_written,
+        )
 
 
 def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog):
@@ -234,7 +267,7 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog
     model.lm_head.bias.register_hook(lambda gradient: gradient * float("nan"))
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     trainer = one_step_trainer(model, processor, rows, tmp_path / "out")
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.trainer"):
         trainer.train()
     (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert math.isfinite(log["loss"]) and trainer.nonfinite_loss_batches == 0

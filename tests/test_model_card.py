@@ -5,9 +5,10 @@ from unittest import mock
 import pytest
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from tiny_models import make_model
 from transformers import TrainingArguments
 
-from modeling_tot_cakt.model_card import (
+from modeling_tot_cakt.training.model_card import (
     UPLOAD_IGNORE_PATTERNS,
     cer_result,
     is_hub_id,
@@ -15,15 +16,19 @@ from modeling_tot_cakt.model_card import (
     render_model_card,
     training_hyperparameters,
 )
-from tiny_models import make_model
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "README_TEMPLATE.md"
 
 
 def render(tmp_path, alignment="tot", **kwargs):
     config = make_model(alignment=alignment).config
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, per_device_train_batch_size=8,
-                             gradient_accumulation_steps=2, use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        learning_rate=3e-4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+    )
     defaults = dict(
         model_name="tot-cakt-aishell",
         repo_id="someone/tot-cakt-aishell",
@@ -51,8 +56,10 @@ def test_metadata(tmp_path):
     assert metadata["teacher_model"] == "bert-base-chinese"
     name, results = model_index_to_eval_results(metadata["model-index"])
     assert name == "tot-cakt-aishell"
-    assert [(r.dataset_split, r.metric_type, r.metric_value) for r in results] == [("dev", "cer", 0.0812),
-                                                                                   ("test", "cer", 0.0915)]
+    assert [(r.dataset_split, r.metric_type, r.metric_value) for r in results] == [
+        ("dev", "cer", 0.0812),
+        ("test", "cer", 0.0915),
+    ]
     reloaded = ModelCard.load(tmp_path / "README.md")
     assert reloaded.data.eval_results[1].task_type == "automatic-speech-recognition"
 
@@ -92,7 +99,7 @@ def test_is_hub_id(tmp_path):
 
 def test_upload_goes_through_hf_api(tmp_path):
     (tmp_path / "README.md").write_text("card", encoding="utf-8")
-    with mock.patch("modeling_tot_cakt.model_card.HfApi") as api_class:
+    with mock.patch("modeling_tot_cakt.training.model_card.HfApi") as api_class:
         api = api_class.return_value
         api.create_repo.return_value = SimpleNamespace(repo_id="someone/m")
         api.upload_folder.return_value = SimpleNamespace(commit_url="https://huggingface.co/someone/m/commit/1")
@@ -102,11 +109,22 @@ def test_upload_goes_through_hf_api(tmp_path):
     api.create_repo.assert_called_once_with("m", private=True, exist_ok=True, repo_type="model")
     kwargs = api.upload_folder.call_args.kwargs
     assert kwargs["repo_id"] == "someone/m" and kwargs["folder_path"] == str(tmp_path)
-    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and {"checkpoint-*", "training_args.bin", "incomplete_checkpoints/**"} <= set(UPLOAD_IGNORE_PATTERNS)
+    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and {
+        "checkpoint-*",
+        "training_args.bin",
+        "incomplete_checkpoints/**",
+    } <= set(UPLOAD_IGNORE_PATTERNS)
 
 
 @pytest.mark.parametrize("precision, expected", [({}, "fp32"), ({"bf16": True}, "bf16")])
 def test_precision_row(tmp_path, precision, expected):
-    args = SimpleNamespace(**{**vars(TrainingArguments(output_dir=str(tmp_path), use_cpu=True)), "bf16": False,
-                              "fp16": False, **precision, "world_size": 1})
+    args = SimpleNamespace(
+        **{
+            **vars(TrainingArguments(output_dir=str(tmp_path), use_cpu=True)),
+            "bf16": False,
+            "fp16": False,
+            **precision,
+            "world_size": 1,
+        }
+    )
     assert training_hyperparameters(args, 1, make_model().config)["mixed_precision"] == expected

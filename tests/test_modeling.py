@@ -3,9 +3,6 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoModelForCTC, BertModel, Wav2Vec2Model
-
-from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC
 from tiny_models import (
     CHARACTERS,
     TINY_HUBERT,
@@ -16,6 +13,9 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
+from transformers import AutoModel, AutoModelForCTC, BertModel, Wav2Vec2Model
+
+from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,18 @@ def batch_for(model, tmp_path, texts=("你好中国", "大学生")):
     label_ids = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
     batch = dict(inputs=dict(inputs), labels=label_ids)
     if model.config.teacher_name_or_path != "bert-base-chinese":
-        teacher = AutoTokenizer.from_pretrained(model.config.teacher_name_or_path)(list(texts), padding=True, return_tensors="pt")
+        teacher = AutoTokenizer.from_pretrained(model.config.teacher_name_or_path)(
+            list(texts), padding=True, return_tensors="pt"
+        )
         batch.update(teacher_input_ids=teacher.input_ids, teacher_attention_mask=teacher.attention_mask)
     return batch
 
 
 @pytest.mark.parametrize("alignment", ["tot", "ot", "none"])
 @pytest.mark.parametrize(
-    "encoder", [TINY_WAV2VEC2, TINY_HUBERT, TINY_WAVLM, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "hubert", "wavlm", "w2v-bert"]
+    "encoder",
+    [TINY_WAV2VEC2, TINY_HUBERT, TINY_WAVLM, TINY_WAV2VEC2_BERT],
+    ids=["wav2vec2", "hubert", "wavlm", "w2v-bert"],
 )
 def test_forward_backward_each_mode_and_encoder(encoder, alignment, teacher_dir, tmp_path):
     torch.manual_seed(0)
@@ -86,12 +90,22 @@ def test_precomputed_teacher_features_match_ids(teacher_dir, tmp_path):
     model = make_model(teacher_dir=teacher_dir).eval()
     model.attach_teacher()
     batch = batch_for(model, tmp_path)
-    from_ids = model(**batch["inputs"], labels=batch["labels"], teacher_input_ids=batch["teacher_input_ids"],
-                     teacher_attention_mask=batch["teacher_attention_mask"], output_coupling=True)
+    from_ids = model(
+        **batch["inputs"],
+        labels=batch["labels"],
+        teacher_input_ids=batch["teacher_input_ids"],
+        teacher_attention_mask=batch["teacher_attention_mask"],
+        output_coupling=True,
+    )
     features, mask = model.teacher_token_features(batch["teacher_input_ids"], batch["teacher_attention_mask"])
     assert model.detach_teacher() is not None and model.teacher is None  # precomputed features need no teacher
-    cached = model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=features,
-                   teacher_token_mask=mask, output_coupling=True)
+    cached = model(
+        **batch["inputs"],
+        labels=batch["labels"],
+        teacher_hidden_states=features,
+        teacher_token_mask=mask,
+        output_coupling=True,
+    )
     torch.testing.assert_close(from_ids.loss, cached.loss)
     torch.testing.assert_close(from_ids.coupling, cached.coupling)
     # The coupling is a transport plan between valid frames and valid tokens.
@@ -126,7 +140,9 @@ def test_save_load_round_trip_identical_logits_and_no_teacher_weights(teacher_di
         reloaded = loader.from_pretrained(tmp_path / "saved").eval()
         assert reloaded.teacher is None
         with torch.no_grad():
-            torch.testing.assert_close(model(**batch["inputs"]).logits, reloaded(**batch["inputs"]).logits, rtol=0, atol=0)
+            torch.testing.assert_close(
+                model(**batch["inputs"]).logits, reloaded(**batch["inputs"]).logits, rtol=0, atol=0
+            )
 
 
 def test_encoder_from_pretrained_checkpoint(tmp_path):
@@ -157,8 +173,12 @@ def test_teacher_errors_are_clear(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="teacher_hidden_states must have shape"):
         model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=torch.zeros(2, 4, 7))
     with pytest.raises(ValueError, match="teacher_token_mask"):
-        model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=torch.zeros(2, 4, 24),
-              teacher_token_mask=torch.ones(2, 5, dtype=torch.bool))
+        model(
+            **batch["inputs"],
+            labels=batch["labels"],
+            teacher_hidden_states=torch.zeros(2, 4, 24),
+            teacher_token_mask=torch.ones(2, 5, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="vocab_size"):
         model(**batch["inputs"], labels=torch.full((2, 3), 99))
 
@@ -174,7 +194,9 @@ def test_ctc_infeasible_warns_and_stays_finite(teacher_dir, caplog, tmp_path):
 
     teacher = AutoTokenizer.from_pretrained(teacher_dir)([text], return_tensors="pt")
     with caplog.at_level(logging.WARNING):
-        out = model(**inputs, labels=labels, teacher_input_ids=teacher.input_ids, teacher_attention_mask=teacher.attention_mask)
+        out = model(
+            **inputs, labels=labels, teacher_input_ids=teacher.input_ids, teacher_attention_mask=teacher.attention_mask
+        )
     assert out.logits.shape[1] < labels.shape[1]
     assert out.ctc_loss.item() == 0.0 and torch.isfinite(out.ot_loss) and torch.isfinite(out.loss)
     assert "more label tokens than encoder frames" in caplog.text
@@ -186,8 +208,12 @@ def test_gradient_checkpointing_and_feature_encoder_freezing(teacher_dir, tmp_pa
     model.activation_checkpointing_enable()
     model.freeze_feature_encoder()
     batch = batch_for(model, tmp_path)
-    out = model(**batch["inputs"], labels=batch["labels"], teacher_input_ids=batch["teacher_input_ids"],
-                teacher_attention_mask=batch["teacher_attention_mask"])
+    out = model(
+        **batch["inputs"],
+        labels=batch["labels"],
+        teacher_input_ids=batch["teacher_input_ids"],
+        teacher_attention_mask=batch["teacher_attention_mask"],
+    )
     out.loss.backward()
     assert all(p.grad is None for p in model.encoder.feature_extractor.parameters())
     assert model.encoder.encoder.layers[0].attention.k_proj.weight.grad is not None

@@ -2,13 +2,12 @@ import json
 
 import numpy as np
 import pytest
+from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
 from transformers import AutoProcessor, Wav2Vec2BertProcessor, Wav2Vec2Processor
 
 from modeling_tot_cakt import create_processor, create_tokenizer
-from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
 from modeling_tot_cakt.configuration_tot_cakt import TOTCAKTConfig
-from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
-from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
+from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor, vocabulary_from_characters
 
 
 def test_character_tokenizer_round_trip(tmp_path):
@@ -33,8 +32,10 @@ def test_vocab_without_blank_is_rejected(tmp_path):
         create_tokenizer(path)
 
 
-@pytest.mark.parametrize("encoder, cls, key", [(None, Wav2Vec2Processor, "input_values"),
-                                               (TINY_WAV2VEC2_BERT, Wav2Vec2BertProcessor, "input_features")])
+@pytest.mark.parametrize(
+    "encoder, cls, key",
+    [(None, Wav2Vec2Processor, "input_values"), (TINY_WAV2VEC2_BERT, Wav2Vec2BertProcessor, "input_features")],
+)
 def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls, key):
     config = TOTCAKTConfig(encoder_config=dict(encoder) if encoder else None)
     processor = create_processor(write_vocab(tmp_path), encoder_config=config.encoder_config)
@@ -44,7 +45,10 @@ def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls,
     assert isinstance(reloaded, cls)
     audio = [np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)]
     features = reloaded(audio=audio, sampling_rate=16000, return_tensors="pt", padding=True)
-    assert key in features and features["attention_mask"].sum(1).tolist()[0] > features["attention_mask"].sum(1).tolist()[1]
+    assert (
+        key in features
+        and features["attention_mask"].sum(1).tolist()[0] > features["attention_mask"].sum(1).tolist()[1]
+    )
     assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
 
 

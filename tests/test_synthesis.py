@@ -1,4 +1,4 @@
-"""Tests of the synthetic Mandarin corpus (modeling_tot_cakt.synthesis, modeling_tot_cakt.chinese_text)."""
+"""Tests of the synthetic Mandarin corpus (modeling_tot_cakt.demo.synthesis, modeling_tot_cakt.demo.text_sources)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from modeling_tot_cakt.chinese_text import (
-    load_han_clauses,
-    restrict_to_frequent_chars,
-    split_fortune_clauses,
-    to_pinyin,
-)
-from modeling_tot_cakt.synthesis import (
+from modeling_tot_cakt.demo.synthesis import (
     RENDER_BLOCK_SIZE,
     SPLITS,
     SynthesisConfig,
@@ -30,6 +24,12 @@ from modeling_tot_cakt.synthesis import (
     read_manifest,
     split_by_sentence,
     synthesize_corpus,
+)
+from modeling_tot_cakt.demo.text_sources import (
+    load_han_clauses,
+    restrict_to_frequent_chars,
+    split_fortune_clauses,
+    to_pinyin,
 )
 
 TINY = dict(num_sentences=20, vocab_size=300, renditions_per_train_sentence=2, seed=3)
@@ -63,7 +63,9 @@ def test_splits_are_disjoint_by_sentence_and_heldout_chars_occur_in_train(corpor
     texts = {split: {record["text"] for record in read_manifest(summary.manifests[split])} for split in SPLITS}
     assert texts["train"].isdisjoint(texts["dev"]) and texts["train"].isdisjoint(texts["test"])
     assert texts["dev"].isdisjoint(texts["test"])
-    assert {split: len(texts[split]) for split in SPLITS} == summary.num_sentences == {"train": 17, "dev": 1, "test": 2}
+    assert (
+        {split: len(texts[split]) for split in SPLITS} == summary.num_sentences == {"train": 17, "dev": 1, "test": 2}
+    )
     train_chars = set("".join(texts["train"]))
     assert set("".join(texts["dev"] | texts["test"])) <= train_chars
     assert summary.info["vocabulary_size"] == len(set("".join(texts["train"] | texts["dev"] | texts["test"])))
@@ -230,4 +232,6 @@ def test_corpus_json_records_settings_and_counts(corpora):
     assert info["settings"]["seed"] == TINY["seed"] and "output_dir" not in info["settings"]
     assert info["splits"]["train"]["utterances"] == 34 and info["splits"]["test"]["utterances"] == 2
     assert set(info["homophones_test"]) == {"tokens", "tokens_with_homophone", "types", "types_with_homophone"}
-    assert info["homophones_test"]["tokens"] == sum(len(r["text"]) for r in read_manifest(corpora[0].manifests["test"]))
+    assert info["homophones_test"]["tokens"] == sum(
+        len(r["text"]) for r in read_manifest(corpora[0].manifests["test"])
+    )

@@ -1,4 +1,4 @@
-"""Tests of the offline masked-LM teacher (modeling_tot_cakt.teacher)."""
+"""Tests of the offline masked-LM teacher (modeling_tot_cakt.demo.teacher_pretraining)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertModel
 
-from modeling_tot_cakt.chinese_text import load_han_clauses
-from modeling_tot_cakt.teacher import (
+from modeling_tot_cakt.demo.teacher_pretraining import (
     SPECIAL_TOKENS,
     TeacherConfig,
     build_teacher,
@@ -19,6 +18,7 @@ from modeling_tot_cakt.teacher import (
     heldout_sentences,
     training_texts,
 )
+from modeling_tot_cakt.demo.text_sources import load_han_clauses
 
 TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=2, max_steps=3, batch_size=16)
 
@@ -140,7 +140,9 @@ def test_changed_settings_rebuild_with_a_fresh_tokenizer(teacher, tmp_path):
     # The new vocab.txt, not the previous tokenizer.json, defines the tokenizer.
     tokenizer = AutoTokenizer.from_pretrained(config.output_dir)
     assert (
-        len(tokenizer) == rebuilt.report["vocab_size"] == AutoModel.from_pretrained(config.output_dir).config.vocab_size
+        len(tokenizer)
+        == rebuilt.report["vocab_size"]
+        == AutoModel.from_pretrained(config.output_dir).config.vocab_size
     )
 
 

@@ -3,11 +3,15 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import make_model
 from transformers import AutoModel, AutoTokenizer, BertModel
 
-from modeling_tot_cakt.collator import pad_token_features
-from modeling_tot_cakt.teacher_cache import TeacherFeatureCache, precompute_teacher_features, teacher_fingerprint
-from tiny_models import make_model
+from modeling_tot_cakt.training.collator import pad_token_features
+from modeling_tot_cakt.training.teacher_features import (
+    TeacherFeatureCache,
+    precompute_teacher_features,
+    teacher_fingerprint,
+)
 
 
 @pytest.fixture()
@@ -79,8 +83,9 @@ def test_precomputed_features_equal_the_teachers_and_train_the_same(teacher, tin
 
     audio = torch.randn(2, 8000)
     labels = torch.tensor([[3, 4, -100, -100], [5, 6, 7, 8]])
-    on_the_fly = model(audio, labels=labels, teacher_input_ids=encoded["input_ids"],
-                       teacher_attention_mask=encoded["attention_mask"])
+    on_the_fly = model(
+        audio, labels=labels, teacher_input_ids=encoded["input_ids"], teacher_attention_mask=encoded["attention_mask"]
+    )
     from_cache = model(audio, labels=labels, teacher_hidden_states=cached, teacher_token_mask=cached_mask)
     torch.testing.assert_close(from_cache.loss, on_the_fly.loss)
     torch.testing.assert_close(from_cache.align_loss, on_the_fly.align_loss)

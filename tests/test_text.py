@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modeling_tot_cakt.text import is_han, normalize_transcript
+from modeling_tot_cakt.training.transcripts import is_han, normalize_transcript
 
 
 def test_full_width_forms_become_half_width():

@@ -18,7 +18,6 @@ from modeling_tot_cakt.tot import (
     tot_sinkhorn,
 )
 
-
 TIGHT = dict(max_iter=20000, tol=1e-13)
 
 
@@ -48,12 +47,14 @@ def opw_effective_cost(cost, lambda1, lambda2, sigma):
 def pot_coupling(cost, lambda2):
     """POT's entropic OT with uniform marginals, run to convergence."""
     n, m = cost.shape
-    return ot.sinkhorn(np.full(n, 1 / n), np.full(m, 1 / m), cost, lambda2, method="sinkhorn_log",
-                       numItermax=200000, stopThr=1e-14)
+    return ot.sinkhorn(
+        np.full(n, 1 / n), np.full(m, 1 / m), cost, lambda2, method="sinkhorn_log", numItermax=200000, stopThr=1e-14
+    )
 
 
-@pytest.mark.parametrize("lambda1,lambda2,sigma",
-                         [(1.0, 0.1, 1.0), (50.0, 0.1, 1.0), (0.5, 0.5, 2.5), (0.0, 0.1, None)])
+@pytest.mark.parametrize(
+    "lambda1,lambda2,sigma", [(1.0, 0.1, 1.0), (50.0, 0.1, 1.0), (0.5, 0.5, 2.5), (0.0, 0.1, None)]
+)
 def test_tot_sinkhorn_matches_pot_on_the_equivalent_cost(lambda1, lambda2, sigma):
     generator = torch.Generator().manual_seed(0)
     batch, n_rows, n_cols = 5, 23, 9
@@ -121,8 +122,9 @@ def test_convergence_check_stops_early_and_tol_zero_runs_max_iter():
     coupling, log = tot_sinkhorn(cost, **plain, max_iter=1000, tol=1e-4, log=True)
     assert 0 < log["n_iter"] < 100 and log["n_iter"] % 10 == 0
     assert log["marginal_error"].shape == (2,) and log["marginal_error"].max() < 1e-4
-    torch.testing.assert_close(log["marginal_error"], (coupling.sum(2) - 1 / 30).abs().sum(1)
-                               + (coupling.sum(1) - 1 / 6).abs().sum(1))
+    torch.testing.assert_close(
+        log["marginal_error"], (coupling.sum(2) - 1 / 30).abs().sum(1) + (coupling.sum(1) - 1 / 6).abs().sum(1)
+    )
 
     _, log = tot_sinkhorn(cost, **plain, max_iter=37, tol=0.0, log=True)
     assert log["n_iter"] == 37
@@ -135,8 +137,9 @@ def test_autodiff_gradients_pass_gradcheck():
     target_mask = torch.tensor([[True, True, True], [True, False, True]])
 
     def solve(c):
-        return tot_sinkhorn(c, source_mask, target_mask, lambda1=1.0, lambda2=0.5, sigma=1.5,
-                            max_iter=25, tol=0.0, grad="autodiff")
+        return tot_sinkhorn(
+            c, source_mask, target_mask, lambda1=1.0, lambda2=0.5, sigma=1.5, max_iter=25, tol=0.0, grad="autodiff"
+        )
 
     assert torch.autograd.gradcheck(solve, (cost,), eps=1e-6, atol=1e-7)
 
@@ -162,8 +165,9 @@ def test_envelope_gradient_equals_autodiff_gradient_of_the_optimal_value():
     reward = order_reward(mask_rows, mask_cols, lambda1, torch.float64)
     log_prior = temporal_prior_log(mask_rows, mask_cols, sigma, torch.float64)
 
-    coupling = tot_sinkhorn(cost, lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=3000, tol=0.0,
-                            grad="autodiff")
+    coupling = tot_sinkhorn(
+        cost, lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=3000, tol=0.0, grad="autodiff"
+    )
     kl = (coupling * (coupling.log() - log_prior) - coupling + log_prior.exp()).sum()
     value = (coupling * (cost - reward)).sum() + lambda2 * kl
     (gradient,) = torch.autograd.grad(value, cost)
@@ -268,7 +272,7 @@ def test_prior_and_reward_follow_the_opw_formulas():
     log_prior = temporal_prior_log(source_mask, target_mask, 0.7, torch.float64)[0]
     reward = order_reward(source_mask, target_mask, 3.0, torch.float64)[0]
 
-    torch.testing.assert_close(log_prior[:4][:, [0, 2]], -((u - v).abs() / scale) ** 2 / (2 * 0.7**2))
+    torch.testing.assert_close(log_prior[:4][:, [0, 2]], -(((u - v).abs() / scale) ** 2) / (2 * 0.7**2))
     torch.testing.assert_close(reward[:4][:, [0, 2]], 3.0 / ((u - v) ** 2 + 1))
     assert torch.all(log_prior[4] == 0) and torch.all(log_prior[:, 1] == 0)
     assert torch.all(reward[4] == 0) and torch.all(reward[:, 1] == 0)
@@ -311,30 +315,36 @@ def test_ot_loss_hand_example():
     torch.testing.assert_close(ot_loss(coupling, cost), torch.tensor(1.4))
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lambda2=0.0), "lambda2"),
-    (dict(lambda2=-1.0), "lambda2"),
-    (dict(lambda2=float("nan")), "lambda2"),
-    (dict(sigma=0.0), "sigma"),
-    (dict(sigma=-2.0), "sigma"),
-    (dict(lambda1=-0.1), "lambda1"),
-    (dict(max_iter=0), "max_iter"),
-    (dict(max_iter=2.5), "max_iter"),
-    (dict(tol=-1e-3), "tol"),
-    (dict(grad="implicit"), "grad"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(lambda2=0.0), "lambda2"),
+        (dict(lambda2=-1.0), "lambda2"),
+        (dict(lambda2=float("nan")), "lambda2"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma=-2.0), "sigma"),
+        (dict(lambda1=-0.1), "lambda1"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(max_iter=2.5), "max_iter"),
+        (dict(tol=-1e-3), "tol"),
+        (dict(grad="implicit"), "grad"),
+    ],
+)
 def test_bad_parameters_raise_value_errors_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         tot_sinkhorn(torch.rand(2, 5, 3), **kwargs)
 
 
-@pytest.mark.parametrize("args,name", [
-    ((torch.rand(5, 3),), "cost"),
-    ((torch.randint(0, 2, (2, 5, 3)),), "cost"),
-    ((torch.rand(2, 5, 3), torch.ones(2, 4, dtype=torch.bool)), "source_mask"),
-    ((torch.rand(2, 5, 3), torch.ones(2, 5)), "source_mask"),
-    ((torch.rand(2, 5, 3), None, torch.ones(3, 3, dtype=torch.bool)), "target_mask"),
-])
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        ((torch.rand(5, 3),), "cost"),
+        ((torch.randint(0, 2, (2, 5, 3)),), "cost"),
+        ((torch.rand(2, 5, 3), torch.ones(2, 4, dtype=torch.bool)), "source_mask"),
+        ((torch.rand(2, 5, 3), torch.ones(2, 5)), "source_mask"),
+        ((torch.rand(2, 5, 3), None, torch.ones(3, 3, dtype=torch.bool)), "target_mask"),
+    ],
+)
 def test_bad_shapes_and_masks_raise_value_errors_naming_them(args, name):
     with pytest.raises(ValueError, match=name):
         tot_sinkhorn(*args)

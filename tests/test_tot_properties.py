@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 
 from modeling_tot_cakt.tot import tot_sinkhorn
 
-
 SETTINGS = settings(max_examples=25, deadline=None)
 FIXED = dict(max_iter=60, tol=0.0)  # a fixed number of iterations: comparisons see the same iterates
 
@@ -17,14 +16,19 @@ def problems(draw):
     batch = draw(st.integers(1, 3))
     n_rows = draw(st.integers(1, 12))
     n_cols = draw(st.integers(1, 8))
-    source_mask = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n_rows, max_size=n_rows),
-                                             min_size=batch, max_size=batch)))
-    target_mask = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n_cols, max_size=n_cols),
-                                             min_size=batch, max_size=batch)))
+    source_mask = torch.tensor(
+        draw(st.lists(st.lists(st.booleans(), min_size=n_rows, max_size=n_rows), min_size=batch, max_size=batch))
+    )
+    target_mask = torch.tensor(
+        draw(st.lists(st.lists(st.booleans(), min_size=n_cols, max_size=n_cols), min_size=batch, max_size=batch))
+    )
     seed = draw(st.integers(0, 2**31 - 1))
     cost = 2 * torch.rand(batch, n_rows, n_cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    params = dict(lambda1=draw(st.floats(0.0, 5.0)), lambda2=draw(st.floats(0.1, 1.0)),
-                  sigma=draw(st.one_of(st.none(), st.floats(0.5, 5.0))))
+    params = dict(
+        lambda1=draw(st.floats(0.0, 5.0)),
+        lambda2=draw(st.floats(0.1, 1.0)),
+        sigma=draw(st.one_of(st.none(), st.floats(0.5, 5.0))),
+    )
     return cost, source_mask, target_mask, params
 
 

@@ -15,13 +15,13 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from conftest import TRAINING_ENCODER
 from huggingface_hub import metadata_load
+from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC, AutoProcessor, Wav2Vec2Config, Wav2Vec2Model
 
 from modeling_tot_cakt import TOTCAKTConfig
-from modeling_tot_cakt.trainer import build_model, parse_encoder_config
-from conftest import TRAINING_ENCODER
-from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
+from modeling_tot_cakt.training.trainer import build_model, parse_encoder_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_hf", ROOT / "train_hf.py")
@@ -36,19 +36,31 @@ def run_training(*args):
 
 def common_args(output_dir, teacher, cache_dir, encoder=TRAINING_ENCODER):
     return [
-        "--output_dir", output_dir,
-        "--encoder_config", json.dumps(encoder),
-        "--teacher_name_or_path", teacher,
-        "--adapter_hidden_size", 16,
-        "--per_device_train_batch_size", 4,
-        "--per_device_eval_batch_size", 8,
-        "--learning_rate", "5e-3",
-        "--logging_steps", 1,
-        "--report_to", "none",
+        "--output_dir",
+        output_dir,
+        "--encoder_config",
+        json.dumps(encoder),
+        "--teacher_name_or_path",
+        teacher,
+        "--adapter_hidden_size",
+        16,
+        "--per_device_train_batch_size",
+        4,
+        "--per_device_eval_batch_size",
+        8,
+        "--learning_rate",
+        "5e-3",
+        "--logging_steps",
+        1,
+        "--report_to",
+        "none",
         "--use_cpu",
-        "--seed", 0,
-        "--disable_tqdm", "true",
-        "--cache_dir", cache_dir,
+        "--seed",
+        0,
+        "--disable_tqdm",
+        "true",
+        "--cache_dir",
+        cache_dir,
     ]
 
 
@@ -61,10 +73,23 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     out = tmp_path / "out"
     results = run_training(
         *common_args(out, tiny_teacher, tmp_path / "cache"),
-        "--dataset_name", speech_corpus.root, "--eval_split_name", "test",
-        "--do_train", "--do_eval", "--max_steps", 16,
-        "--eval_strategy", "steps", "--eval_steps", 8, "--save_steps", 8, "--load_best_model_at_end",
-        "--report_to", "tensorboard",
+        "--dataset_name",
+        speech_corpus.root,
+        "--eval_split_name",
+        "test",
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        16,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        8,
+        "--save_steps",
+        8,
+        "--load_best_model_at_end",
+        "--report_to",
+        "tensorboard",
     )
     state, logs = train_logs(out)
     assert state["global_step"] == 16
@@ -110,9 +135,28 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
 
     # A saved model is a starting point: its vocabulary and weights carry over.
     more = tmp_path / "more"
-    run_training("--model_name_or_path", out, "--output_dir", more, "--dataset_name", speech_corpus.root,
-                 "--do_train", "--max_steps", 1, "--per_device_train_batch_size", 4, "--learning_rate", "1e-4",
-                 "--logging_steps", 1, "--report_to", "none", "--use_cpu", "--cache_dir", tmp_path / "cache")
+    run_training(
+        "--model_name_or_path",
+        out,
+        "--output_dir",
+        more,
+        "--dataset_name",
+        speech_corpus.root,
+        "--do_train",
+        "--max_steps",
+        1,
+        "--per_device_train_batch_size",
+        4,
+        "--learning_rate",
+        "1e-4",
+        "--logging_steps",
+        1,
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--cache_dir",
+        tmp_path / "cache",
+    )
     assert (more / "vocab.json").read_text() == (out / "vocab.json").read_text()
     assert train_logs(more)[1][0]["loss"] < logs[0]["loss"]
 
@@ -121,8 +165,16 @@ def test_resume_continues_from_the_last_checkpoint(aishell_corpus, tiny_teacher,
     out = tmp_path / "out"
     args = [
         *common_args(out, tiny_teacher, tmp_path / "cache"),
-        "--aishell_dir", aishell_corpus.root, "--do_train", "--alignment", "ot",
-        "--save_steps", 3, "--activation_checkpointing", "--max_train_samples", 5,
+        "--aishell_dir",
+        aishell_corpus.root,
+        "--do_train",
+        "--alignment",
+        "ot",
+        "--save_steps",
+        3,
+        "--activation_checkpointing",
+        "--max_train_samples",
+        5,
     ]
     run_training(*args, "--max_steps", 3)
     assert (out / "checkpoint-3").is_dir()
@@ -145,17 +197,36 @@ def test_log_mel_encoder_cached_teacher_features_and_bad_rows(
     speech_corpus, bad_rows_manifest, tiny_teacher, tmp_path, caplog
 ):
     out, teacher_cache = tmp_path / "out", tmp_path / "teacher_cache"
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt"), \
-            mock.patch("modeling_tot_cakt.model_card.HfApi") as api_class:
+    with (
+        caplog.at_level(logging.WARNING, logger="modeling_tot_cakt"),
+        mock.patch("modeling_tot_cakt.training.model_card.HfApi") as api_class,
+    ):
         api_class.return_value.create_repo.return_value = SimpleNamespace(repo_id="someone/tiny")
         results = run_training(
             *common_args(out, tiny_teacher, tmp_path / "cache", encoder=TINY_WAV2VEC2_BERT),
-            "--train_manifest", bad_rows_manifest, "--eval_manifest", speech_corpus.eval_manifest,
-            "--do_train", "--do_eval", "--max_steps", 2, "--per_device_train_batch_size", 1,
-            "--cache_teacher_features", "--teacher_cache_dir", teacher_cache,
-            "--push_to_hub", "--hub_model_id", "someone/tiny", "--hub_token", "hf_test",
+            "--train_manifest",
+            bad_rows_manifest,
+            "--eval_manifest",
+            speech_corpus.eval_manifest,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            2,
+            "--per_device_train_batch_size",
+            1,
+            "--cache_teacher_features",
+            "--teacher_cache_dir",
+            teacher_cache,
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/tiny",
+            "--hub_token",
+            "hf_test",
             # SpecAugment of the Wav2Vec2-BERT (log-mel) encoder, set from the command line.
-            "--mask_time_prob", 0.05, "--mask_time_length", 2,
+            "--mask_time_prob",
+            0.05,
+            "--mask_time_length",
+            2,
         )
     assert "train: skipped 5 of 6 rows" in caplog.text
     assert math.isfinite(results["eval"]["eval_align_loss"])
@@ -204,7 +275,9 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
     encoder = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in TINY_WAV2VEC2.items() if k != "model_type"}))
     encoder.save_pretrained(tmp_path / "encoder")
     model = build_model(
-        vocab_size=9, pad_token_id=0, encoder_name_or_path=str(tmp_path / "encoder"),
+        vocab_size=9,
+        pad_token_id=0,
+        encoder_name_or_path=str(tmp_path / "encoder"),
         encoder_overrides={"mask_time_prob": 0.3, "layerdrop": None},
         config_overrides={"alignment": "ot", "teacher_name_or_path": str(tiny_teacher), "tot_lambda2": None},
     )
@@ -216,8 +289,13 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
     assert config.teacher_hidden_size == 24  # read from the teacher's configuration
 
     model.save_pretrained(tmp_path / "saved")
-    again = build_model(vocab_size=9, pad_token_id=0, model_name_or_path=str(tmp_path / "saved"),
-                        encoder_overrides={"layerdrop": 0.2}, config_overrides={"tot_lambda1": 0.5})
+    again = build_model(
+        vocab_size=9,
+        pad_token_id=0,
+        model_name_or_path=str(tmp_path / "saved"),
+        encoder_overrides={"layerdrop": 0.2},
+        config_overrides={"tot_lambda1": 0.5},
+    )
     assert again.config.encoder_config.layerdrop == 0.2 and again.config.tot_lambda1 == 0.5
     assert again.config.alignment == "ot"
     for name, tensor in model.state_dict().items():
@@ -227,7 +305,10 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
 
 
 def test_parse_encoder_config(tmp_path):
-    assert parse_encoder_config('{"model_type": "hubert", "hidden_size": 32}') == {"model_type": "hubert", "hidden_size": 32}
+    assert parse_encoder_config('{"model_type": "hubert", "hidden_size": 32}') == {
+        "model_type": "hubert",
+        "hidden_size": 32,
+    }
     (tmp_path / "config.json").write_text(json.dumps(TRAINING_ENCODER))
     assert parse_encoder_config(str(tmp_path / "config.json")) == json.loads(json.dumps(TRAINING_ENCODER))
     with pytest.raises(ValueError, match="needs a JSON object with a 'model_type'"):
@@ -238,8 +319,15 @@ def test_parse_encoder_config(tmp_path):
 
 def test_argument_errors(speech_corpus, tmp_path):
     with pytest.raises(ValueError, match="exactly one data source"):
-        run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root,
-                     "--train_manifest", speech_corpus.train_manifest)
+        run_training(
+            "--output_dir",
+            tmp_path,
+            "--do_train",
+            "--dataset_name",
+            speech_corpus.root,
+            "--train_manifest",
+            speech_corpus.train_manifest,
+        )
     with pytest.raises(ValueError, match="--streaming needs --max_steps"):
         run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root, "--streaming")
     (tmp_path / "stray.txt").write_text("x")
@@ -265,7 +353,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
     model.forward = forward_with_one_nan
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = one_step_trainer(model, processor, rows, tmp_path / "out")
-    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.trainer"):
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.trainer"):
         trainer.train()
     assert "Non-finite loss" in caplog.text and trainer.nonfinite_loss_batches == 1
     assert trainer.state.log_history[0]["nonfinite_loss_batches"] == 1

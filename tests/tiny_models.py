@@ -11,9 +11,9 @@ from datasets import Dataset
 from transformers import BertConfig, BertModel, BertTokenizer, TrainingArguments
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, create_processor
-from modeling_tot_cakt.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
-from modeling_tot_cakt.trainer import TOTCAKTTrainer
+from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
+from modeling_tot_cakt.training.trainer import TOTCAKTTrainer
 
 CHARACTERS = "你好中国人大学生天上地下"
 TEACHER_HIDDEN = 24
@@ -70,7 +70,11 @@ def make_teacher(directory: Path) -> Path:
     (directory / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     BertTokenizer(str(directory / "vocab.txt")).save_pretrained(directory)
     config = BertConfig(
-        vocab_size=len(tokens), hidden_size=TEACHER_HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        vocab_size=len(tokens),
+        hidden_size=TEACHER_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
     )
     BertModel(config).save_pretrained(directory)
     return directory
@@ -105,8 +109,20 @@ def write_wav(path: Path, seconds: float = 1.0, sampling_rate: int = 16000, seed
 
 def one_step_trainer(model: TOTCAKTForCTC, processor, rows: list[dict], output_dir: Path):
     """A `TOTCAKTTrainer` that takes one optimiser step (lr 1e-2) over ``rows`` on the CPU, saving nothing."""
-    args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
-                             logging_steps=1, report_to="none", use_cpu=True, remove_unused_columns=False,
-                             save_strategy="no", learning_rate=1e-2)
-    return TOTCAKTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          data_collator=DataCollatorCTCWithTeacher(processor))
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        learning_rate=1e-2,
+    )
+    return TOTCAKTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=DataCollatorCTCWithTeacher(processor),
+    )

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .configuration_tot_cakt import TOTCAKTConfig
+from ..configuration_tot_cakt import TOTCAKTConfig
 
 CARD_TAGS = [
     "automatic-speech-recognition",
@@ -144,7 +144,9 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "total_train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "total_train_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size,
         "optimizer": getattr(args.optim, "value", args.optim),
         "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         "warmup_steps": args.warmup_steps,
@@ -156,8 +158,15 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
         "alignment": config.alignment,
     }
     if config.uses_teacher:
-        method = ("tot_lambda1", "tot_lambda2", "tot_sigma", "tot_max_iter", "ctc_loss_weight", "ot_loss_weight",
-                  "align_loss_weight")
+        method = (
+            "tot_lambda1",
+            "tot_lambda2",
+            "tot_sigma",
+            "tot_max_iter",
+            "ctc_loss_weight",
+            "ot_loss_weight",
+            "align_loss_weight",
+        )
         rows.update({name: getattr(config, name) for name in method})
     return {name: value for name, value in rows.items() if value is not None}
 

@@ -2,14 +2,14 @@
 
 Without network access the usual teacher (``bert-base-chinese``) cannot be downloaded, so this
 module pretrains a small ``BertForMaskedLM`` on the Chinese clauses of Debian's ``fortunes-zh``
-(:mod:`modeling_tot_cakt.chinese_text`) and saves it in Hugging Face format:
+(:mod:`modeling_tot_cakt.demo.text_sources`) and saves it in Hugging Face format:
 ``AutoModel.from_pretrained(output_dir)`` gives the ``BertModel`` whose hidden states the
 speech recogniser learns from, and ``AutoTokenizer.from_pretrained(output_dir)`` a
 ``BertTokenizer`` that splits Chinese into characters. ``vocab.txt`` follows bert-base-chinese's
 layout (``[PAD]`` = 0, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, then one character per line).
 
 The speech corpus' dev and test transcripts are *held out*: no training clause contains one of
-them or is contained in one (compared after :func:`~modeling_tot_cakt.text.normalize_transcript`),
+them or is contained in one (compared after :func:`~modeling_tot_cakt.training.transcripts.normalize_transcript`),
 so the teacher has never seen the sentences the recogniser is evaluated on. They serve instead to
 measure the teacher: each character of each held-out sentence is masked in turn and predicted
 from the rest (``heldout_masked_token_accuracy`` in ``teacher_report.json``).
@@ -44,9 +44,9 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .chinese_text import char_frequencies, fortunes_zh_paths, load_han_clauses
+from ..training.transcripts import normalize_transcript
 from .synthesis import read_manifest
-from .text import normalize_transcript
+from .text_sources import char_frequencies, fortunes_zh_paths, load_han_clauses
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """First lines of ``vocab.txt``, in bert-base-chinese's relative order ([PAD] has id 0)."""
@@ -120,7 +120,10 @@ class TeacherConfig:
                 "training and to measure the teacher",
             ),
             (self.num_layers >= 1 and self.hidden_size >= 1, "num_layers and hidden_size must be >= 1"),
-            (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
+            (
+                self.hidden_size % self.num_attention_heads == 0,
+                "hidden_size must be a multiple of num_attention_heads",
+            ),
             (1 <= self.min_chars <= self.max_chars, "need 1 <= min_chars <= max_chars"),
             (self.min_char_count >= 1, "min_char_count must be >= 1"),
             (self.max_steps >= 1 and self.batch_size >= 1, "max_steps and batch_size must be >= 1"),
@@ -161,7 +164,7 @@ def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | 
     """Normalised sentences to keep out of training: dev/test transcripts and lines of a file.
 
     Returns:
-        Distinct non-empty sentences after :func:`~modeling_tot_cakt.text.normalize_transcript`, sorted.
+        Distinct non-empty sentences after :func:`~modeling_tot_cakt.training.transcripts.normalize_transcript`, sorted.
 
     Raises:
         FileNotFoundError: a manifest or the file is missing.
@@ -172,7 +175,7 @@ def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | 
             manifest = Path(corpus_dir) / f"{split}.jsonl"
             if not manifest.is_file():
                 raise FileNotFoundError(
-                    f"No {manifest}: corpus_dir must be a corpus made by modeling_tot_cakt.synthesis."
+                    f"No {manifest}: corpus_dir must be a corpus made by modeling_tot_cakt.demo.synthesis."
                 )
             texts.extend(record["text"] for record in read_manifest(manifest))
     if exclude_file is not None:
@@ -480,7 +483,7 @@ def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: P
 
 
 def main(args: Sequence[str] | None = None) -> TeacherSummary:
-    """Command line: ``python -m modeling_tot_cakt.teacher --corpus_dir DIR --output_dir DIR [settings]``."""
+    """Command line: ``python -m modeling_tot_cakt.demo.teacher_pretraining --corpus_dir DIR --output_dir DIR [settings]``."""
     (config,) = HfArgumentParser(TeacherConfig).parse_args_into_dataclasses(args)
     summary = build_teacher(config)
     report = summary.report

@@ -27,8 +27,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 from datasets import (
@@ -44,9 +44,9 @@ from datasets import (
 )
 from datasets.exceptions import DatasetGenerationError
 
+from ..processing_tot_cakt import vocabulary_from_characters
 from .audio import AudioDecodingError, load_audio
-from .processing_tot_cakt import vocabulary_from_characters
-from .text import normalize_transcript
+from .transcripts import normalize_transcript
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,11 @@ def normalize_text_example(example: dict, do_lower_case: bool = True) -> dict:
     text = normalize_transcript(raw, do_lower_case=do_lower_case)
     if not text:
         detail = f"{_describe(example)}: {raw[:80]!r}"
-        return {TEXT_COLUMN: "", SKIP_REASON_COLUMN: "transcript empty after normalisation", SKIP_DETAIL_COLUMN: detail}
+        return {
+            TEXT_COLUMN: "",
+            SKIP_REASON_COLUMN: "transcript empty after normalisation",
+            SKIP_DETAIL_COLUMN: detail,
+        }
     return {TEXT_COLUMN: text, SKIP_REASON_COLUMN: "", SKIP_DETAIL_COLUMN: ""}
 
 

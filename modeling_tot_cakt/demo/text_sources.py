@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pypinyin import Style, lazy_pinyin
 
-from .text import is_han
+from ..training.transcripts import is_han
 
 FORTUNES_ZH_DIR = Path("/usr/share/games/fortunes")
 """Where Debian's ``fortunes-zh`` installs its files."""

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import LABELS_COLUMN, TEXT_COLUMN
-from .teacher_cache import TeacherFeatureCache
+from .teacher_features import TeacherFeatureCache
 
 
 @dataclass

@@ -3,9 +3,9 @@
 ``python -m modeling_tot_cakt.demo --preset quick --work_dir outputs/demo`` runs, in
 ``<work_dir>/<preset>/``:
 
-1. ``corpus/``: a synthetic Mandarin speech corpus (:mod:`modeling_tot_cakt.synthesis`);
+1. ``corpus/``: a synthetic Mandarin speech corpus (:mod:`modeling_tot_cakt.demo.synthesis`);
 2. ``teacher/``: a small character BERT pretrained offline, the stand-in for bert-base-chinese
-   (:mod:`modeling_tot_cakt.teacher`);
+   (:mod:`modeling_tot_cakt.demo.teacher_pretraining`);
 3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
    the demo trains exactly as a user of the script does);
 4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 import yaml
 
-from .audio import load_audio
+from ..tot import cosine_cost, tot_sinkhorn
+from ..training.audio import load_audio
 from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, read_manifest, synthesize_corpus
-from .teacher import TeacherConfig, TeacherSummary, build_teacher
-from .tot import cosine_cost, tot_sinkhorn
+from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PRESETS = ("quick", "full")
@@ -81,7 +81,7 @@ EVALUATION_ARGS_FROM_PRESET = (
     "disable_tqdm",
 )
 """Arguments of the preset's ``train`` section that the evaluation-only run inherits."""
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_hf.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_hf.py"
 REPORT_FILE = "demo_report.json"
 COUPLINGS_FILE = "couplings.png"
 TRAINED_MARKER = "demo_train_args.yaml"
@@ -168,7 +168,11 @@ class DemoPaths:
         """The demo's layout: everything in ``<work_dir>/<preset>/``, the cache in ``<work_dir>/cache``."""
         root = Path(work_dir).resolve() / preset.name
         return cls(
-            root=root, corpus=root / "corpus", teacher=root / "teacher", model=root / "model", cache=root.parent / "cache"
+            root=root,
+            corpus=root / "corpus",
+            teacher=root / "teacher",
+            model=root / "model",
+            cache=root.parent / "cache",
         )
 
     evaluation = property(lambda self: self.root / "evaluation")
@@ -239,13 +243,16 @@ def run_train_script(
     args_file.parent.mkdir(parents=True, exist_ok=True)
     args_file.write_text(yaml.safe_dump(arguments, allow_unicode=True, sort_keys=True), encoding="utf-8")
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("wb") as log, subprocess.Popen(
-        [sys.executable, str(TRAIN_SCRIPT), str(args_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=str(TRAIN_SCRIPT.parent),
-        env={**os.environ, **(environment or {})},
-    ) as process:
+    with (
+        log_file.open("wb") as log,
+        subprocess.Popen(
+            [sys.executable, str(TRAIN_SCRIPT), str(args_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=str(TRAIN_SCRIPT.parent),
+            env={**os.environ, **(environment or {})},
+        ) as process,
+    ):
         # Chunks, not lines: progress bars end their updates with carriage returns.
         while chunk := process.stdout.read1(65536):
             log.write(chunk)
@@ -298,7 +305,11 @@ def evaluate_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> di
         log_file = paths.logs / f"evaluation_{split}.log"
         run_train_script(arguments, paths.root / f"eval_{split}_args.yaml", log_file, **script_options)
         results = json.loads((paths.evaluation / split / "eval_results.json").read_text(encoding="utf-8"))
-        metrics[split] = {"cer": results["eval_cer"], "utterances": results["eval_samples"], "loss": results["eval_loss"]}
+        metrics[split] = {
+            "cer": results["eval_cer"],
+            "utterances": results["eval_samples"],
+            "loss": results["eval_loss"],
+        }
     return metrics
 
 
@@ -326,8 +337,11 @@ def training_summary(model_dir: Path) -> dict:
         "train_loss": results.get("train_loss"),
         "dev_cer_by_step": dev_cer_by_step(history),
         "last_logged_losses": next(
-            ({key: entry[key] for key in ("loss", "ctc_loss", "ot_loss", "align_loss") if key in entry}
-             for entry in reversed(history) if "loss" in entry),
+            (
+                {key: entry[key] for key in ("loss", "ctc_loss", "ot_loss", "align_loss") if key in entry}
+                for entry in reversed(history)
+                if "loss" in entry
+            ),
             {},
         ),
     }
@@ -336,7 +350,7 @@ def training_summary(model_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------- transcription
 def character_error_rate(hypothesis: str, reference: str) -> float:
     """CER of one transcript with the package's metric (edit distance / reference length)."""
-    from .trainer import load_cer_metric
+    from ..training.trainer import load_cer_metric
 
     return float(load_cer_metric().compute(predictions=[hypothesis], references=[reference]))
 
@@ -396,8 +410,8 @@ class AlignmentModels:
     def __init__(self, model_dir: str | os.PathLike, teacher_dir: str | os.PathLike):
         from transformers import AutoProcessor
 
-        from .modeling_tot_cakt import TOTCAKTForCTC
-        from .trainer import load_teacher
+        from ..modeling_tot_cakt import TOTCAKTForCTC
+        from ..training.trainer import load_teacher
 
         self.model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
         if not self.model.config.uses_teacher:
@@ -421,7 +435,9 @@ class AlignmentModels:
             ValueError: the teacher does not give one token per character of ``text``.
         """
         extractor = self.processor.feature_extractor
-        inputs = extractor(waveform, sampling_rate=extractor.sampling_rate, return_tensors="pt", return_attention_mask=True)
+        inputs = extractor(
+            waveform, sampling_rate=extractor.sampling_rate, return_tensors="pt", return_attention_mask=True
+        )
         features = inputs[extractor.model_input_names[0]]
         hidden = self.model.encoder(features, attention_mask=inputs["attention_mask"]).last_hidden_state
         frame_mask = self.model.frame_mask(hidden.shape[1], inputs["attention_mask"])
@@ -446,7 +462,9 @@ class AlignmentModels:
         )
 
 
-def alignment_error_seconds(coupling: np.ndarray, frame_seconds: float, char_times: Sequence[Sequence[float]]) -> float:
+def alignment_error_seconds(
+    coupling: np.ndarray, frame_seconds: float, char_times: Sequence[Sequence[float]]
+) -> float:
     """How far a coupling's mass lies from the true alignment, in seconds.
 
     For each token ``j``, the expected distance ``sum_i T_ij / nu_j * |t_i - c_j|`` between the
@@ -488,7 +506,9 @@ def plot_couplings(couplings: UtteranceCouplings, record: dict, path: Path) -> N
         for column, (start, end) in enumerate(record["char_times"]):
             top = start / couplings.frame_seconds - 0.5
             axis.add_patch(
-                Rectangle((column - 0.5, top), 1, (end - start) / couplings.frame_seconds, fill=False, edgecolor="white")
+                Rectangle(
+                    (column - 0.5, top), 1, (end - start) / couplings.frame_seconds, fill=False, edgecolor="white"
+                )
             )
         axis.set_title(f"{title}\nmean |t - t_char| = {error * 1000:.0f} ms", fontsize=10)
         axis.set_xticks(range(len(syllables)), syllables, rotation=60, fontsize=8)
@@ -511,8 +531,12 @@ def coupling_stage(paths: DemoPaths, record: dict) -> dict:
     return {
         "utterance": record["id"],
         "png": str(paths.couplings_png),
-        "tot_alignment_error_seconds": round(alignment_error_seconds(couplings.tot, couplings.frame_seconds, record["char_times"]), 4),
-        "ot_alignment_error_seconds": round(alignment_error_seconds(couplings.plain, couplings.frame_seconds, record["char_times"]), 4),
+        "tot_alignment_error_seconds": round(
+            alignment_error_seconds(couplings.tot, couplings.frame_seconds, record["char_times"]), 4
+        ),
+        "ot_alignment_error_seconds": round(
+            alignment_error_seconds(couplings.plain, couplings.frame_seconds, record["char_times"]), 4
+        ),
     }
 
 
@@ -597,7 +621,11 @@ def format_summary(report: dict) -> str:
         "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:",
     ]
     for item in report["transcriptions"]:
-        lines += [f"  {item['id']}  CER {item['cer']:.2f}", f"    reference:  {item['reference']}", f"    hypothesis: {item['hypothesis']}"]
+        lines += [
+            f"  {item['id']}  CER {item['cer']:.2f}",
+            f"    reference:  {item['reference']}",
+            f"    hypothesis: {item['hypothesis']}",
+        ]
     couplings = report["couplings"]
     lines += [
         "",
@@ -605,7 +633,8 @@ def format_summary(report: dict) -> str:
         f"  mean distance of the coupling mass from the true syllable centre: TOT "
         f"{couplings['tot_alignment_error_seconds'] * 1000:.0f} ms, plain OT {couplings['ot_alignment_error_seconds'] * 1000:.0f} ms",
         "",
-        "time per stage (s): " + ", ".join(f"{stage} {seconds}" for stage, seconds in report["timings_seconds"].items()),
+        "time per stage (s): "
+        + ", ".join(f"{stage} {seconds}" for stage, seconds in report["timings_seconds"].items()),
         f"reused: {', '.join(name for name, reused in report['reused'].items() if reused) or 'nothing'}",
         f"report: {Path(report['work_dir']) / REPORT_FILE}",
     ]
@@ -614,13 +643,19 @@ def format_summary(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: ``python -m modeling_tot_cakt.demo --preset quick --work_dir outputs/demo``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="quick", help=f"One of {PRESETS}, or the path of a preset YAML file.")
     parser.add_argument("--work_dir", default="outputs/demo", help="Folder for everything the demo makes.")
     parser.add_argument("--retrain", action="store_true", help="Train again even when a completed model is there.")
-    parser.add_argument("--num_transcriptions", type=int, default=3, help="Test clips to transcribe with the pipeline.")
+    parser.add_argument(
+        "--num_transcriptions", type=int, default=3, help="Test clips to transcribe with the pipeline."
+    )
     args = parser.parse_args(argv)
-    report = run_demo(load_preset(args.preset), args.work_dir, retrain=args.retrain, num_transcriptions=args.num_transcriptions)
+    report = run_demo(
+        load_preset(args.preset), args.work_dir, retrain=args.retrain, num_transcriptions=args.num_transcriptions
+    )
     print(format_summary(report))
     return report
 

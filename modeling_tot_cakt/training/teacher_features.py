@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors import safe_open

@@ -2,7 +2,7 @@
 
 Pipeline (``synthesize_corpus``):
 
-1. Han-only clauses from Debian's ``fortunes-zh`` (:mod:`modeling_tot_cakt.chinese_text`), kept when
+1. Han-only clauses from Debian's ``fortunes-zh`` (:mod:`modeling_tot_cakt.demo.text_sources`), kept when
    they have ``min_chars``-``max_chars`` characters, all among the ``vocab_size`` most frequent
    characters.
 2. Train/dev/test split **by sentence** (no transcript in two splits): after a seeded shuffle,
@@ -53,7 +53,7 @@ import soxr
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .chinese_text import (
+from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
     fortunes_zh_paths,
@@ -154,7 +154,9 @@ class EspeakEngine:
         try:
             self._lib = ctypes.CDLL(location)
         except OSError as error:
-            raise FileNotFoundError(f"Cannot load libespeak-ng from {location!r} ({error}); {INSTALL_HINT}.") from error
+            raise FileNotFoundError(
+                f"Cannot load libespeak-ng from {location!r} ({error}); {INSTALL_HINT}."
+            ) from error
         self._declare_signatures()
         self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_PHONEME_EVENTS)
         if self.sample_rate <= 0:
@@ -337,8 +339,8 @@ class SynthesisConfig:
             (1 <= self.min_chars <= self.max_chars, "need 1 <= min_chars <= max_chars"),
             (self.vocab_size >= 0, "vocab_size must be >= 0"),
             (
-                0 <= self.dev_fraction
-                and 0 <= self.test_fraction
+                self.dev_fraction >= 0
+                and self.test_fraction >= 0
                 and round(self.dev_fraction * self.num_sentences) + round(self.test_fraction * self.num_sentences)
                 < self.num_sentences,
                 "dev_fraction and test_fraction must be >= 0 and leave train sentences",
@@ -434,7 +436,7 @@ def select_sentences(
     """The clauses fit for the corpus: length within bounds, frequent characters, speakable.
 
     Args:
-        clauses: unique Han-only clauses (see :func:`~modeling_tot_cakt.chinese_text.load_han_clauses`).
+        clauses: unique Han-only clauses (see :func:`~modeling_tot_cakt.demo.text_sources.load_han_clauses`).
         min_chars, max_chars: length bounds in characters.
         vocab_size: keep clauses within the K most frequent characters (counted over the clauses
             of the right length); 0 = no limit.
@@ -790,7 +792,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
 
 
 def main(args: Sequence[str] | None = None) -> CorpusSummary:
-    """Command line: ``python -m modeling_tot_cakt.synthesis --output_dir DIR [settings]``."""
+    """Command line: ``python -m modeling_tot_cakt.demo.synthesis --output_dir DIR [settings]``."""
     (config,) = HfArgumentParser(SynthesisConfig).parse_args_into_dataclasses(args)
     start = time.perf_counter()
     summary = synthesize_corpus(config)

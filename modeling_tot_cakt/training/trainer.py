@@ -30,8 +30,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .configuration_tot_cakt import TOTCAKTConfig
-from .modeling_tot_cakt import TOTCAKTForCTC
+from ..configuration_tot_cakt import TOTCAKTConfig
+from ..modeling_tot_cakt import TOTCAKTForCTC
 
 logger = logging.getLogger(__name__)
 

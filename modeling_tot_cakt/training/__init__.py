@@ -1,0 +1,7 @@
+"""What builds a TOT-CAKT model and is not shipped with one.
+
+Data sources and audio decoding (:mod:`.data`, :mod:`.audio`), transcript normalisation
+(:mod:`.transcripts`), the CTC/teacher collator (:mod:`.collator`), the teacher-feature cache
+(:mod:`.teacher_features`), the ``Trainer`` glue and CER metric (:mod:`.trainer`, ``metrics/cer``)
+and the Hub model card (:mod:`.model_card`). ``train_hf.py`` at the repository root drives them.
+"""
