@@ -148,7 +148,8 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         r"""
-        [`~PreTrainedModel.from_pretrained`], refusing checkpoints that hold none of the acoustic encoder's weights.
+        [`~PreTrainedModel.from_pretrained`], refusing a plain acoustic-encoder checkpoint (e.g. a `Wav2Vec2Model`
+        or `Wav2Vec2ForCTC` folder), whose weights would otherwise be ignored and the encoder left random.
 
         Folders written before the base model existed (weights named `encoder.*`, `adapter.*`, `lm_head.*`)
         load as they are: their `encoder.*`/`adapter.*` weights are those of [`TOTCAKTModel`], and transformers
@@ -158,13 +159,16 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        base = model.base_model
-        prefix = "" if base is model else f"{model.base_model_prefix}."
-        encoder_keys = {f"{prefix}encoder.{name}" for name, _ in base.encoder.named_parameters()}
-        if encoder_keys and encoder_keys <= set(loading_info["missing_keys"]):
+        encoder = model.base_model.encoder
+        prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+        encoder_keys = {f"{prefix}encoder.{name}" for name, _ in encoder.named_parameters()}
+        # Unexpected weights that are the encoder's own, named as its own checkpoints name them.
+        stray = {key.removeprefix(f"{encoder.base_model_prefix}.") for key in loading_info["unexpected_keys"]}
+        if encoder_keys <= set(loading_info["missing_keys"]) and stray & set(encoder.state_dict()):
             raise ValueError(
-                f"'{pretrained_model_name_or_path}' holds none of the acoustic encoder's weights (expected names like "
-                f"'{min(encoder_keys)}'), so the encoder would stay randomly initialised. To start from a plain "
+                f"'{pretrained_model_name_or_path}' is a checkpoint of the acoustic encoder alone, not of a TOT-CAKT "
+                f"model (it has none of the weights named like '{min(encoder_keys)}'), so the encoder would stay "
+                "randomly initialised. To start from a plain "
                 "wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT checkpoint, use "
                 f"{cls.__name__}.from_encoder_pretrained('{pretrained_model_name_or_path}', ...)."
             )

@@ -1,3 +1,5 @@
+import copy
+import itertools
 import logging
 import shutil
 
@@ -15,7 +17,7 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2Model
+from transformers import AutoModel, AutoModelForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
 from modeling_tot_cakt.training import trainer
@@ -176,9 +178,12 @@ def test_folders_with_legacy_weight_names_still_load(tmp_path):
 def test_plain_encoder_checkpoint_is_refused_not_left_random(tmp_path):
     model = make_model(alignment="none")
     Wav2Vec2Model(model.config.encoder_config).save_pretrained(tmp_path / "w2v")
-    for loader in (TOTCAKTForCTC, TOTCAKTModel):
-        with pytest.raises(ValueError, match=r"none of the acoustic encoder's weights.*from_encoder_pretrained"):
-            loader.from_pretrained(tmp_path / "w2v", config=model.config)
+    ctc_config = copy.deepcopy(model.config.encoder_config)
+    ctc_config.vocab_size = model.config.vocab_size
+    Wav2Vec2ForCTC(ctc_config).save_pretrained(tmp_path / "w2v-ctc")  # weights under "wav2vec2."
+    for folder, loader in itertools.product(("w2v", "w2v-ctc"), (TOTCAKTForCTC, TOTCAKTModel)):
+        with pytest.raises(ValueError, match=r"checkpoint of the acoustic encoder alone.*from_encoder_pretrained"):
+            loader.from_pretrained(tmp_path / folder, config=model.config)
     # A base-model folder is a valid start for the CTC model: only the head is new.
     model.tot_cakt.save_pretrained(tmp_path / "base")
     reloaded, info = TOTCAKTForCTC.from_pretrained(tmp_path / "base", output_loading_info=True)
