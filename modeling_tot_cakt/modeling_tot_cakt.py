@@ -168,8 +168,8 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"'{pretrained_model_name_or_path}' is a checkpoint of the acoustic encoder alone, not of a TOT-CAKT "
                 f"model (it has none of the weights named like '{min(encoder_keys)}'), so the encoder would stay "
-                "randomly initialised. To start from a plain "
-                "wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT checkpoint, use "
+                "randomly initialised. To start from a wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT "
+                "checkpoint, use "
                 f"{cls.__name__}.from_encoder_pretrained('{pretrained_model_name_or_path}', ...)."
             )
         return (model, loading_info) if output_loading_info else model
@@ -549,12 +549,36 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         transported = barycentric_transport(coupling, adapted, token_mask)
         return ot_loss(coupling, cost), align_loss(transported, tokens, token_mask), coupling
 
-    def _total_loss(self, ctc: torch.Tensor, ot: torch.Tensor | None, align: torch.Tensor | None) -> torch.Tensor:
-        """`w_ctc * L_ctc (+ w_ot * L_ot + w_align * L_align` when the alignment terms exist)."""
-        loss = self.config.ctc_loss_weight * ctc
-        if ot is not None:
-            loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
-        return loss
+    def _losses(
+        self,
+        hidden_states: torch.Tensor,
+        logits: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        teacher: tuple[torch.FloatTensor, torch.BoolTensor] | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """
+        `(loss, ctc_loss, ot_loss, align_loss, coupling)`, each None when its inputs are absent, with
+        `loss = w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` (the alignment terms only with teacher features).
+        """
+        loss = ctc = ot = align = coupling = None
+        if labels is None and teacher is None:
+            return loss, ctc, ot, align, coupling
+        batch_size, frames = hidden_states.shape[:2]
+        frame_mask = (
+            self.frame_mask(frames, attention_mask)
+            if attention_mask is not None
+            else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
+        )
+        if teacher is not None:
+            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
+            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
+        if labels is not None:
+            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
+            loss = self.config.ctc_loss_weight * ctc
+            if teacher is not None:
+                loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
+        return loss, ctc, ot, align, coupling
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -613,24 +637,14 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         hidden_states = self.dropout(outputs.last_hidden_state)
         logits = self.lm_head(hidden_states)
 
-        batch_size, frames = hidden_states.shape[:2]
         teacher = self._resolve_teacher_features(
-            batch_size, teacher_input_ids, teacher_attention_mask, teacher_hidden_states, teacher_token_mask
+            hidden_states.shape[0],
+            teacher_input_ids,
+            teacher_attention_mask,
+            teacher_hidden_states,
+            teacher_token_mask,
         )
-        loss = ctc = ot = align = coupling = None
-        if labels is not None or teacher is not None:
-            frame_mask = (
-                self.frame_mask(frames, attention_mask)
-                if attention_mask is not None
-                else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
-            )
-        if teacher is not None:
-            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
-            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
-        if labels is not None:
-            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
-            loss = self._total_loss(ctc, ot, align)
-
+        loss, ctc, ot, align, coupling = self._losses(hidden_states, logits, attention_mask, labels, teacher)
         output = TOTCAKTOutput(
             loss=loss,
             logits=logits,
