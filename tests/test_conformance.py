@@ -72,7 +72,15 @@ class TOTCAKTModelTester:
 
 
 class TOTCAKTCommonTests(ModelTesterMixin):
-    """The common tests with the skips and overrides transformers' own wav2vec2 tests make."""
+    """
+    The common tests, with exactly the skips of transformers' own `Wav2Vec2ModelTest`
+    (`tests/models/wav2vec2/test_modeling_wav2vec2.py`) and `Wav2Vec2BertModelTest`, which skip the same five
+    tests for the same reasons (the input is audio, not token ids; there are no token embeddings; no
+    feed-forward chunking). The stock tests' overrides of `test_retain_grad_hidden_states_attentions` and
+    `test_initialization` are not needed: the common versions pass as they are. The remaining skips come
+    from the common tests themselves (GPU, Flash Attention, DeepSpeed, MoE, RoPE, training testers, ...)
+    and are the same for the stock models on this machine.
+    """
 
     all_model_classes = (TOTCAKTForCTC, TOTCAKTModel)
     _is_composite = True  # the encoder has its own sub-configuration (`encoder_config`)
