@@ -78,8 +78,9 @@ class TOTCAKTCommonTests(ModelTesterMixin):
     tests for the same reasons (the input is audio, not token ids; there are no token embeddings; no
     feed-forward chunking). The stock tests' overrides of `test_retain_grad_hidden_states_attentions` and
     `test_initialization` are not needed: the common versions pass as they are. The remaining skips come
-    from the common tests themselves (GPU, Flash Attention, DeepSpeed, MoE, RoPE, training testers, ...)
-    and are the same for the stock models on this machine.
+    from the common tests themselves (GPU, Flash Attention, DeepSpeed, MoE, RoPE, training testers, ...):
+    run through this same tester, the stock `Wav2Vec2ForCTC`/`Wav2Vec2Model` and `Wav2Vec2BertForCTC`/
+    `Wav2Vec2BertModel` skip them too, and also the composite-configuration tests that run here.
     """
 
     all_model_classes = (TOTCAKTForCTC, TOTCAKTModel)
