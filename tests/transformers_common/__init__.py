@@ -13,6 +13,7 @@ To run offline, fill the cache once on a machine with PyPI access (or copy it).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
