@@ -93,11 +93,8 @@ def save_models(encoder_config: dict, directory: Path) -> dict:
     )
     baseline = AutoModelForCTC.from_config(baseline_config)
     prefix = baseline.base_model_prefix  # "wav2vec2" for Wav2Vec2ForCTC
-    weights = {
-        (f"{prefix}.{key[len('encoder.') :]}" if key.startswith("encoder.") else key): value
-        for key, value in model.state_dict().items()
-        if not key.startswith("adapter.")
-    }
+    weights = {f"{prefix}.{key}": value for key, value in model.encoder.state_dict().items()}
+    weights.update({f"lm_head.{key}": value for key, value in model.lm_head.state_dict().items()})
     baseline.load_state_dict(weights, strict=True)
     folders = {TOT: directory / "tot-cakt", BASELINE: directory / "baseline"}
     for name, saved in ((TOT, model), (BASELINE, baseline)):

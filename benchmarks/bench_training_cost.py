@@ -154,7 +154,7 @@ def build_models(encoder_config: dict, teacher: BertModel, device: torch.device)
         model = TOTCAKTForCTC(config)
         if models:
             missing, unexpected = model.load_state_dict(models[BASELINE].state_dict(), strict=False)
-            if unexpected or any(not key.startswith("adapter.") for key in missing):
+            if unexpected or any(not key.startswith("tot_cakt.adapter.") for key in missing):
                 raise RuntimeError(f"{name}: the baseline's weights do not fit ({missing=}, {unexpected=}).")
         model.attach_teacher(teacher)  # a no-op for alignment="none"
         models[name] = model.to(device).train()

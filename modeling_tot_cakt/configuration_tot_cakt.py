@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
+
+from .tot import GRAD_MODES
 
 ALIGNMENT_MODES = ("tot", "ot", "none")
-GRAD_MODES = ("envelope", "autodiff")
 CTC_REDUCTIONS = ("mean", "sum")
 
 # Audio encoders whose base model maps `input_values`/`input_features` to frame features and
@@ -38,18 +39,40 @@ def _check(condition: bool, field: str, allowed: str, value) -> None:
         raise ValueError(f"TOTCAKTConfig.{field} must be {allowed}, got {value!r}.")
 
 
-class TOTCAKTConfig(PretrainedConfig):
+def _encoder_config(value: dict | PreTrainedConfig | None) -> PreTrainedConfig:
+    """The acoustic encoder's configuration from a dict with a `model_type`, a config, or None (`Wav2Vec2Config()`)."""
+    if value is None:
+        value = AutoConfig.for_model("wav2vec2")
+    elif isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        _check(model_type is not None, "encoder_config", "a dict with a 'model_type' key", "no model_type")
+        value = AutoConfig.for_model(model_type, **value)
+    _check(isinstance(value, PreTrainedConfig), "encoder_config", "a dict or a PreTrainedConfig", type(value))
+    _check(
+        value.model_type in SUPPORTED_ENCODERS,
+        "encoder_config.model_type",
+        f"one of {SUPPORTED_ENCODERS}",
+        value.model_type,
+    )
+    return value
+
+
+class TOTCAKTConfig(PreTrainedConfig):
     r"""
     Configuration of a [`TOTCAKTForCTC`]: a wav2vec-style acoustic encoder with a CTC head and, for
     training only, an adapter plus a temporal-order-preserving optimal-transport (TOT) alignment to a
     frozen pretrained language model (the *teacher*).
 
     Args:
-        encoder_config (`dict` or `PretrainedConfig`, *optional*):
+        encoder_config (`dict` or `PreTrainedConfig`, *optional*):
             Configuration of the acoustic encoder. A dict must carry `model_type` (one of
             `wav2vec2`, `hubert`, `wavlm`, `data2vec-audio`, `wav2vec2-bert`, ...). Defaults to
             `Wav2Vec2Config()`. SpecAugment (`mask_time_prob`, ...), `layerdrop` and frame-rate
             reduction (`add_adapter`, `adapter_stride`, `num_adapter_layers`) are set here.
+        hidden_size (`int`, *optional*):
+            Size of the encoder's output features, stored in `encoder_config` (its `output_hidden_size`
+            when the encoder has a frame-rate adapter, else its `hidden_size`); read from there when not given.
         vocab_size (`int`, defaults to 32):
             Number of CTC output symbols, blank included.
         pad_token_id (`int`, defaults to 0):
@@ -64,6 +87,10 @@ class TOTCAKTConfig(PretrainedConfig):
             Frozen BERT-like language model (Hub id or local folder) used during training only.
         teacher_hidden_size (`int`, defaults to 768):
             Hidden size of the teacher; the adapter maps acoustic frames to this size.
+        teacher_layer (`int`, defaults to -1):
+            Which of the teacher's `hidden_states` gives the token features that the frames are aligned
+            to: `0` is the embedding output, `k` the output of layer `k`, negative values count from the
+            end (`-1`, the last layer, is `last_hidden_state`).
         adapter_hidden_size (`int`, defaults to 512):
             Width of the adapter's hidden layers.
         adapter_num_layers (`int`, defaults to 2):
@@ -95,74 +122,37 @@ class TOTCAKTConfig(PretrainedConfig):
     model_type = "tot_cakt"
     sub_configs = {"encoder_config": AutoConfig}
 
-    def __init__(
-        self,
-        encoder_config: dict | PretrainedConfig | None = None,
-        vocab_size: int = 32,
-        pad_token_id: int = 0,
-        ctc_loss_reduction: str = "mean",
-        ctc_zero_infinity: bool = True,
-        final_dropout: float = 0.0,
-        teacher_name_or_path: str = "bert-base-chinese",
-        teacher_hidden_size: int = 768,
-        adapter_hidden_size: int = 512,
-        adapter_num_layers: int = 2,
-        adapter_dropout: float = 0.1,
-        alignment: str = "tot",
-        tot_lambda1: float = 1.0,
-        tot_lambda2: float = 0.1,
-        tot_sigma: float | None = 1.0,
-        tot_max_iter: int = 50,
-        tot_tol: float = 1e-4,
-        tot_grad: str = "envelope",
-        ctc_loss_weight: float = 1.0,
-        ot_loss_weight: float = 0.1,
-        align_loss_weight: float = 0.3,
-        teacher_strip_special_tokens: bool = True,
-        **kwargs,
-    ):
-        if encoder_config is None:
-            encoder_config = AutoConfig.for_model("wav2vec2")
-        elif isinstance(encoder_config, dict):
-            encoder_config = dict(encoder_config)
-            model_type = encoder_config.pop("model_type", None)
-            _check(model_type is not None, "encoder_config", "a dict with a 'model_type' key", "no model_type")
-            encoder_config = AutoConfig.for_model(model_type, **encoder_config)
-        _check(
-            isinstance(encoder_config, PretrainedConfig),
-            "encoder_config",
-            "a dict or a PretrainedConfig",
-            type(encoder_config),
-        )
-        _check(
-            encoder_config.model_type in SUPPORTED_ENCODERS,
-            "encoder_config.model_type",
-            f"one of {SUPPORTED_ENCODERS}",
-            encoder_config.model_type,
-        )
-        self.encoder_config = encoder_config
+    encoder_config: dict | PreTrainedConfig | None = None
+    vocab_size: int = 32
+    pad_token_id: int = 0
+    ctc_loss_reduction: str = "mean"
+    ctc_zero_infinity: bool = True
+    final_dropout: float = 0.0
+    teacher_name_or_path: str = "bert-base-chinese"
+    teacher_hidden_size: int = 768
+    teacher_layer: int = -1
+    adapter_hidden_size: int = 512
+    adapter_num_layers: int = 2
+    adapter_dropout: float = 0.1
+    alignment: str = "tot"
+    tot_lambda1: float = 1.0
+    tot_lambda2: float = 0.1
+    tot_sigma: float | None = 1.0
+    tot_max_iter: int = 50
+    tot_tol: float = 1e-4
+    tot_grad: str = "envelope"
+    ctc_loss_weight: float = 1.0
+    ot_loss_weight: float = 0.1
+    align_loss_weight: float = 0.3
+    teacher_strip_special_tokens: bool = True
 
-        self.vocab_size = vocab_size
-        self.ctc_loss_reduction = ctc_loss_reduction
-        self.ctc_zero_infinity = ctc_zero_infinity
-        self.final_dropout = final_dropout
-        self.teacher_name_or_path = teacher_name_or_path
-        self.teacher_hidden_size = teacher_hidden_size
-        self.adapter_hidden_size = adapter_hidden_size
-        self.adapter_num_layers = adapter_num_layers
-        self.adapter_dropout = adapter_dropout
-        self.alignment = alignment
-        self.tot_lambda1 = tot_lambda1
-        self.tot_lambda2 = tot_lambda2
-        self.tot_sigma = tot_sigma
-        self.tot_max_iter = tot_max_iter
-        self.tot_tol = tot_tol
-        self.tot_grad = tot_grad
-        self.ctc_loss_weight = ctc_loss_weight
-        self.ot_loss_weight = ot_loss_weight
-        self.align_loss_weight = align_loss_weight
-        self.teacher_strip_special_tokens = teacher_strip_special_tokens
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+    def __post_init__(self, **kwargs):
+        self.encoder_config = _encoder_config(self.encoder_config)
+        # `hidden_size` is the encoder's output size: set it after the encoder configuration exists.
+        hidden_size = kwargs.pop("hidden_size", None)
+        super().__post_init__(**kwargs)
+        if hidden_size is not None:
+            self.hidden_size = hidden_size
         self.validate()
 
     def validate(self) -> None:
@@ -188,6 +178,12 @@ class TOTCAKTConfig(PretrainedConfig):
             "teacher_hidden_size",
             "a positive int",
             self.teacher_hidden_size,
+        )
+        _check(
+            _is_int(self.teacher_layer),
+            "teacher_layer",
+            "an int (negative counts from the last layer)",
+            self.teacher_layer,
         )
         _check(
             _is_int(self.adapter_hidden_size) and self.adapter_hidden_size > 0,
@@ -244,6 +240,13 @@ class TOTCAKTConfig(PretrainedConfig):
         if getattr(enc, "add_adapter", False):
             return getattr(enc, "output_hidden_size", None) or enc.hidden_size
         return enc.hidden_size
+
+    @hidden_size.setter
+    def hidden_size(self, value: int) -> None:
+        # The size lives in the encoder configuration: its output size after the frame-rate adapter
+        # when it has one, else the width of its transformer layers.
+        enc = self.encoder_config
+        setattr(enc, "output_hidden_size" if getattr(enc, "add_adapter", False) else "hidden_size", value)
 
 
 __all__ = ["TOTCAKTConfig"]

@@ -14,13 +14,74 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput, logging
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
 
 logger = logging.get_logger(__name__)
+
+
+def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """
+    Load the frozen teacher language model and its tokenizer (Hub id or folder), with errors that name
+    `teacher_name_or_path`.
+
+    Args:
+        name_or_path (`str`): Hub id or local folder of a BERT-like model with its tokenizer.
+        hub_kwargs: passed to `from_pretrained` (`cache_dir`, `token`, `revision`, ...).
+
+    Returns:
+        `(teacher, tokenizer)`.
+
+    Raises:
+        ValueError: nothing loadable there, or a tokenizer that does not fit the teacher's embeddings.
+            A folder without tokenizer files still loads a 5-token BERT tokenizer that reads every
+            character as [UNK]; that, and ids beyond the embedding table, are refused.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} Pass a "
+            "Hub id (with network access) or a local folder with config.json, the weights and the tokenizer (for "
+            "example one built by `python -m modeling_tot_cakt.demo.teacher_pretraining`)."
+        ) from err
+    # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
+    # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
+    embeddings = teacher.get_input_embeddings().num_embeddings
+    if not embeddings // 2 < len(tokenizer) <= embeddings:
+        raise ValueError(
+            f"The tokenizer loaded from teacher_name_or_path='{name_or_path}' has {len(tokenizer)} tokens but the "
+            f"teacher's embedding table has {embeddings}: the folder's tokenizer files (vocab.txt, "
+            "tokenizer.json) are missing or belong to another model."
+        )
+    return teacher, tokenizer
+
+
+@dataclass
+class TOTCAKTModelOutput(ModelOutput):
+    """
+    Output of [`TOTCAKTModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, frames, hidden_size)`):
+            Frame features of the acoustic encoder's last layer (after its frame-rate adapter, if any).
+        adapted_features (`torch.FloatTensor` of shape `(batch_size, frames, teacher_hidden_size)`, *optional*):
+            `last_hidden_state` mapped into the teacher's feature space by the adapter, returned when
+            `output_adapted_features=True` and the configuration uses a teacher.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The encoder's embedding output and each layer's output, each `(batch_size, frames, encoder hidden size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Each encoder layer's attention weights, `(batch_size, num_heads, frames, frames)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    adapted_features: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -84,11 +145,173 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
     # The loss is already a per-batch mean: the Trainer must scale it for gradient accumulation / DDP.
     accepts_loss_kwargs = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        r"""
+        [`~PreTrainedModel.from_pretrained`], refusing a plain acoustic-encoder checkpoint (e.g. a `Wav2Vec2Model`
+        or `Wav2Vec2ForCTC` folder), whose weights would otherwise be ignored and the encoder left random.
+
+        Folders written before the base model existed (weights named `encoder.*`, `adapter.*`, `lm_head.*`)
+        load as they are: their `encoder.*`/`adapter.*` weights are those of [`TOTCAKTModel`], and transformers
+        adds the `tot_cakt.` prefix of the base model when loading them into [`TOTCAKTForCTC`].
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        encoder = model.base_model.encoder
+        prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+        encoder_keys = {f"{prefix}encoder.{name}" for name, _ in encoder.named_parameters()}
+        # Unexpected weights that are the encoder's own, named as its own checkpoints name them.
+        stray = {key.removeprefix(f"{encoder.base_model_prefix}.") for key in loading_info["unexpected_keys"]}
+        if encoder_keys <= set(loading_info["missing_keys"]) and stray & set(encoder.state_dict()):
+            raise ValueError(
+                f"'{pretrained_model_name_or_path}' is a checkpoint of the acoustic encoder alone, not of a TOT-CAKT "
+                f"model (it has none of the weights named like '{min(encoder_keys)}'), so the encoder would stay "
+                "randomly initialised. To start from a wav2vec2 / HuBERT / WavLM / data2vec-audio / Wav2Vec2-BERT "
+                "checkpoint, use "
+                f"{cls.__name__}.from_encoder_pretrained('{pretrained_model_name_or_path}', ...)."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """[`~PreTrainedModel.save_pretrained`]; the folder's `auto_map` names both Auto classes, whichever model saves."""
+        if self._auto_class is not None:  # registered for remote code: the code files are copied too
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.TOTCAKTModel",
+                "AutoModelForCTC": f"{module}.TOTCAKTForCTC",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class TOTCAKTModel(TOTCAKTPreTrainedModel):
+    """
+    The bare TOT-CAKT model: the acoustic encoder (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-BERT, ...)
+    and, when the configuration uses a teacher, the adapter that maps its frames into the teacher's feature
+    space. It outputs frame features, as [`Wav2Vec2Model`] does; [`TOTCAKTForCTC`] adds the CTC head and losses.
+    """
+
+    def __init__(self, config: TOTCAKTConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config)
+        # The pipeline feeds the feature extractor's output under this name.
+        self.main_input_name = self.encoder.main_input_name
+        self.adapter = TOTCAKTAdapter(config) if config.uses_teacher else None
+        self.post_init()
+
+    def freeze_feature_encoder(self) -> None:
+        """Stop gradients into the convolutional feature encoder (raw-waveform encoders only)."""
+        feature_extractor = getattr(self.encoder, "feature_extractor", None)
+        if feature_extractor is None or not hasattr(feature_extractor, "_freeze_parameters"):
+            raise ValueError(
+                f"The {self.config.encoder_config.model_type} encoder has no convolutional feature encoder to freeze."
+            )
+        feature_extractor._freeze_parameters()
+
+    def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
+        """
+        Valid output frames `(B, frames)` for an input `attention_mask` (`(B, samples)` for raw-waveform
+        encoders, `(B, feature frames)` for log-mel ones): True where the encoder saw real input.
+        """
+        return self.encoder._get_feature_vector_attention_mask(frames, attention_mask).bool()
+
+    def check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """
+        Reject what would otherwise fail deep inside torch: clips too short to encode, non-finite input.
+
+        The checks read tensor values on the host, so `forward` skips them while `torch.compile` or
+        `torch.export` trace the model (they would break the graph); call this method before a compiled
+        or exported model to keep them.
+        """
+        lengths = (
+            attention_mask.sum(-1)
+            if attention_mask is not None
+            else torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)
+        )
+        nonfinite = (~torch.isfinite(input_values)).flatten(1).any(1)
+        # A log-mel clip of a single frame normalises to NaN: it is too short, not broken.
+        too_short = self.encoder._get_feat_extract_output_lengths(lengths) < 1
+        if input_values.dim() == 3:
+            too_short = too_short | (nonfinite & (lengths < 2))
+        if bool(too_short.any()):
+            shortest = int(lengths[too_short].min())
+            raise ValueError(
+                f"An input of {shortest} {'samples' if input_values.dim() == 2 else 'frames'} is shorter than the "
+                f"{self.config.encoder_config.model_type} encoder's receptive field and yields no usable output "
+                "frame; drop such clips or pad them (train_hf.py skips them and counts them as 'audio too short')."
+            )
+        if bool(nonfinite.any()):
+            raise ValueError(
+                f"{self.main_input_name} contains NaN or Inf values (batch items {nonfinite.nonzero().flatten().tolist()}); "
+                "check the audio files (the data loaders drop such clips and report them)."
+            )
+
+    def forward(
+        self,
+        input_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        output_adapted_features: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TOTCAKTModelOutput | tuple:
+        r"""
+        Args:
+            input_values (`torch.FloatTensor` of shape `(batch_size, samples)` or `(batch_size, frames, features)`):
+                What the feature extractor produced: raw waveform for wav2vec2/HuBERT/WavLM, log-mel
+                features for Wav2Vec2-BERT (also accepted as `input_features`).
+            attention_mask (`torch.Tensor` of shape like the input without the feature axis, *optional*):
+                1 for real input, 0 for padding.
+            input_features (`torch.FloatTensor` of shape `(batch_size, frames, features)`, *optional*):
+                The name the log-mel feature extractors give `input_values`.
+            output_adapted_features (`bool`, *optional*, defaults to `False`):
+                Also return the frames mapped into the teacher's feature space (needs a configuration with
+                a teacher, i.e. `alignment` other than `"none"`).
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
+                As in transformers' models; when None, the configuration's values are used.
+
+        Returns:
+            [`TOTCAKTModelOutput`] (or a tuple when `return_dict=False`).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_values is None:
+            input_values = input_features
+        if input_values is None:
+            raise ValueError(f"Pass the audio features as input_values (or {self.main_input_name}).")
+        if output_adapted_features and self.adapter is None:
+            raise ValueError(
+                'output_adapted_features=True needs the adapter, which a configuration with alignment="none" has not.'
+            )
+        if not torch.compiler.is_compiling():
+            self.check_inputs(input_values, attention_mask)
+
+        outputs = self.encoder(
+            input_values,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        output = TOTCAKTModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            adapted_features=self.adapter(outputs.last_hidden_state) if output_adapted_features else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
 
 class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
     """
-    Acoustic encoder + CTC head. During training an adapter and a TOT alignment head couple encoder
-    frames to the token features of a frozen teacher language model, so that
+    [`TOTCAKTModel`] with a CTC head. During training the base model's adapter and a TOT alignment head
+    couple encoder frames to the token features of a frozen teacher language model, so that
     `L = w_ctc * L_ctc + w_ot * <T*, C> + w_align * mean_j (1 - cos(â_j, l_j))`.
 
     The teacher is attached with [`~TOTCAKTForCTC.attach_teacher`]; it is not a registered submodule,
@@ -97,14 +320,23 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     def __init__(self, config: TOTCAKTConfig):
         super().__init__(config)
-        self.encoder = AutoModel.from_config(config.encoder_config)
+        self.tot_cakt = TOTCAKTModel(config)
         # The pipeline feeds the feature extractor's output under this name.
-        self.main_input_name = self.encoder.main_input_name
+        self.main_input_name = self.tot_cakt.main_input_name
         self.dropout = nn.Dropout(config.final_dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
-        self.adapter = TOTCAKTAdapter(config) if config.uses_teacher else None
         self.__dict__["_teacher"] = None  # plain attribute: kept out of state_dict and parameters()
         self.post_init()
+
+    @property
+    def encoder(self) -> PreTrainedModel:
+        """The acoustic encoder (`self.tot_cakt.encoder`)."""
+        return self.tot_cakt.encoder
+
+    @property
+    def adapter(self) -> TOTCAKTAdapter | None:
+        """The adapter into the teacher's feature space (`self.tot_cakt.adapter`), None without a teacher."""
+        return self.tot_cakt.adapter
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -143,27 +375,26 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     def attach_teacher(self, teacher: PreTrainedModel | None = None) -> PreTrainedModel | None:
         """
-        Attach the frozen teacher used for training (loaded from `config.teacher_name_or_path` when
-        `teacher` is None). It is put in eval mode with gradients off. No-op for `alignment="none"`.
+        Attach the frozen teacher used for training (loaded with [`load_teacher`] from
+        `config.teacher_name_or_path` when `teacher` is None). It is put in eval mode with gradients off.
+        No-op for `alignment="none"`.
         """
         if not self.config.uses_teacher:
             return None
         if teacher is None:
-            name = self.config.teacher_name_or_path
-            try:
-                teacher = AutoModel.from_pretrained(name)
-            except (OSError, ValueError) as err:
-                raise ValueError(
-                    f"Could not load the teacher language model from teacher_name_or_path='{name}': {err}. "
-                    "Pass a Hub id (with network access) or a local folder with config.json, the weights and "
-                    "the tokenizer (for example one built by `python -m modeling_tot_cakt.demo.teacher_pretraining`)."
-                ) from err
+            teacher, _ = load_teacher(self.config.teacher_name_or_path)
         hidden = getattr(teacher.config, "hidden_size", None)
         if hidden != self.config.teacher_hidden_size:
             raise ValueError(
                 f"The teacher's hidden size is {hidden} but config.teacher_hidden_size is "
                 f"{self.config.teacher_hidden_size}. Set teacher_hidden_size={hidden} in the TOT-CAKT config "
                 "(the adapter's output size must match the teacher)."
+            )
+        layers = getattr(teacher.config, "num_hidden_layers", None)
+        if layers is not None and not -(layers + 1) <= self.config.teacher_layer <= layers:
+            raise ValueError(
+                f"config.teacher_layer is {self.config.teacher_layer} but the teacher has {layers} layers: use 0 "
+                f"(embeddings) to {layers} (last layer), or -1 to -{layers + 1} counting from the last layer."
             )
         teacher.eval()
         teacher.requires_grad_(False)
@@ -182,12 +413,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     def freeze_feature_encoder(self) -> None:
         """Stop gradients into the convolutional feature encoder (raw-waveform encoders only)."""
-        feature_extractor = getattr(self.encoder, "feature_extractor", None)
-        if feature_extractor is None or not hasattr(feature_extractor, "_freeze_parameters"):
-            raise ValueError(
-                f"The {self.config.encoder_config.model_type} encoder has no convolutional feature encoder to freeze."
-            )
-        feature_extractor._freeze_parameters()
+        self.tot_cakt.freeze_feature_encoder()
+
+    def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
+        """Valid output frames `(B, frames)` for an input `attention_mask`; see [`TOTCAKTModel.frame_mask`]."""
+        return self.tot_cakt.frame_mask(frames, attention_mask)
 
     # ------------------------------------------------------------------ teacher features
     @torch.no_grad()
@@ -195,7 +425,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         self, teacher_input_ids: torch.LongTensor, teacher_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.FloatTensor, torch.BoolTensor]:
         """
-        Run the frozen teacher on a tokenised transcript and keep one feature per text token.
+        Run the frozen teacher on a tokenised transcript and keep one feature per text token, taken
+        from the teacher's layer `config.teacher_layer` (-1: its last layer).
 
         Args:
             teacher_input_ids (`torch.LongTensor` of shape `(B, L)`): teacher tokenisation with
@@ -217,7 +448,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         device = teacher_input_ids.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        hidden = self.teacher(input_ids=teacher_input_ids, attention_mask=teacher_attention_mask).last_hidden_state
+        layer = self.config.teacher_layer
+        outputs = self.teacher(
+            input_ids=teacher_input_ids, attention_mask=teacher_attention_mask, output_hidden_states=layer != -1
+        )
+        hidden = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         mask = teacher_attention_mask.bool()
         if self.config.teacher_strip_special_tokens:
             last = mask.sum(dim=1) - 1  # index of [SEP]
@@ -234,7 +469,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         teacher_hidden_states: torch.FloatTensor | None,
         teacher_token_mask: torch.Tensor | None,
     ) -> tuple[torch.FloatTensor, torch.BoolTensor] | None:
-        if teacher_hidden_states is None and teacher_input_ids is None:
+        """Teacher token features and their mask for this batch (computed or precomputed), or None."""
+        if not self.config.uses_teacher or (teacher_hidden_states is None and teacher_input_ids is None):
             return None
         if teacher_hidden_states is None:
             return self.teacher_token_features(teacher_input_ids, teacher_attention_mask)
@@ -258,53 +494,23 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
         return teacher_hidden_states.float(), mask.bool()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Reject what would otherwise fail deep inside torch: clips too short to encode, non-finite input."""
-        lengths = (
-            attention_mask.sum(-1)
-            if attention_mask is not None
-            else torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)
-        )
-        nonfinite = (~torch.isfinite(input_values)).flatten(1).any(1)
-        # A log-mel clip of a single frame normalises to NaN: it is too short, not broken.
-        too_short = self.encoder._get_feat_extract_output_lengths(lengths) < 1
-        if input_values.dim() == 3:
-            too_short = too_short | (nonfinite & (lengths < 2))
-        if bool(too_short.any()):
-            shortest = int(lengths[too_short].min())
-            raise ValueError(
-                f"An input of {shortest} {'samples' if input_values.dim() == 2 else 'frames'} is shorter than the "
-                f"{self.config.encoder_config.model_type} encoder's receptive field and yields no usable output "
-                "frame; drop such clips or pad them (train_hf.py skips them and counts them as 'audio too short')."
-            )
-        if bool(nonfinite.any()):
-            raise ValueError(
-                f"{self.main_input_name} contains NaN or Inf values (batch items {nonfinite.nonzero().flatten().tolist()}); "
-                "check the audio files (the data loaders drop such clips and report them)."
-            )
-
     # ------------------------------------------------------------------ losses
-    def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
-        """
-        Valid output frames `(B, frames)` for an input `attention_mask` (`(B, samples)` for raw-waveform
-        encoders, `(B, feature frames)` for log-mel ones): True where the encoder saw real input.
-        """
-        return self.encoder._get_feature_vector_attention_mask(frames, attention_mask).bool()
-
     def _ctc_loss(self, logits: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.max() >= self.config.vocab_size:
-            raise ValueError(
-                f"labels contain id {int(labels.max())} but vocab_size is {self.config.vocab_size}: the tokenizer "
-                "and the model configuration disagree."
-            )
+        """`F.ctc_loss` over the valid frames and labels (-100 = padding), blank = `pad_token_id`."""
         label_mask = labels >= 0
         target_lengths = label_mask.sum(-1)
-        if bool((target_lengths > frame_lengths).any()):
-            logger.warning_once(
-                "Some utterances have more label tokens than encoder frames, so CTC cannot align them; their CTC "
-                "loss is zeroed (ctc_zero_infinity). Filter such utterances or reduce the frame-rate reduction."
-            )
+        if not torch.compiler.is_compiling():  # host-side checks: they would break a compiled graph
+            if labels.max() >= self.config.vocab_size:
+                raise ValueError(
+                    f"labels contain id {int(labels.max())} but vocab_size is {self.config.vocab_size}: the "
+                    "tokenizer and the model configuration disagree."
+                )
+            if bool((target_lengths > frame_lengths).any()):
+                logger.warning_once(
+                    "Some utterances have more label tokens than encoder frames, so CTC cannot align them; their "
+                    "CTC loss is zeroed (ctc_zero_infinity). Filter such utterances or reduce the frame-rate "
+                    "reduction."
+                )
         flat_targets = labels.masked_select(label_mask)
         log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
         with torch.backends.cudnn.flags(enabled=False):
@@ -343,6 +549,37 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         transported = barycentric_transport(coupling, adapted, token_mask)
         return ot_loss(coupling, cost), align_loss(transported, tokens, token_mask), coupling
 
+    def _losses(
+        self,
+        hidden_states: torch.Tensor,
+        logits: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        teacher: tuple[torch.FloatTensor, torch.BoolTensor] | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """
+        `(loss, ctc_loss, ot_loss, align_loss, coupling)`, each None when its inputs are absent, with
+        `loss = w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` (the alignment terms only with teacher features).
+        """
+        loss = ctc = ot = align = coupling = None
+        if labels is None and teacher is None:
+            return loss, ctc, ot, align, coupling
+        batch_size, frames = hidden_states.shape[:2]
+        frame_mask = (
+            self.frame_mask(frames, attention_mask)
+            if attention_mask is not None
+            else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
+        )
+        if teacher is not None:
+            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
+            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
+        if labels is not None:
+            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
+            loss = self.config.ctc_loss_weight * ctc
+            if teacher is not None:
+                loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
+        return loss, ctc, ot, align, coupling
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -358,7 +595,6 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> TOTCAKTOutput | tuple:
         r"""
         Args:
@@ -378,20 +614,22 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 Valid positions of `teacher_hidden_states` (if absent, `teacher_attention_mask` is used,
                 and if that is absent too, all positions are valid).
             output_coupling (`bool`): also return the transport plan.
+            input_features (`torch.FloatTensor` of shape `(B, frames, features)`, *optional*):
+                The name the log-mel feature extractors give `input_values`.
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
+                As in transformers' models; when None, the configuration's values are used.
 
         The alignment losses are computed when teacher features are available and `alignment` is not
         `"none"`; inference needs neither text nor teacher.
+
+        Returns:
+            [`TOTCAKTOutput`] (or a tuple when `return_dict=False`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_values is None:
-            input_values = input_features
-        if input_values is None:
-            raise ValueError(f"Pass the audio features as input_values (or {self.main_input_name}).")
-        self._check_inputs(input_values, attention_mask)
-
-        outputs = self.encoder(
+        outputs = self.tot_cakt(
             input_values,
             attention_mask=attention_mask,
+            input_features=input_features,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -399,28 +637,14 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         hidden_states = self.dropout(outputs.last_hidden_state)
         logits = self.lm_head(hidden_states)
 
-        batch_size, frames = hidden_states.shape[:2]
-        teacher = None
-        if self.config.uses_teacher:
-            teacher = self._resolve_teacher_features(
-                batch_size, teacher_input_ids, teacher_attention_mask, teacher_hidden_states, teacher_token_mask
-            )
-        loss = ctc = ot = align = coupling = None
-        if labels is not None or teacher is not None:
-            frame_mask = (
-                self.frame_mask(frames, attention_mask)
-                if attention_mask is not None
-                else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
-            )
-        if teacher is not None:
-            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
-            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
-        if labels is not None:
-            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
-            loss = self.config.ctc_loss_weight * ctc
-            if teacher is not None:
-                loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
-
+        teacher = self._resolve_teacher_features(
+            hidden_states.shape[0],
+            teacher_input_ids,
+            teacher_attention_mask,
+            teacher_hidden_states,
+            teacher_token_mask,
+        )
+        loss, ctc, ot, align, coupling = self._losses(hidden_states, logits, attention_mask, labels, teacher)
         output = TOTCAKTOutput(
             loss=loss,
             logits=logits,
@@ -434,4 +658,12 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["TOTCAKTAdapter", "TOTCAKTForCTC", "TOTCAKTOutput", "TOTCAKTPreTrainedModel"]
+__all__ = [
+    "TOTCAKTAdapter",
+    "TOTCAKTForCTC",
+    "TOTCAKTModel",
+    "TOTCAKTModelOutput",
+    "TOTCAKTOutput",
+    "TOTCAKTPreTrainedModel",
+    "load_teacher",
+]

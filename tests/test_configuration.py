@@ -62,3 +62,35 @@ def test_log_mel_encoder_with_frame_rate_reduction():
 def test_invalid_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         TOTCAKTConfig(**{field: value})
+
+
+def test_configs_compare_by_their_values():
+    assert TOTCAKTConfig(vocab_size=10) != TOTCAKTConfig(vocab_size=20)
+    assert TOTCAKTConfig(tot_lambda2=0.2) != TOTCAKTConfig(tot_lambda2=0.3)
+    assert TOTCAKTConfig(encoder_config={"model_type": "hubert"}) != TOTCAKTConfig()
+    assert TOTCAKTConfig(vocab_size=10) == TOTCAKTConfig(vocab_size=10)
+
+
+@pytest.mark.parametrize("encoder, field", [(None, "hidden_size"), (TINY_WAV2VEC2_BERT, "output_hidden_size")])
+def test_hidden_size_can_be_passed_and_lives_in_the_encoder_config(encoder, field, tmp_path):
+    encoder = dict(encoder or {"model_type": "wav2vec2", "num_attention_heads": 2})
+    config = TOTCAKTConfig(encoder_config=encoder, hidden_size=64)
+    assert config.hidden_size == 64 and getattr(config.encoder_config, field) == 64
+    config.hidden_size = 48
+    assert getattr(config.encoder_config, field) == 48
+    config.save_pretrained(tmp_path)
+    assert TOTCAKTConfig.from_pretrained(tmp_path).hidden_size == 48
+
+
+def test_teacher_layer_defaults_to_the_last_and_round_trips(tmp_path):
+    assert TOTCAKTConfig().teacher_layer == -1
+    TOTCAKTConfig(teacher_layer=2).save_pretrained(tmp_path)
+    assert TOTCAKTConfig.from_pretrained(tmp_path).teacher_layer == 2
+    with pytest.raises(ValueError, match="teacher_layer must be an int"):
+        TOTCAKTConfig(teacher_layer=1.5)
+
+
+def test_grad_modes_are_the_solvers():
+    from modeling_tot_cakt import configuration_tot_cakt, tot
+
+    assert configuration_tot_cakt.GRAD_MODES is tot.GRAD_MODES

@@ -1,8 +1,12 @@
+import copy
+import itertools
 import logging
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import (
     CHARACTERS,
     TINY_HUBERT,
@@ -13,9 +17,10 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, BertModel, Wav2Vec2Model
+from transformers import AutoModel, AutoModelForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC
+from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
+from modeling_tot_cakt.training import trainer
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +133,11 @@ def test_save_load_round_trip_identical_logits_and_no_teacher_weights(teacher_di
     batch = batch_for(model, tmp_path)
     model.save_pretrained(tmp_path / "saved")
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as weights:
-        keys = list(weights.keys())
-    assert keys and not any("teacher" in k or k.startswith("embeddings.") for k in keys)
-    assert any(k.startswith("adapter.") for k in keys) and any(k.startswith("encoder.") for k in keys)
-    teacher_params = sum(p.numel() for p in BertModel.from_pretrained(teacher_dir).parameters())
-    assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in make_model(teacher_dir=teacher_dir).parameters()
-    )
-    assert teacher_params > 0
+        keys = set(weights.keys())
+    # Exactly the model's own weights, under the base model's prefix: nothing of the attached teacher.
+    assert keys == set(model.state_dict())
+    assert {key.split(".")[0] for key in keys} == {"tot_cakt", "lm_head"}
+    assert any(key.startswith("tot_cakt.adapter.") for key in keys)
     for loader in (TOTCAKTForCTC, AutoModelForCTC):
         reloaded = loader.from_pretrained(tmp_path / "saved").eval()
         assert reloaded.teacher is None
@@ -143,6 +145,49 @@ def test_save_load_round_trip_identical_logits_and_no_teacher_weights(teacher_di
             torch.testing.assert_close(
                 model(**batch["inputs"]).logits, reloaded(**batch["inputs"]).logits, rtol=0, atol=0
             )
+
+
+def save_with_legacy_names(model, folder):
+    """Save `model`, then rename its weights as folders were written before the base model existed."""
+    model.save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({key.removeprefix("tot_cakt."): value for key, value in weights.items()}, folder / "model.safetensors")
+    return set(load_file(folder / "model.safetensors"))
+
+
+def test_folders_with_legacy_weight_names_still_load(tmp_path):
+    model = make_model().eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()  # a head that differs from a fresh one
+    keys = save_with_legacy_names(model, tmp_path / "legacy")
+    assert {key.split(".")[0] for key in keys} == {"encoder", "adapter", "lm_head"}
+    audio = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(audio)
+        for loader in (TOTCAKTForCTC, AutoModelForCTC):
+            reloaded, info = loader.from_pretrained(tmp_path / "legacy", output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"]
+            torch.testing.assert_close(reloaded.eval()(audio).logits, expected.logits, rtol=0, atol=0)
+        for loader in (TOTCAKTModel, AutoModel):
+            base, info = loader.from_pretrained(tmp_path / "legacy", output_loading_info=True)
+            assert not info["missing_keys"] and info["unexpected_keys"] == {"lm_head.weight", "lm_head.bias"}
+            features = base.eval()(audio).last_hidden_state
+            torch.testing.assert_close(features, model.tot_cakt(audio).last_hidden_state, rtol=0, atol=0)
+
+
+def test_plain_encoder_checkpoint_is_refused_not_left_random(tmp_path):
+    model = make_model(alignment="none")
+    Wav2Vec2Model(model.config.encoder_config).save_pretrained(tmp_path / "w2v")
+    ctc_config = copy.deepcopy(model.config.encoder_config)
+    ctc_config.vocab_size = model.config.vocab_size
+    Wav2Vec2ForCTC(ctc_config).save_pretrained(tmp_path / "w2v-ctc")  # weights under "wav2vec2."
+    for folder, loader in itertools.product(("w2v", "w2v-ctc"), (TOTCAKTForCTC, TOTCAKTModel)):
+        with pytest.raises(ValueError, match=r"checkpoint of the acoustic encoder alone.*from_encoder_pretrained"):
+            loader.from_pretrained(tmp_path / folder, config=model.config)
+    # A base-model folder is a valid start for the CTC model: only the head is new.
+    model.tot_cakt.save_pretrained(tmp_path / "base")
+    reloaded, info = TOTCAKTForCTC.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight", "lm_head.bias"}
 
 
 def test_encoder_from_pretrained_checkpoint(tmp_path):
@@ -223,10 +268,90 @@ def test_gradient_checkpointing_and_feature_encoder_freezing(teacher_dir, tmp_pa
 
 
 def test_auto_model_resolves_teacher_free_base(tmp_path):
-    model = make_model()
-    assert isinstance(AutoModel.from_config(model.config.encoder_config), Wav2Vec2Model)
-    assert model.main_input_name == "input_values"
-    assert make_model(TINY_WAV2VEC2_BERT).main_input_name == "input_features"
+    config = make_model(alignment="none").config
+    base = AutoModel.from_config(config)
+    assert type(base) is TOTCAKTModel and base.adapter is None
+    assert isinstance(base.encoder, Wav2Vec2Model) and base.main_input_name == "input_values"
+    assert type(AutoModelForCTC.from_config(config)) is TOTCAKTForCTC
+    with pytest.raises(ValueError, match='alignment="none"'):
+        base(torch.randn(1, 4000), output_adapted_features=True)
+    w2v_bert = AutoModel.from_config(make_model(TINY_WAV2VEC2_BERT, alignment="none").config)
+    assert type(w2v_bert) is TOTCAKTModel and w2v_bert.main_input_name == "input_features"
+
+
+@pytest.mark.parametrize("encoder", [TINY_WAV2VEC2, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "w2v-bert"])
+def test_base_model_features_are_the_ctc_models_encoder_features(encoder, teacher_dir, tmp_path):
+    model = make_model(encoder, teacher_dir=teacher_dir, final_dropout=0.2).eval()
+    assert model.base_model is model.tot_cakt and model.encoder is model.tot_cakt.encoder
+    model.save_pretrained(tmp_path / "saved")
+    base = AutoModel.from_pretrained(tmp_path / "saved").eval()
+    assert type(base) is TOTCAKTModel
+    inputs = batch_for(model, tmp_path)["inputs"]
+    with torch.no_grad():
+        out = base(**inputs, output_adapted_features=True, output_hidden_states=True)
+        encoder_out = model.encoder(
+            inputs[model.main_input_name], attention_mask=inputs["attention_mask"], output_hidden_states=True
+        )
+        logits = model(**inputs).logits
+    torch.testing.assert_close(out.last_hidden_state, encoder_out.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(out.adapted_features, model.adapter(encoder_out.last_hidden_state), rtol=0, atol=0)
+    assert len(out.hidden_states) == len(encoder_out.hidden_states) == 2  # embeddings + 1 layer
+    # The CTC head is a linear map of those features (dropout is off in eval mode).
+    torch.testing.assert_close(logits, model.lm_head(out.last_hidden_state), rtol=0, atol=0)
+
+
+def test_output_flags_of_the_config_are_honoured():
+    model = make_model(output_hidden_states=True, output_attentions=True).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(torch.randn(1, 8000))
+        plain = model(torch.randn(1, 8000), output_hidden_states=False, output_attentions=False)
+    assert len(out.hidden_states) == 2 and out.hidden_states[-1].shape == (1, out.logits.shape[1], 32)
+    assert len(out.attentions) == 1 and out.attentions[0].shape[:2] == (1, 2)
+    assert plain.hidden_states is None and plain.attentions is None
+
+
+def test_unknown_forward_arguments_are_refused():
+    model = make_model().eval()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lables'"):
+        model(torch.randn(1, 8000), lables=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output_atentions'"):
+        model.tot_cakt(torch.randn(1, 8000), output_atentions=True)
+
+
+@pytest.mark.parametrize("layer", [0, 1, -2])
+def test_teacher_layer_chooses_the_hidden_states_aligned_to(layer, teacher_dir, tmp_path):
+    model = make_model(teacher_dir=teacher_dir, teacher_layer=layer)
+    model.attach_teacher()
+    batch = batch_for(model, tmp_path)
+    features, mask = model.teacher_token_features(batch["teacher_input_ids"], batch["teacher_attention_mask"])
+    full = model.teacher(
+        input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"], output_hidden_states=True
+    )
+    assert mask.sum(1).tolist() == [4, 3]
+    torch.testing.assert_close(features[0, :4], full.hidden_states[layer][0, 1:5])
+    # The 1-layer teacher's layer 0 is its embedding output, not its last layer.
+    assert (layer in (0, -2)) != torch.allclose(features[0, :4], full.last_hidden_state[0, 1:5])
+
+
+def test_teacher_layer_out_of_range_is_refused_at_attach(teacher_dir):
+    for layer in (2, -3):
+        with pytest.raises(ValueError, match=f"teacher_layer is {layer} but the teacher has 1 layers"):
+            make_model(teacher_dir=teacher_dir, teacher_layer=layer).attach_teacher()
+
+
+def test_one_teacher_loading_path_and_message(teacher_dir, tmp_path):
+    """`attach_teacher` and the training stack load teachers through the same function, with one message."""
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(teacher_dir, no_tokenizer, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*"))
+    message = "has 5 tokens but the teacher's embedding table has 17: the folder's tokenizer files"
+    with pytest.raises(ValueError, match=message):
+        make_model(teacher_dir=no_tokenizer).attach_teacher()
+    with pytest.raises(ValueError, match=message):
+        trainer.load_teacher(str(no_tokenizer))
+    assert trainer.load_teacher is load_teacher
+    teacher, tokenizer = load_teacher(str(teacher_dir))
+    assert len(tokenizer) == teacher.config.vocab_size == 17
 
 
 def test_bad_audio_inputs_are_rejected_clearly():

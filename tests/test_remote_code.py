@@ -1,4 +1,5 @@
-"""The saved folder works through `trust_remote_code` in a process where this package cannot be imported."""
+"""The saved folder works through `trust_remote_code` (AutoModelForCTC, AutoModel and the pipeline) in a process
+where this package cannot be imported."""
 
 import json
 import os
@@ -34,14 +35,17 @@ FRESH_PROCESS = textwrap.dedent(
         pass
 
     import numpy as np, soundfile as sf, torch
-    from transformers import AutoModelForCTC, pipeline
+    from transformers import AutoModel, AutoModelForCTC, pipeline
 
     source, wav, reference = sys.argv[1], sys.argv[2], sys.argv[3]
     model = AutoModelForCTC.from_pretrained(source, trust_remote_code=True).eval()
     assert "transformers_modules" in type(model).__module__, type(model).__module__
     ref = np.load(reference)
+    base = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+    assert "transformers_modules" in type(base).__module__, type(base).__module__
     with torch.no_grad():
         logits = model(torch.from_numpy(ref["inputs"]), attention_mask=torch.from_numpy(ref["mask"])).logits
+        features = base(torch.from_numpy(ref["inputs"]), attention_mask=torch.from_numpy(ref["mask"]))
     asr = pipeline("automatic-speech-recognition", model=source, trust_remote_code=True)
     audio, rate = sf.read(wav, dtype="float32")
     result = asr({"raw": audio, "sampling_rate": rate}, return_timestamps="char")
@@ -50,6 +54,8 @@ FRESH_PROCESS = textwrap.dedent(
         "text": result["text"],
         "chunks": [c["text"] for c in result["chunks"]],
         "class": type(model).__name__,
+        "base_class": type(base).__name__,
+        "max_feature_diff": float((features.last_hidden_state - torch.from_numpy(ref["features"])).abs().max()),
         "package_modules": sorted(m for m in sys.modules if m.split(".")[0] == "modeling_tot_cakt"),
         "remote_modules": sorted(m for m in sys.modules if m.startswith("transformers_modules") and "tot" in m),
     }, ensure_ascii=False))
@@ -77,12 +83,14 @@ def saved_model(request, tmp_path):
     key = model.main_input_name
     with torch.no_grad():
         logits = model(inputs[key], attention_mask=inputs["attention_mask"]).logits
+        features = model.tot_cakt(inputs[key], attention_mask=inputs["attention_mask"]).last_hidden_state
     expected = processor.batch_decode(logits.argmax(-1))[0]
     np.savez(
         tmp_path / "reference.npz",
         inputs=inputs[key].numpy(),
         mask=inputs["attention_mask"].numpy(),
         logits=logits.numpy(),
+        features=features.numpy(),
     )
     return folder, wav, tmp_path / "reference.npz", expected
 
@@ -107,6 +115,7 @@ def test_save_pretrained_writes_auto_map_and_code_files(saved_model):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_tot_cakt.TOTCAKTConfig",
+        "AutoModel": "modeling_tot_cakt.TOTCAKTModel",
         "AutoModelForCTC": "modeling_tot_cakt.TOTCAKTForCTC",
     }
     assert {p.name for p in folder.iterdir()} >= CODE_FILES
@@ -118,8 +127,8 @@ def test_fresh_process_loads_folder_and_transcribes(saved_model, tmp_path):
     out = run_fresh(
         folder, wav, reference, {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}, tmp_path
     )
-    assert out["class"] == "TOTCAKTForCTC"
-    assert out["max_logit_diff"] < 1e-5
+    assert out["class"] == "TOTCAKTForCTC" and out["base_class"] == "TOTCAKTModel"
+    assert out["max_logit_diff"] < 1e-5 and out["max_feature_diff"] < 1e-5
     assert out["text"] == expected and expected
     assert "".join(out["chunks"]) == expected
     assert out["package_modules"] == [] and out["remote_modules"]
@@ -135,7 +144,8 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
     (repo / "refs" / "main").write_text(commit)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     out = run_fresh("tot-cakt/tiny-test", wav, reference, env, tmp_path)
-    assert out["max_logit_diff"] < 1e-5
+    assert out["class"] == "TOTCAKTForCTC" and out["base_class"] == "TOTCAKTModel"
+    assert out["max_logit_diff"] < 1e-5 and out["max_feature_diff"] < 1e-5
     assert out["text"] == expected
 
 

@@ -17,10 +17,7 @@ import numpy as np
 import torch
 from transformers import (
     AutoConfig,
-    AutoModel,
-    AutoTokenizer,
     EvalPrediction,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -31,7 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..configuration_tot_cakt import TOTCAKTConfig
-from ..modeling_tot_cakt import TOTCAKTForCTC
+from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher  # load_teacher: the model's own, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -140,39 +137,6 @@ def build_model(
     else:
         model = TOTCAKTForCTC(config)
     return model
-
-
-def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """
-    Load the frozen teacher language model and its tokenizer (Hub id or folder), with errors that name
-    `teacher_name_or_path`.
-
-    Returns:
-        `(teacher, tokenizer)`.
-
-    Raises:
-        ValueError: nothing loadable there, or a tokenizer that does not fit the teacher's embeddings.
-            A folder without tokenizer files still loads a 5-token BERT tokenizer that reads every
-            character as [UNK]; that, and ids beyond the embedding table, are refused.
-    """
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} Pass a "
-            "Hub id (with network access) or a local folder with config.json, the weights and the tokenizer."
-        ) from err
-    # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
-    # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
-    embeddings = teacher.get_input_embeddings().num_embeddings
-    if not embeddings // 2 < len(tokenizer) <= embeddings:
-        raise ValueError(
-            f"The tokenizer loaded from teacher_name_or_path='{name_or_path}' has {len(tokenizer)} tokens but the "
-            f"teacher's embedding table has {embeddings}: the folder's tokenizer files (vocab.txt, "
-            "tokenizer.json) are missing or belong to another model."
-        )
-    return teacher, tokenizer
 
 
 def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds: float = 1.0) -> int:
