@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,3 +276,68 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog
     assert trainer.gradient_guard.skipped_steps == 1 and log["nonfinite_grad_steps"] == 1
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, before[name], msg=name)
+
+
+RESUME_STEPS = 15  # 24 clips in batches of 4: 6 steps an epoch, so the run ends in its third epoch
+KILL_AFTER = 8  # a checkpoint in the middle of the second epoch
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def printed_training_steps(log: Path) -> int:
+    """The optimizer steps one process made: with --logging_steps 1, one printed training log each."""
+    return sum(line.startswith("{") and "'loss'" in line for line in log.read_text().splitlines())
+
+
+def test_a_killed_run_resumes_exactly_where_the_uninterrupted_run_went_on(
+    speech_corpus, tiny_teacher, tmp_path, start
+):
+    """With the default group_by_length sampling, a run killed mid-epoch and run again makes exactly the
+    missing optimizer steps, on the same batches: its per-step losses and final weights are those of a run
+    that was never interrupted."""
+
+    def command(out: Path) -> list[str]:
+        base = train_command(out, speech_corpus.root, tiny_teacher, tmp_path / "cache")
+        base[base.index("--max_steps") + 1] = str(RESUME_STEPS)
+        base[base.index("--save_steps") + 1] = "4"
+        return base
+
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    reference_log = tmp_path / "reference.log"
+    assert start(command(reference), reference_log).wait(timeout=RUN_TIMEOUT_S) == 0, reference_log.read_text()
+    assert printed_training_steps(reference_log) == RESUME_STEPS
+
+    first = start(command(interrupted), tmp_path / "first.log")
+    wait_for(first, lambda: KILL_AFTER in finished_steps(interrupted), tmp_path / "first.log")
+    first.kill()
+    first.wait()
+    resumed_log = tmp_path / "resumed.log"
+    assert start(command(interrupted), resumed_log).wait(timeout=RUN_TIMEOUT_S) == 0, resumed_log.read_text()
+    assert f"resuming training at {interrupted / f'checkpoint-{KILL_AFTER}'}" in resumed_log.read_text()
+    assert printed_training_steps(resumed_log) == RESUME_STEPS - KILL_AFTER
+
+    expected, got = logged_losses(reference), logged_losses(interrupted)
+    assert list(got) == list(range(1, RESUME_STEPS + 1))
+    assert got == pytest.approx(expected, rel=1e-6, abs=0)
+    with (
+        safe_open(str(reference / "model.safetensors"), "pt") as a,
+        safe_open(str(interrupted / "model.safetensors"), "pt") as b,
+    ):
+        names = sorted(a.keys())
+        assert names == sorted(b.keys())
+        for name in names:
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(("older", "newer"), [(9, 10), (99, 100)])
+def test_the_last_complete_checkpoint_is_the_highest_step_not_the_last_name(tmp_path, older, newer):
+    good = json.dumps({"global_step": 1})
+    make_checkpoint(tmp_path / f"checkpoint-{older}", state=good)
+    make_checkpoint(tmp_path / f"checkpoint-{newer}", state=good)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{newer}")
+    shutil.rmtree(tmp_path / f"checkpoint-{newer}")
+    make_checkpoint(tmp_path / f"checkpoint-{newer}", state=None)  # killed while saving it
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{older}")
