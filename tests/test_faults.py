@@ -19,10 +19,11 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
-from test_train_hf import run_training
+from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
 
+from modeling_tot_cakt.training.output_lock import LOCK_FILE, OutputDirectoryLockedError
 from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
     is_complete_checkpoint,
@@ -341,3 +342,92 @@ def test_the_last_complete_checkpoint_is_the_highest_step_not_the_last_name(tmp_
     shutil.rmtree(tmp_path / f"checkpoint-{newer}")
     make_checkpoint(tmp_path / f"checkpoint-{newer}", state=None)  # killed while saving it
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{older}")
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("audio,text\n" + "".join(f"{audio},{text}\n" for audio, text in rows), encoding="utf-8")
+    return path
+
+
+def test_resuming_keeps_the_checkpoints_vocabulary_when_the_transcripts_change(
+    speech_corpus, tiny_teacher, tmp_path, caplog
+):
+    wavs = sorted(str(path) for path in (speech_corpus.root / "train").glob("*.wav"))
+    first = write_manifest(tmp_path / "first.csv", [(wav, text) for wav, text in zip(wavs, speech_corpus.train_texts)])
+    # The new transcripts drop the first character and bring a new one: a vocabulary rebuilt from them
+    # would give most characters other ids.
+    dropped = min("".join(speech_corpus.train_texts))
+    changed = write_manifest(
+        tmp_path / "changed.csv",
+        [(wav, text.replace(dropped, "天")) for wav, text in zip(wavs, speech_corpus.train_texts)],
+    )
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--alignment", "none", "--do_train"]
+    run_training(*args, "--train_manifest", first, "--max_steps", 2, "--save_steps", 2)
+    vocabulary = (out / "checkpoint-2" / "vocab.json").read_text(encoding="utf-8")
+    assert dropped in json.loads(vocabulary)
+
+    # Resumed in the same folder, or from the checkpoint into a new one: the checkpoint's vocabulary.
+    with caplog.at_level(logging.WARNING):
+        run_training(*args, "--train_manifest", changed, "--max_steps", 3)
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == json.loads(vocabulary)
+    assert "out of vocabulary, 1 distinct: 天" in caplog.text
+    elsewhere = tmp_path / "elsewhere"
+    other_args = [*common_args(elsewhere, tiny_teacher, tmp_path / "cache"), "--alignment", "none", "--do_train"]
+    run_training(
+        *other_args, "--train_manifest", changed, "--max_steps", 3, "--resume_from_checkpoint", out / "checkpoint-2"
+    )
+    assert json.loads((elsewhere / "vocab.json").read_text(encoding="utf-8")) == json.loads(vocabulary)
+    assert train_state_steps(elsewhere) == [1, 2, 3]
+
+
+def train_state_steps(output_dir: Path) -> list[int]:
+    return sorted(logged_losses(output_dir))
+
+
+LOCK_HOLDER = """
+import sys, time
+from modeling_tot_cakt.training.output_lock import lock_output_dir
+with lock_output_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_and_a_dead_runs_lock_is_not(speech_corpus, tmp_path, start):
+    out = tmp_path / "out"
+    arguments = ["--output_dir", out, "--dataset_name", speech_corpus.root, "--do_train", "--preprocessing_only"]
+    arguments += ["--encoder_config", json.dumps(TRAINING_ENCODER), "--alignment", "none", "--use_cpu"]
+    holder_log = tmp_path / "holder.log"
+    holder = start([sys.executable, "-c", LOCK_HOLDER, str(out)], holder_log)
+    wait_for(holder, lambda: "locked" in holder_log.read_text(), holder_log)
+    with pytest.raises(OutputDirectoryLockedError, match=rf"Another training run \(pid {holder.pid} on .*\) is using"):
+        run_training(*arguments)
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]  # nothing else was touched
+
+    holder.kill()  # SIGKILL: the lock file stays, with the dead process's pid in it
+    holder.wait()
+    assert str(holder.pid) in (out / LOCK_FILE).read_text()
+    run_training(*arguments)
+    assert (out / "vocab.json").is_file()
+
+
+def test_a_leftover_temporary_vocabulary_does_not_stop_a_rerun(speech_corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vocab.json.4242.tmp").write_text('{"[PAD]": 0, "[UN')  # a run killed while writing it
+    run_training(
+        "--output_dir",
+        out,
+        "--dataset_name",
+        speech_corpus.root,
+        "--do_train",
+        "--preprocessing_only",
+        "--encoder_config",
+        json.dumps(TRAINING_ENCODER),
+        "--alignment",
+        "none",
+        "--use_cpu",
+    )
+    assert not (out / "vocab.json.4242.tmp").exists()
+    assert set(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) >= set("".join(speech_corpus.train_texts))
