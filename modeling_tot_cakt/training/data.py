@@ -230,7 +230,10 @@ def load_manifest(
     if MANIFEST_FORMATS[extension] == "csv":
         delimiter = "\t" if extension == ".tsv" else ","
         with open(manifest_path, encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), [])
+            reader = csv.reader(handle, delimiter=delimiter)
+            header, first_row = next(reader, []), next(reader, None)
+        if first_row is None:
+            raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it has no row below its header).")
         _check_columns(header, required, f"Manifest {manifest_path}")
         # Read only the two columns, both as strings: transcripts such as "110" must not become ints,
         # and an empty cell must stay "" (reported as an empty transcript) rather than NaN.
@@ -240,6 +243,10 @@ def load_manifest(
             "keep_default_na": False,
             "features": Features({audio_column_name: Value("string"), text_column_name: Value("string")}),
         }
+    else:
+        with open(manifest_path, encoding="utf-8") as handle:
+            if not any(line.strip() for line in handle):
+                raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it is empty).")
     dataset = load_dataset(
         MANIFEST_FORMATS[extension],
         data_files=os.path.abspath(manifest_path),
