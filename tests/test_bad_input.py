@@ -332,3 +332,26 @@ def test_transcripts_longer_than_the_teachers_position_table_are_cut_to_it(tiny_
     if cached:
         sizes = sorted(load_file(path)["features"].shape[0] for path in cache.rglob("*.safetensors"))
         assert sizes == [2, 2, 14]  # [CLS] and [SEP] of the 16 positions are dropped
+
+
+@pytest.mark.parametrize("encoder", [TINY_WAV2VEC2, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "wav2vec2-bert"])
+def test_long_clips_are_transcribed_in_chunks_by_the_pipeline(tmp_path, encoder):
+    """The README's advice for long recordings: with chunk_length_s the model never sees more than one window."""
+    model = make_model(encoder, alignment="none").eval()
+    processor = make_processor(tmp_path, model)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path / "model"), trust_remote_code=True)
+    forward, inputs = asr.model.forward, []
+
+    def recording_forward(*args, **kwargs):
+        inputs.append(kwargs.get("input_values", kwargs.get("input_features")).shape)
+        return forward(*args, **kwargs)
+
+    asr.model.forward = recording_forward
+    clip = (0.1 * np.random.default_rng(0).standard_normal(60 * SAMPLING_RATE)).astype(np.float32)
+    result = asr({"raw": clip, "sampling_rate": SAMPLING_RATE}, chunk_length_s=10, stride_length_s=2, batch_size=4)
+    assert isinstance(result["text"], str)
+    assert sum(shape[0] for shape in inputs) == 10  # 60 s in 10 s windows that overlap by 2 + 2 s
+    window = 10 * SAMPLING_RATE
+    assert all(shape[1] <= (window if encoder is TINY_WAV2VEC2 else window // 320 + 1) for shape in inputs)
