@@ -660,11 +660,12 @@ def main():
         # 6. The model.
         model = create_model(model_args, method_args, processor.tokenizer, encoder_config)
 
-        # 7. The teacher: its tokenizer for on-the-fly features, or a cache of its features.
-        teacher = prepare_teacher(model, model_args, method_args, training_args, raw_datasets, data_args.streaming)
-
-        # 8. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
+        # 7. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
+        # A split left without rows stops the run here, before the teacher is loaded.
         vectorized_datasets = featurize_datasets(raw_datasets, model, processor, data_args, training_args)
+
+        # 8. The teacher: its tokenizer for on-the-fly features, or a cache of its features.
+        teacher = prepare_teacher(model, model_args, method_args, training_args, raw_datasets, data_args.streaming)
         if data_args.preprocessing_only:
             logger.info("Data preprocessing finished.")
             return

@@ -141,6 +141,7 @@ def test_upload_goes_through_hf_api(tmp_path):
         "checkpoint-*",
         "training_args.bin",
         "incomplete_checkpoints/**",
+        ".train_hf.lock",
     } <= set(UPLOAD_IGNORE_PATTERNS)
 
 

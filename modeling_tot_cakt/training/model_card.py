@@ -8,6 +8,7 @@ from typing import NamedTuple
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..configuration_tot_cakt import TOTCAKTConfig
+from .output_lock import LOCK_FILE
 
 CARD_TAGS = [
     "automatic-speech-recognition",
@@ -17,9 +18,10 @@ CARD_TAGS = [
     "knowledge-distillation",
     "mandarin",
 ]
-# Training state that must not be published: checkpoints, the pickled TrainingArguments, leftovers of a
-# killed run.
+# Training state that must not be published: checkpoints, the pickled TrainingArguments, the run's lock,
+# leftovers of a killed run.
 UPLOAD_IGNORE_PATTERNS = [
+    LOCK_FILE,
     "checkpoint-*",
     "checkpoint-*/**",
     "incomplete_checkpoints/**",
