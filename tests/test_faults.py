@@ -22,10 +22,12 @@ from safetensors import SafetensorError, safe_open
 from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from modeling_tot_cakt.training.output_lock import LOCK_FILE, OutputDirectoryLockedError
 from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
+    EpochSeededLengthGroupedSampler,
     is_complete_checkpoint,
     last_complete_checkpoint,
 )
@@ -431,3 +433,17 @@ def test_a_leftover_temporary_vocabulary_does_not_stop_a_rerun(speech_corpus, tm
     )
     assert not (out / "vocab.json.4242.tmp").exists()
     assert set(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) >= set("".join(speech_corpus.train_texts))
+
+
+def test_the_length_grouped_order_is_a_function_of_seed_and_epoch_only():
+    lengths = [int(length) for length in np.random.default_rng(0).integers(1000, 9000, size=50)]
+    sampler = EpochSeededLengthGroupedSampler(8, lengths, seed=3)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)  # the global RNG, which the stock sampler draws from, plays no part
+    assert list(sampler) == first
+    reference = get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(3))
+    assert first == reference and sorted(first) == list(range(50))
+    sampler.set_epoch(1)
+    second_epoch = list(sampler)
+    assert second_epoch != first and second_epoch == list(EpochSeededLengthGroupedSampler(8, lengths, seed=4))
