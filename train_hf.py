@@ -27,6 +27,8 @@ from transformers import (
     ProcessorMixin,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
@@ -565,6 +567,16 @@ def create_trainer(
     )
 
 
+def finished_training_state(
+    resume_checkpoint: str | None, training_args: TOTCAKTTrainingArguments
+) -> TrainerState | None:
+    """The trainer state of `resume_checkpoint` when it already holds the last of --max_steps, else None."""
+    if resume_checkpoint is None or training_args.max_steps <= 0:
+        return None
+    state = TrainerState.load_from_json(os.path.join(resume_checkpoint, TRAINER_STATE_NAME))
+    return state if state.global_step >= training_args.max_steps else None
+
+
 def train_and_evaluate(
     trainer: TOTCAKTTrainer,
     vectorized_datasets: dict,
@@ -575,18 +587,28 @@ def train_and_evaluate(
     """Train (resuming from `resume_checkpoint`), save the model, then score the eval and test splits."""
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+        finished = finished_training_state(resume_checkpoint, training_args)
+        if finished is not None:
+            # The Trainer would train one step past --max_steps when the last epoch is not whole.
+            logger.info(
+                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, its weights kept."
+            )
+            trainer._load_from_checkpoint(resume_checkpoint)
+            trainer.state = finished
+        else:
+            train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
         trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
         set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
         if training_args.should_save and os.path.isdir(set_aside):
             shutil.rmtree(set_aside)  # of no use once the run has finished, and not to be uploaded
             logger.info(f"Removed {set_aside}: checkpoints that an interrupted run left half-written.")
-        metrics = train_result.metrics
-        if not data_args.streaming:
-            metrics["train_samples"] = len(vectorized_datasets["train"])
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        if finished is None:
+            metrics = train_result.metrics
+            if not data_args.streaming:
+                metrics["train_samples"] = len(vectorized_datasets["train"])
+            trainer.log_metrics("train", metrics)
+            trainer.save_metrics("train", metrics)
+            trainer.save_state()
     for name in ("eval", "test"):
         if name in vectorized_datasets:
             logger.info(f"*** {name} ***")

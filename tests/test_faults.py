@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
@@ -447,3 +448,18 @@ def test_the_length_grouped_order_is_a_function_of_seed_and_epoch_only():
     sampler.set_epoch(1)
     second_epoch = list(sampler)
     assert second_epoch != first and second_epoch == list(EpochSeededLengthGroupedSampler(8, lengths, seed=4))
+
+
+def test_running_a_finished_command_again_trains_no_further(speech_corpus, tiny_teacher, tmp_path, caplog):
+    """transformers' Trainer resumed at --max_steps within an epoch trains one step more; train_hf.py does not."""
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--dataset_name", speech_corpus.root]
+    args += ["--alignment", "none", "--do_train", "--max_steps", 3, "--save_steps", 3]
+    run_training(*args)
+    weights = load_file(out / "model.safetensors")
+    with caplog.at_level(logging.INFO):
+        run_training(*args)
+    assert sorted(logged_losses(out)) == [1, 2, 3] and not (out / "checkpoint-4").exists()
+    assert f"{out / 'checkpoint-3'} holds step 3: training is finished" in caplog.text
+    for name, tensor in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)
