@@ -5,7 +5,12 @@ The teacher only ever sees the transcript, so its features are a pure function o
 that: a [`teacher_fingerprint`] (checkpoint path, commit hash, configuration, tokenizer, a digest
 of every weight tensor, and the model's feature layout) plus the text. A
 different teacher or a different transcript therefore never reads stale features; each file also
-records its text and fingerprint, which [`TeacherFeatureCache.load`] checks.
+records its text and fingerprint, which [`TeacherFeatureCache.load`] checks together with the
+contents (shape, dtype, finite values). [`precompute_teacher_features`] also checks each file's token
+count against its transcript, and recomputes any file that fails, with a warning naming it.
+
+Transcripts are tokenised for the teacher with at most [`teacher_max_length`] tokens: the size of the
+teacher's position table, whatever the tokenizer's `model_max_length` says.
 """
 
 from __future__ import annotations
@@ -65,14 +70,10 @@ def count_truncated_transcripts(
     tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_length: int, batch_size: int = 1000
 ) -> int:
     """How many of `texts` have more than `max_length` teacher tokens (special tokens included)."""
-    truncated, batch = 0, []
-    for text in [*texts, None]:
-        if text is not None:
-            batch.append(text)
-        if batch and (text is None or len(batch) == batch_size):
-            lengths = [len(ids) for ids in tokenizer(batch, truncation=False, verbose=False)["input_ids"]]
-            truncated += sum(length > max_length for length in lengths)
-            batch = []
+    texts, truncated = list(texts), 0
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], truncation=False, verbose=False)
+        truncated += sum(len(ids) > max_length for ids in encoded["input_ids"])
     return truncated
 
 
