@@ -77,6 +77,11 @@ def count_truncated_transcripts(
     return truncated
 
 
+RECOMPUTE_HINT = (
+    "precompute_teacher_features recomputes such files (train_hf.py runs it with --cache_teacher_features)."
+)
+
+
 class InvalidTeacherFeaturesError(ValueError):
     """A cache file that cannot be used: unreadable, or holding features of the wrong shape, type or values."""
 
@@ -204,14 +209,16 @@ class TeacherFeatureCache:
                 names = handle.keys()
                 features = handle.get_tensor(FEATURES_KEY) if FEATURES_KEY in names else None
         except (SafetensorError, OSError, ValueError) as err:
-            raise InvalidTeacherFeaturesError(f"{path} is not a readable safetensors file ({err}).") from err
+            raise InvalidTeacherFeaturesError(
+                f"{path} is not a readable safetensors file ({err}). {RECOMPUTE_HINT}"
+            ) from err
         if metadata.get("text") != text or metadata.get("fingerprint") != self.fingerprint:
             raise InvalidTeacherFeaturesError(
                 f"{path} holds features of another transcript or teacher; delete it and recompute."
             )
         problem = self._content_problem(features, num_tokens)
         if problem:
-            raise InvalidTeacherFeaturesError(f"{path} of transcript {text!r} {problem}.")
+            raise InvalidTeacherFeaturesError(f"{path} of transcript {text!r} {problem}. {RECOMPUTE_HINT}")
         return features
 
     def _content_problem(self, features: torch.Tensor | None, num_tokens: int | None) -> str | None:
