@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors.torch import load_file
-from test_faults import logged_losses, printed_training_steps
+from test_faults import finished_steps, logged_losses, printed_training_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 11  # 24 clips, 2 per process and step: 6 steps an epoch
@@ -64,7 +64,7 @@ def test_a_killed_ddp_run_resumes_exactly_where_the_uninterrupted_run_went_on(sp
         )
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (interrupted / f"checkpoint-{KILL_AFTER}" / "trainer_state.json").exists():
+        while KILL_AFTER not in finished_steps(interrupted):  # its trainer_state.json written to the end
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
             time.sleep(0.002)
         # The workers run in sessions of their own: stop the whole tree, then kill it.
