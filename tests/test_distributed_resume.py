@@ -39,6 +39,12 @@ def ddp_command(output_dir: Path, corpus: Path, teacher: Path) -> list[str]:
     ]
 
 
+def signal_all(processes: list[psutil.Process], signal_number: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal_number)
+
+
 def test_a_killed_ddp_run_resumes_exactly_where_the_uninterrupted_run_went_on(speech_corpus, tiny_teacher, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
@@ -63,16 +69,19 @@ def test_a_killed_ddp_run_resumes_exactly_where_the_uninterrupted_run_went_on(sp
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while KILL_AFTER not in finished_steps(interrupted):  # its trainer_state.json written to the end
+        # The workers run in sessions of their own: the whole process tree is stopped as soon as checkpoint-8
+        # starts to appear, killed once its trainer_state.json is written to the end, continued otherwise.
+        deadline, state = time.monotonic() + TIMEOUT_S, interrupted / f"checkpoint-{KILL_AFTER}" / "trainer_state.json"
+        while True:
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            if state.exists():
+                processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+                signal_all(processes, signal.SIGSTOP)
+                if KILL_AFTER in finished_steps(interrupted):
+                    signal_all(processes, signal.SIGKILL)
+                    break
+                signal_all(processes, signal.SIGCONT)
             time.sleep(0.002)
-        # The workers run in sessions of their own: stop the whole tree, then kill it.
-        processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-        for signal_number in (signal.SIGSTOP, signal.SIGKILL):
-            for process in processes:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(signal_number)
     finally:
         launcher.kill()
         launcher.wait()
