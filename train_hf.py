@@ -9,8 +9,10 @@ Runs on one device (`python train_hf.py ...`), on several (`accelerate launch tr
 
 import logging
 import os
+import re
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import datasets
@@ -21,11 +23,15 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     HfArgumentParser,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import is_main_process
 
-from modeling_tot_cakt import create_processor
+from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.training.data import (
@@ -44,10 +50,13 @@ from modeling_tot_cakt.training.model_card import (
     render_model_card,
     training_hyperparameters,
 )
+from modeling_tot_cakt.training.output_lock import LOCK_FILE, lock_output_dir
 from modeling_tot_cakt.training.teacher_features import (
     TeacherFeatureCache,
+    count_truncated_transcripts,
     precompute_teacher_features,
     teacher_fingerprint,
+    teacher_max_length,
 )
 from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
@@ -65,9 +74,11 @@ from modeling_tot_cakt.training.trainer import (
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "README_TEMPLATE.md")
-# What a run writes to output_dir before its first complete checkpoint (the vocabulary, TensorBoard
+# What a run writes to output_dir before its first complete checkpoint (its lock, the vocabulary, TensorBoard
 # logs, checkpoints it was killed while saving): a rerun over only these starts afresh.
-PRE_CHECKPOINT_OUTPUTS = {"vocab.json", "runs", INCOMPLETE_CHECKPOINTS_DIR}
+PRE_CHECKPOINT_OUTPUTS = {LOCK_FILE, "vocab.json", "runs", INCOMPLETE_CHECKPOINTS_DIR}
+# The temporary file `write_vocabulary` renames to vocab.json; a run killed in between leaves it behind.
+TEMPORARY_VOCABULARY = re.compile(r"vocab\.json\.\d+\.tmp")
 
 
 @dataclass
@@ -225,15 +236,20 @@ class DataTrainingArguments:
     )
 
 
-def main():
+Arguments = tuple[ModelArguments, TOTCAKTArguments, DataTrainingArguments, TOTCAKTTrainingArguments]
+
+
+def parse_arguments() -> Arguments:
+    """The four argument groups, from the command line or from one JSON/YAML file."""
     parser = HfArgumentParser((ModelArguments, TOTCAKTArguments, DataTrainingArguments, TOTCAKTTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, method_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        model_args, method_args, data_args, training_args = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, method_args, data_args, training_args = parser.parse_args_into_dataclasses()
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
 
+
+def setup_logging(training_args: TOTCAKTTrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -250,7 +266,11 @@ def main():
         f"distributed: {training_args.world_size > 1}, fp16: {training_args.fp16}, bf16: {training_args.bf16}"
     )
 
-    # 1. Check the arguments.
+
+def check_arguments(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TOTCAKTTrainingArguments
+) -> bool:
+    """Refuse inconsistent arguments and set the Trainer's fixed ones. Returns whether to push to the Hub."""
     manifests = data_args.train_manifest or data_args.eval_manifest or data_args.test_manifest
     sources = [data_args.dataset_name, data_args.aishell_dir, manifests]
     if sum(source is not None for source in sources) != 1:
@@ -266,30 +286,52 @@ def main():
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False  # the collator needs the transcript column
     training_args.length_column_name = "input_length"
+    return push_to_hub
 
-    # 2. Resume from the last complete checkpoint in output_dir unless told to start afresh.
+
+def output_dir_lock(training_args: TOTCAKTTrainingArguments):
+    """The output directory's lock, held by the main process of a run (the others follow its lead)."""
+    return lock_output_dir(training_args.output_dir) if training_args.process_index == 0 else nullcontext()
+
+
+def find_checkpoint_to_resume(data_args: DataTrainingArguments, training_args: TOTCAKTTrainingArguments) -> str | None:
+    """
+    The checkpoint to resume training from: --resume_from_checkpoint, else the last complete checkpoint in
+    output_dir (unless --overwrite_output_dir). Refuses an incomplete checkpoint and an output_dir holding
+    other files. Leftover temporary vocabularies of a killed run are removed.
+    """
+    output_dir = training_args.output_dir
+    if training_args.should_save and os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if TEMPORARY_VOCABULARY.fullmatch(name):
+                os.remove(os.path.join(output_dir, name))
+                logger.info(f"Removed {name}, a vocabulary that a killed run left half-written.")
+    if not training_args.do_train:
+        return None
     last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not data_args.overwrite_output_dir:
-        last_checkpoint = last_complete_checkpoint(
-            training_args.output_dir, set_aside_incomplete=training_args.should_save
-        )
-        if last_checkpoint is None and set(os.listdir(training_args.output_dir)) - PRE_CHECKPOINT_OUTPUTS:
+    if os.path.isdir(output_dir) and not data_args.overwrite_output_dir:
+        last_checkpoint = last_complete_checkpoint(output_dir, set_aside_incomplete=training_args.should_save)
+        leftovers = {name for name in os.listdir(output_dir) if not TEMPORARY_VOCABULARY.fullmatch(name)}
+        if last_checkpoint is None and leftovers - PRE_CHECKPOINT_OUTPUTS:
             raise ValueError(
-                f"Output directory ({training_args.output_dir}) already exists and is not empty. "
+                f"Output directory ({output_dir}) already exists and is not empty. "
                 "Use --overwrite_output_dir to train in it anyway."
             )
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
     resume = training_args.resume_from_checkpoint
-    if training_args.do_train and resume is not None and not is_complete_checkpoint(resume):
+    if resume is not None and not is_complete_checkpoint(resume):
         raise ValueError(
             f"--resume_from_checkpoint {resume} is not a complete checkpoint (it needs trainer_state.json and "
             "model.safetensors; a run stopped while saving leaves them out). Pass an earlier checkpoint."
         )
+    return resume or last_checkpoint
 
-    set_seed(training_args.seed)
 
-    # 3. Load and normalise the data.
+def load_datasets(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TOTCAKTTrainingArguments
+) -> dict:
+    """The raw splits to use (`train`, `eval`, `test`), loaded, cut to --max_*_samples and normalised."""
     source = dict(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
@@ -322,55 +364,73 @@ def main():
                 num_proc=data_args.preprocessing_num_workers,
                 load_from_cache_file=not data_args.overwrite_cache,
             )
+    return raw_datasets
 
-    # 4. The processor: the saved model's, or a new one over a character vocabulary.
-    encoder_config = parse_encoder_config(model_args.encoder_config) if model_args.encoder_config else None
+
+def load_processor(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: TOTCAKTTrainingArguments,
+    raw_datasets: dict,
+    resume_checkpoint: str | None,
+    encoder_config: dict | None,
+) -> ProcessorMixin:
+    """
+    The processor: a resumed checkpoint's own (its vocabulary, whatever the data holds now), a saved
+    model's, or a new one over output_dir/vocab.json (built from the training transcripts, or taken from
+    --tokenizer_name_or_path).
+    """
+    vocab_file = os.path.join(training_args.output_dir, "vocab.json")
+    if resume_checkpoint is not None and os.path.isfile(os.path.join(resume_checkpoint, "vocab.json")):
+        processor = AutoProcessor.from_pretrained(resume_checkpoint)
+        if training_args.should_save:  # output_dir keeps the vocabulary the weights were trained with
+            write_vocabulary(processor.tokenizer.get_vocab(), vocab_file)
+        logger.info(f"Vocabulary of the resumed checkpoint {resume_checkpoint}.")
+        return processor
     if model_args.model_name_or_path is not None:
-        processor = AutoProcessor.from_pretrained(
+        return AutoProcessor.from_pretrained(
             model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
         )
-    else:
-        vocab_file = os.path.join(training_args.output_dir, "vocab.json")
-        with training_args.main_process_first(desc="vocabulary"):
-            # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.
-            nothing_to_resume = training_args.do_train and last_checkpoint is None and resume is None
-            starting_afresh = (data_args.overwrite_output_dir or nothing_to_resume) and is_main_process(
-                training_args.local_rank
-            )
-            if starting_afresh and os.path.isfile(vocab_file):
-                os.remove(vocab_file)
-            if not os.path.isfile(vocab_file):
-                if model_args.tokenizer_name_or_path is not None:
-                    reference = AutoTokenizer.from_pretrained(
-                        model_args.tokenizer_name_or_path, token=model_args.token
-                    )
-                    vocab = reference.get_vocab()
-                elif "train" in raw_datasets:
-                    vocab = build_vocabulary(dataset_texts(raw_datasets["train"]))
-                else:
-                    raise ValueError(
-                        "Without training data there is no vocabulary: "
-                        "pass --model_name_or_path or --tokenizer_name_or_path."
-                    )
-                write_vocabulary(vocab, vocab_file)
-        input_config = encoder_config  # decides between raw-waveform and log-mel features
-        if model_args.encoder_name_or_path is not None:
-            input_config = AutoConfig.from_pretrained(
-                model_args.encoder_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
-            )
-        processor = create_processor(vocab_file, encoder_config=input_config)
-    tokenizer = processor.tokenizer
-    vocab = tokenizer.get_vocab()
-    logger.info(f"Vocabulary: {len(tokenizer)} symbols.")
+    with training_args.main_process_first(desc="vocabulary"):
+        # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.
+        starting_afresh = data_args.overwrite_output_dir or (training_args.do_train and resume_checkpoint is None)
+        if starting_afresh and is_main_process(training_args.local_rank) and os.path.isfile(vocab_file):
+            os.remove(vocab_file)
+        if not os.path.isfile(vocab_file):
+            if model_args.tokenizer_name_or_path is not None:
+                reference = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, token=model_args.token)
+                vocab = reference.get_vocab()
+            elif "train" in raw_datasets:
+                vocab = build_vocabulary(dataset_texts(raw_datasets["train"]))
+            else:
+                raise ValueError(
+                    "Without training data there is no vocabulary: "
+                    "pass --model_name_or_path or --tokenizer_name_or_path."
+                )
+            write_vocabulary(vocab, vocab_file)
+    input_config = encoder_config  # decides between raw-waveform and log-mel features
+    if model_args.encoder_name_or_path is not None:
+        input_config = AutoConfig.from_pretrained(
+            model_args.encoder_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    return create_processor(vocab_file, encoder_config=input_config)
+
+
+def report_out_of_vocabulary(raw_datasets: dict, vocab: dict[str, int], streaming: bool) -> None:
+    """Log, per split, the transcript characters that the vocabulary lacks (they become [UNK])."""
     for name, dataset in raw_datasets.items():
-        # Out-of-vocabulary characters become [UNK]. Training transcripts have them only with a saved
-        # model's or a given tokenizer's vocabulary; a streamed training set is not read a second time.
-        if name == "train" and data_args.streaming:
+        # Training transcripts have them only with a saved model's or a given tokenizer's vocabulary;
+        # a streamed training set is not read a second time.
+        if name == "train" and streaming:
             continue
         report = count_out_of_vocabulary(dataset_texts(dataset), vocab)
         logger.log(logging.WARNING if report.oov_tokens else logging.INFO, f"{name} transcripts: {report}")
 
-    # 5. The model.
+
+def create_model(
+    model_args: ModelArguments, method_args: TOTCAKTArguments, tokenizer, encoder_config: dict | None
+) -> TOTCAKTForCTC:
+    """The model to train, with its raw-waveform feature encoder frozen when it starts pretrained."""
     model = build_model(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -385,37 +445,82 @@ def main():
     pretrained_encoder = model_args.model_name_or_path or model_args.encoder_name_or_path
     if model_args.freeze_feature_encoder and pretrained_encoder and model.main_input_name == "input_values":
         model.freeze_feature_encoder()
+    return model
 
-    # 6. The teacher: tokenised transcripts for on-the-fly features, or a cache of its features.
-    teacher_tokenizer = teacher_cache = None
-    if model.config.uses_teacher:
-        teacher_name = model.config.teacher_name_or_path
-        hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token}
-        teacher, teacher_tokenizer = load_teacher(teacher_name, **hub_kwargs)
-        model.attach_teacher(teacher)
-        if method_args.cache_teacher_features:
-            fingerprint = teacher_fingerprint(
-                model.teacher,
-                teacher_tokenizer,
-                model.config.teacher_name_or_path,
-                feature_layout={"strip_special_tokens": model.config.teacher_strip_special_tokens},
+
+@dataclass
+class TeacherInputs:
+    """What the collator needs of the teacher: its tokenizer and longest input, or a cache of its features."""
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+    max_length: int | None = None
+    cache: TeacherFeatureCache | None = None
+
+
+def prepare_teacher(
+    model: TOTCAKTForCTC,
+    model_args: ModelArguments,
+    method_args: TOTCAKTArguments,
+    training_args: TOTCAKTTrainingArguments,
+    raw_datasets: dict,
+    streaming: bool,
+) -> TeacherInputs:
+    """
+    Attach the teacher for on-the-fly features, or fill the cache of its features and detach it. Counts
+    the transcripts longer than the teacher's position table: the teacher reads their beginning only.
+    """
+    if not model.config.uses_teacher:
+        return TeacherInputs()
+    teacher, tokenizer = load_teacher(
+        model.config.teacher_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+    )
+    model.attach_teacher(teacher)
+    max_length = teacher_max_length(teacher.config, tokenizer)
+    for name, dataset in raw_datasets.items():
+        if name == "train" and streaming:
+            continue
+        truncated = count_truncated_transcripts(tokenizer, dataset_texts(dataset), max_length)
+        if truncated:
+            logger.warning(
+                f"{name}: {truncated} transcripts are longer than the teacher's {max_length} positions; "
+                "the teacher reads only their beginning (the CTC labels keep every character)."
             )
-            cache_dir = method_args.teacher_cache_dir or os.path.join(HF_HOME, "tot_cakt", "teacher_features")
-            teacher_cache = TeacherFeatureCache(cache_dir, fingerprint)
-            with training_args.main_process_first(desc="cache teacher features"):
-                for name, dataset in raw_datasets.items():
-                    computed = precompute_teacher_features(
-                        model,
-                        teacher_tokenizer,
-                        dataset_texts(dataset),
-                        teacher_cache,
-                        batch_size=method_args.teacher_batch_size,
-                        device=training_args.device,
-                    )
-                    logger.info(f"{name}: computed teacher features for {computed} new transcripts.")
-            model.detach_teacher()  # training reads the cache; free the teacher's memory for the student
+    if not method_args.cache_teacher_features:
+        return TeacherInputs(tokenizer=tokenizer, max_length=max_length)
+    fingerprint = teacher_fingerprint(
+        teacher,
+        tokenizer,
+        model.config.teacher_name_or_path,
+        feature_layout={"strip_special_tokens": model.config.teacher_strip_special_tokens},
+    )
+    cache_dir = method_args.teacher_cache_dir or os.path.join(HF_HOME, "tot_cakt", "teacher_features")
+    cache = TeacherFeatureCache(cache_dir, fingerprint, hidden_size=teacher.config.hidden_size)
+    with training_args.main_process_first(desc="cache teacher features"):
+        for name, dataset in raw_datasets.items():
+            computed = precompute_teacher_features(
+                model,
+                tokenizer,
+                dataset_texts(dataset),
+                cache,
+                batch_size=method_args.teacher_batch_size,
+                device=training_args.device,
+            )
+            logger.info(f"{name}: computed teacher features for {computed} new transcripts.")
+    model.detach_teacher()  # training reads the cache; free the teacher's memory for the student
+    return TeacherInputs(cache=cache)
 
-    # 7. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
+
+def featurize_datasets(
+    raw_datasets: dict,
+    model: TOTCAKTForCTC,
+    processor: ProcessorMixin,
+    data_args: DataTrainingArguments,
+    training_args: TOTCAKTTrainingArguments,
+) -> dict:
+    """
+    Decode the audio, extract features and encode the labels of every split, dropping (and counting)
+    unusable rows. A split left without rows stops the run here, before any training.
+    """
     feature_extractor = processor.feature_extractor
     shortest = shortest_usable_input(model, feature_extractor)
     logger.info(f"Clips shorter than {shortest} samples give the encoder no frame; they are skipped as too short.")
@@ -428,48 +533,82 @@ def main():
                 dataset,
                 name,
                 feature_extractor=feature_extractor,
-                tokenizer=tokenizer,
+                tokenizer=processor.tokenizer,
                 min_input_length=min_input_length,
                 max_input_length=int(data_args.max_duration_in_seconds * feature_extractor.sampling_rate),
                 num_proc=data_args.preprocessing_num_workers,
                 load_from_cache_file=not data_args.overwrite_cache,
             )
-    if data_args.preprocessing_only:
-        logger.info("Data preprocessing finished.")
-        return
+    return vectorized_datasets
 
-    # 8. The Trainer.
-    trainer = TOTCAKTTrainer(
+
+def create_trainer(
+    model: TOTCAKTForCTC,
+    processor: ProcessorMixin,
+    teacher: TeacherInputs,
+    vectorized_datasets: dict,
+    training_args: TOTCAKTTrainingArguments,
+) -> TOTCAKTTrainer:
+    return TOTCAKTTrainer(
         model=model,
         args=training_args,
         data_collator=DataCollatorCTCWithTeacher(
             processor=processor,
-            teacher_tokenizer=teacher_tokenizer if teacher_cache is None else None,
-            teacher_cache=teacher_cache,
+            teacher_tokenizer=teacher.tokenizer,
+            teacher_max_length=teacher.max_length,
+            teacher_cache=teacher.cache,
         ),
         train_dataset=vectorized_datasets.get("train"),
         eval_dataset=vectorized_datasets.get("eval"),
         processing_class=processor,
-        compute_metrics=CTCCharacterErrorRate(tokenizer)
+        compute_metrics=CTCCharacterErrorRate(processor.tokenizer)
         if training_args.do_eval or training_args.do_predict
         else None,
     )
 
-    # 9. Train, evaluate, test.
+
+def finished_training_state(
+    resume_checkpoint: str | None, training_args: TOTCAKTTrainingArguments
+) -> TrainerState | None:
+    """The trainer state of `resume_checkpoint` when it already holds the last of --max_steps, else None."""
+    if resume_checkpoint is None or training_args.max_steps <= 0:
+        return None
+    state = TrainerState.load_from_json(os.path.join(resume_checkpoint, TRAINER_STATE_NAME))
+    return state if state.global_step >= training_args.max_steps else None
+
+
+def train_and_evaluate(
+    trainer: TOTCAKTTrainer,
+    vectorized_datasets: dict,
+    resume_checkpoint: str | None,
+    data_args: DataTrainingArguments,
+    training_args: TOTCAKTTrainingArguments,
+) -> dict:
+    """Train (resuming from `resume_checkpoint`), save the model, then score the eval and test splits."""
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        finished = finished_training_state(resume_checkpoint, training_args)
+        if finished is not None:
+            # The Trainer would train one step past --max_steps when the last epoch is not whole.
+            logger.info(
+                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, its weights kept."
+            )
+            trainer._load_from_checkpoint(resume_checkpoint)
+            trainer.state = finished
+        else:
+            train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
         trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
         set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
         if training_args.should_save and os.path.isdir(set_aside):
             shutil.rmtree(set_aside)  # of no use once the run has finished, and not to be uploaded
             logger.info(f"Removed {set_aside}: checkpoints that an interrupted run left half-written.")
-        metrics = train_result.metrics
-        if not data_args.streaming:
-            metrics["train_samples"] = len(vectorized_datasets["train"])
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        if finished is None:
+            metrics = train_result.metrics
+            if not data_args.streaming:
+                metrics["train_samples"] = len(vectorized_datasets["train"])
+            trainer.log_metrics("train", metrics)
+            trainer.save_metrics("train", metrics)
+            trainer.save_state()
     for name in ("eval", "test"):
         if name in vectorized_datasets:
             logger.info(f"*** {name} ***")
@@ -479,41 +618,101 @@ def main():
             trainer.log_metrics(name, metrics)
             trainer.save_metrics(name, metrics)
             results[name] = metrics
-
-    # 10. Model card, and the upload.
-    if trainer.is_world_process_zero():
-        data = describe_training_data(
-            data_args.dataset_name, data_args.aishell_dir, data_args.train_manifest, data_args.train_split_name
-        )
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        card = render_model_card(
-            MODEL_CARD_TEMPLATE,
-            trainer.model.config,
-            model_name=os.path.basename(repo_id),
-            repo_id=repo_id,
-            encoder_name_or_path=model_args.encoder_name_or_path,
-            datasets=[data_args.dataset_name] if data_args.dataset_name else None,
-            dataset_description=data.description,
-            results=[
-                cer_result(metrics[f"{name}_cer"], data.name, data.type, split, data_args.dataset_config_name)
-                for name, split in (("eval", data_args.eval_split_name), ("test", data_args.test_split_name))
-                if name in results
-            ],
-            hyperparameters=training_hyperparameters(training_args, trainer.state.global_step, trainer.model.config),
-            sampling_rate=feature_extractor.sampling_rate,
-            do_lower_case=data_args.do_lower_case,
-        )
-        card.save(os.path.join(training_args.output_dir, "README.md"))
-        if push_to_hub:
-            url = push_folder_to_hub(
-                training_args.output_dir,
-                repo_id,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-                revision=training_args.hub_revision,
-            )
-            logger.info(f"Uploaded to {url}")
     return results
+
+
+def write_model_card(
+    trainer: TOTCAKTTrainer,
+    results: dict,
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: TOTCAKTTrainingArguments,
+    sampling_rate: int,
+) -> str:
+    """Render output_dir/README.md from the model card template. Returns the Hub repository id it names."""
+    data = describe_training_data(
+        data_args.dataset_name, data_args.aishell_dir, data_args.train_manifest, data_args.train_split_name
+    )
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    card = render_model_card(
+        MODEL_CARD_TEMPLATE,
+        trainer.model.config,
+        model_name=os.path.basename(repo_id),
+        repo_id=repo_id,
+        encoder_name_or_path=model_args.encoder_name_or_path,
+        datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+        dataset_description=data.description,
+        results=[
+            cer_result(results[name][f"{name}_cer"], data.name, data.type, split, data_args.dataset_config_name)
+            for name, split in (("eval", data_args.eval_split_name), ("test", data_args.test_split_name))
+            if name in results
+        ],
+        hyperparameters=training_hyperparameters(training_args, trainer.state.global_step, trainer.model.config),
+        sampling_rate=sampling_rate,
+        do_lower_case=data_args.do_lower_case,
+    )
+    card.save(os.path.join(training_args.output_dir, "README.md"))
+    return repo_id
+
+
+def main():
+    model_args, method_args, data_args, training_args = parse_arguments()
+    setup_logging(training_args)
+
+    # 1. Check the arguments.
+    push_to_hub = check_arguments(model_args, data_args, training_args)
+
+    # 2. Lock the output directory: a second run on it stops here.
+    with output_dir_lock(training_args):
+        # 3. Resume from the last complete checkpoint in output_dir unless told to start afresh.
+        resume_checkpoint = find_checkpoint_to_resume(data_args, training_args)
+        set_seed(training_args.seed)
+
+        # 4. Load and normalise the data.
+        raw_datasets = load_datasets(model_args, data_args, training_args)
+
+        # 5. The processor: the resumed checkpoint's, the saved model's, or a new one over a character vocabulary.
+        encoder_config = parse_encoder_config(model_args.encoder_config) if model_args.encoder_config else None
+        processor = load_processor(
+            model_args, data_args, training_args, raw_datasets, resume_checkpoint, encoder_config
+        )
+        logger.info(f"Vocabulary: {len(processor.tokenizer)} symbols.")
+        report_out_of_vocabulary(raw_datasets, processor.tokenizer.get_vocab(), data_args.streaming)
+
+        # 6. The model.
+        model = create_model(model_args, method_args, processor.tokenizer, encoder_config)
+
+        # 7. Decode the audio, extract features, encode the labels; drop (and count) unusable rows.
+        # A split left without rows stops the run here, before the teacher is loaded.
+        vectorized_datasets = featurize_datasets(raw_datasets, model, processor, data_args, training_args)
+
+        # 8. The teacher: its tokenizer for on-the-fly features, or a cache of its features.
+        teacher = prepare_teacher(model, model_args, method_args, training_args, raw_datasets, data_args.streaming)
+        if data_args.preprocessing_only:
+            logger.info("Data preprocessing finished.")
+            return
+
+        # 9. The Trainer.
+        trainer = create_trainer(model, processor, teacher, vectorized_datasets, training_args)
+
+        # 10. Train, evaluate, test.
+        results = train_and_evaluate(trainer, vectorized_datasets, resume_checkpoint, data_args, training_args)
+
+        # 11. Model card, and the upload.
+        if trainer.is_world_process_zero():
+            repo_id = write_model_card(
+                trainer, results, model_args, data_args, training_args, processor.feature_extractor.sampling_rate
+            )
+            if push_to_hub:
+                url = push_folder_to_hub(
+                    training_args.output_dir,
+                    repo_id,
+                    token=training_args.hub_token,
+                    private=training_args.hub_private_repo,
+                    revision=training_args.hub_revision,
+                )
+                logger.info(f"Uploaded to {url}")
+        return results
 
 
 if __name__ == "__main__":

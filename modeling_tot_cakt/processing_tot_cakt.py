@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 from transformers import (
     AutoConfig,
     PretrainedConfig,
@@ -38,6 +39,33 @@ def vocabulary_from_characters(characters) -> dict[str, int]:
 # Encoders that take log-mel filter banks (SeamlessM4T front-end) instead of the raw waveform.
 LOG_MEL_ENCODERS = ("wav2vec2-bert",)
 NUM_MEL_BINS = 80
+
+
+def as_float_waveform(audio) -> np.ndarray:
+    """
+    A waveform as float32 samples in [-1, 1], as the feature extractors expect.
+
+    Integer PCM is scaled by its full scale: `int16 / 2**15`, `int32 / 2**31`, `int8 / 2**7`, and unsigned
+    8-bit (WAV's `PCM_U8`) re-centred as `(uint8 - 128) / 2**7`. transformers' extractors take integer
+    arrays as they are: the raw-waveform one returns float64 values that a float32 model rejects
+    (`expected scalar type Double`), and the log-mel one overflows on int16 (`OverflowError`) and wraps
+    int32 silently. Float arrays are only cast to float32.
+
+    Args:
+        audio (`np.ndarray` or array-like of shape `(samples,)` or `(samples, channels)`): the samples.
+
+    Returns:
+        `np.ndarray` of the same shape, float32.
+    """
+    audio = np.asarray(audio)
+    if audio.dtype == np.uint8:
+        return ((audio.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    if np.issubdtype(audio.dtype, np.signedinteger):
+        full_scale = float(np.iinfo(audio.dtype).max) + 1.0
+        return (audio.astype(np.float64) / full_scale).astype(np.float32)
+    if np.issubdtype(audio.dtype, np.floating):
+        return audio.astype(np.float32, copy=False)
+    raise ValueError(f"Audio samples must be integer PCM or floating point, got an array of {audio.dtype}.")
 
 
 def create_tokenizer(vocab_file: str | os.PathLike) -> Wav2Vec2CTCTokenizer:
@@ -124,6 +152,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "UNK_TOKEN",
     "WORD_DELIMITER_TOKEN",
+    "as_float_waveform",
     "create_feature_extractor",
     "create_processor",
     "create_tokenizer",

@@ -94,3 +94,15 @@ def test_entry_without_path_or_bytes():
 def test_validate_returns_good_waveform_unchanged():
     waveform = tone(300, 0.1, 16000)
     assert validate_waveform(waveform) is waveform
+
+
+def test_in_memory_integer_arrays_decode_like_the_file(tmp_path):
+    path = tmp_path / "a.wav"
+    sf.write(path, tone(440, 0.5, 8000), 8000, subtype="PCM_16")
+    integers, rate = sf.read(path, dtype="int16")
+    from_array = load_audio({"array": integers, "sampling_rate": rate}, 16000)
+    np.testing.assert_array_equal(from_array, load_audio(str(path), 16000))
+    stereo = np.stack([integers, integers], axis=1)
+    np.testing.assert_array_equal(load_audio({"array": stereo, "sampling_rate": rate}, 16000), from_array)
+    with pytest.raises(AudioDecodingError, match="needs its 'sampling_rate'"):
+        load_audio({"array": integers}, 16000)

@@ -13,13 +13,14 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import SAMPLING_RATE, synthesize
+from safetensors.torch import load_file
 from test_train_hf import common_args, run_training
 from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor
-from transformers import BertConfig, BertModel, pipeline
+from transformers import AutoTokenizer, BertConfig, BertModel, pipeline
 
 from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
 from modeling_tot_cakt.training.audio import AudioDecodingError, load_audio
-from modeling_tot_cakt.training.data import load_aishell_split, load_manifest, load_speech_split
+from modeling_tot_cakt.training.data import EmptySplitError, load_aishell_split, load_manifest, load_speech_split
 from modeling_tot_cakt.training.trainer import build_model, load_teacher, shortest_usable_input
 
 
@@ -246,3 +247,111 @@ def test_aishell_folder_without_its_transcript_file(aishell_corpus, tmp_path):
     shutil.copytree(aishell_corpus.root / "wav", tmp_path / "data_aishell" / "wav")
     with pytest.raises(ValueError, match=r"not an AISHELL-1 folder: expected transcript/aishell_transcript_v0.8.txt"):
         load_aishell_split(str(tmp_path / "data_aishell"), "train")
+
+
+# ------------------------------------------------------------------------------ empty splits, encodings
+def test_a_split_left_empty_stops_the_run_before_training(speech_corpus, tmp_path):
+    out = tmp_path / "out"
+    wrong_paths = tmp_path / "eval.csv"
+    wrong_paths.write_text(
+        "audio,text\n" + "".join(f"elsewhere/utt{i}.wav,{text}\n" for i, text in enumerate(speech_corpus.eval_texts)),
+        encoding="utf-8",
+    )
+    arguments = ["--output_dir", out, "--encoder_config", json.dumps(TINY_WAV2VEC2), "--alignment", "none"]
+    arguments += ["--use_cpu", "--do_train", "--do_eval", "--max_steps", 2, "--report_to", "none"]
+    with pytest.raises(EmptySplitError, match=r"The eval split has no usable row: all 6 rows were skipped \(6 unrea"):
+        run_training(*arguments, "--train_manifest", speech_corpus.train_manifest, "--eval_manifest", wrong_paths)
+    assert not list(out.glob("checkpoint-*")) and not (out / "trainer_state.json").exists()
+
+    header_only = tmp_path / "train.csv"
+    header_only.write_text("audio,text\n", encoding="utf-8")
+    with pytest.raises(EmptySplitError, match=r"Manifest .*train\.csv lists no utterances"):
+        run_training(*arguments, "--train_manifest", header_only, "--eval_manifest", speech_corpus.eval_manifest)
+    with pytest.raises(EmptySplitError, match="The train split has no rows"):
+        run_training(
+            *arguments, "--dataset_name", speech_corpus.root, "--eval_split_name", "test", "--max_train_samples", 0
+        )
+    assert not (out / "trainer_state.json").exists()
+
+
+def test_a_manifest_that_is_not_utf8_is_named(speech_corpus, tmp_path):
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes("audio,text\nutt.wav,你好\n".encode("gbk"))
+    with pytest.raises(ValueError, match=r"Manifest .*gbk\.csv is not UTF-8 text \(byte 0xc4 at offset 19.*iconv"):
+        load_manifest(str(gbk))
+    transcript = tmp_path / "data_aishell" / "transcript" / "aishell_transcript_v0.8.txt"
+    shutil.copytree(speech_corpus.root / "train", tmp_path / "data_aishell" / "wav" / "train" / "S0001")
+    transcript.parent.mkdir(parents=True)
+    transcript.write_bytes("utt000 你 好\n".encode("gbk"))
+    with pytest.raises(ValueError, match="The transcript file .*aishell_transcript_v0.8.txt is not UTF-8 text"):
+        load_aishell_split(str(tmp_path / "data_aishell"), "train")
+
+
+# -------------------------------------------------------------------------- transcripts beyond the teacher
+def short_memory_teacher(tiny_teacher: Path, directory: Path, positions: int = 16) -> Path:
+    """The tiny teacher with a 16-position table, its tokenizer saved without model_max_length."""
+    config = BertConfig.from_pretrained(tiny_teacher, max_position_embeddings=positions)
+    BertModel(config).save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_teacher / name).is_file():
+            shutil.copy(tiny_teacher / name, directory / name)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("model_max_length", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return directory
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["on-the-fly", "cached"])
+def test_transcripts_longer_than_the_teachers_position_table_are_cut_to_it(tiny_teacher, tmp_path, caplog, cached):
+    teacher = short_memory_teacher(tiny_teacher, tmp_path / "teacher")
+    assert AutoTokenizer.from_pretrained(teacher).model_max_length > 10**20
+    rng = np.random.default_rng(3)
+    long_text = "你好中国" * 5  # 20 characters: 22 teacher tokens for 16 positions
+    rows = [("long.wav", long_text), ("short.wav", "你好"), ("other.wav", "中国")]
+    for name, text in rows:
+        sf.write(tmp_path / name, synthesize(text, rng), SAMPLING_RATE)
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("audio,text\n" + "".join(f"{name},{text}\n" for name, text in rows), encoding="utf-8")
+    cache = tmp_path / "teacher_cache"
+    with caplog.at_level(logging.WARNING):
+        run_training(
+            *common_args(tmp_path / "out", teacher, tmp_path / "cache"),
+            "--train_manifest",
+            manifest,
+            "--do_train",
+            "--max_steps",
+            2,
+            "--per_device_train_batch_size",
+            3,
+            *(["--cache_teacher_features", "--teacher_cache_dir", cache] if cached else []),
+        )
+    assert "train: 1 transcripts are longer than the teacher's 16 positions" in caplog.text
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    losses = [entry["align_loss"] for entry in state["log_history"] if "align_loss" in entry]
+    assert state["global_step"] == 2 and len(losses) == 2 and all(np.isfinite(losses))
+    if cached:
+        sizes = sorted(load_file(path)["features"].shape[0] for path in cache.rglob("*.safetensors"))
+        assert sizes == [2, 2, 14]  # [CLS] and [SEP] of the 16 positions are dropped
+
+
+@pytest.mark.parametrize("encoder", [TINY_WAV2VEC2, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "wav2vec2-bert"])
+def test_long_clips_are_transcribed_in_chunks_by_the_pipeline(tmp_path, encoder):
+    """The README's advice for long recordings: with chunk_length_s the model never sees more than one window."""
+    model = make_model(encoder, alignment="none").eval()
+    processor = make_processor(tmp_path, model)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path / "model"), trust_remote_code=True)
+    forward, inputs = asr.model.forward, []
+
+    def recording_forward(*args, **kwargs):
+        inputs.append(kwargs.get("input_values", kwargs.get("input_features")).shape)
+        return forward(*args, **kwargs)
+
+    asr.model.forward = recording_forward
+    clip = (0.1 * np.random.default_rng(0).standard_normal(60 * SAMPLING_RATE)).astype(np.float32)
+    result = asr({"raw": clip, "sampling_rate": SAMPLING_RATE}, chunk_length_s=10, stride_length_s=2, batch_size=4)
+    assert isinstance(result["text"], str)
+    assert sum(shape[0] for shape in inputs) == 10  # 60 s in 10 s windows that overlap by 2 + 2 s
+    window = 10 * SAMPLING_RATE
+    assert all(shape[1] <= (window if encoder is TINY_WAV2VEC2 else window // 320 + 1) for shape in inputs)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +19,16 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
-from test_train_hf import run_training
+from safetensors.torch import load_file
+from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from modeling_tot_cakt.training.output_lock import LOCK_FILE, OutputDirectoryLockedError
 from modeling_tot_cakt.training.trainer import (
     INCOMPLETE_CHECKPOINTS_DIR,
+    EpochSeededLengthGroupedSampler,
     is_complete_checkpoint,
     last_complete_checkpoint,
 )
@@ -275,3 +280,186 @@ def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog
     assert trainer.gradient_guard.skipped_steps == 1 and log["nonfinite_grad_steps"] == 1
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, before[name], msg=name)
+
+
+RESUME_STEPS = 15  # 24 clips in batches of 4: 6 steps an epoch, so the run ends in its third epoch
+KILL_AFTER = 8  # a checkpoint in the middle of the second epoch
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def printed_training_steps(log: Path) -> int:
+    """The optimizer steps one process made: with --logging_steps 1, one printed training log each."""
+    return sum(line.startswith("{") and "'loss'" in line for line in log.read_text().splitlines())
+
+
+def test_a_killed_run_resumes_exactly_where_the_uninterrupted_run_went_on(
+    speech_corpus, tiny_teacher, tmp_path, start
+):
+    """With the default group_by_length sampling, a run killed mid-epoch and run again makes exactly the
+    missing optimizer steps, on the same batches: its per-step losses and final weights are those of a run
+    that was never interrupted."""
+
+    def command(out: Path) -> list[str]:
+        base = train_command(out, speech_corpus.root, tiny_teacher, tmp_path / "cache")
+        base[base.index("--max_steps") + 1] = str(RESUME_STEPS)
+        base[base.index("--save_steps") + 1] = "4"
+        return base
+
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    reference_log = tmp_path / "reference.log"
+    assert start(command(reference), reference_log).wait(timeout=RUN_TIMEOUT_S) == 0, reference_log.read_text()
+    assert printed_training_steps(reference_log) == RESUME_STEPS
+
+    first = start(command(interrupted), tmp_path / "first.log")
+    wait_for(first, lambda: KILL_AFTER in finished_steps(interrupted), tmp_path / "first.log")
+    first.kill()
+    first.wait()
+    resumed_log = tmp_path / "resumed.log"
+    assert start(command(interrupted), resumed_log).wait(timeout=RUN_TIMEOUT_S) == 0, resumed_log.read_text()
+    assert f"resuming training at {interrupted / f'checkpoint-{KILL_AFTER}'}" in resumed_log.read_text()
+    assert printed_training_steps(resumed_log) == RESUME_STEPS - KILL_AFTER
+
+    expected, got = logged_losses(reference), logged_losses(interrupted)
+    assert list(got) == list(range(1, RESUME_STEPS + 1))
+    assert got == pytest.approx(expected, rel=1e-6, abs=0)
+    with (
+        safe_open(str(reference / "model.safetensors"), "pt") as a,
+        safe_open(str(interrupted / "model.safetensors"), "pt") as b,
+    ):
+        names = sorted(a.keys())
+        assert names == sorted(b.keys())
+        for name in names:
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(("older", "newer"), [(9, 10), (99, 100)])
+def test_the_last_complete_checkpoint_is_the_highest_step_not_the_last_name(tmp_path, older, newer):
+    good = json.dumps({"global_step": 1})
+    make_checkpoint(tmp_path / f"checkpoint-{older}", state=good)
+    make_checkpoint(tmp_path / f"checkpoint-{newer}", state=good)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{newer}")
+    shutil.rmtree(tmp_path / f"checkpoint-{newer}")
+    make_checkpoint(tmp_path / f"checkpoint-{newer}", state=None)  # killed while saving it
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{older}")
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("audio,text\n" + "".join(f"{audio},{text}\n" for audio, text in rows), encoding="utf-8")
+    return path
+
+
+def test_resuming_keeps_the_checkpoints_vocabulary_when_the_transcripts_change(
+    speech_corpus, tiny_teacher, tmp_path, caplog
+):
+    wavs = sorted(str(path) for path in (speech_corpus.root / "train").glob("*.wav"))
+    first = write_manifest(tmp_path / "first.csv", [(wav, text) for wav, text in zip(wavs, speech_corpus.train_texts)])
+    # The new transcripts drop the first character and bring a new one: a vocabulary rebuilt from them
+    # would give most characters other ids.
+    dropped = min("".join(speech_corpus.train_texts))
+    changed = write_manifest(
+        tmp_path / "changed.csv",
+        [(wav, text.replace(dropped, "天")) for wav, text in zip(wavs, speech_corpus.train_texts)],
+    )
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--alignment", "none", "--do_train"]
+    run_training(*args, "--train_manifest", first, "--max_steps", 2, "--save_steps", 2)
+    vocabulary = (out / "checkpoint-2" / "vocab.json").read_text(encoding="utf-8")
+    assert dropped in json.loads(vocabulary)
+
+    # Resumed in the same folder, or from the checkpoint into a new one: the checkpoint's vocabulary.
+    with caplog.at_level(logging.WARNING):
+        run_training(*args, "--train_manifest", changed, "--max_steps", 3)
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == json.loads(vocabulary)
+    assert "out of vocabulary, 1 distinct: 天" in caplog.text
+    elsewhere = tmp_path / "elsewhere"
+    other_args = [*common_args(elsewhere, tiny_teacher, tmp_path / "cache"), "--alignment", "none", "--do_train"]
+    run_training(
+        *other_args, "--train_manifest", changed, "--max_steps", 3, "--resume_from_checkpoint", out / "checkpoint-2"
+    )
+    assert json.loads((elsewhere / "vocab.json").read_text(encoding="utf-8")) == json.loads(vocabulary)
+    assert train_state_steps(elsewhere) == [1, 2, 3]
+
+
+def train_state_steps(output_dir: Path) -> list[int]:
+    return sorted(logged_losses(output_dir))
+
+
+LOCK_HOLDER = """
+import sys, time
+from modeling_tot_cakt.training.output_lock import lock_output_dir
+with lock_output_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_and_a_dead_runs_lock_is_not(speech_corpus, tmp_path, start):
+    out = tmp_path / "out"
+    arguments = ["--output_dir", out, "--dataset_name", speech_corpus.root, "--do_train", "--preprocessing_only"]
+    arguments += ["--encoder_config", json.dumps(TRAINING_ENCODER), "--alignment", "none", "--use_cpu"]
+    holder_log = tmp_path / "holder.log"
+    holder = start([sys.executable, "-c", LOCK_HOLDER, str(out)], holder_log)
+    wait_for(holder, lambda: "locked" in holder_log.read_text(), holder_log)
+    with pytest.raises(OutputDirectoryLockedError, match=rf"Another training run \(pid {holder.pid} on .*\) is using"):
+        run_training(*arguments)
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]  # nothing else was touched
+
+    holder.kill()  # SIGKILL: the lock file stays, with the dead process's pid in it
+    holder.wait()
+    assert str(holder.pid) in (out / LOCK_FILE).read_text()
+    run_training(*arguments)
+    assert (out / "vocab.json").is_file()
+
+
+def test_a_leftover_temporary_vocabulary_does_not_stop_a_rerun(speech_corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vocab.json.4242.tmp").write_text('{"[PAD]": 0, "[UN')  # a run killed while writing it
+    run_training(
+        "--output_dir",
+        out,
+        "--dataset_name",
+        speech_corpus.root,
+        "--do_train",
+        "--preprocessing_only",
+        "--encoder_config",
+        json.dumps(TRAINING_ENCODER),
+        "--alignment",
+        "none",
+        "--use_cpu",
+    )
+    assert not (out / "vocab.json.4242.tmp").exists()
+    assert set(json.loads((out / "vocab.json").read_text(encoding="utf-8"))) >= set("".join(speech_corpus.train_texts))
+
+
+def test_the_length_grouped_order_is_a_function_of_seed_and_epoch_only():
+    lengths = [int(length) for length in np.random.default_rng(0).integers(1000, 9000, size=50)]
+    sampler = EpochSeededLengthGroupedSampler(8, lengths, seed=3)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)  # the global RNG, which the stock sampler draws from, plays no part
+    assert list(sampler) == first
+    reference = get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(3))
+    assert first == reference and sorted(first) == list(range(50))
+    sampler.set_epoch(1)
+    second_epoch = list(sampler)
+    assert second_epoch != first and second_epoch == list(EpochSeededLengthGroupedSampler(8, lengths, seed=4))
+
+
+def test_running_a_finished_command_again_trains_no_further(speech_corpus, tiny_teacher, tmp_path, caplog):
+    """transformers' Trainer resumed at --max_steps within an epoch trains one step more; train_hf.py does not."""
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--dataset_name", speech_corpus.root]
+    args += ["--alignment", "none", "--do_train", "--max_steps", 3, "--save_steps", 3]
+    run_training(*args)
+    weights = load_file(out / "model.safetensors")
+    with caplog.at_level(logging.INFO):
+        run_training(*args)
+    assert sorted(logged_losses(out)) == [1, 2, 3] and not (out / "checkpoint-4").exists()
+    assert f"{out / 'checkpoint-3'} holds step 3: training is finished" in caplog.text
+    for name, tensor in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)

@@ -12,6 +12,7 @@ from modeling_tot_cakt.training.model_card import (
     UPLOAD_IGNORE_PATTERNS,
     cer_result,
     is_hub_id,
+    public_name,
     push_folder_to_hub,
     render_model_card,
     training_hyperparameters,
@@ -68,7 +69,34 @@ def test_local_teacher_and_encoder_are_not_recorded_as_hub_ids(tmp_path):
     config = make_model(teacher_dir=tmp_path).config
     card = render_model_card(TEMPLATE, config, model_name="m", repo_id="someone/m", encoder_name_or_path=str(tmp_path))
     assert card.data.to_dict().keys().isdisjoint({"teacher_model", "base_model", "model-index", "datasets"})
-    assert "trained from scratch" in card.text and "No evaluation was run" in card.text
+    assert "No evaluation was run" in card.text
+    # A local encoder did start the model (it was not trained from scratch); the card names it by its folder.
+    assert f"The encoder was initialised from a local checkpoint, `{tmp_path.name}`." in card.text
+
+
+def test_local_models_are_named_by_their_folder_not_their_path(tmp_path):
+    teacher, encoder = tmp_path / "models" / "my-bert", tmp_path / "models" / "my-encoder"
+    teacher.mkdir(parents=True)
+    encoder.mkdir()
+    config = make_model(teacher_dir=teacher).config
+    text = render_model_card(
+        TEMPLATE, config, model_name="m", repo_id="someone/m", encoder_name_or_path=str(encoder) + "/"
+    ).text
+    assert str(tmp_path) not in text
+    assert "from the frozen language model\n`my-bert` (a local model)." in text
+    assert "initialised from a local checkpoint, `my-encoder`." in text
+    assert public_name(str(teacher)) == "my-bert" and public_name("bert-base-chinese") == "bert-base-chinese"
+    assert public_name(None) is None
+
+
+def test_usage_shows_the_soundfile_route_next_to_the_file_path(tmp_path):
+    text = render(tmp_path).text
+    soundfile_route = (
+        'audio, rate = sf.read("speech.wav", dtype="float32")  # float samples in [-1, 1]\n'
+        'print(asr({"raw": audio, "sampling_rate": rate})["text"])'
+    )
+    assert soundfile_route in text and "import soundfile as sf" in text
+    assert '`asr("speech.wav")`, but then transformers decodes it with the `ffmpeg`' in text
 
 
 def test_text(tmp_path):
@@ -113,6 +141,7 @@ def test_upload_goes_through_hf_api(tmp_path):
         "checkpoint-*",
         "training_args.bin",
         "incomplete_checkpoints/**",
+        ".train_hf.lock",
     } <= set(UPLOAD_IGNORE_PATTERNS)
 
 

@@ -2,12 +2,17 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
 from transformers import AutoProcessor, Wav2Vec2BertProcessor, Wav2Vec2Processor
 
 from modeling_tot_cakt import create_processor, create_tokenizer
 from modeling_tot_cakt.configuration_tot_cakt import TOTCAKTConfig
-from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor, vocabulary_from_characters
+from modeling_tot_cakt.processing_tot_cakt import (
+    as_float_waveform,
+    create_feature_extractor,
+    vocabulary_from_characters,
+)
 
 
 def test_character_tokenizer_round_trip(tmp_path):
@@ -67,3 +72,29 @@ def test_log_mel_projection_must_be_whole_frames():
     config = TOTCAKTConfig(encoder_config={**TINY_WAV2VEC2_BERT, "feature_projection_input_dim": 100})
     with pytest.raises(ValueError, match="multiple of 80"):
         create_feature_extractor(config.encoder_config)
+
+
+@pytest.mark.parametrize(("subtype", "dtype"), [("PCM_16", "int16"), ("PCM_32", "int32")])
+def test_integer_pcm_is_scaled_as_soundfile_scales_it(tmp_path, subtype, dtype):
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "a.wav", 0.8 * rng.uniform(-1, 1, 4000), 16000, subtype=subtype)
+    integers, _ = sf.read(tmp_path / "a.wav", dtype=dtype)
+    floats, _ = sf.read(tmp_path / "a.wav", dtype="float32")
+    scaled = as_float_waveform(integers)
+    assert scaled.dtype == np.float32
+    np.testing.assert_array_equal(scaled, floats)
+    # What the feature extractors then make of it equals what they make of the float samples.
+    for encoder in (None, TINY_WAV2VEC2_BERT):
+        extractor = create_feature_extractor(dict(encoder) if encoder else None)
+        name = extractor.model_input_names[0]
+        np.testing.assert_array_equal(
+            extractor(scaled, sampling_rate=16000)[name][0], extractor(floats, sampling_rate=16000)[name][0]
+        )
+
+
+def test_unsigned_8_bit_and_float_samples():
+    np.testing.assert_array_equal(as_float_waveform(np.array([0, 128, 255], dtype=np.uint8)), [-1, 0, 127 / 128])
+    np.testing.assert_array_equal(as_float_waveform(np.array([-128, 64], dtype=np.int8)), [-1, 0.5])
+    assert as_float_waveform(np.array([0.25, -0.5])).dtype == np.float32
+    with pytest.raises(ValueError, match="integer PCM or floating point, got an array of bool"):
+        as_float_waveform(np.array([True, False]))

@@ -1,16 +1,23 @@
+import logging
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tiny_models import make_model
-from transformers import AutoModel, AutoTokenizer, BertModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel, RobertaConfig
 
 from modeling_tot_cakt.training.collator import pad_token_features
 from modeling_tot_cakt.training.teacher_features import (
+    InvalidTeacherFeaturesError,
     TeacherFeatureCache,
+    count_truncated_transcripts,
     precompute_teacher_features,
     teacher_fingerprint,
+    teacher_max_length,
+    tokenize_for_teacher,
 )
 
 
@@ -89,3 +96,80 @@ def test_precomputed_features_equal_the_teachers_and_train_the_same(teacher, tin
     from_cache = model(audio, labels=labels, teacher_hidden_states=cached, teacher_token_mask=cached_mask)
     torch.testing.assert_close(from_cache.loss, on_the_fly.loss)
     torch.testing.assert_close(from_cache.align_loss, on_the_fly.align_loss)
+
+
+def corrupt_truncated(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+def rewrite(path: str, features: torch.Tensor) -> None:
+    """Replace the features of a cache file, keeping its text and fingerprint metadata."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({"features": features}, path, metadata=metadata)
+
+
+CORRUPTIONS = {
+    "truncated file": (corrupt_truncated, "is not a readable safetensors file"),
+    "wrong width": (lambda path: rewrite(path, torch.randn(2, 5)), r"of shape \(2, 5\) instead of \(2, 24\)"),
+    "extra tokens": (
+        lambda path: rewrite(path, torch.randn(3, 24)),
+        "holds 3 token features but the transcript has 2",
+    ),
+    "zero tokens": (lambda path: rewrite(path, torch.randn(0, 24)), "holds 0 token features but the transcript has 2"),
+    "int64": (lambda path: rewrite(path, torch.ones(2, 24, dtype=torch.int64)), "holds torch.int64 features"),
+    "NaN": (lambda path: rewrite(path, torch.full((2, 24), float("nan"))), "holds NaN or infinite features"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_or_inconsistent_cache_files_are_named_and_recomputed(
+    teacher, tiny_teacher, tmp_path, caplog, corruption
+):
+    model = make_model(teacher_dir=tiny_teacher).eval()
+    teacher_model, tokenizer = teacher
+    model.attach_teacher(teacher_model)
+    fingerprint = teacher_fingerprint(teacher_model, tokenizer, str(tiny_teacher))
+    cache = TeacherFeatureCache(tmp_path, fingerprint, hidden_size=24)
+    assert precompute_teacher_features(model, tokenizer, ["你好", "中国人大"], cache) == 2
+    good = cache.load("你好").clone()
+    damage, message = CORRUPTIONS[corruption]
+    damage(cache.path("你好"))
+
+    with pytest.raises(InvalidTeacherFeaturesError, match=message) as error:
+        cache.load("你好", num_tokens=2)
+    assert cache.path("你好") in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.teacher_features"):
+        assert precompute_teacher_features(model, tokenizer, ["你好", "中国人大"], cache) == 1
+    assert f"Recomputing a cached teacher feature file: {cache.path('你好')}" in caplog.text
+    torch.testing.assert_close(cache.load("你好", num_tokens=2), good)
+
+
+def test_a_teacher_giving_nan_features_is_refused(teacher, tiny_teacher, tmp_path):
+    model = make_model(teacher_dir=tiny_teacher).eval()
+    teacher_model, tokenizer = teacher
+    with torch.no_grad():
+        teacher_model.encoder.layer[0].output.dense.bias.fill_(float("nan"))
+    model.attach_teacher(teacher_model)
+    cache = TeacherFeatureCache(tmp_path, "c" * 64, hidden_size=24)
+    with pytest.raises(ValueError, match="gives NaN or infinite features for the transcript '你好'"):
+        precompute_teacher_features(model, tokenizer, ["你好"], cache)
+    assert "你好" not in cache
+
+
+def test_teacher_max_length_is_the_position_table_whatever_the_tokenizer_says(tiny_teacher):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    config = AutoConfig.from_pretrained(tiny_teacher, max_position_embeddings=16)
+    tokenizer.model_max_length = int(1e30)  # a tokenizer saved without model_max_length
+    assert teacher_max_length(config, tokenizer) == 16
+    tokenizer.model_max_length = 8
+    assert teacher_max_length(config, tokenizer) == 8
+    roberta = RobertaConfig(max_position_embeddings=514, pad_token_id=1)  # positions start after the padding id
+    tokenizer.model_max_length = int(1e30)
+    assert teacher_max_length(roberta, tokenizer) == 512
+    encoded = tokenize_for_teacher(tokenizer, ["你好中国" * 5], 16)
+    assert len(encoded["input_ids"][0]) == 16 and encoded["input_ids"][0][-1] == tokenizer.sep_token_id
+    assert count_truncated_transcripts(tokenizer, ["你好中国" * 5, "你好", "你好中国" * 4], 16) == 2

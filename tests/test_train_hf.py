@@ -132,6 +132,9 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     assert logits.shape[-1] == len(processor.tokenizer) and model.teacher is None
     card = metadata_load(out / "README.md")
     assert card["model-index"][0]["results"][0]["metrics"][0]["value"] == results["eval"]["eval_cer"]
+    # The card names the local teacher by its folder: the training machine's paths are not published.
+    card_text = (out / "README.md").read_text(encoding="utf-8")
+    assert f"`{tiny_teacher.name}` (a local model)" in card_text and str(tiny_teacher) not in card_text
 
     # A saved model is a starting point: its vocabulary and weights carry over.
     more = tmp_path / "more"

@@ -1,8 +1,10 @@
 """Audio loading without FFmpeg/torchcodec: decode with soundfile, downmix, resample with soxr.
 
-`datasets` rows reach this module as a file path, raw encoded bytes, or the `{"path", "bytes"}`
+`datasets` rows reach this module as a file path, raw encoded bytes, the `{"path", "bytes"}`
 dict that `datasets.Audio(decode=False)` stores (the bytes win when both are present, as in
-`datasets` itself).
+`datasets` itself), or an in-memory `{"array", "sampling_rate"}` dict (the decoded form), whose
+integer PCM samples are scaled to float like every other input of the package
+([`~processing_tot_cakt.as_float_waveform`]).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 import soundfile
 import soxr
 
+from ..processing_tot_cakt import as_float_waveform
+
 
 class AudioDecodingError(ValueError):
     """An audio file or buffer that cannot be turned into a usable waveform."""
@@ -25,8 +29,9 @@ def decode_audio(source: Any) -> tuple[np.ndarray, int]:
     Decode an encoded audio file (any format libsndfile reads: WAV, FLAC, OGG, MP3, ...).
 
     Args:
-        source: a path (`str` / `os.PathLike`), encoded `bytes`, or a dict with keys `path` and/or
-            `bytes` (the storage format of `datasets.Audio(decode=False)`).
+        source: a path (`str` / `os.PathLike`), encoded `bytes`, a dict with keys `path` and/or
+            `bytes` (the storage format of `datasets.Audio(decode=False)`), or a dict with `array`
+            (`(samples,)` or `(samples, channels)`, float or integer PCM) and `sampling_rate`.
 
     Returns:
         `(waveform, sampling_rate)`: float32 array of shape `(samples, channels)` and its rate in Hz.
@@ -34,6 +39,14 @@ def decode_audio(source: Any) -> tuple[np.ndarray, int]:
     Raises:
         AudioDecodingError: the file is missing or libsndfile cannot decode it.
     """
+    if isinstance(source, dict) and source.get("array") is not None:
+        if source.get("sampling_rate") is None:
+            raise AudioDecodingError("An audio entry with an 'array' needs its 'sampling_rate'.")
+        try:
+            waveform = as_float_waveform(source["array"])
+        except ValueError as err:
+            raise AudioDecodingError(str(err)) from err
+        return (waveform[:, None] if waveform.ndim == 1 else waveform), int(source["sampling_rate"])
     if isinstance(source, dict):
         data, path = source.get("bytes"), source.get("path")
         if data is None and path is None:
@@ -94,7 +107,8 @@ def load_audio(source: Any, sampling_rate: int) -> np.ndarray:
     """
     waveform, orig_rate = decode_audio(source)
     path = source.get("path") if isinstance(source, dict) else source
-    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<audio bytes>"
+    in_memory = "<audio array>" if isinstance(source, dict) and source.get("array") is not None else "<audio bytes>"
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else in_memory
     return validate_waveform(resample(downmix(waveform), orig_rate, sampling_rate), name)
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import LABELS_COLUMN, TEXT_COLUMN
-from .teacher_features import TeacherFeatureCache
+from .teacher_features import TeacherFeatureCache, tokenize_for_teacher
 
 
 @dataclass
@@ -26,19 +26,25 @@ class DataCollatorCTCWithTeacher:
       marginals must not count padded frames;
     - `labels` `(B, L)` padded with -100;
     - with `teacher_tokenizer`: `teacher_input_ids` / `teacher_attention_mask` `(B, L')`, the
-      transcripts tokenised for the teacher (with `[CLS]`/`[SEP]`; the model runs the teacher);
+      transcripts tokenised for the teacher (with `[CLS]`/`[SEP]`, at most `teacher_max_length`
+      tokens; the model runs the teacher);
     - with `teacher_cache` instead: `teacher_hidden_states` `(B, M, D)` and `teacher_token_mask`
       `(B, M)` bool, the cached token features of each transcript (the teacher is not run).
 
     Args:
         processor: the model's processor (feature extractor + CTC tokenizer).
         teacher_tokenizer: the teacher's tokenizer, for on-the-fly teacher features.
+        teacher_max_length: longest teacher tokenisation, special tokens included: pass
+            [`~teacher_features.teacher_max_length`] of the teacher, since a tokenizer saved without
+            `model_max_length` lets longer transcripts overflow the teacher's position table. None
+            trusts the tokenizer's `model_max_length`.
         teacher_cache: cached teacher features, looked up by transcript.
         padding, pad_to_multiple_of, pad_to_multiple_of_labels: as in `processor.pad`.
     """
 
     processor: ProcessorMixin
     teacher_tokenizer: PreTrainedTokenizerBase | None = None
+    teacher_max_length: int | None = None
     teacher_cache: TeacherFeatureCache | None = None
     padding: bool | str = "longest"
     pad_to_multiple_of: int | None = None
@@ -67,7 +73,10 @@ class DataCollatorCTCWithTeacher:
 
         texts = [feature[TEXT_COLUMN] for feature in features]
         if self.teacher_tokenizer is not None:
-            teacher = self.teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+            max_length = self.teacher_max_length or self.teacher_tokenizer.model_max_length
+            teacher = tokenize_for_teacher(
+                self.teacher_tokenizer, texts, max_length, padding=True, return_tensors="pt"
+            )
             batch["teacher_input_ids"] = teacher["input_ids"]
             batch["teacher_attention_mask"] = teacher["attention_mask"]
         elif self.teacher_cache is not None:

@@ -21,6 +21,7 @@ and dropped by [`drop_bad_rows`], which logs how many were dropped and why.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import json
@@ -102,8 +103,35 @@ def _from_rows(rows: list[dict], streaming: bool, cache_dir: str | None) -> Spee
     return Dataset.from_generator(_rows_generator, gen_kwargs={"rows": rows}, features=features, cache_dir=cache_dir)
 
 
+def check_utf8(path: str, what: str) -> None:
+    """
+    Raise a `ValueError` naming `path` (a manifest or transcript file, described by `what`) when it is not
+    UTF-8 text, the only encoding the readers accept: a GBK or Big5 file would otherwise fail deep inside
+    a CSV or JSON reader with a bare `UnicodeDecodeError`.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{what} {path} is not UTF-8 text (byte 0x{block[err.start]:02x} at offset {offset + err.start} "
+                    f"cannot be decoded): save it as UTF-8, e.g. `iconv -f GBK -t UTF-8 {os.path.basename(path)}`."
+                ) from err
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{what} {path} is not UTF-8 text (it ends inside a character): save it as UTF-8."
+            ) from err
+
+
 def read_aishell_transcripts(path: str) -> dict[str, str]:
     """Read `aishell_transcript_v0.8.txt`: one `<utt_id> <space separated words>` per line."""
+    check_utf8(path, "The transcript file")
     transcripts = {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -196,12 +224,16 @@ def load_manifest(
         raise ValueError(f"Unsupported manifest {manifest_path}: use one of {sorted(MANIFEST_FORMATS)}.")
     if not os.path.isfile(manifest_path):
         raise ValueError(f"Manifest not found: {manifest_path}")
+    check_utf8(manifest_path, "Manifest")
     required = {"audio_column_name": audio_column_name, "text_column_name": text_column_name}
     kwargs: dict = {}
     if MANIFEST_FORMATS[extension] == "csv":
         delimiter = "\t" if extension == ".tsv" else ","
         with open(manifest_path, encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), [])
+            reader = csv.reader(handle, delimiter=delimiter)
+            header, first_row = next(reader, []), next(reader, None)
+        if first_row is None:
+            raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it has no row below its header).")
         _check_columns(header, required, f"Manifest {manifest_path}")
         # Read only the two columns, both as strings: transcripts such as "110" must not become ints,
         # and an empty cell must stay "" (reported as an empty transcript) rather than NaN.
@@ -211,6 +243,10 @@ def load_manifest(
             "keep_default_na": False,
             "features": Features({audio_column_name: Value("string"), text_column_name: Value("string")}),
         }
+    else:
+        with open(manifest_path, encoding="utf-8") as handle:
+            if not any(line.strip() for line in handle):
+                raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it is empty).")
     dataset = load_dataset(
         MANIFEST_FORMATS[extension],
         data_files=os.path.abspath(manifest_path),
@@ -505,13 +541,25 @@ def _keep_streamed_row(example: dict, split_name: str) -> bool:
     return False
 
 
+class EmptySplitError(ValueError):
+    """A split with no usable row left: training or evaluating on it would fail later, or mean nothing."""
+
+
 def drop_bad_rows(dataset: SpeechDataset, split_name: str, num_proc: int | None = None) -> SpeechDataset:
     """
     Remove rows marked with a `skip_reason` and log how many were removed, per reason, with a few
     examples. A streamed dataset logs each skipped row as it goes by.
+
+    Raises:
+        EmptySplitError: no row is left (the split was empty, or every row was skipped); the message
+            gives the counts, the reasons and a few examples.
     """
     if isinstance(dataset, IterableDataset):
         return dataset.filter(_keep_streamed_row, fn_kwargs={"split_name": split_name})
+    if len(dataset) == 0:
+        raise EmptySplitError(
+            f"The {split_name} split has no rows: check the data source and split name (and --max_*_samples)."
+        )
     reasons = dataset[SKIP_REASON_COLUMN]
     counts = Counter(reason for reason in reasons if reason)
     if not counts:
@@ -520,6 +568,11 @@ def drop_bad_rows(dataset: SpeechDataset, split_name: str, num_proc: int | None 
     summary = ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
     bad_indices = [index for index, reason in enumerate(reasons) if reason]
     examples = "; ".join(dataset.select(bad_indices[:5])[SKIP_DETAIL_COLUMN])
+    if len(bad_indices) == len(dataset):
+        raise EmptySplitError(
+            f"The {split_name} split has no usable row: all {len(dataset)} rows were skipped ({summary}). "
+            f"Examples: {examples}. Fix the data (audio paths are relative to the manifest's folder) or its source."
+        )
     logger.warning(
         "%s: skipped %d of %d rows (%s). Examples: %s", split_name, len(bad_indices), len(dataset), summary, examples
     )
@@ -653,11 +706,13 @@ def dataset_texts(dataset: SpeechDataset) -> Iterator[str]:
 
 __all__ = [
     "AUDIO_COLUMN",
+    "EmptySplitError",
     "LABELS_COLUMN",
     "LENGTH_COLUMN",
     "TEXT_COLUMN",
     "OutOfVocabularyReport",
     "build_vocabulary",
+    "check_utf8",
     "count_out_of_vocabulary",
     "dataset_texts",
     "drop_bad_rows",

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..configuration_tot_cakt import TOTCAKTConfig
+from .output_lock import LOCK_FILE
 
 CARD_TAGS = [
     "automatic-speech-recognition",
@@ -17,9 +18,10 @@ CARD_TAGS = [
     "knowledge-distillation",
     "mandarin",
 ]
-# Training state that must not be published: checkpoints, the pickled TrainingArguments, leftovers of a
-# killed run.
+# Training state that must not be published: checkpoints, the pickled TrainingArguments, the run's lock,
+# leftovers of a killed run.
 UPLOAD_IGNORE_PATTERNS = [
+    LOCK_FILE,
     "checkpoint-*",
     "checkpoint-*/**",
     "incomplete_checkpoints/**",
@@ -32,6 +34,16 @@ UPLOAD_IGNORE_PATTERNS = [
 def is_hub_id(name: str | None) -> bool:
     """Whether `name` looks like a Hub repository id rather than a local path."""
     return bool(name) and not os.path.exists(name) and not os.path.isabs(name) and name.count("/") <= 1
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """
+    How a card names a model it was built from: a Hub id as it is, a local folder by its own name only
+    (an absolute path would publish the training machine's directory layout and mean nothing elsewhere).
+    """
+    if not name_or_path or is_hub_id(name_or_path):
+        return name_or_path
+    return os.path.basename(os.path.normpath(os.path.abspath(name_or_path)))
 
 
 class TrainingData(NamedTuple):
@@ -96,7 +108,8 @@ def render_model_card(
         config: the trained model's configuration (method, teacher, loss weights, vocabulary size).
         model_name: title of the card and name of the `model-index` entry.
         repo_id: Hub repository the card is for (used in the usage examples).
-        encoder_name_or_path: checkpoint the encoder started from; recorded as `base_model` when it is a Hub id.
+        encoder_name_or_path: checkpoint the encoder started from; recorded as `base_model` when it is a Hub id,
+            named by its folder name when it is local (so is a local teacher: see [`public_name`]).
         datasets: Hub dataset ids trained on (local data is described in `dataset_description` only).
         results: evaluation results ([`cer_result`]) for the `model-index` metadata and the results table.
         hyperparameters: name -> value rows of the training table.
@@ -124,6 +137,10 @@ def render_model_card(
         template_path=os.fspath(template_path),
         model_name=model_name,
         repo_id=repo_id,
+        teacher_name=public_name(teacher),
+        teacher_is_local=teacher is not None and not is_hub_id(teacher),
+        encoder_name=public_name(encoder_name_or_path),
+        encoder_is_local=encoder_name_or_path is not None and not is_hub_id(encoder_name_or_path),
         results=results or [],
         config=config,
         dataset_description=dataset_description or "not recorded",
@@ -205,6 +222,7 @@ __all__ = [
     "cer_result",
     "describe_training_data",
     "is_hub_id",
+    "public_name",
     "push_folder_to_hub",
     "render_model_card",
     "training_hyperparameters",

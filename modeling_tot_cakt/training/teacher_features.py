@@ -5,7 +5,12 @@ The teacher only ever sees the transcript, so its features are a pure function o
 that: a [`teacher_fingerprint`] (checkpoint path, commit hash, configuration, tokenizer, a digest
 of every weight tensor, and the model's feature layout) plus the text. A
 different teacher or a different transcript therefore never reads stale features; each file also
-records its text and fingerprint, which [`TeacherFeatureCache.load`] checks.
+records its text and fingerprint, which [`TeacherFeatureCache.load`] checks together with the
+contents (shape, dtype, finite values). [`precompute_teacher_features`] also checks each file's token
+count against its transcript, and recomputes any file that fails, with a warning naming it.
+
+Transcripts are tokenised for the teacher with at most [`teacher_max_length`] tokens: the size of the
+teacher's position table, whatever the tokenizer's `model_max_length` says.
 """
 
 from __future__ import annotations
@@ -18,13 +23,67 @@ import tempfile
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 FEATURES_KEY = "features"
+# Encoders whose position ids start after the padding index (RoBERTa's convention), so that
+# `max_position_embeddings - pad_token_id - 1` positions are usable.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xlm-roberta-xl")
+
+
+def teacher_max_length(teacher_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """
+    The most tokens (special tokens included) one transcript may have for the teacher: the size of
+    its position table, or the tokenizer's `model_max_length` when that is smaller. A tokenizer saved
+    without `model_max_length` says 10^30, and a longer input would fail inside the teacher's
+    embeddings (`The expanded size of the tensor (602) must match the existing size (512)`).
+
+    Args:
+        teacher_config: the teacher's configuration (`max_position_embeddings`).
+        tokenizer: the teacher's tokenizer.
+
+    Returns:
+        `int`: the `max_length` to tokenise transcripts with (`truncation=True`).
+    """
+    positions = getattr(teacher_config, "max_position_embeddings", None)
+    if positions is not None and getattr(teacher_config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        positions -= (teacher_config.pad_token_id or 0) + 1
+    limits = [limit for limit in (positions, tokenizer.model_max_length) if limit is not None]
+    return int(min(limits))
+
+
+def tokenize_for_teacher(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None, **kwargs):
+    """
+    Tokenise transcripts for the teacher, cut to `max_length` tokens ([`teacher_max_length`]; None, or a
+    limit no shorter than the tokenizer's own `model_max_length`, leaves the cut to the tokenizer).
+    """
+    if max_length is not None and max_length >= tokenizer.model_max_length:
+        max_length = None
+    return tokenizer(texts, truncation=True, max_length=max_length, **kwargs)
+
+
+def count_truncated_transcripts(
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_length: int, batch_size: int = 1000
+) -> int:
+    """How many of `texts` have more than `max_length` teacher tokens (special tokens included)."""
+    texts, truncated = list(texts), 0
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], truncation=False, verbose=False)
+        truncated += sum(len(ids) > max_length for ids in encoded["input_ids"])
+    return truncated
+
+
+RECOMPUTE_HINT = (
+    "precompute_teacher_features recomputes such files (train_hf.py runs it with --cache_teacher_features)."
+)
+
+
+class InvalidTeacherFeaturesError(ValueError):
+    """A cache file that cannot be used: unreadable, or holding features of the wrong shape, type or values."""
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -92,10 +151,12 @@ class TeacherFeatureCache:
     Args:
         cache_dir: root folder (shared between runs and teachers).
         fingerprint: the teacher's [`teacher_fingerprint`].
+        hidden_size: the teacher's hidden size; when given, files of another width are refused.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str, hidden_size: int | None = None):
         self.fingerprint = fingerprint
+        self.hidden_size = hidden_size
         self.directory = os.path.join(os.fspath(cache_dir), fingerprint[:16])
 
     def key(self, text: str) -> str:
@@ -122,19 +183,60 @@ class TeacherFeatureCache:
         )
         os.replace(temporary, path)
 
-    def load(self, text: str) -> torch.Tensor:
-        """The `(tokens, hidden_size)` float32 features of `text`; raises `KeyError` when not cached."""
+    def load(self, text: str, num_tokens: int | None = None) -> torch.Tensor:
+        """
+        The `(tokens, hidden_size)` float32 features of `text`.
+
+        Args:
+            text: the normalised transcript.
+            num_tokens: the number of token features the transcript must have, when known.
+
+        Raises:
+            KeyError: nothing is cached for `text`.
+            InvalidTeacherFeaturesError: the file (named in the message) is unreadable, belongs to another
+                transcript or teacher, or holds features that are not a finite float32 `(num_tokens,
+                hidden_size)` matrix with at least one token.
+        """
         path = self.path(text)
         if not os.path.isfile(path):
             raise KeyError(
                 f"No cached teacher features for transcript {text!r} in {self.directory}. Fill the cache with "
                 "precompute_teacher_features (train_hf.py does so with --cache_teacher_features)."
             )
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("text") != text or metadata.get("fingerprint") != self.fingerprint:
-                raise ValueError(f"{path} holds features of another transcript or teacher; delete it and recompute.")
-            return handle.get_tensor(FEATURES_KEY)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                names = handle.keys()
+                features = handle.get_tensor(FEATURES_KEY) if FEATURES_KEY in names else None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise InvalidTeacherFeaturesError(
+                f"{path} is not a readable safetensors file ({err}). {RECOMPUTE_HINT}"
+            ) from err
+        if metadata.get("text") != text or metadata.get("fingerprint") != self.fingerprint:
+            raise InvalidTeacherFeaturesError(
+                f"{path} holds features of another transcript or teacher; delete it and recompute."
+            )
+        problem = self._content_problem(features, num_tokens)
+        if problem:
+            raise InvalidTeacherFeaturesError(f"{path} of transcript {text!r} {problem}. {RECOMPUTE_HINT}")
+        return features
+
+    def _content_problem(self, features: torch.Tensor | None, num_tokens: int | None) -> str | None:
+        if features is None:
+            return f"has no '{FEATURES_KEY}' tensor"
+        if features.dtype != torch.float32:
+            return f"holds {features.dtype} features instead of torch.float32"
+        width = self.hidden_size if self.hidden_size is not None else "hidden_size"
+        expected = (num_tokens if num_tokens is not None else "tokens", width)
+        if features.dim() != 2 or (self.hidden_size is not None and features.shape[1] != self.hidden_size):
+            return f"holds features of shape {tuple(features.shape)} instead of {expected}"
+        if num_tokens is not None and features.shape[0] != num_tokens:
+            return f"holds {features.shape[0]} token features but the transcript has {num_tokens} teacher tokens"
+        if features.shape[0] == 0:
+            return "holds no token features"
+        if not torch.isfinite(features).all():
+            return "holds NaN or infinite features"
+        return None
 
 
 @torch.no_grad()
@@ -147,31 +249,65 @@ def precompute_teacher_features(
     device: torch.device | str | None = None,
 ) -> int:
     """
-    Run the frozen teacher once per distinct transcript missing from `cache` and store its token features.
+    Run the frozen teacher once per distinct transcript whose features `cache` lacks, or holds in a file that
+    fails [`TeacherFeatureCache.load`]'s checks (unreadable, wrong shape, dtype or token count, non-finite
+    values: recomputed with a warning naming the file), and store its token features.
 
     Args:
         model: a [`TOTCAKTForCTC`] with its teacher attached; its `teacher_token_features` defines
             what is stored (one `(M', D)` tensor per transcript, `[CLS]`/`[SEP]` dropped).
-        tokenizer: the teacher's tokenizer.
+        tokenizer: the teacher's tokenizer; transcripts are cut to [`teacher_max_length`] tokens.
         texts: normalised transcripts (repeats are computed once, empty ones skipped).
         batch_size: transcripts per teacher forward pass.
         device: where to run the teacher (defaults to where it is).
 
     Returns:
-        `int`: the number of transcripts computed (0 when everything was cached).
+        `int`: the number of transcripts computed (0 when everything was cached and valid).
+
+    Raises:
+        ValueError: the teacher itself gives non-finite features for a transcript.
     """
-    missing = sorted({text for text in texts if text and text not in cache})
+    max_length = teacher_max_length(model.teacher.config, tokenizer)
+    strip = model.config.teacher_strip_special_tokens
+    distinct = sorted({text for text in texts if text})
+    missing = []
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        lengths = [len(ids) for ids in tokenize_for_teacher(tokenizer, chunk, max_length)["input_ids"]]
+        for text, length in zip(chunk, lengths):
+            if text not in cache:
+                missing.append(text)
+                continue
+            num_tokens = length - tokenizer.num_special_tokens_to_add() if strip else length
+            try:
+                cache.load(text, num_tokens=num_tokens)
+            except InvalidTeacherFeaturesError as err:
+                logger.warning("Recomputing a cached teacher feature file: %s", err)
+                missing.append(text)
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        encoded = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        encoded = tokenize_for_teacher(tokenizer, chunk, max_length, padding=True, return_tensors="pt")
         if device is not None:
             encoded = encoded.to(device)
         features, mask = model.teacher_token_features(encoded["input_ids"], encoded["attention_mask"])
         for text, row, row_mask in zip(chunk, features, mask):
+            if not torch.isfinite(row[row_mask]).all():
+                raise ValueError(
+                    f"The teacher '{model.config.teacher_name_or_path}' gives NaN or infinite features for the "
+                    f"transcript {text!r}: check its weights (a teacher saved in fp16 may overflow)."
+                )
             cache.save(text, row[row_mask])
     if missing:
         logger.info("Cached teacher features for %d transcripts in %s.", len(missing), cache.directory)
     return len(missing)
 
 
-__all__ = ["TeacherFeatureCache", "precompute_teacher_features", "teacher_fingerprint"]
+__all__ = [
+    "InvalidTeacherFeaturesError",
+    "TeacherFeatureCache",
+    "count_truncated_transcripts",
+    "precompute_teacher_features",
+    "teacher_fingerprint",
+    "teacher_max_length",
+    "tokenize_for_teacher",
+]

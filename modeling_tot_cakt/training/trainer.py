@@ -24,6 +24,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -282,6 +283,36 @@ class NonFiniteGradientGuard(TrainerCallback):
             gradient.zero_()
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """
+    transformers' `LengthGroupedSampler` (batches of similar duration, in random order) whose order is a
+    function of `seed` and the epoch only.
+
+    The stock sampler draws its permutation from the global torch RNG when an epoch starts. A run resumed
+    mid-epoch restores that RNG only after the Trainer has skipped the epoch's trained batches, so it
+    draws a different permutation than the interrupted run did: some clips are seen twice in that epoch,
+    others never. Here the Trainer's `set_epoch(epoch)` picks the permutation, so skipping the first `k`
+    batches of the resumed epoch leaves exactly the batches the uninterrupted run went on with.
+
+    Args:
+        batch_size: examples per group (per-device batch size times gradient accumulation steps).
+        lengths: one length per example (the `input_length` column).
+        seed: the run's `data_seed`, or its `seed`.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class TOTCAKTTrainer(Trainer):
     """
     `Trainer` for [`TOTCAKTForCTC`]:
@@ -294,16 +325,36 @@ class TOTCAKTTrainer(Trainer):
       likewise an optimizer step whose gradients are NaN/inf under a finite loss
       ([`NonFiniteGradientGuard`], logged as `nonfinite_grad_steps`);
     - returns greedy CTC ids from `prediction_step`, with frames beyond each utterance's length set
-      to -100, so that [`CTCCharacterErrorRate`] never reads padding as speech.
+      to -100, so that [`CTCCharacterErrorRate`] never reads padding as speech;
+    - with `train_sampling_strategy="group_by_length"`, orders each epoch by
+      [`EpochSeededLengthGroupedSampler`], so that a run resumed mid-epoch trains on exactly the batches
+      the uninterrupted run would have.
     """
 
     def __init__(self, *args, **kwargs):
+        self.length_grouped_sampler: EpochSeededLengthGroupedSampler | None = None
         super().__init__(*args, **kwargs)
         self.train_losses = LossComponentMeter(self.args.device)
         self.eval_losses = LossComponentMeter(self.args.device)
         self.nonfinite_loss_batches = 0
         self.gradient_guard = NonFiniteGradientGuard()
         self.add_callback(self.gradient_guard)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = self.length_grouped_sampler = EpochSeededLengthGroupedSampler(
+                sampler.batch_size, sampler.lengths, seed
+            )
+        return sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # accelerate forwards `set_epoch` to the sampler, except through the batch sampler it wraps around a
+        # distributed loader whose first batches are skipped on resume: set the epoch here, for every layout.
+        if self.length_grouped_sampler is not None:
+            self.length_grouped_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -417,6 +468,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, set_aside_incomplete
 __all__ = [
     "CER_METRIC_PATH",
     "CTCCharacterErrorRate",
+    "EpochSeededLengthGroupedSampler",
     "INCOMPLETE_CHECKPOINTS_DIR",
     "LOSS_COMPONENTS",
     "LossComponentMeter",
