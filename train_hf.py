@@ -55,6 +55,7 @@ from modeling_tot_cakt.training.teacher_features import (
     TeacherFeatureCache,
     count_truncated_transcripts,
     precompute_teacher_features,
+    teacher_feature_layout,
     teacher_fingerprint,
     teacher_max_length,
 )
@@ -165,6 +166,10 @@ class TOTCAKTArguments:
     )
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Frozen BERT-like teacher (Hub id or folder with weights and tokenizer)."}
+    )
+    teacher_layer: int | None = field(
+        default=None,
+        metadata={"help": "Teacher layer whose token features the alignment uses (-1: the last; 0: the embeddings)."},
     )
     adapter_hidden_size: int | None = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
     adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the adapter."})
@@ -491,7 +496,7 @@ def prepare_teacher(
         teacher,
         tokenizer,
         model.config.teacher_name_or_path,
-        feature_layout={"strip_special_tokens": model.config.teacher_strip_special_tokens},
+        feature_layout=teacher_feature_layout(model.config),
     )
     cache_dir = method_args.teacher_cache_dir or os.path.join(HF_HOME, "tot_cakt", "teacher_features")
     cache = TeacherFeatureCache(cache_dir, fingerprint, hidden_size=teacher.config.hidden_size)

@@ -9,12 +9,14 @@ from safetensors.torch import save_file
 from tiny_models import make_model
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel, RobertaConfig
 
+from modeling_tot_cakt import TOTCAKTConfig
 from modeling_tot_cakt.training.collator import pad_token_features
 from modeling_tot_cakt.training.teacher_features import (
     InvalidTeacherFeaturesError,
     TeacherFeatureCache,
     count_truncated_transcripts,
     precompute_teacher_features,
+    teacher_feature_layout,
     teacher_fingerprint,
     teacher_max_length,
     tokenize_for_teacher,
@@ -46,6 +48,15 @@ def test_fingerprint_tracks_weights_config_tokenizer_and_layout(teacher, tiny_te
     assert teacher_fingerprint(model, more_tokens, str(tiny_teacher)) != base
     cased = AutoTokenizer.from_pretrained(tiny_teacher, do_lower_case=False)
     assert teacher_fingerprint(model, cased, str(tiny_teacher)) != base
+
+
+def test_feature_layout_names_the_teacher_layer_only_when_it_is_not_the_last():
+    # The last layer keeps the key that caches written before the setting existed carry.
+    assert teacher_feature_layout(TOTCAKTConfig()) == {"strip_special_tokens": True}
+    assert teacher_feature_layout(TOTCAKTConfig(teacher_layer=2, teacher_strip_special_tokens=False)) == {
+        "strip_special_tokens": False,
+        "teacher_layer": 2,
+    }
 
 
 def test_cache_keys_and_round_trip(tmp_path):

@@ -106,6 +106,18 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return json.dumps(tokenizer.get_vocab(), sort_keys=True)
 
 
+def teacher_feature_layout(config: PretrainedConfig) -> dict:
+    """
+    What a TOT-CAKT configuration changes in the teacher's stored token features, for [`teacher_fingerprint`]:
+    whether `[CLS]`/`[SEP]` are stripped, and the teacher layer when it is not the last one (so that caches
+    written for the last layer keep their key).
+    """
+    layout = {"strip_special_tokens": config.teacher_strip_special_tokens}
+    if config.teacher_layer != -1:
+        layout["teacher_layer"] = config.teacher_layer
+    return layout
+
+
 def teacher_fingerprint(
     teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name_or_path: str, feature_layout: dict | None = None
 ) -> str:
