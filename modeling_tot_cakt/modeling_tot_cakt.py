@@ -22,6 +22,9 @@ from .tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_si
 
 logger = logging.get_logger(__name__)
 
+# Inputs longer than this many encoder frames (a minute at 20 ms frames) get a warning about attention memory.
+LONG_INPUT_FRAMES = 3000
+
 
 def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
@@ -247,6 +250,14 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
                 f"{self.main_input_name} contains NaN or Inf values (batch items {nonfinite.nonzero().flatten().tolist()}); "
                 "check the audio files (the data loaders drop such clips and report them)."
             )
+        frames = int(self.encoder._get_feat_extract_output_lengths(lengths).max())
+        if frames > LONG_INPUT_FRAMES:
+            heads = self.config.encoder_config.num_attention_heads
+            logger.warning_once(
+                f"An input of {frames} encoder frames: self-attention needs {heads} x {frames}^2 scores per layer "
+                f"(about {heads * frames**2 * 4 / 2**30:.1f} GiB in float32). Split long recordings, e.g. "
+                "pipeline(..., chunk_length_s=30, stride_length_s=5) or `chunk_length_s` in the pipeline call."
+            )
 
     def forward(
         self,
@@ -291,6 +302,10 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
             )
         if not torch.compiler.is_compiling():
             self.check_inputs(input_values, attention_mask)
+        if input_values.is_floating_point() and input_values.dtype != self.dtype:
+            # transformers' raw-waveform extractor returns float64 for integer PCM (its normalisation has already
+            # removed the scale); cast instead of failing with "expected scalar type Double".
+            input_values = input_values.to(self.dtype)
 
         outputs = self.encoder(
             input_values,

@@ -367,3 +367,31 @@ def test_bad_audio_inputs_are_rejected_clearly():
     broken[1, 7] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or Inf values \(batch items \[1\]\)"):
         model(broken)
+
+
+def test_integer_pcm_through_the_processor_gives_the_float_logits(tmp_path):
+    # transformers' raw-waveform extractor turns int16 into float64 features; the model casts them to its dtype.
+    model = make_model(alignment="none").eval()
+    processor = make_processor(tmp_path, model)
+    samples = (torch.randn(4000) * 3000).to(torch.int16).numpy()
+    as_int = processor(audio=[samples], sampling_rate=16000, return_tensors="pt")
+    as_float = processor(audio=[samples.astype("float32") / 32768], sampling_rate=16000, return_tensors="pt")
+    assert as_int.input_values.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(model(**as_int).logits, model(**as_float).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_long_inputs_warn_about_attention_memory_and_chunking(monkeypatch, caplog):
+    import modeling_tot_cakt.modeling_tot_cakt as modeling
+
+    model = make_model(alignment="none").eval()
+    frames = int(model.encoder._get_feat_extract_output_lengths(torch.tensor(4000)))
+    monkeypatch.setattr(modeling, "LONG_INPUT_FRAMES", frames)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(torch.randn(1, 4000))
+        assert "chunk_length_s" not in caplog.text  # exactly at the limit
+        model(torch.randn(1, 4400))
+    heads = model.config.encoder_config.num_attention_heads
+    longer = int(model.encoder._get_feat_extract_output_lengths(torch.tensor(4400)))
+    assert f"An input of {longer} encoder frames: self-attention needs {heads} x {longer}^2" in caplog.text
+    assert "chunk_length_s" in caplog.text
