@@ -5,7 +5,8 @@ Pure functions (torch only) used by TOT-CAKT's alignment head:
 - :func:`cosine_cost` -- cost matrix ``C_ij = 1 - cos(a_i, l_j)``;
 - :func:`relative_positions`, :func:`temporal_prior_log`, :func:`order_reward` -- the temporal
   prior ``log P`` and the local order reward ``S`` of order-preserving Wasserstein [1];
-- :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, log-domain Sinkhorn solver;
+- :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, over-relaxed and stabilised
+  Sinkhorn solver;
 - :func:`barycentric_transport`, :func:`ot_loss`, :func:`align_loss` -- the transport of acoustic
   features onto token positions and the two alignment losses of TOT-CAKT [2].
 
@@ -32,6 +33,12 @@ References
    arXiv:2409.02239.
 .. [3] Cuturi, M. (2013). Sinkhorn distances: Lightspeed computation of optimal transport.
    NeurIPS 26.
+.. [4] Thibault, A., Chizat, L., Dossal, C., & Papadakis, N. (2021). Overrelaxed Sinkhorn-Knopp
+   algorithm for regularized optimal transport. Algorithms 14(5), 143. arXiv:1711.01851.
+.. [5] Lehmann, T., von Renesse, M.-K., Sambale, A., & Uschmajew, A. (2022). A note on
+   overrelaxation in the Sinkhorn algorithm. Optimization Letters 16, 2209-2220.
+.. [6] Schmitzer, B. (2019). Stabilized sparse scaling algorithms for entropy regularized
+   transport problems. SIAM J. Sci. Comput. 41(3), A1443-A1481.
 """
 
 import math
@@ -270,7 +277,7 @@ def tot_sinkhorn(
     lambda1: float = 1.0,
     lambda2: float = 0.1,
     sigma: float | None = 1.0,
-    max_iter: int = 100,
+    max_iter: int = 1000,
     tol: float = 1e-4,
     grad: str = "envelope",
     log: bool = False,
@@ -297,16 +304,18 @@ def tot_sinkhorn(
     ``lambda1 = 0`` and ``sigma = None`` it is plain entropic OT, ``log K = -C / lambda2``
     (the OT-CAKT baseline).
 
-    The potentials are updated in the log domain, for all samples at once (no loop over the
-    batch):
+    All samples are solved at once (no loop over the batch) by over-relaxed Sinkhorn iterations
+    [4, 5] on the potentials,
 
     .. math::
-        f \leftarrow \log \mu - \mathrm{LSE}_j(\log K_{ij} + g_j), \qquad
-        g \leftarrow \log \nu - \mathrm{LSE}_i(\log K_{ij} + f_i)
+        f \leftarrow (1 - \omega) f + \omega \left(\log \mu - \mathrm{LSE}_j(\log K_{ij} + g_j)\right),
+        \qquad
+        g \leftarrow (1 - \omega) g + \omega \left(\log \nu - \mathrm{LSE}_i(\log K_{ij} + f_i)\right),
 
-    until ``max_iter`` iterations or until, at one of the checks made every 10 iterations, the
-    L1 error of the row marginals (the columns are exact after each ``g`` update) is below
-    ``tol`` for every sample of the batch.
+    run in scaling form with absorbed potentials [6] (see Notes), until ``max_iter`` iterations
+    or until, at one of the checks made every 10 iterations, the coupling that would be returned
+    has an L1 marginal error below ``tol`` for every sample of the batch. The returned coupling
+    ends with a plain (``omega = 1``) update of ``g``, so its columns are exact.
 
     Parameters
     ----------
@@ -332,9 +341,13 @@ def tot_sinkhorn(
         moving mass ``k`` tokens off the diagonal costs about ``0.05 k^2`` in cost units.
     max_iter : int, optional
         Maximum number of Sinkhorn iterations (each is one ``f`` and one ``g`` update), >= 1.
+        The default 1000 leaves a wide margin: with the default parameters on random features the
+        error reaches 1e-4 within 70 iterations for ``M <= 50`` and within 250 for
+        ``N = 1000, M = 100`` (float32).
     tol : float, optional
-        Stopping threshold on the L1 error of the row marginals (total mass is 1), >= 0;
-        0 runs exactly ``max_iter`` iterations.
+        Stopping threshold on the L1 marginal error of the returned coupling (total mass is 1;
+        its columns are exact, so this is the error of its rows), >= 0; 0 runs exactly
+        ``max_iter`` iterations. float32 reaches about 1e-6.
     grad : {"envelope", "autodiff"}, optional
         How gradients reach ``cost``, as in POT's ``ot.solve(..., grad=...)``:
 
@@ -349,9 +362,13 @@ def tot_sinkhorn(
         - ``"autodiff"``: backpropagation through the unrolled iterations; the coupling itself
           is differentiable (costs ``O(max_iter B N M)`` memory).
     log : bool, optional
-        Also return a dict with ``"n_iter"`` (int, iterations run) and ``"marginal_error"``
-        (tensor (B,), L1 error of both marginals of the returned coupling), as POT's
-        ``log=True``.
+        Also return a dict, as POT's ``log=True``, for training diagnostics:
+
+        - ``"n_iter"`` (int): iterations run;
+        - ``"marginal_error"`` (tensor (B,)): L1 error of both marginals of the returned coupling;
+        - ``"converged"`` (bool tensor (B,)): ``marginal_error <= tol``;
+        - ``"relaxation"`` (tensor (B,)): the over-relaxation weight ``omega`` of each sample;
+        - ``"log_domain"`` (bool): whether the log-domain fallback ran.
 
     Returns
     -------
@@ -364,11 +381,27 @@ def tot_sinkhorn(
 
     Notes
     -----
-    With the temporal prior, Sinkhorn converges slowly: the prior makes the kernel banded,
-    and mass moves along the band only a little per iteration. On random (untrained)
-    256-dimensional features the L1 marginal error after 100 iterations is 1.6e-2 for
-    ``N = 1000, M = 50`` and 4.5e-3 for ``N = 300, M = 20`` (default parameters), whereas
-    plain OT is below 1e-6 after 30 iterations. A larger ``sigma`` converges faster.
+    *Convergence.* With the temporal prior, plain Sinkhorn (``omega = 1``) converges slowly: the
+    prior makes the kernel banded and mass moves along the band only a little per iteration
+    (marginal error 1.7e-2 after 100 iterations at ``N = 1000, M = 50`` on random features).
+    Over-relaxation [4] multiplies the error near the optimum by about ``omega - 1`` per
+    iteration once ``omega`` is at least the optimal weight ``2 / (1 + sqrt(1 - theta^2))``,
+    where ``theta^2`` is plain Sinkhorn's local rate [5]. The first 10 iterations are plain; the
+    error ratio per iteration over their last five estimates ``theta^2`` for each sample, and
+    samples with ``theta^2 > 0.5`` continue with ``omega = 1.9`` (rate 0.9), the others (plain
+    OT, wide priors) with ``omega = 1``, which is faster for them. A sample whose error grows
+    tenfold over the smallest seen since its relaxed iterations began returns to ``omega = 1``,
+    which always converges.
+
+    *Scaling form.* The iterations multiply scalings ``u = exp(f - f_0)``, ``v = exp(g - g_0)``
+    into the stabilised kernel ``exp(log K + f_0 + g_0)`` with two batched matrix-vector
+    products, instead of a log-sum-exp over all ``N M`` entries per half-iteration; the
+    potentials ``f_0``, ``g_0`` absorb the scalings whenever ``|log u|`` or ``|log v|`` exceeds
+    10 [6]. After each block of 10 iterations the scalings are checked: if any is not finite
+    and positive (the kernel under- or overflowed: tiny ``lambda2``, costs far from [0, 2]),
+    the block is run again in the log domain from its start, and so are all later blocks. The
+    coupling itself is always ``exp(log K + f + g)`` with the full potentials, so the fast path
+    changes the rounding, not the solution.
 
     Examples
     --------
@@ -521,7 +554,7 @@ def _relaxation_weights(errors: list[torch.Tensor]) -> torch.Tensor:
     plain Sinkhorn is fast there already, and relaxing would slow it down to the rate ``omega - 1``.
     """
     rate = (errors[-1] / errors[-6]).pow(0.2).nan_to_num(0.0)  # 0 / 0 on empty samples: no relaxation
-    return torch.where(rate > _SLOW_RATE, _RELAXATION, 1.0).to(rate.dtype)[:, None]
+    return torch.where(rate > _SLOW_RATE, rate.new_full((), _RELAXATION), rate.new_ones(()))[:, None]
 
 
 def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int, tol: float):
@@ -576,7 +609,7 @@ def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.
         elif omega is not None:
             # Safeguard: a sample whose error grew tenfold since its relaxed iterations began (the
             # switch itself may raise it once) goes back to plain Sinkhorn, which always converges.
-            omega = torch.where((error > 10 * best)[:, None], 1.0, omega).to(dtype)
+            omega = torch.where((error > 10 * best)[:, None], 1.0, omega)
             best = torch.minimum(best, error)
     # A last plain update of g makes the columns exact, as after every iteration of plain Sinkhorn.
     if kernel is not None:
