@@ -53,11 +53,11 @@ def test_relaxed_fast_path_matches_pot_in_float64():
 
 
 def test_fast_problems_are_not_relaxed():
-    """Plain OT converges within the ten plain iterations; relaxing it would only slow it down."""
-    cost = random_feature_cost(4, 300, 30)
-    coupling, log = tot_sinkhorn(cost, lambda1=0.0, sigma=None, log=True)
+    """Plain OT converges fast without relaxation; omega = 1.9 would slow it down to a rate of 0.9."""
+    cost = random_feature_cost(4, 300, 30).double()
+    coupling, log = tot_sinkhorn(cost, lambda1=0.0, sigma=None, tol=1e-12, log=True)
     assert torch.all(log["relaxation"] == 1.0)
-    assert log["n_iter"] == 10 and log["marginal_error"].max() < 1e-4
+    assert log["n_iter"] <= 30 and log["marginal_error"].max() < 1e-12
 
 
 def test_absorbing_the_scalings_keeps_the_fast_path_under_a_cost_offset():
