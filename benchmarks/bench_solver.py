@@ -26,11 +26,17 @@ graph and then enter the same ``<T, C>`` (the envelope gradient, as ``tot[envelo
 ``ot.batch``'s own "envelope" mode records the iterations).
 
 Timing and memory follow ``benchmarks/common.py`` (warm-up, interleaved rounds, median and minimum).
-``x ours`` is a solver's median over that of ``tot[envelope]`` in the same shape and mode.
+``x ours`` is a solver's median over that of ``tot[envelope]`` in the same shape and mode, by wall
+clock and by process CPU time (with one thread, the call's own work, which other processes on a
+shared machine disturb far less).
+
+``--convergence`` instead counts the iterations ``tot_sinkhorn`` (defaults) needs to reach the
+accuracy over a grid of lengths, several seeds each (no timing).
 
 Usage::
 
     python benchmarks/bench_solver.py --preset quick --device cpu --out docs/results/solver.json
+    python benchmarks/bench_solver.py --convergence --out docs/results/solver_convergence.json
 """
 
 import argparse
@@ -70,6 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--accuracy", type=float, default=1e-4, help="target L1 marginal error")
     parser.add_argument("--pot-max-iter", type=int, default=1000, help="iteration cap of the POT solvers")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per solver (default: the preset's)")
+    parser.add_argument(
+        "--convergence", action="store_true", help="count iterations to the accuracy over a grid instead of timing"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)"
     )
@@ -163,9 +172,11 @@ def benchmark_shape(shape, mode, device, args):
     }
     timings = round_robin(calls, args.repeats, device, setup=reset_gradient)
     reference = summary(timings.wall[REFERENCE])["median_s"]
+    reference_cpu = summary(timings.cpu[REFERENCE])["median_s"]
     rows = []
     for solver in solvers:
         times = summary(timings.wall[solver])
+        cpu = summary(timings.cpu[solver])
         error = marginal_error(timings.results[solver]).max().item()
         rows.append(
             dict(
@@ -173,7 +184,10 @@ def benchmark_shape(shape, mode, device, args):
                 mode=mode,
                 solver=solver,
                 **times,
+                cpu_median_s=cpu["median_s"],
+                cpu_times_s=cpu["times_s"],
                 ratio_to_ours=times["median_s"] / reference,
+                ratio_to_ours_cpu=cpu["median_s"] / reference_cpu,
                 peak_mib=max(timings.peak_mib[solver]),
                 marginal_error=error,
                 reached=error <= args.accuracy,
@@ -182,10 +196,48 @@ def benchmark_shape(shape, mode, device, args):
     return rows
 
 
+CONVERGENCE_GRID = dict(frames=(30, 100, 225, 500, 1000), tokens=(5, 15, 30, 50, 100), batch=4, seeds=(0, 1, 2))
+
+
+def convergence_grid(accuracy):
+    """Iterations and final error of ``tot_sinkhorn`` with its defaults, for each (N, M) of the grid and
+    seed (a batch of ``CONVERGENCE_GRID["batch"]`` random-feature problems each)."""
+    rows = []
+    for n_rows in CONVERGENCE_GRID["frames"]:
+        for n_cols in CONVERGENCE_GRID["tokens"]:
+            for seed in CONVERGENCE_GRID["seeds"]:
+                generator = torch.Generator().manual_seed(seed)
+                source = torch.randn(CONVERGENCE_GRID["batch"], n_rows, FEATURE_DIM, generator=generator)
+                target = torch.randn(CONVERGENCE_GRID["batch"], n_cols, FEATURE_DIM, generator=generator)
+                _, log = tot_sinkhorn(cosine_cost(source, target), tol=accuracy, log=True)
+                rows.append(
+                    dict(
+                        frames=n_rows,
+                        tokens=n_cols,
+                        seed=seed,
+                        n_iter=log["n_iter"],
+                        marginal_error=log["marginal_error"].max().item(),
+                        relaxation=sorted(set(log["relaxation"].tolist())),
+                        log_domain=log["log_domain"],
+                    )
+                )
+    return rows
+
+
+def format_convergence(rows):
+    """Most iterations over the seeds, per (N, M)."""
+    tokens = CONVERGENCE_GRID["tokens"]
+    lines = [f"{'N, M':>7}" + "".join(f"{m:>7}" for m in tokens)]
+    for n_rows in CONVERGENCE_GRID["frames"]:
+        cells = [max(row["n_iter"] for row in rows if (row["frames"], row["tokens"]) == (n_rows, m)) for m in tokens]
+        lines.append(f"{n_rows:>7}" + "".join(f"{cell:>7}" for cell in cells))
+    return "\n".join(lines)
+
+
 def format_table(rows):
     header = (
         f"{'B':>3} {'N':>5} {'M':>4}  {'mode':<16} {'solver':<18} {'median ms':>10} {'min ms':>9} {'x ours':>7} "
-        f"{'peak MiB':>9} {'L1 error':>9}"
+        f"{'CPU ms':>9} {'x ours(CPU)':>11} {'peak MiB':>9} {'L1 error':>9}"
     )
     lines = [header, "-" * (len(header) + 12)]
     for row in rows:
@@ -193,7 +245,8 @@ def format_table(rows):
         lines.append(
             f"{batch:>3} {n_rows:>5} {n_cols:>4}  {row['mode']:<16} {row['solver']:<18} "
             f"{row['median_s'] * 1e3:>10.1f} {row['min_s'] * 1e3:>9.1f} {row['ratio_to_ours']:>7.1f} "
-            f"{row['peak_mib']:>9.1f} {row['marginal_error']:>9.1e}" + ("" if row["reached"] else "  NOT REACHED")
+            f"{row['cpu_median_s'] * 1e3:>9.1f} {row['ratio_to_ours_cpu']:>11.1f} {row['peak_mib']:>9.1f} {row['marginal_error']:>9.1e}"
+            + ("" if row["reached"] else "  NOT REACHED")
         )
     return "\n".join(lines)
 
@@ -220,11 +273,20 @@ def main(argv=None):
         lambda1=LAMBDA1,
         lambda2=LAMBDA2,
         sigma=SIGMA,
-        ratio="median time / median time of tot[envelope] on the same shape and mode",
+        ratio="median time / median time of tot[envelope] on the same shape and mode (wall clock; "
+        "ratio_to_ours_cpu: process CPU time)",
         marginal_error="largest L1 error of both marginals over the batch, of the coupling returned",
         peak_mib="CPU: growth of peak RSS (VmHWM) over RSS before the call, after malloc_trim; "
         "CUDA: max_memory_allocated over memory_allocated before the call",
     )
+    if args.convergence:
+        rows = convergence_grid(args.accuracy)
+        print(format_convergence(rows))
+        worst = max(row["marginal_error"] for row in rows)
+        print(f"largest final marginal error: {worst:.1e}; log-domain fallback: {any(r['log_domain'] for r in rows)}")
+        if args.out:
+            write_json(args.out, dict(meta, grid=CONVERGENCE_GRID, max_iter="tot_sinkhorn default"), rows)
+        return
     rows = []
     for shape in shapes:
         for mode in MODES:

@@ -55,6 +55,11 @@ _CHECK_EVERY = 10
 # ratio per iteration of plain Sinkhorn above which a sample counts as slow.
 _RELAXATION = 1.9
 _SLOW_RATE = 0.5
+# Relaxed samples whose error ratio per iteration exceeds omega - 1 by this margin get a larger
+# omega, up to _MAX_RELAXATION.
+_RATE_MARGIN = 0.02
+_MAX_RELAXATION = 1.99
+_ADAPT_AFTER = 100
 # Scalings are absorbed into the potentials when |log u| or |log v| exceeds this (nats).
 _ABSORB_ABOVE = 10.0
 
@@ -557,6 +562,24 @@ def _relaxation_weights(errors: list[torch.Tensor]) -> torch.Tensor:
     return torch.where(rate > _SLOW_RATE, rate.new_full((), _RELAXATION), rate.new_ones(()))[:, None]
 
 
+def _adapted_relaxation(omega, error, previous, best, steps, adapt):
+    """Relaxation weights (B, 1) for the next block, from the errors (B,) after and before this one.
+
+    Below the optimal weight the error of over-relaxed Sinkhorn decays like ``r^k`` with
+    ``(r + omega - 1)^2 = r omega^2 theta^2`` [5]; above it, like ``(omega - 1)^k``. A block rate
+    ``r`` clearly above ``omega - 1`` therefore means ``omega`` is too small: ``theta^2`` is solved
+    from ``r`` and ``omega`` is raised to ``2 / (1 + sqrt(1 - theta^2))``, at most
+    ``_MAX_RELAXATION``. Safeguard: a sample whose error grew tenfold since its relaxed iterations
+    began (the switch itself may raise it once) goes back to plain Sinkhorn, which always converges.
+    """
+    rate = (error / previous).pow(1.0 / steps).nan_to_num(0.0)[:, None]
+    theta_sq = ((rate + omega - 1) ** 2 / (rate * omega**2)).clamp(max=1.0)
+    optimal = (2 / (1 + (1 - theta_sq).sqrt())).clamp(max=_MAX_RELAXATION)
+    too_small = (omega > 1) & (rate > omega - 1 + _RATE_MARGIN) & (rate < 1) & adapt
+    omega = torch.where(too_small, torch.maximum(omega, optimal), omega)
+    return torch.where((error > 10 * best)[:, None], 1.0, omega)
+
+
 def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int, tol: float):
     """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
 
@@ -574,7 +597,7 @@ def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.
     kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
     log_kernel_t = None  # built when the log domain takes over
     omega = None  # plain iterations until the first block has measured each sample's rate
-    best = torch.full_like(log_mu[:, 0], math.inf)
+    best = previous = torch.full_like(log_mu[:, 0], math.inf)
     n_iter = 0
     while n_iter < max_iter:
         steps = min(_CHECK_EVERY, max_iter - n_iter)
@@ -607,10 +630,9 @@ def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.
         if errors is not None and len(errors) == _CHECK_EVERY:
             omega = _relaxation_weights(errors)
         elif omega is not None:
-            # Safeguard: a sample whose error grew tenfold since its relaxed iterations began (the
-            # switch itself may raise it once) goes back to plain Sinkhorn, which always converges.
-            omega = torch.where((error > 10 * best)[:, None], 1.0, omega)
+            omega = _adapted_relaxation(omega, error, previous, best, steps, n_iter >= _ADAPT_AFTER)
             best = torch.minimum(best, error)
+        previous = error
     # A last plain update of g makes the columns exact, as after every iteration of plain Sinkhorn.
     if kernel is not None:
         f = f + u.log()

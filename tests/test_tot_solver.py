@@ -34,9 +34,20 @@ def test_default_solver_converges_at_training_shapes_in_float32(shape):
     assert not log["log_domain"]
     assert torch.all(log["converged"]) and log["marginal_error"].max() < 1e-4
     assert log["n_iter"] <= 300
-    assert torch.all(log["relaxation"] == 1.9)
+    assert torch.all(log["relaxation"] >= 1.9)
     n_rows, n_cols = shape[1:]
     assert (coupling.sum(dim=1) - 1 / n_cols).abs().sum(dim=1).max() < 1e-5  # columns exact
+
+
+def test_relaxation_grows_on_aligned_features_where_omega_1_9_is_too_small():
+    """Features of a trained model sit near their tokens: the cost spans [0, 2] along the band and
+    plain Sinkhorn is far slower (omega = 1.9 alone is still at 2e-4 after 1000 iterations here)."""
+    generator = torch.Generator().manual_seed(26)
+    tokens = torch.randn(4, 100, 4, generator=generator)
+    frames = tokens[:, torch.arange(1000) * 100 // 1000] + 0.5 * torch.randn(4, 1000, 4, generator=generator)
+    _, log = tot_sinkhorn(cosine_cost(frames, tokens), log=True)
+    assert torch.all(log["converged"]) and log["n_iter"] <= 600
+    assert log["relaxation"].max() > 1.9
 
 
 def test_relaxed_fast_path_matches_pot_in_float64():
@@ -47,7 +58,7 @@ def test_relaxed_fast_path_matches_pot_in_float64():
 
     coupling, log = tot_sinkhorn(cost, source_mask, target_mask, **TIGHT, log=True)
 
-    assert not log["log_domain"] and torch.all(log["relaxation"] == 1.9)
+    assert not log["log_domain"] and torch.all(log["relaxation"] >= 1.9)
     assert log["marginal_error"].max() < 1e-12
     assert_matches_pot(coupling, cost, source_mask, target_mask, lambda1, lambda2, sigma)
 
