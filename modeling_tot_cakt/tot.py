@@ -346,9 +346,10 @@ def tot_sinkhorn(
         moving mass ``k`` tokens off the diagonal costs about ``0.05 k^2`` in cost units.
     max_iter : int, optional
         Maximum number of Sinkhorn iterations (each is one ``f`` and one ``g`` update), >= 1.
-        The default 1000 leaves a wide margin: with the default parameters on random features the
-        error reaches 1e-4 within 70 iterations for ``M <= 50`` and within 250 for
-        ``N = 1000, M = 100`` (float32).
+        The default 1000 leaves a margin: with the default parameters (float32) the error
+        reaches 1e-4 within 80 iterations on random 64-d features for ``N <= 1000, M <= 50`` and
+        within 170 for ``M = 100``; on features aligned with their tokens (a trained model's),
+        within 400 at ``N = 1000, M = 100``.
     tol : float, optional
         Stopping threshold on the L1 marginal error of the returned coupling (total mass is 1;
         its columns are exact, so this is the error of its rows), >= 0; 0 runs exactly
@@ -394,9 +395,11 @@ def tot_sinkhorn(
     where ``theta^2`` is plain Sinkhorn's local rate [5]. The first 10 iterations are plain; the
     error ratio per iteration over their last five estimates ``theta^2`` for each sample, and
     samples with ``theta^2 > 0.5`` continue with ``omega = 1.9`` (rate 0.9), the others (plain
-    OT, wide priors) with ``omega = 1``, which is faster for them. A sample whose error grows
-    tenfold over the smallest seen since its relaxed iterations began returns to ``omega = 1``,
-    which always converges.
+    OT, wide priors) with ``omega = 1``, which is faster for them. From iteration 100 on, a
+    sample whose error still falls more slowly than ``omega - 1`` per iteration has ``omega``
+    below the optimum: ``theta^2`` is solved from the measured rate [5] and ``omega`` raised to
+    the optimum (at most 1.99). A sample whose error grows tenfold over the smallest seen since
+    its relaxed iterations began returns to ``omega = 1``, which always converges.
 
     *Scaling form.* The iterations multiply scalings ``u = exp(f - f_0)``, ``v = exp(g - g_0)``
     into the stabilised kernel ``exp(log K + f_0 + g_0)`` with two batched matrix-vector
