@@ -134,6 +134,20 @@ def _position_gaps(source_mask: torch.Tensor, target_mask: torch.Tensor, dtype: 
     return u[:, :, None] - v[:, None, :], pair_mask
 
 
+def _prior_log_from_gaps(gap_sq: torch.Tensor, source_mask, target_mask, sigma: float) -> torch.Tensor:
+    """``log P`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`temporal_prior_log`)."""
+    dtype = gap_sq.dtype
+    n = source_mask.sum(dim=-1).clamp(min=1).to(dtype)
+    m = target_mask.sum(dim=-1).clamp(min=1).to(dtype)
+    scale_sq = (1.0 / n**2 + 1.0 / m**2)[:, None, None]
+    return gap_sq * (-0.5 / sigma**2 / scale_sq)
+
+
+def _order_reward_from_gaps(gap_sq: torch.Tensor, lambda1: float) -> torch.Tensor:
+    """``S`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`order_reward`)."""
+    return lambda1 / (gap_sq + 1.0)
+
+
 def temporal_prior_log(
     source_mask: torch.Tensor, target_mask: torch.Tensor, sigma: float, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -165,11 +179,7 @@ def temporal_prior_log(
     """
     _check_positive(sigma, "sigma")
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
-    n = source_mask.sum(dim=-1).clamp(min=1).to(dtype)
-    m = target_mask.sum(dim=-1).clamp(min=1).to(dtype)
-    scale_sq = (1.0 / n**2 + 1.0 / m**2)[:, None, None]
-    log_prior = -gap.square() / (2.0 * sigma**2 * scale_sq)
-    return log_prior.masked_fill(~pair_mask, 0.0)
+    return _prior_log_from_gaps(gap.square(), source_mask, target_mask, sigma).masked_fill(~pair_mask, 0.0)
 
 
 def order_reward(
@@ -200,8 +210,7 @@ def order_reward(
     """
     _check_positive(lambda1, "lambda1", allow_zero=True)
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
-    reward = lambda1 / (gap.square() + 1.0)
-    return reward.masked_fill(~pair_mask, 0.0)
+    return _order_reward_from_gaps(gap.square(), lambda1).masked_fill(~pair_mask, 0.0)
 
 
 def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -264,14 +273,14 @@ def _log_kernel(cost, source_mask, target_mask, lambda1, lambda2, sigma):
     a finite value instead of ``-inf`` so that log-sum-exp over a fully padded row stays finite
     (``-inf - -inf`` would be NaN, in the forward or in the backward pass); ``exp`` of it is 0.
     """
-    dtype = cost.dtype
-    log_kernel = -cost / lambda2
+    gap, pair_mask = _position_gaps(source_mask, target_mask, cost.dtype)
+    gap_sq = gap.square_()
+    log_kernel = cost / -lambda2
     if lambda1 > 0:
-        log_kernel = log_kernel + (order_reward(source_mask, target_mask, lambda1, dtype) - lambda1) / lambda2
+        log_kernel = log_kernel + (_order_reward_from_gaps(gap_sq, lambda1) - lambda1) / lambda2
     if sigma is not None:
-        log_kernel = log_kernel + temporal_prior_log(source_mask, target_mask, sigma, dtype)
-    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
-    return log_kernel.masked_fill(~pair_mask, torch.finfo(dtype).min / 4)
+        log_kernel = log_kernel + _prior_log_from_gaps(gap_sq, source_mask, target_mask, sigma)
+    return log_kernel.masked_fill(~pair_mask, torch.finfo(cost.dtype).min / 4)
 
 
 def tot_sinkhorn(
@@ -476,11 +485,6 @@ def _relax(old: torch.Tensor, new: torch.Tensor, omega: torch.Tensor | None) -> 
     return new if omega is None else old + omega * (new - old)
 
 
-def _relax_scaling(old: torch.Tensor, new: torch.Tensor, omega: torch.Tensor | None) -> torch.Tensor:
-    """The same update in scaling form, ``old^(1 - omega) new^omega``."""
-    return new if omega is None else old.pow(1.0 - omega) * new.pow(omega)
-
-
 def _scaled_kernel(log_kernel: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
     """``exp(log K + f + g)`` (B, N, M) and its transpose (B, M, N), both contiguous.
 
@@ -496,17 +500,24 @@ def _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, step
 
     ``mu`` (B, N) and ``nu`` (B, M) are the marginals, 0 on padding; ``row_pad`` / ``col_pad`` are
     1 on padding and 0 elsewhere, so that padded scalings stay exactly 1 (``(0 + 1) / (0 + 1)``)
-    with no division by zero in the forward or the backward pass. When ``errors`` is a list, the
-    L1 row-marginal error (B,) of the iterate is appended before each ``u`` update, at no extra
-    product.
+    with no division by zero in the forward or the backward pass. The relaxed update is written
+    ``u (u_new / u)^omega``. When ``errors`` is a list, the L1 row-marginal error (B,) of the
+    iterate is appended before each ``u`` update, at no extra product. Vectors are kept as
+    (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
     """
+    row_target, col_target = (mu + row_pad)[:, None, :], (nu + col_pad)[:, None, :]
+    row_pad, col_pad = row_pad[:, None, :], col_pad[:, None, :]
+    omega = None if omega is None else omega[:, :, None]
+    u, v = u[:, None, :], v[:, None, :]
     for _ in range(steps):
-        kernel_v = torch.bmm(v[:, None, :], kernel_t)[:, 0]
+        kernel_v = torch.baddbmm(row_pad, v, kernel_t)  # K v, plus 1 on padded rows
         if errors is not None:
-            errors.append((u * kernel_v - mu).abs().sum(dim=-1).detach())
-        u = _relax_scaling(u, (mu + row_pad) / (kernel_v + row_pad), omega)
-        v = _relax_scaling(v, (nu + col_pad) / (torch.bmm(u[:, None, :], kernel)[:, 0] + col_pad), omega)
-    return u, v
+            errors.append((u * kernel_v - row_target)[:, 0].abs().sum(dim=-1).detach())  # padded: 1 * 1 - 1
+        ratio = row_target / kernel_v
+        u = ratio if omega is None else u * (ratio / u).pow(omega)
+        ratio = col_target / torch.baddbmm(col_pad, u, kernel)
+        v = ratio if omega is None else v * (ratio / v).pow(omega)
+    return u[:, 0], v[:, 0]
 
 
 def _log_block(log_kernel, log_kernel_t, f, g, log_mu, log_nu, row_mask, col_mask, omega, steps, errors):
