@@ -196,41 +196,70 @@ def benchmark_shape(shape, mode, device, args):
     return rows
 
 
-CONVERGENCE_GRID = dict(frames=(30, 100, 225, 500, 1000), tokens=(5, 15, 30, 50, 100), batch=4, seeds=(0, 1, 2))
+CONVERGENCE_GRID = dict(
+    frames=(30, 100, 225, 500, 1000),
+    tokens=(5, 15, 30, 50, 100),
+    batch=4,
+    seeds=(0, 1, 2),
+    features=("random 64-d", "aligned 4-d"),
+)
+
+
+def grid_features(kind, n_rows, n_cols, generator):
+    """Frames (B, N, D) and tokens (B, M, D): independent random 64-d features (an untrained model), or
+    4-d token features with each frame a noisy copy of the token at its relative position (a trained
+    model's: the cost then spans [0, 2] along the band, the stiffer problem)."""
+    batch = CONVERGENCE_GRID["batch"]
+    if kind == "random 64-d":
+        source = torch.randn(batch, n_rows, FEATURE_DIM, generator=generator)
+        return source, torch.randn(batch, n_cols, FEATURE_DIM, generator=generator)
+    target = torch.randn(batch, n_cols, 4, generator=generator)
+    source = target[:, torch.arange(n_rows) * n_cols // n_rows]
+    return source + 0.5 * torch.randn(source.shape, generator=generator), target
 
 
 def convergence_grid(accuracy):
-    """Iterations and final error of ``tot_sinkhorn`` with its defaults, for each (N, M) of the grid and
-    seed (a batch of ``CONVERGENCE_GRID["batch"]`` random-feature problems each)."""
+    """Iterations and final error of ``tot_sinkhorn`` with its defaults, for each feature kind, (N, M) of
+    the grid and seed (a batch of ``CONVERGENCE_GRID["batch"]`` problems each)."""
     rows = []
-    for n_rows in CONVERGENCE_GRID["frames"]:
-        for n_cols in CONVERGENCE_GRID["tokens"]:
-            for seed in CONVERGENCE_GRID["seeds"]:
-                generator = torch.Generator().manual_seed(seed)
-                source = torch.randn(CONVERGENCE_GRID["batch"], n_rows, FEATURE_DIM, generator=generator)
-                target = torch.randn(CONVERGENCE_GRID["batch"], n_cols, FEATURE_DIM, generator=generator)
-                _, log = tot_sinkhorn(cosine_cost(source, target), tol=accuracy, log=True)
-                rows.append(
-                    dict(
-                        frames=n_rows,
-                        tokens=n_cols,
-                        seed=seed,
-                        n_iter=log["n_iter"],
-                        marginal_error=log["marginal_error"].max().item(),
-                        relaxation=sorted(set(log["relaxation"].tolist())),
-                        log_domain=log["log_domain"],
+    for kind in CONVERGENCE_GRID["features"]:
+        for n_rows in CONVERGENCE_GRID["frames"]:
+            for n_cols in CONVERGENCE_GRID["tokens"]:
+                for seed in CONVERGENCE_GRID["seeds"]:
+                    source, target = grid_features(kind, n_rows, n_cols, torch.Generator().manual_seed(seed))
+                    _, log = tot_sinkhorn(cosine_cost(source, target), tol=accuracy, log=True)
+                    rows.append(
+                        dict(
+                            features=kind,
+                            frames=n_rows,
+                            tokens=n_cols,
+                            seed=seed,
+                            n_iter=log["n_iter"],
+                            marginal_error=log["marginal_error"].max().item(),
+                            relaxation=sorted(set(log["relaxation"].tolist())),
+                            log_domain=log["log_domain"],
+                        )
                     )
-                )
     return rows
 
 
 def format_convergence(rows):
-    """Most iterations over the seeds, per (N, M)."""
+    """Most iterations over the seeds, per feature kind and (N, M)."""
     tokens = CONVERGENCE_GRID["tokens"]
-    lines = [f"{'N, M':>7}" + "".join(f"{m:>7}" for m in tokens)]
-    for n_rows in CONVERGENCE_GRID["frames"]:
-        cells = [max(row["n_iter"] for row in rows if (row["frames"], row["tokens"]) == (n_rows, m)) for m in tokens]
-        lines.append(f"{n_rows:>7}" + "".join(f"{cell:>7}" for cell in cells))
+    lines = []
+    for kind in CONVERGENCE_GRID["features"]:
+        lines.append(f"{kind}: iterations to the accuracy (most over the seeds)")
+        lines.append(f"{'N, M':>7}" + "".join(f"{m:>7}" for m in tokens))
+        for n_rows in CONVERGENCE_GRID["frames"]:
+            cells = [
+                max(
+                    row["n_iter"]
+                    for row in rows
+                    if (row["features"], row["frames"], row["tokens"]) == (kind, n_rows, m)
+                )
+                for m in tokens
+            ]
+            lines.append(f"{n_rows:>7}" + "".join(f"{cell:>7}" for cell in cells))
     return "\n".join(lines)
 
 
