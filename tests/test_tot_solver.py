@@ -157,3 +157,15 @@ def test_autodiff_through_relaxed_iterations_passes_gradcheck(offset):
     assert torch.autograd.gradcheck(
         lambda c: tot_sinkhorn(c, source_mask, target_mask, **fixed), (cost,), eps=1e-6, atol=1e-7
     )
+
+
+def test_log_tells_which_samples_did_not_converge():
+    """What training logs and warns about: a sample left above tol at max_iter is reported, per sample."""
+    cost = random_feature_cost(3, 1000, 50)
+    source_mask = torch.ones(3, 1000, dtype=torch.bool)
+    target_mask = torch.ones(3, 50, dtype=torch.bool)
+    source_mask[2, 3:], target_mask[2, 2:] = False, False  # 3 frames, 2 tokens: solved in a few iterations
+    _, log = tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, log=True)
+    assert log["n_iter"] == 20
+    assert log["converged"].tolist() == [False, False, True]
+    assert torch.all(log["marginal_error"][:2] > 1e-3) and log["marginal_error"][2] < 1e-4
