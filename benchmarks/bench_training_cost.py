@@ -9,8 +9,10 @@ weights and see the same batch:
   as ``train_hf.py --cache_teacher_features`` does (padded by ``collator.pad_token_features``);
 - ``ot cached``     OT-CAKT (plain entropic OT in the same place), cached, for reference.
 
-Targets: ``tot uncached`` at most 1.25 x ``ctc``, ``tot cached`` at most 1.10 x ``ctc`` (median
-step time). Timing follows ``benchmarks/common.py``: warm-up, interleaved rounds, median and
+Targets: ``tot uncached`` at most 1.25 x ``ctc``, ``tot cached`` at most 1.05 x ``ctc`` (median
+step time), with the Sinkhorn solve run to convergence: ``--tot-max-iter`` (default 1000) and
+``tot_tol`` = 1e-4, so that the plan's marginal error is below 1e-4 (the profile reports the
+iterations and the largest marginal error of the solves). Timing follows ``benchmarks/common.py``: warm-up, interleaved rounds, median and
 minimum of the wall-clock time. On CPU the process's CPU time is reported too: with one thread it
 is the step's own work, which the other processes of a shared machine disturb far less.
 
@@ -69,7 +71,7 @@ VARIANTS = {
     "tot cached": ("tot", "cache"),
     "ot cached": ("ot", "cache"),
 }
-TARGETS = {"tot uncached": 1.25, "tot cached": 1.10}
+TARGETS = {"tot uncached": 1.25, "tot cached": 1.05}
 BASELINE = "ctc"
 CHARACTERS_PER_SECOND = 4.0
 SAMPLING_RATE = 16000
@@ -110,6 +112,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)"
     )
+    parser.add_argument(
+        "--tot-max-iter",
+        type=int,
+        default=1000,
+        help="Sinkhorn iteration cap of the alignment variants (enough to reach tot_tol at these shapes)",
+    )
     parser.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
     return parser.parse_args(argv)
 
@@ -140,9 +148,9 @@ def make_batch(encoder_config: dict, batch: int, seconds: tuple, generator: torc
     return inputs, teacher_ids, (teacher_ids != TEACHER_PAD_ID).long(), durations
 
 
-def build_models(encoder_config: dict, teacher: BertModel, device: torch.device) -> dict:
+def build_models(encoder_config: dict, teacher: BertModel, device: torch.device, tot_max_iter: int) -> dict:
     """One model per variant, in training mode; all start from the CTC baseline's encoder and head
-    weights, and the alignment variants have ``teacher`` attached."""
+    weights, and the alignment variants have ``teacher`` attached and solve with ``tot_max_iter``."""
     models = {}
     for name, (alignment, _) in VARIANTS.items():
         config = TOTCAKTConfig(
@@ -150,6 +158,7 @@ def build_models(encoder_config: dict, teacher: BertModel, device: torch.device)
             vocab_size=CTC_VOCAB_SIZE,
             alignment=alignment,
             teacher_hidden_size=teacher.config.hidden_size,
+            tot_max_iter=tot_max_iter,
         )
         model = TOTCAKTForCTC(config)
         if models:
@@ -225,10 +234,12 @@ class StageTimer:
 
         return timed
 
-    def sinkhorn_iterations(self) -> list:
-        """Iterations run by each recorded Sinkhorn call (solved again with ``log=True``, untimed)."""
+    def sinkhorn_logs(self) -> list:
+        """``(iterations, largest marginal error)`` of each recorded Sinkhorn call (solved again with
+        ``log=True``, untimed)."""
         with torch.no_grad():
-            return [function(*args, **kwargs, log=True)[1]["n_iter"] for function, args, kwargs in self.sinkhorn_calls]
+            logs = [function(*args, **kwargs, log=True)[1] for function, args, kwargs in self.sinkhorn_calls]
+        return [(log["n_iter"], log["marginal_error"].max().item()) for log in logs]
 
     @contextlib.contextmanager
     def hooked(self, model: TOTCAKTForCTC):
@@ -270,7 +281,7 @@ def added_stages(model: TOTCAKTForCTC, hidden_states, frame_mask, batch: dict, b
         ot, align, _ = model._alignment(hidden_states, frame_mask, tokens, token_mask)
     with timer.stage("alignment backward"):
         (model.config.ot_loss_weight * ot + model.config.align_loss_weight * align).backward()
-    return {name: timer.seconds.get(name, 0.0) for name in PROFILE_STAGES}, timer.sinkhorn_iterations()
+    return {name: timer.seconds.get(name, 0.0) for name in PROFILE_STAGES}, timer.sinkhorn_logs()
 
 
 def profile_additions(
@@ -296,7 +307,12 @@ def profile_additions(
             stage: 1e3 * statistics.median(stages[stage] for stages, _ in results) for stage in PROFILE_STAGES
         }
         stages_ms["total added"] = sum(stages_ms.values())
-        profile[name] = dict(stages_ms=stages_ms, sinkhorn_iterations=sorted({n for _, its in results for n in its}))
+        solves = [solve for _, logs in results for solve in logs]
+        profile[name] = dict(
+            stages_ms=stages_ms,
+            sinkhorn_iterations=sorted({n_iter for n_iter, _ in solves}),
+            sinkhorn_max_marginal_error=max(error for _, error in solves),
+        )
     return profile
 
 
@@ -357,6 +373,10 @@ def format_profile(profile: dict, baseline_ms: float, repeats: int, clock: str):
     lines.append(
         f"{'Sinkhorn iterations':<28}" + "".join(f"{str(profile[name]['sinkhorn_iterations']):>14}" for name in names)
     )
+    lines.append(
+        f"{'Sinkhorn max marginal error':<28}"
+        + "".join(f"{profile[name]['sinkhorn_max_marginal_error']:>14.1e}" for name in names)
+    )
     lines.append(f"(medians over {repeats} rounds, {clock}; ctc step: {baseline_ms:.0f} ms, same clock)")
     return "\n".join(lines)
 
@@ -401,7 +421,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     teacher = BertModel(BertConfig()).to(device)
-    models = build_models(encoder_config, teacher, device)
+    models = build_models(encoder_config, teacher, device, args.tot_max_iter)
     inputs, teacher_ids, teacher_mask, durations = make_batch(
         encoder_config, preset["batch"], preset["seconds"], torch.Generator().manual_seed(0)
     )

@@ -5,7 +5,8 @@ Pure functions (torch only) used by TOT-CAKT's alignment head:
 - :func:`cosine_cost` -- cost matrix ``C_ij = 1 - cos(a_i, l_j)``;
 - :func:`relative_positions`, :func:`temporal_prior_log`, :func:`order_reward` -- the temporal
   prior ``log P`` and the local order reward ``S`` of order-preserving Wasserstein [1];
-- :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, log-domain Sinkhorn solver;
+- :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, over-relaxed and stabilised
+  Sinkhorn solver;
 - :func:`barycentric_transport`, :func:`ot_loss`, :func:`align_loss` -- the transport of acoustic
   features onto token positions and the two alignment losses of TOT-CAKT [2].
 
@@ -32,6 +33,12 @@ References
    arXiv:2409.02239.
 .. [3] Cuturi, M. (2013). Sinkhorn distances: Lightspeed computation of optimal transport.
    NeurIPS 26.
+.. [4] Thibault, A., Chizat, L., Dossal, C., & Papadakis, N. (2021). Overrelaxed Sinkhorn-Knopp
+   algorithm for regularized optimal transport. Algorithms 14(5), 143. arXiv:1711.01851.
+.. [5] Lehmann, T., von Renesse, M.-K., Sambale, A., & Uschmajew, A. (2022). A note on
+   overrelaxation in the Sinkhorn algorithm. Optimization Letters 16, 2209-2220.
+.. [6] Schmitzer, B. (2019). Stabilized sparse scaling algorithms for entropy regularized
+   transport problems. SIAM J. Sci. Comput. 41(3), A1443-A1481.
 """
 
 import math
@@ -40,9 +47,21 @@ import torch
 
 GRAD_MODES = ("envelope", "autodiff")
 
-# The marginal error is checked once every this many iterations: each check needs one
-# device-to-host copy (a GPU sync), the iterations themselves need none.
+# Sinkhorn schedule (see the Notes of tot_sinkhorn). The iterations run in blocks of
+# _CHECK_EVERY; after each block one device-to-host copy (a GPU sync) fetches the marginal error
+# and the size of the scalings, the iterations themselves need none.
 _CHECK_EVERY = 10
+# Over-relaxation weight of the samples that plain Sinkhorn converges slowly on, and the error
+# ratio per iteration of plain Sinkhorn above which a sample counts as slow.
+_RELAXATION = 1.9
+_SLOW_RATE = 0.5
+# Relaxed samples whose error ratio per iteration exceeds omega - 1 by this margin get a larger
+# omega, up to _MAX_RELAXATION.
+_RATE_MARGIN = 0.02
+_MAX_RELAXATION = 1.99
+_ADAPT_AFTER = 100
+# Scalings are absorbed into the potentials when |log u| or |log v| exceeds this (nats).
+_ABSORB_ABOVE = 10.0
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,6 +134,20 @@ def _position_gaps(source_mask: torch.Tensor, target_mask: torch.Tensor, dtype: 
     return u[:, :, None] - v[:, None, :], pair_mask
 
 
+def _prior_log_from_gaps(gap_sq: torch.Tensor, source_mask, target_mask, sigma: float) -> torch.Tensor:
+    """``log P`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`temporal_prior_log`)."""
+    dtype = gap_sq.dtype
+    n = source_mask.sum(dim=-1).clamp(min=1).to(dtype)
+    m = target_mask.sum(dim=-1).clamp(min=1).to(dtype)
+    scale_sq = (1.0 / n**2 + 1.0 / m**2)[:, None, None]
+    return gap_sq * (-0.5 / sigma**2 / scale_sq)
+
+
+def _order_reward_from_gaps(gap_sq: torch.Tensor, lambda1: float) -> torch.Tensor:
+    """``S`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`order_reward`)."""
+    return lambda1 / (gap_sq + 1.0)
+
+
 def temporal_prior_log(
     source_mask: torch.Tensor, target_mask: torch.Tensor, sigma: float, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -146,11 +179,7 @@ def temporal_prior_log(
     """
     _check_positive(sigma, "sigma")
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
-    n = source_mask.sum(dim=-1).clamp(min=1).to(dtype)
-    m = target_mask.sum(dim=-1).clamp(min=1).to(dtype)
-    scale_sq = (1.0 / n**2 + 1.0 / m**2)[:, None, None]
-    log_prior = -gap.square() / (2.0 * sigma**2 * scale_sq)
-    return log_prior.masked_fill(~pair_mask, 0.0)
+    return _prior_log_from_gaps(gap.square(), source_mask, target_mask, sigma).masked_fill(~pair_mask, 0.0)
 
 
 def order_reward(
@@ -181,8 +210,7 @@ def order_reward(
     """
     _check_positive(lambda1, "lambda1", allow_zero=True)
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
-    reward = lambda1 / (gap.square() + 1.0)
-    return reward.masked_fill(~pair_mask, 0.0)
+    return _order_reward_from_gaps(gap.square(), lambda1).masked_fill(~pair_mask, 0.0)
 
 
 def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -245,14 +273,14 @@ def _log_kernel(cost, source_mask, target_mask, lambda1, lambda2, sigma):
     a finite value instead of ``-inf`` so that log-sum-exp over a fully padded row stays finite
     (``-inf - -inf`` would be NaN, in the forward or in the backward pass); ``exp`` of it is 0.
     """
-    dtype = cost.dtype
-    log_kernel = -cost / lambda2
+    gap, pair_mask = _position_gaps(source_mask, target_mask, cost.dtype)
+    gap_sq = gap.square_()
+    log_kernel = cost / -lambda2
     if lambda1 > 0:
-        log_kernel = log_kernel + (order_reward(source_mask, target_mask, lambda1, dtype) - lambda1) / lambda2
+        log_kernel = log_kernel + (_order_reward_from_gaps(gap_sq, lambda1) - lambda1) / lambda2
     if sigma is not None:
-        log_kernel = log_kernel + temporal_prior_log(source_mask, target_mask, sigma, dtype)
-    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
-    return log_kernel.masked_fill(~pair_mask, torch.finfo(dtype).min / 4)
+        log_kernel = log_kernel + _prior_log_from_gaps(gap_sq, source_mask, target_mask, sigma)
+    return log_kernel.masked_fill(~pair_mask, torch.finfo(cost.dtype).min / 4)
 
 
 def tot_sinkhorn(
@@ -263,7 +291,7 @@ def tot_sinkhorn(
     lambda1: float = 1.0,
     lambda2: float = 0.1,
     sigma: float | None = 1.0,
-    max_iter: int = 100,
+    max_iter: int = 1000,
     tol: float = 1e-4,
     grad: str = "envelope",
     log: bool = False,
@@ -290,16 +318,18 @@ def tot_sinkhorn(
     ``lambda1 = 0`` and ``sigma = None`` it is plain entropic OT, ``log K = -C / lambda2``
     (the OT-CAKT baseline).
 
-    The potentials are updated in the log domain, for all samples at once (no loop over the
-    batch):
+    All samples are solved at once (no loop over the batch) by over-relaxed Sinkhorn iterations
+    [4, 5] on the potentials,
 
     .. math::
-        f \leftarrow \log \mu - \mathrm{LSE}_j(\log K_{ij} + g_j), \qquad
-        g \leftarrow \log \nu - \mathrm{LSE}_i(\log K_{ij} + f_i)
+        f \leftarrow (1 - \omega) f + \omega \left(\log \mu - \mathrm{LSE}_j(\log K_{ij} + g_j)\right),
+        \qquad
+        g \leftarrow (1 - \omega) g + \omega \left(\log \nu - \mathrm{LSE}_i(\log K_{ij} + f_i)\right),
 
-    until ``max_iter`` iterations or until, at one of the checks made every 10 iterations, the
-    L1 error of the row marginals (the columns are exact after each ``g`` update) is below
-    ``tol`` for every sample of the batch.
+    run in scaling form with absorbed potentials [6] (see Notes), until ``max_iter`` iterations
+    or until, at one of the checks made every 10 iterations, the coupling that would be returned
+    has an L1 marginal error below ``tol`` for every sample of the batch. The returned coupling
+    ends with a plain (``omega = 1``) update of ``g``, so its columns are exact.
 
     Parameters
     ----------
@@ -325,9 +355,14 @@ def tot_sinkhorn(
         moving mass ``k`` tokens off the diagonal costs about ``0.05 k^2`` in cost units.
     max_iter : int, optional
         Maximum number of Sinkhorn iterations (each is one ``f`` and one ``g`` update), >= 1.
+        The default 1000 leaves a margin: with the default parameters (float32) the error
+        reaches 1e-4 within 80 iterations on random 64-d features for ``N <= 1000, M <= 50`` and
+        within 160 for ``M = 100``; on features aligned with their tokens (a trained model's),
+        within 480 at ``N = 1000, M = 100``.
     tol : float, optional
-        Stopping threshold on the L1 error of the row marginals (total mass is 1), >= 0;
-        0 runs exactly ``max_iter`` iterations.
+        Stopping threshold on the L1 marginal error of the returned coupling (total mass is 1;
+        its columns are exact, so this is the error of its rows), >= 0; 0 runs exactly
+        ``max_iter`` iterations. float32 reaches about 1e-6.
     grad : {"envelope", "autodiff"}, optional
         How gradients reach ``cost``, as in POT's ``ot.solve(..., grad=...)``:
 
@@ -340,11 +375,20 @@ def tot_sinkhorn(
           training. The coupling itself carries no gradient: :func:`barycentric_transport`
           then differentiates through the source features only.
         - ``"autodiff"``: backpropagation through the unrolled iterations; the coupling itself
-          is differentiable (costs ``O(max_iter B N M)`` memory).
+          is differentiable. In scaling form the graph keeps two (B, N + M) vectors per
+          iteration and one (B, N, M) kernel per absorption (the log-domain fallback keeps
+          (B, N, M) tensors per iteration); measured 2.4-2.6x the time of ``"envelope"``.
     log : bool, optional
-        Also return a dict with ``"n_iter"`` (int, iterations run) and ``"marginal_error"``
-        (tensor (B,), L1 error of both marginals of the returned coupling), as POT's
-        ``log=True``.
+        Also return a dict, as POT's ``log=True``, for training diagnostics:
+
+        - ``"n_iter"`` (int): iterations run;
+        - ``"marginal_error"`` (tensor (B,)): L1 error of both marginals of the returned coupling;
+        - ``"converged"`` (bool tensor (B,)): whether the sample passed the stopping test (its
+          error below ``tol`` at the last check); ``marginal_error``, measured afterwards on the
+          returned coupling, may differ from the tested error by float rounding (about 1e-7 in
+          float32);
+        - ``"relaxation"`` (tensor (B,)): the over-relaxation weight ``omega`` of each sample;
+        - ``"log_domain"`` (bool): whether the log-domain fallback ran.
 
     Returns
     -------
@@ -357,11 +401,29 @@ def tot_sinkhorn(
 
     Notes
     -----
-    With the temporal prior, Sinkhorn converges slowly: the prior makes the kernel banded,
-    and mass moves along the band only a little per iteration. On random (untrained)
-    256-dimensional features the L1 marginal error after 100 iterations is 1.6e-2 for
-    ``N = 1000, M = 50`` and 4.5e-3 for ``N = 300, M = 20`` (default parameters), whereas
-    plain OT is below 1e-6 after 30 iterations. A larger ``sigma`` converges faster.
+    *Convergence.* With the temporal prior, plain Sinkhorn (``omega = 1``) converges slowly: the
+    prior makes the kernel banded and mass moves along the band only a little per iteration
+    (marginal error 1.7e-2 after 100 iterations at ``N = 1000, M = 50`` on random features).
+    Over-relaxation [4] multiplies the error near the optimum by about ``omega - 1`` per
+    iteration once ``omega`` is at least the optimal weight ``2 / (1 + sqrt(1 - theta^2))``,
+    where ``theta^2`` is plain Sinkhorn's local rate [5]. The first 10 iterations are plain; the
+    error ratio per iteration over their last five estimates ``theta^2`` for each sample, and
+    samples with ``theta^2 > 0.5`` continue with ``omega = 1.9`` (rate 0.9), the others (plain
+    OT, wide priors) with ``omega = 1``, which is faster for them. From iteration 100 on, a
+    sample whose error still falls more slowly than ``omega - 1`` per iteration has ``omega``
+    below the optimum: ``theta^2`` is solved from the measured rate [5] and ``omega`` raised to
+    the optimum (at most 1.99). A sample whose error grows tenfold over the smallest seen since
+    its relaxed iterations began returns to ``omega = 1``, which always converges.
+
+    *Scaling form.* The iterations multiply scalings ``u = exp(f - f_0)``, ``v = exp(g - g_0)``
+    into the stabilised kernel ``exp(log K + f_0 + g_0)`` with two batched matrix-vector
+    products, instead of a log-sum-exp over all ``N M`` entries per half-iteration; the
+    potentials ``f_0``, ``g_0`` absorb the scalings whenever ``|log u|`` or ``|log v|`` exceeds
+    10 [6]. After each block of 10 iterations the scalings are checked: if any is not finite
+    and positive (the kernel under- or overflowed: tiny ``lambda2``, costs far from [0, 2]),
+    the block is run again in the log domain from its start, and so are all later blocks. The
+    coupling itself is always ``exp(log K + f + g)`` with the full potentials, so the fast path
+    changes the rounding, not the solution.
 
     Examples
     --------
@@ -398,17 +460,26 @@ def tot_sinkhorn(
     autograd = torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled())
     with _no_autocast(cost.device), autograd:
         if cost.numel() == 0:  # no sample, frame or token in the whole batch: nothing to transport
-            coupling, n_iter = cost.new_zeros(cost.shape, dtype=dtype), 0
+            coupling, n_iter, log_domain = cost.new_zeros(cost.shape, dtype=dtype), 0, False
+            relaxation, converged = cost.new_ones(batch, dtype=dtype), cost.new_ones(batch, dtype=torch.bool)
         else:
             log_kernel = _log_kernel(cost.to(dtype), row_mask, col_mask, lambda1, lambda2, sigma)
-            coupling, n_iter = _sinkhorn_log(log_kernel, row_mask, col_mask, max_iter, tol)
+            coupling, n_iter, relaxation, converged, log_domain = _sinkhorn(
+                log_kernel, row_mask, col_mask, max_iter, tol
+            )
     if not log:
         return coupling
     with torch.no_grad():
         marginal_error = (coupling.sum(dim=2) - _uniform(row_mask, dtype)).abs().sum(dim=1) + (
             coupling.sum(dim=1) - _uniform(col_mask, dtype)
         ).abs().sum(dim=1)
-    return coupling, {"n_iter": n_iter, "marginal_error": marginal_error}
+    return coupling, {
+        "n_iter": n_iter,
+        "marginal_error": marginal_error,
+        "converged": converged,
+        "relaxation": relaxation,
+        "log_domain": log_domain,
+    }
 
 
 def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -416,35 +487,185 @@ def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype) / mask.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
 
 
-def _sinkhorn_log(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int, tol: float):
-    """Log-domain Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
+def _relax(old: torch.Tensor, new: torch.Tensor, omega: torch.Tensor | None) -> torch.Tensor:
+    """Over-relaxed log-domain update ``(1 - omega) old + omega new`` (``new`` when ``omega`` is None)."""
+    return new if omega is None else old + omega * (new - old)
 
-    Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, and the number
-    of iterations run. Padded potentials are pinned to 0 so that every quantity stays finite.
+
+def _scaled_kernel(log_kernel: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
+    """``exp(log K + f + g)`` (B, N, M) and its transpose (B, M, N), both contiguous.
+
+    With both layouts each matrix-vector product is a row vector times a matrix, which BLAS runs
+    several times faster on CPU than a batched product with a column vector.
     """
-    # Both updates reduce over the last, contiguous axis: faster than reducing over dim 1.
-    log_kernel_t = log_kernel.transpose(1, 2).contiguous()
-    # log(1/N_b) and log(1/M_b), shape (B, 1): the weight of every valid row/column of a sample.
-    log_mu = -row_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(log_kernel.dtype).log()
-    log_nu = -col_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(log_kernel.dtype).log()
+    kernel = (log_kernel + f[:, :, None] + g[:, None, :]).exp()
+    return kernel, kernel.transpose(1, 2).contiguous()
+
+
+def _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, steps, errors):
+    """``steps`` Sinkhorn iterations in scaling form on the stabilised kernel ``kernel`` (B, N, M).
+
+    ``mu`` (B, N) and ``nu`` (B, M) are the marginals, 0 on padding; ``row_pad`` / ``col_pad`` are
+    1 on padding and 0 elsewhere, so that padded scalings stay exactly 1 (``(0 + 1) / (0 + 1)``)
+    with no division by zero in the forward or the backward pass. The relaxed update is written
+    ``u (u_new / u)^omega``. When ``errors`` is a list, the L1 row-marginal error (B,) of the
+    iterate is appended before each ``u`` update, at no extra product. Vectors are kept as
+    (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
+    """
+    row_target, col_target = (mu + row_pad)[:, None, :], (nu + col_pad)[:, None, :]
+    row_pad, col_pad = row_pad[:, None, :], col_pad[:, None, :]
+    omega = None if omega is None else omega[:, :, None]
+    u, v = u[:, None, :], v[:, None, :]
+    for _ in range(steps):
+        kernel_v = torch.baddbmm(row_pad, v, kernel_t)  # K v, plus 1 on padded rows
+        if errors is not None:
+            errors.append((u * kernel_v - row_target)[:, 0].abs().sum(dim=-1).detach())  # padded: 1 * 1 - 1
+        ratio = row_target / kernel_v
+        u = ratio if omega is None else u * (ratio / u).pow(omega)
+        ratio = col_target / torch.baddbmm(col_pad, u, kernel)
+        v = ratio if omega is None else v * (ratio / v).pow(omega)
+    return u[:, 0], v[:, 0]
+
+
+def _log_block(log_kernel, log_kernel_t, f, g, log_mu, log_nu, row_mask, col_mask, omega, steps, errors):
+    """``steps`` Sinkhorn iterations in the log domain (log-sum-exp updates of ``f`` and ``g``).
+
+    Padded potentials are pinned to 0, so every quantity stays finite. ``errors``: as in
+    :func:`_scaling_block`.
+    """
     zero = log_kernel.new_zeros(())
-    f = log_kernel.new_zeros(log_kernel.shape[:2])
-    g = log_kernel.new_zeros(log_kernel.shape[0], log_kernel.shape[2])
-    n_iter = max_iter
-    for iteration in range(max_iter):
+    for _ in range(steps):
         row_lse = _logsumexp_last(log_kernel + g[:, None, :])
-        # (f, g) is the previous iteration's plan: its columns are exact and its row marginals
-        # are exp(f + row_lse), so the check costs no extra log-sum-exp; one host sync per check.
-        if iteration > 0 and iteration % _CHECK_EVERY == 0:
-            row_error = ((f + row_lse).exp() - log_mu.exp()).abs().masked_fill(~row_mask, 0.0).sum(dim=-1)
-            if row_error.max().item() < tol:
-                n_iter = iteration
-                break
-        f = torch.where(row_mask, log_mu - row_lse, zero)
-        g = torch.where(col_mask, log_nu - _logsumexp_last(log_kernel_t + f[:, None, :]), zero)
+        if errors is not None:
+            row_error = ((f + row_lse).exp() - log_mu.exp()).abs().masked_fill(~row_mask, 0.0)
+            errors.append(row_error.sum(dim=-1).detach())
+        f = _relax(f, torch.where(row_mask, log_mu - row_lse, zero), omega)
+        col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
+        g = _relax(g, torch.where(col_mask, log_nu - col_lse, zero), omega)
+    return f, g
+
+
+def _plain_column_update(log_kernel_t, kernel, f, u, log_nu, nu, col_mask, col_pad):
+    """The potential ``g`` (B, M) of a plain column update from ``f + log u``: it makes the columns exact.
+
+    In scaling form (``kernel`` given) ``g = log nu - log(kernel^T u)`` relative to the absorbed
+    potentials; in the log domain ``g = log nu - LSE_i(log K + f)``. 0 on padded columns.
+    """
+    if kernel is not None:
+        return ((nu + col_pad) / (torch.bmm(u[:, None, :], kernel)[:, 0] + col_pad)).log()
+    col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
+    return torch.where(col_mask, log_nu - col_lse, log_nu.new_zeros(()))
+
+
+@torch.no_grad()
+def _row_error_after_column_update(log_kernel, log_kernel_t, kernel, kernel_t, f, u, log_nu, mu, nu, masks, pads):
+    """L1 row-marginal error (B,) of the plan that a plain column update would return now.
+
+    That plan's columns are exact, so this is its whole marginal error: the quantity that the
+    stopping rule tests. ``masks`` and ``pads`` are the (row, column) masks and paddings.
+    """
+    g = _plain_column_update(log_kernel_t, kernel, f, u, log_nu, nu, masks[1], pads[1])
+    if kernel is not None:
+        rows = u * torch.bmm(g.exp()[:, None, :], kernel_t)[:, 0]
+    else:
+        rows = _logsumexp_last(log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~masks[0], 0.0)
+    return (rows - mu).abs().sum(dim=-1)
+
+
+def _relaxation_weights(errors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample over-relaxation weights (B, 1) from the row errors of ``_CHECK_EVERY`` plain iterations.
+
+    The error ratio per iteration over the last five, ``r``, estimates plain Sinkhorn's local
+    rate ``theta^2``. Where ``r > _SLOW_RATE`` the sample gets ``omega = _RELAXATION``, else 1:
+    plain Sinkhorn is fast there already, and relaxing would slow it down to the rate ``omega - 1``.
+    """
+    rate = (errors[-1] / errors[-6]).pow(0.2).nan_to_num(0.0)  # 0 / 0 on empty samples: no relaxation
+    return torch.where(rate > _SLOW_RATE, rate.new_full((), _RELAXATION), rate.new_ones(()))[:, None]
+
+
+def _adapted_relaxation(omega, error, previous, best, steps, adapt):
+    """Relaxation weights (B, 1) for the next block, from the errors (B,) after and before this one.
+
+    Below the optimal weight the error of over-relaxed Sinkhorn decays like ``r^k`` with
+    ``(r + omega - 1)^2 = r omega^2 theta^2`` [5]; above it, like ``(omega - 1)^k``. A block rate
+    ``r`` clearly above ``omega - 1`` therefore means ``omega`` is too small: ``theta^2`` is solved
+    from ``r`` and ``omega`` is raised to ``2 / (1 + sqrt(1 - theta^2))``, at most
+    ``_MAX_RELAXATION``. Safeguard: a sample whose error grew tenfold since its relaxed iterations
+    began (the switch itself may raise it once) goes back to plain Sinkhorn, which always converges.
+    """
+    rate = (error / previous).pow(1.0 / steps).nan_to_num(0.0)[:, None]
+    theta_sq = ((rate + omega - 1) ** 2 / (rate * omega**2)).clamp(max=1.0)
+    optimal = (2 / (1 + (1 - theta_sq).sqrt())).clamp(max=_MAX_RELAXATION)
+    too_small = (omega > 1) & (rate > omega - 1 + _RATE_MARGIN) & (rate < 1) & adapt
+    omega = torch.where(too_small, torch.maximum(omega, optimal), omega)
+    return torch.where((error > 10 * best)[:, None], 1.0, omega)
+
+
+def _sinkhorn(log_kernel: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, max_iter: int, tol: float):
+    """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
+
+    The schedule is described in the Notes of :func:`tot_sinkhorn`. Returns the coupling
+    (B, N, M), exactly 0 outside ``row_mask x col_mask``, the number of iterations run, the
+    relaxation weights in use at the end (B,), whether each sample passed the stopping test (B,) and
+    whether the log-domain fallback ran.
+    """
+    dtype = log_kernel.dtype
+    log_mu = -row_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype).log()  # log(1/N_b), (B, 1)
+    log_nu = -col_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype).log()
+    mu, nu = _uniform(row_mask, dtype), _uniform(col_mask, dtype)
+    row_pad, col_pad = (~row_mask).to(dtype), (~col_mask).to(dtype)
+    f, g = torch.zeros_like(mu), torch.zeros_like(nu)  # potentials absorbed into the kernel
+    u, v = torch.ones_like(mu), torch.ones_like(nu)  # scalings on top of them
+    kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
+    log_kernel_t = None  # built when the log domain takes over
+    omega = None  # plain iterations until the first block has measured each sample's rate
+    best = previous = torch.full_like(log_mu[:, 0], math.inf)
+    n_iter = 0
+    while n_iter < max_iter:
+        steps = min(_CHECK_EVERY, max_iter - n_iter)
+        errors = [] if n_iter == 0 else None
+        if kernel is not None:
+            new_u, new_v = _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, steps, errors)
+            scalings = torch.cat([new_u, new_v], dim=1).detach()
+            if bool((torch.isfinite(scalings) & (scalings > 0)).all()):
+                u, v = new_u, new_v
+            else:  # the kernel under/overflowed: redo this block, and all later ones, in the log domain
+                f, g = f + u.log(), g + v.log()
+                u, v = torch.ones_like(u), torch.ones_like(v)
+                kernel = kernel_t = None
+                log_kernel_t = log_kernel.transpose(1, 2).contiguous()
+                errors = [] if n_iter == 0 else None
+        if kernel is None:
+            f, g = _log_block(log_kernel, log_kernel_t, f, g, log_mu, log_nu, row_mask, col_mask, omega, steps, errors)
+        n_iter += steps
+        error = _row_error_after_column_update(
+            log_kernel, log_kernel_t, kernel, kernel_t, f, u, log_nu, mu, nu, (row_mask, col_mask), (row_pad, col_pad)
+        )
+        peak = torch.cat([u, v], dim=1).detach().log().abs().amax()  # 0 in the log domain, where u = v = 1
+        worst, peak = torch.stack([error.max(), peak]).tolist()  # the block's one host sync
+        if worst < tol:
+            break
+        if peak > _ABSORB_ABOVE:  # keep u and v near 1 so that the scaled kernel stays representable
+            f, g = f + u.log(), g + v.log()
+            u, v = torch.ones_like(u), torch.ones_like(v)
+            kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
+        if errors is not None and len(errors) == _CHECK_EVERY:
+            omega = _relaxation_weights(errors)
+        elif omega is not None:
+            omega = _adapted_relaxation(omega, error, previous, best, steps, n_iter >= _ADAPT_AFTER)
+            best = torch.minimum(best, error)
+        previous = error
+    # A last plain update of g makes the columns exact, as after every iteration of plain Sinkhorn.
+    if kernel is not None:
+        f = f + u.log()
+        g = g + _plain_column_update(None, kernel, f, u, log_nu, nu, col_mask, col_pad)
+    else:
+        log_kernel_t = log_kernel_t if log_kernel_t is not None else log_kernel.transpose(1, 2).contiguous()
+        g = _plain_column_update(log_kernel_t, None, f, u, log_nu, nu, col_mask, col_pad)
     pair_mask = row_mask[:, :, None] & col_mask[:, None, :]
     coupling = (log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~pair_mask, 0.0)
-    return coupling, n_iter
+    relaxation = omega[:, 0] if omega is not None else torch.ones_like(log_mu[:, 0])
+    return coupling, n_iter, relaxation, error < tol, kernel is None
 
 
 def barycentric_transport(
