@@ -106,6 +106,9 @@ class TOTCAKTOutput(ModelOutput):
             The transport plan `T*`, returned when `output_coupling=True` and teacher features exist.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): encoder hidden states, when asked.
         attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, when asked.
+        solver_marginal_error (`torch.FloatTensor` of shape `()`, *optional*):
+            Largest L1 marginal error over the batch of the returned transport plan (with teacher features).
+        solver_iterations (`torch.FloatTensor` of shape `()`, *optional*): Sinkhorn iterations the plan took.
     """
 
     loss: torch.FloatTensor | None = None
@@ -116,6 +119,8 @@ class TOTCAKTOutput(ModelOutput):
     coupling: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    solver_marginal_error: torch.FloatTensor | None = None
+    solver_iterations: torch.FloatTensor | None = None
 
 
 class TOTCAKTAdapter(nn.Module):
@@ -545,12 +550,15 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         frame_mask: torch.BoolTensor,
         tokens: torch.Tensor,
         token_mask: torch.BoolTensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return `(ot_loss, align_loss, coupling)` for adapted frames against teacher token features."""
+    ) -> dict[str, torch.Tensor]:
+        """
+        The alignment terms of adapted frames against teacher token features: `ot_loss`, `align_loss`,
+        `coupling` and the solver's `solver_marginal_error` and `solver_iterations`.
+        """
         adapted = self.adapter(hidden_states).float()
         cost = cosine_cost(adapted, tokens)
         plain = self.config.alignment == "ot"
-        coupling = tot_sinkhorn(
+        coupling, solver = tot_sinkhorn(
             cost,
             frame_mask,
             token_mask,
@@ -560,9 +568,23 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
+            log=True,
         )
+        if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
+            logger.warning_once(
+                f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
+                f"marginal error {float(solver['marginal_error'].max()):.2e}, tot_tol={self.config.tot_tol}); the "
+                "envelope gradient is exact only at the optimum. Raise tot_max_iter (training logs "
+                "solver_marginal_error and solver_iterations)."
+            )
         transported = barycentric_transport(coupling, adapted, token_mask)
-        return ot_loss(coupling, cost), align_loss(transported, tokens, token_mask), coupling
+        return {
+            "ot_loss": ot_loss(coupling, cost),
+            "align_loss": align_loss(transported, tokens, token_mask),
+            "coupling": coupling,
+            "solver_marginal_error": solver["marginal_error"].detach().max(),
+            "solver_iterations": torch.tensor(float(solver["n_iter"]), device=cost.device),
+        }
 
     def _losses(
         self,
@@ -571,29 +593,35 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         attention_mask: torch.Tensor | None,
         labels: torch.LongTensor | None,
         teacher: tuple[torch.FloatTensor, torch.BoolTensor] | None,
-    ) -> tuple[torch.Tensor | None, ...]:
+    ) -> dict[str, torch.Tensor]:
         """
-        `(loss, ctc_loss, ot_loss, align_loss, coupling)`, each None when its inputs are absent, with
-        `loss = w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` (the alignment terms only with teacher features).
+        The loss fields of [`TOTCAKTOutput`] that the inputs allow: `ctc_loss` with `labels`; `ot_loss`,
+        `align_loss`, `coupling` and the solver diagnostics with teacher features; `loss` =
+        `w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` with `labels` (the alignment terms only with teacher
+        features).
         """
-        loss = ctc = ot = align = coupling = None
         if labels is None and teacher is None:
-            return loss, ctc, ot, align, coupling
+            return {}
         batch_size, frames = hidden_states.shape[:2]
         frame_mask = (
             self.frame_mask(frames, attention_mask)
             if attention_mask is not None
             else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
         )
+        fields = {}
         if teacher is not None:
             tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
-            ot, align, coupling = self._alignment(hidden_states, frame_mask, tokens, token_mask)
+            fields.update(self._alignment(hidden_states, frame_mask, tokens, token_mask))
         if labels is not None:
-            ctc = self._ctc_loss(logits, frame_mask.sum(-1), labels)
-            loss = self.config.ctc_loss_weight * ctc
+            fields["ctc_loss"] = self._ctc_loss(logits, frame_mask.sum(-1), labels)
+            fields["loss"] = self.config.ctc_loss_weight * fields["ctc_loss"]
             if teacher is not None:
-                loss = loss + self.config.ot_loss_weight * ot + self.config.align_loss_weight * align
-        return loss, ctc, ot, align, coupling
+                fields["loss"] = (
+                    fields["loss"]
+                    + self.config.ot_loss_weight * fields["ot_loss"]
+                    + self.config.align_loss_weight * fields["align_loss"]
+                )
+        return fields
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -659,16 +687,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             teacher_hidden_states,
             teacher_token_mask,
         )
-        loss, ctc, ot, align, coupling = self._losses(hidden_states, logits, attention_mask, labels, teacher)
+        losses = self._losses(hidden_states, logits, attention_mask, labels, teacher)
+        if not output_coupling:
+            losses.pop("coupling", None)
         output = TOTCAKTOutput(
-            loss=loss,
-            logits=logits,
-            ctc_loss=ctc,
-            ot_loss=ot,
-            align_loss=align,
-            coupling=coupling if output_coupling else None,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **losses
         )
         return output if return_dict else output.to_tuple()
 

@@ -395,3 +395,35 @@ def test_long_inputs_warn_about_attention_memory_and_chunking(monkeypatch, caplo
     longer = int(model.encoder._get_feat_extract_output_lengths(torch.tensor(4400)))
     assert f"An input of {longer} encoder frames: self-attention needs {heads} x {longer}^2" in caplog.text
     assert "chunk_length_s" in caplog.text
+
+
+def test_solver_diagnostics_are_the_returned_plans_and_an_unconverged_plan_warns(teacher_dir, tmp_path, caplog):
+    def run(**solver):
+        torch.manual_seed(0)
+        model = make_model(TINY_WAV2VEC2, "tot", teacher_dir, **solver)
+        model.attach_teacher()
+        batch = batch_for(model, tmp_path)
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            return model(
+                **batch["inputs"],
+                labels=batch["labels"],
+                teacher_input_ids=batch["teacher_input_ids"],
+                teacher_attention_mask=batch["teacher_attention_mask"],
+                output_coupling=True,
+            )
+
+    def marginal_error(coupling):  # L1 error of both marginals, from the plan itself
+        rows, columns = (coupling.sum(2) > 0).sum(1, keepdim=True), (coupling.sum(1) > 0).sum(1, keepdim=True)
+        row_error = (coupling.sum(2) - (coupling.sum(2) > 0) / rows).abs().sum(1)
+        return (row_error + (coupling.sum(1) - (coupling.sum(1) > 0) / columns).abs().sum(1)).max()
+
+    converged = run()
+    assert converged.solver_marginal_error < 1e-4
+    torch.testing.assert_close(converged.solver_marginal_error, marginal_error(converged.coupling), atol=1e-6, rtol=0)
+    assert "did not converge" not in caplog.text
+
+    cut_short = run(tot_max_iter=2)
+    assert cut_short.solver_iterations.item() == 2.0
+    assert cut_short.solver_marginal_error > 1e-4
+    torch.testing.assert_close(cut_short.solver_marginal_error, marginal_error(cut_short.coupling), atol=1e-6, rtol=0)
+    assert "The transport plan did not converge in tot_max_iter=2 iterations" in caplog.text

@@ -34,7 +34,8 @@ from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher  # load_teacher: the
 logger = logging.getLogger(__name__)
 
 CER_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "cer")
-LOSS_COMPONENTS = ("ctc_loss", "ot_loss", "align_loss")
+# Model outputs logged next to `loss`, averaged over each logging interval.
+LOGGED_OUTPUTS = ("ctc_loss", "ot_loss", "align_loss", "solver_marginal_error", "solver_iterations")
 # Sub-folder of output_dir where checkpoints that a killed run left half-written are moved.
 INCOMPLETE_CHECKPOINTS_DIR = "incomplete_checkpoints"
 
@@ -234,14 +235,14 @@ class TOTCAKTTrainingArguments(TrainingArguments):
     )
 
 
-class LossComponentMeter:
-    """Running sums of the loss components (`ctc_loss`, `ot_loss`, `align_loss`) of one phase."""
+class LoggedOutputMeter:
+    """Running sums of the logged model outputs (loss components, solver diagnostics) of one phase."""
 
     def __init__(self, device: torch.device):
-        self.totals = torch.zeros(2, len(LOSS_COMPONENTS), device=device)  # row 0: sums, row 1: counts
+        self.totals = torch.zeros(2, len(LOGGED_OUTPUTS), device=device)  # row 0: sums, row 1: counts
 
     def update(self, outputs) -> None:
-        for index, name in enumerate(LOSS_COMPONENTS):
+        for index, name in enumerate(LOGGED_OUTPUTS):
             value = outputs.get(name)
             if value is not None:
                 self.totals[0, index] += value.detach().float().to(self.totals.device)
@@ -252,7 +253,7 @@ class LossComponentMeter:
         totals = accelerator.reduce(self.totals, reduction="sum") if accelerator.num_processes > 1 else self.totals
         totals = totals.tolist()
         self.totals.zero_()
-        return {name: total / count for name, total, count in zip(LOSS_COMPONENTS, *totals) if count > 0}
+        return {name: total / count for name, total, count in zip(LOGGED_OUTPUTS, *totals) if count > 0}
 
 
 class NonFiniteGradientGuard(TrainerCallback):
@@ -334,8 +335,8 @@ class TOTCAKTTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         self.length_grouped_sampler: EpochSeededLengthGroupedSampler | None = None
         super().__init__(*args, **kwargs)
-        self.train_losses = LossComponentMeter(self.args.device)
-        self.eval_losses = LossComponentMeter(self.args.device)
+        self.train_losses = LoggedOutputMeter(self.args.device)
+        self.eval_losses = LoggedOutputMeter(self.args.device)
         self.nonfinite_loss_batches = 0
         self.gradient_guard = NonFiniteGradientGuard()
         self.add_callback(self.gradient_guard)
@@ -470,8 +471,8 @@ __all__ = [
     "CTCCharacterErrorRate",
     "EpochSeededLengthGroupedSampler",
     "INCOMPLETE_CHECKPOINTS_DIR",
-    "LOSS_COMPONENTS",
-    "LossComponentMeter",
+    "LOGGED_OUTPUTS",
+    "LoggedOutputMeter",
     "NonFiniteGradientGuard",
     "TOTCAKTTrainer",
     "TOTCAKTTrainingArguments",
