@@ -220,3 +220,32 @@ def test_ctc_loss_uses_each_utterances_valid_frames(alignment, config):
     assert abs(padded_count - expected) > 1e-2 * abs(expected)
     if alignment == "none":
         torch.testing.assert_close(output.loss, output.ctc_loss)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "autodiff"])
+def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad):
+    """The gradients of `ot_loss` and `align_loss` with respect to the adapter's weights are those of the
+    public losses computed on the adapted frames (the coupling detached in "envelope" mode)."""
+    torch.manual_seed(0)
+    model = make_model(tot_grad=grad, tot_max_iter=20).eval()
+    batch = padded_batch()
+    captured = []
+    handle = adapter_of(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        output = model(**batch)
+    finally:
+        handle.remove()
+    adapted = captured[0].float()
+    frame_mask = expected_frame_mask(adapted.shape[1])
+    tokens, token_mask = batch["teacher_hidden_states"], batch["teacher_token_mask"]
+    cost = cosine_cost(adapted, tokens)
+    coupling = solve(cost, frame_mask, token_mask, model.config, "tot", grad=grad)
+    expected_ot = ot_loss(coupling, cost)
+    expected_align = align_loss(barycentric_transport(coupling, adapted, token_mask), tokens, token_mask)
+    weights = list(adapter_of(model).parameters())
+    for name, loss, reference in (("ot", output.ot_loss, expected_ot), ("align", output.align_loss, expected_align)):
+        got = torch.autograd.grad(loss, weights, retain_graph=True)
+        want = torch.autograd.grad(reference, weights, retain_graph=True)
+        assert any(g.abs().max() > 0 for g in want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=f"{name} loss gradient")
