@@ -91,7 +91,7 @@ MUTANTS = (
     Mutant(
         "frame-mask-all-valid",
         MODEL,
-        r"(_get_feature_vector_attention_mask\(\s*\w+,\s*\w+\s*\)\.bool\(\))",
+        r"((?:\w+\.)*_get_feature_vector_attention_mask\(\s*\w+,\s*\w+\s*\)\.bool\(\))",
         r"(\1 | True)",
         WIRING + MODELING,
         "every output frame counts as valid, padded ones included",
@@ -362,7 +362,7 @@ ACCEPTED_SURVIVORS = {
 @dataclass
 class Result:
     mutant: Mutant
-    status: str  # killed, survived, timeout, pattern not found, ambiguous (N matches), error (rc N)
+    status: str  # killed, survived, timeout, pattern not found, ambiguous, invalid mutant, error
     seconds: float = 0.0
     detail: str = ""
 
@@ -424,6 +424,10 @@ def check(mutant: Mutant, timeout: float) -> Result:
     if matches > 1:
         return Result(mutant, f"ambiguous ({matches} matches)")
     mutated = re.sub(mutant.pattern, mutant.replacement, original, count=1)
+    try:
+        compile(mutated, str(path), "exec")
+    except SyntaxError as err:  # the replacement is wrong, not the tests: say so without running them
+        return Result(mutant, "invalid mutant (syntax error)", detail=f"line {err.lineno}: {err.msg}")
     try:
         path.write_text(mutated, encoding="utf-8")
         code, output, seconds = run_pytest(pytest_arguments(mutant.tests, mutant.select), timeout)
