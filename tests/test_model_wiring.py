@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TEACHER_HIDDEN, TINY_WAV2VEC2, make_model
+from tiny_models import TEACHER_HIDDEN, TINY_HUBERT, TINY_WAV2VEC2, TINY_WAVLM, make_model
 
 from modeling_tot_cakt.tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
 
@@ -17,6 +17,10 @@ from modeling_tot_cakt.tot import align_loss, barycentric_transport, cosine_cost
 SAMPLES = (8000, 5000)
 # Teacher tokens per utterance: 5 and 3 (the second is padded with 2 tokens).
 TOKENS = (5, 3)
+# Raw-waveform encoders with the same convolutional feature encoder (so the same frame counts).
+ENCODERS = pytest.mark.parametrize(
+    "encoder", [TINY_WAV2VEC2, TINY_HUBERT, TINY_WAVLM], ids=["wav2vec2", "hubert", "wavlm"]
+)
 
 
 def valid_frames(samples: int, encoder: dict = TINY_WAV2VEC2) -> int:
@@ -67,10 +71,11 @@ def run_and_capture_adapted(model, **inputs):
     return output, captured[0].float()
 
 
+@ENCODERS
 @pytest.mark.parametrize("alignment", ["tot", "ot"])
-def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginals(alignment):
+def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginals(alignment, encoder):
     torch.manual_seed(0)
-    model = make_model(alignment=alignment, tot_sigma=3.0, tot_max_iter=3000, tot_tol=1e-6).eval()
+    model = make_model(encoder, alignment=alignment, tot_sigma=3.0, tot_max_iter=3000, tot_tol=1e-6).eval()
     batch = padded_batch()
     with torch.no_grad():
         coupling = model(**batch, output_coupling=True).coupling
@@ -202,9 +207,10 @@ def reference_ctc_loss(logits, labels, input_lengths, config):
     "config", [dict(), dict(ctc_loss_reduction="sum", pad_token_id=9)], ids=["defaults", "sum-blank9"]
 )
 @pytest.mark.parametrize("alignment", ["none", "tot"])
-def test_ctc_loss_uses_each_utterances_valid_frames(alignment, config):
+@ENCODERS
+def test_ctc_loss_uses_each_utterances_valid_frames(encoder, alignment, config):
     torch.manual_seed(0)
-    model = make_model(alignment=alignment, **config).eval()
+    model = make_model(encoder, alignment=alignment, **config).eval()
     batch = padded_batch()
     if alignment == "none":
         batch = dict(input_values=batch["input_values"], attention_mask=batch["attention_mask"])
