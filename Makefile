@@ -36,8 +36,8 @@ lint: install
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Plant known bugs one at a time and check that the tests catch each (docs/TESTING.md; about 15 minutes on
-# 2 cores). MUTATION_ARGS="--skip-slow" leaves out the mutants caught only by whole training runs.
+# Plant known bugs one at a time and check that the tests catch each (docs/TESTING.md; 20-40 minutes
+# on 2 cores). MUTATION_ARGS="--skip-slow" leaves out the mutants caught only by whole training runs.
 MUTATION_ARGS ?=
 mutation: install
 	$(PY) tests/mutation/mutation_check.py $(MUTATION_ARGS)
