@@ -532,4 +532,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: the tests were stopped and the mutated file restored", file=sys.stderr)
+        sys.exit(130)
