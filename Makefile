@@ -10,7 +10,7 @@ PRESET ?= quick
 DEMO_DIR ?= outputs/demo
 BENCH_DEVICE ?= cpu
 
-.PHONY: install system-deps lint test demo bench bench-quick bench-quality clean
+.PHONY: install system-deps lint test demo bench bench-quick bench-quality mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences.
 system-deps:
@@ -35,6 +35,12 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Plant known bugs one at a time and check that the tests catch each (docs/TESTING.md; 20-40 minutes
+# on 2 cores). MUTATION_ARGS="--skip-slow" leaves out the mutants caught only by whole training runs.
+MUTATION_ARGS ?=
+mutation: install
+	$(PY) tests/mutation/mutation_check.py $(MUTATION_ARGS)
 
 demo: install
 	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_model, make_processor
+from tiny_models import TINY_WAV2VEC2_BERT, make_model, make_processor
 from transformers import AutoTokenizer
 
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher, pad_token_features
@@ -26,20 +26,62 @@ def examples(processor, texts, lengths):
     ]
 
 
+def ids(processor, text):
+    return processor.tokenizer.convert_tokens_to_ids(list(text))
+
+
 def test_audio_and_labels_are_padded(processor):
-    batch = DataCollatorCTCWithTeacher(processor)(examples(processor, ["你好", "中国人大"], [800, 1200]))
+    features = examples(processor, ["你好", "中国人大"], [800, 1200])
+    batch = DataCollatorCTCWithTeacher(processor)(features)
     assert set(batch) == {"input_values", "attention_mask", "labels"}
     assert batch["input_values"].shape == (2, 1200)
     assert batch["attention_mask"].sum(-1).tolist() == [800, 1200]
+    # The audio is copied as is (no second normalisation) and padded with zeros; the mask marks it.
+    torch.testing.assert_close(batch["input_values"][0, :800], torch.from_numpy(features[0]["input_values"]))
+    torch.testing.assert_close(batch["input_values"][1], torch.from_numpy(features[1]["input_values"]))
+    assert not batch["input_values"][0, 800:].any()
+    assert batch["attention_mask"].tolist() == [[1] * 800 + [0] * 400, [1] * 1200]
     ni, hao = processor.tokenizer.convert_tokens_to_ids(["你", "好"])
     assert batch["labels"].tolist()[0] == [ni, hao, -100, -100]
-    assert (batch["labels"][1] >= 0).all()
+    assert batch["labels"].tolist() == [[*ids(processor, "你好"), -100, -100], ids(processor, "中国人大")]
+
+
+def test_hand_made_batch_is_collated_exactly(processor):
+    features = [
+        {"input_values": np.array([0.5, -1.0, 2.0], np.float32), "labels": [3, 4], "text": "你好"},
+        {"input_values": np.array([1.5, 0.25], np.float32), "labels": [5, 6, 7], "text": "中国人"},
+    ]
+    batch = DataCollatorCTCWithTeacher(processor)(features)
+    assert batch["input_values"].tolist() == [[0.5, -1.0, 2.0], [1.5, 0.25, 0.0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[3, 4, -100], [5, 6, 7]]
+
+
+def test_log_mel_features_are_padded_frame_by_frame(tmp_path):
+    processor = make_processor(tmp_path, make_model(TINY_WAV2VEC2_BERT, alignment="none"))
+    features = [
+        {"input_features": np.full((3, 160), 1.5, np.float32), "labels": [3, 4], "text": "你好"},
+        {"input_features": np.full((5, 160), -2.0, np.float32), "labels": [5], "text": "中"},
+    ]
+    batch = DataCollatorCTCWithTeacher(processor)(features)
+    assert set(batch) == {"input_features", "attention_mask", "labels"}
+    assert batch["input_features"].shape == (2, 5, 160)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert (batch["input_features"][0, :3] == 1.5).all() and (batch["input_features"][1] == -2.0).all()
+    # SeamlessM4TFeatureExtractor pads log-mel frames with its padding_value (1.0); the mask hides them.
+    assert (batch["input_features"][0, 3:] == processor.feature_extractor.padding_value).all()
+    assert batch["labels"].tolist() == [[3, 4], [5, -100]]
 
 
 def test_pad_to_multiple_of(processor):
     collator = DataCollatorCTCWithTeacher(processor, pad_to_multiple_of=512, pad_to_multiple_of_labels=8)
     batch = collator(examples(processor, ["你好", "中国人"], [800, 700]))
     assert batch["input_values"].shape == (2, 1024) and batch["labels"].shape == (2, 8)
+    assert batch["attention_mask"].sum(-1).tolist() == [800, 700] and not batch["input_values"][:, 800:].any()
+    assert batch["labels"].tolist() == [
+        [*ids(processor, "你好"), *[-100] * 6],
+        [*ids(processor, "中国人"), *[-100] * 5],
+    ]
 
 
 def test_teacher_tokens(processor, tiny_teacher):
@@ -80,11 +122,20 @@ def test_tokenizer_and_cache_are_exclusive(processor, tiny_teacher, tmp_path):
 
 
 def test_batch_feeds_the_model(processor, tiny_teacher):
-    model = make_model(teacher_dir=tiny_teacher)
+    """A collated batch gives the model exactly what each utterance gives it alone: every loss of the padded
+    batch is the mean of the single-utterance losses (padding, labels and teacher tokens all line up)."""
+    torch.manual_seed(0)
+    # A fixed number of Sinkhorn iterations, so the batch and the single utterances iterate alike.
+    model = make_model(teacher_dir=tiny_teacher, tot_tol=0.0, tot_max_iter=30).eval()
     model.attach_teacher()
     collator = DataCollatorCTCWithTeacher(processor, teacher_tokenizer=AutoTokenizer.from_pretrained(tiny_teacher))
-    output = model(**collator(examples(processor, ["你好", "中国人大"], [8000, 12000])))
-    assert torch.isfinite(output.loss) and output.ot_loss is not None and output.align_loss is not None
+    features = examples(processor, ["你好", "中国人大"], [8000, 12000])
+    with torch.no_grad():
+        together = model(**collator(features))
+        alone = [model(**collator([feature])) for feature in features]
+    for name in ("loss", "ctc_loss", "ot_loss", "align_loss"):
+        expected = torch.stack([getattr(output, name) for output in alone]).mean()
+        torch.testing.assert_close(getattr(together, name), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_pad_token_features_with_an_empty_sequence():

@@ -1,0 +1,539 @@
+#!/usr/bin/env python
+"""Mutation check: plant plausible bugs one at a time, run the tests meant to catch each, restore the file.
+
+A mutant is a regular-expression substitution in one file of the package (or `train_hf.py`) plus the
+tests that should fail on it. For each mutant the script
+
+1. finds the pattern in the file (exactly one match, or the mutant is reported as "pattern not found" /
+   "ambiguous": the code changed and the pattern must be rewritten);
+2. writes the mutated file, runs `pytest -x` on the mutant's tests in a fresh interpreter (no stale
+   bytecode: `PYTHONPYCACHEPREFIX` points to an empty folder), and restores the original file, also
+   when interrupted (Ctrl-C, SIGTERM);
+3. reports it as *killed* (a test failed or the tests could not even be collected), *survived*
+   (every test passed) or *timeout*.
+
+Patterns are written against short, stable snippets (the name of a configuration field, a call to a
+public function), so they survive renames of the code around them.
+
+Usage (from the repository root; `make mutation` runs the first form)::
+
+    python tests/mutation/mutation_check.py                  # baseline, then every mutant
+    python tests/mutation/mutation_check.py --list           # the mutants, whether they match, their tests
+    python tests/mutation/mutation_check.py --only ot-mode-runs-tot ctc-padded-frame-count
+    python tests/mutation/mutation_check.py --skip-slow      # leave out mutants whose tests take minutes
+    python tests/mutation/mutation_check.py --markdown results.md
+
+The exit status is 0 when every mutant run is killed or an accepted survivor (`ACCEPTED_SURVIVORS`,
+each with its reason), 1 otherwise (a survivor, a pattern that no longer matches, a failing baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MODEL = "modeling_tot_cakt/modeling_tot_cakt.py"
+SOLVER = "modeling_tot_cakt/tot.py"
+TRAINER = "modeling_tot_cakt/training/trainer.py"
+COLLATOR = "modeling_tot_cakt/training/collator.py"
+CER = "modeling_tot_cakt/training/metrics/cer/cer.py"
+SCRIPT = "train_hf.py"
+
+WIRING = ("tests/test_model_wiring.py",)
+MODELING = ("tests/test_modeling.py",)
+EVALUATION = ("tests/test_evaluation.py",)
+SOLVER_TESTS = ("tests/test_tot.py", "tests/test_tot_properties.py")
+RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: `pattern` (a regular expression, exactly one match) becomes `replacement` in `path`."""
+
+    name: str
+    path: str
+    pattern: str
+    replacement: str
+    tests: tuple[str, ...]  # test files or node ids
+    bug: str  # what the planted bug does, in words
+    select: str | None = None  # a pytest `-k` expression that narrows `tests` down
+    slow: bool = False  # its tests run whole trainings in subprocesses (a minute or more)
+
+
+MUTANTS = (
+    # ---------------------------------------------------------------- model wiring
+    Mutant(
+        "solver-without-frame-mask",
+        MODEL,
+        r"(tot_sinkhorn\(\s*\w+,\s*)(?:source_mask=)?\w+(?=\s*,)",
+        r"\1None",
+        WIRING + MODELING,
+        "the model passes no frame mask to the solver: padded frames receive transport mass",
+    ),
+    Mutant(
+        "solver-without-token-mask",
+        MODEL,
+        r"(tot_sinkhorn\(\s*\w+,\s*(?:source_mask=)?\w+,\s*)(?:target_mask=)?\w+(?=\s*,)",
+        r"\1target_mask=None",
+        WIRING + MODELING,
+        "the model passes no token mask to the solver: padded tokens receive transport mass",
+    ),
+    Mutant(
+        "frame-mask-all-valid",
+        MODEL,
+        r"((?:\w+\.)*_get_feature_vector_attention_mask\(\s*\w+,\s*\w+\s*\)\.bool\(\))",
+        r"(\1 | True)",
+        WIRING + MODELING,
+        "every output frame counts as valid, padded ones included",
+    ),
+    Mutant(
+        "ot-mode-runs-tot",
+        MODEL,
+        r"alignment\s*==\s*\"ot\"",
+        'alignment == "plain-ot"',
+        WIRING,
+        'alignment="ot" silently runs TOT',
+    ),
+    Mutant(
+        "lambda1-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_lambda1\b",
+        "1.0",
+        WIRING,
+        "config.tot_lambda1 never reaches the solver (its default is used)",
+    ),
+    Mutant(
+        "lambda2-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_lambda2\b",
+        "0.1",
+        WIRING,
+        "config.tot_lambda2 never reaches the solver",
+    ),
+    Mutant(
+        "sigma-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_sigma\b",
+        "1.0",
+        WIRING,
+        "config.tot_sigma never reaches the solver",
+    ),
+    Mutant(
+        "max-iter-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_max_iter\b",
+        "50",
+        WIRING,
+        "config.tot_max_iter never reaches the solver",
+    ),
+    Mutant(
+        "tol-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_tol\b",
+        "1e-4",
+        WIRING,
+        "config.tot_tol never reaches the solver",
+    ),
+    Mutant(
+        "grad-mode-not-configurable",
+        MODEL,
+        r"(?:self\.)?config\.tot_grad\b",
+        '"envelope"',
+        WIRING,
+        "config.tot_grad never reaches the solver",
+    ),
+    Mutant(
+        "cost-detached-from-adapter",
+        MODEL,
+        r"cosine_cost\((\w+),",
+        r"cosine_cost(\1.detach(),",
+        WIRING + MODELING,
+        "the transport cost carries no gradient into the adapter",
+    ),
+    Mutant(
+        "align-loss-without-token-mask",
+        MODEL,
+        r"(align_loss\(\s*\w+,\s*\w+),\s*\w+\s*\)",
+        r"\1)",
+        WIRING + MODELING,
+        "the alignment loss averages over padded tokens too",
+    ),
+    Mutant(
+        "transport-without-token-mask",
+        MODEL,
+        r"(barycentric_transport\(\s*\w+,\s*\w+),\s*\w+\s*\)",
+        r"\1)",
+        WIRING + MODELING,
+        "the barycentric transport scales every sample by the padded token count",
+    ),
+    Mutant(
+        "loss-weights-swapped",
+        MODEL,
+        r"((?:self\.)?config\.)ot_loss_weight(\s*\*)",
+        r"\1align_loss_weight\2",
+        WIRING + MODELING,
+        "the transport cost is weighted with align_loss_weight",
+    ),
+    Mutant(
+        "ctc-weight-ignored",
+        MODEL,
+        r"(?:self\.)?config\.ctc_loss_weight\s*\*\s*",
+        "",
+        WIRING,
+        "config.ctc_loss_weight is not applied",
+    ),
+    Mutant(
+        "teacher-special-tokens-kept",
+        MODEL,
+        r"hidden, mask = hidden\[:, 1:\], mask\[:, 1:\]",
+        "hidden, mask = hidden, mask",
+        MODELING,
+        "[CLS] stays among the teacher's token features",
+    ),
+    # ---------------------------------------------------------------- CTC loss
+    Mutant(
+        "ctc-padded-frame-count",
+        MODEL,
+        r"(ctc_loss\(\s*log_probs,\s*\w+,\s*)(\w+)(?=\s*,)",
+        r"\1torch.full_like(\2, log_probs.shape[0])",
+        WIRING,
+        "the CTC loss uses the padded frame count instead of each utterance's valid frames",
+    ),
+    Mutant(
+        "ctc-blank-is-zero",
+        MODEL,
+        r"blank=(?:self\.)?config\.pad_token_id",
+        "blank=0",
+        WIRING,
+        "the CTC blank is id 0 whatever pad_token_id says",
+    ),
+    Mutant(
+        "ctc-reduction-not-configurable",
+        MODEL,
+        r"reduction=(?:self\.)?config\.ctc_loss_reduction",
+        'reduction="mean"',
+        WIRING,
+        "config.ctc_loss_reduction is ignored",
+    ),
+    # ---------------------------------------------------------------- evaluation and metric
+    Mutant(
+        "eval-predictions-unmasked",
+        TRAINER,
+        r"(\w+) = \1\.masked_fill\(~frame_mask",
+        r"\1 = \1 if True else \1.masked_fill(~frame_mask",
+        EVALUATION,
+        "evaluation predictions are not masked on padded frames, so the CER reads padding",
+    ),
+    Mutant(
+        "cer-references-collapsed",
+        TRAINER,
+        r"decode\(prediction\.label_ids, group_tokens=False\)",
+        "decode(prediction.label_ids, group_tokens=True)",
+        ("tests/test_cer.py",) + EVALUATION,
+        "references are CTC-collapsed, so a real double character is scored as one",
+    ),
+    Mutant(
+        "cer-arguments-swapped",
+        CER,
+        r"jiwer\.cer\(list\(references\), list\(predictions\)\)",
+        "jiwer.cer(list(predictions), list(references))",
+        ("tests/test_cer.py",),
+        "the CER divides by the prediction's length",
+    ),
+    # ---------------------------------------------------------------- collation
+    Mutant(
+        "labels-padded-with-blank",
+        COLLATOR,
+        r"(masked_fill\(labels\[\"attention_mask\"\]\.ne\(1\),\s*)-100\)",
+        r"\g<1>0)",
+        ("tests/test_collator.py",),
+        "label padding is the blank id instead of -100, so CTC reads padding as targets",
+    ),
+    Mutant(
+        "collator-without-attention-mask",
+        COLLATOR,
+        r"return_attention_mask=True",
+        "return_attention_mask=False",
+        ("tests/test_collator.py",),
+        "batches carry no attention mask",
+    ),
+    Mutant(
+        "cached-token-mask-off-by-one",
+        COLLATOR,
+        r"< lengths\[:, None\]",
+        "<= lengths[:, None]",
+        ("tests/test_collator.py",),
+        "one padded cached token per utterance counts as valid",
+    ),
+    # ---------------------------------------------------------------- solver
+    Mutant(
+        "positions-zero-based",
+        SOLVER,
+        r"rank / count",
+        "(rank - 1) / count",
+        SOLVER_TESTS,
+        "relative positions are (i - 1)/N instead of OPW's i/N",
+    ),
+    Mutant(
+        "prior-without-factor-two",
+        SOLVER,
+        r"2\.0 \* sigma\*\*2",
+        "sigma**2",
+        SOLVER_TESTS,
+        "the temporal prior is exp(-d^2 / sigma^2)",
+    ),
+    Mutant(
+        "row-update-ignores-marginal",
+        SOLVER,
+        r"log_mu - row_lse",
+        "-row_lse",
+        SOLVER_TESTS,
+        "the f update drops log(1/N)",
+    ),
+    Mutant(
+        "transport-not-rescaled",
+        SOLVER,
+        r"(weights = coupling\.to\(dtype\)) \* [^\n]+",
+        r"\1",
+        SOLVER_TESTS,
+        "the barycentric map forgets the 1/nu_j factor",
+    ),
+    # ---------------------------------------------------------------- training loop
+    Mutant(
+        "nonfinite-loss-not-skipped",
+        TRAINER,
+        r"if model\.training and not torch\.isfinite\(loss\):",
+        "if False:",
+        ("tests/test_train_hf.py",),
+        "a NaN loss is backpropagated into the weights",
+        select="nonfinite",
+    ),
+    Mutant(
+        "checkpoint-chosen-by-name",
+        TRAINER,
+        r"sorted\((\w+), key=\1\.get\)",
+        r"sorted(\1)",
+        RESUME,
+        "the last complete checkpoint is chosen by name: checkpoint-9 wins over checkpoint-10",
+        select="resume or checkpoint",
+        slow=True,
+    ),
+    Mutant(
+        "resume-ignores-last-checkpoint",
+        SCRIPT,
+        r"resume_from_checkpoint=training_args\.resume_from_checkpoint or last_checkpoint",
+        "resume_from_checkpoint=training_args.resume_from_checkpoint",
+        RESUME,
+        "train_hf.py ignores the last checkpoint and retrains from step 1",
+        select="resume or checkpoint",
+        slow=True,
+    ),
+    Mutant(
+        "loss-components-not-reduced-across-processes",
+        TRAINER,
+        r"accelerator\.reduce\(self\.totals, reduction=\"sum\"\)",
+        "self.totals",
+        ("tests/test_distributed.py",),
+        "logged ctc/ot/align losses are those of process 0 only",
+        slow=True,
+    ),
+)
+
+# Mutants that no test kills, each with the reason it is accepted.
+ACCEPTED_SURVIVORS = {
+    "transport-without-token-mask": (
+        "equivalent for every output: without the mask the transported features of a sample are scaled by "
+        "max M / M_b, padded tokens are already zero in the coupling, and the alignment loss is a cosine, "
+        "which ignores the scale."
+    ),
+}
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    status: str  # killed, survived, timeout, pattern not found, ambiguous, invalid mutant, error
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.status == "survived":
+            return self.mutant.name in ACCEPTED_SURVIVORS
+        return self.status.startswith("killed") or self.status == "timeout"
+
+
+def pytest_arguments(tests: tuple[str, ...], select: str | None) -> list[str]:
+    return [*tests, *(["-k", select] if select else [])]
+
+
+def run_pytest(arguments: list[str], timeout: float) -> tuple[int | None, str, float]:
+    """Run pytest in a fresh interpreter and its own process group (training tests start subprocesses).
+
+    Returns the exit code (None on timeout, after killing the group), the output's tail and the seconds taken.
+    """
+    with tempfile.TemporaryDirectory(prefix="mutation-pycache-") as pycache:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PYTHONPYCACHEPREFIX": pycache,
+        }
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *arguments]
+        start = time.monotonic()
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except BaseException as err:  # timeout, Ctrl-C, SIGTERM: stop the tests and whatever they started
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            if not isinstance(err, subprocess.TimeoutExpired):
+                raise
+            return None, "", time.monotonic() - start
+        return process.returncode, output[-2000:], time.monotonic() - start
+
+
+def last_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def check(mutant: Mutant, timeout: float) -> Result:
+    path = ROOT / mutant.path
+    original = path.read_text(encoding="utf-8")
+    matches = len(re.findall(mutant.pattern, original))
+    if matches == 0:
+        return Result(mutant, "pattern not found")
+    if matches > 1:
+        return Result(mutant, f"ambiguous ({matches} matches)")
+    mutated = re.sub(mutant.pattern, mutant.replacement, original, count=1)
+    try:
+        compile(mutated, str(path), "exec")
+    except SyntaxError as err:  # the replacement is wrong, not the tests: say so without running them
+        return Result(mutant, "invalid mutant (syntax error)", detail=f"line {err.lineno}: {err.msg}")
+    try:
+        path.write_text(mutated, encoding="utf-8")
+        code, output, seconds = run_pytest(pytest_arguments(mutant.tests, mutant.select), timeout)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    if code is None:
+        return Result(mutant, "timeout", seconds)
+    if code == 0:
+        return Result(mutant, "survived", seconds, last_line(output))
+    if code == 1:
+        return Result(mutant, "killed", seconds, first_failure(output))
+    if code == 2:  # collection failed: the mutant broke an import
+        return Result(mutant, "killed (collection error)", seconds, last_line(output))
+    return Result(mutant, f"error (pytest exit code {code})", seconds, last_line(output))
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("FAILED "):
+            return line[len("FAILED ") :].split(" - ")[0]
+    return last_line(output)
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| mutant | file | planted bug | result | caught by | seconds |", "|---|---|---|---|---|---|"]
+    for result in results:
+        status = result.status
+        if status == "survived" and result.mutant.name in ACCEPTED_SURVIVORS:
+            status = "survived (accepted)"
+        caught = result.detail if result.status.startswith("killed") else ""
+        lines.append(
+            f"| `{result.mutant.name}` | `{result.mutant.path}` | {result.mutant.bug} | {status} | "
+            f"{f'`{caught}`' if caught else ''} | {result.seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--skip-slow", action="store_true", help="leave out mutants whose tests take minutes")
+    parser.add_argument("--no-baseline", action="store_true", help="do not first run the tests on unmutated code")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for one mutant's tests")
+    parser.add_argument("--markdown", type=Path, help="also write the result table (Markdown) to this file")
+    args = parser.parse_args(argv)
+
+    mutants = list(MUTANTS)
+    if args.only:
+        unknown = set(args.only) - {mutant.name for mutant in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutants: {', '.join(sorted(unknown))} (see --list)")
+        mutants = [mutant for mutant in mutants if mutant.name in args.only]
+    if args.skip_slow:
+        mutants = [mutant for mutant in mutants if not mutant.slow]
+    if args.list:
+        for mutant in mutants:
+            tests = " ".join(pytest_arguments(mutant.tests, mutant.select))
+            matches = len(re.findall(mutant.pattern, (ROOT / mutant.path).read_text(encoding="utf-8")))
+            found = {0: "pattern not found", 1: "pattern found"}.get(matches, f"ambiguous ({matches} matches)")
+            print(f"{mutant.name:46} {found:18} {mutant.path:42} {tests}{'  (slow)' if mutant.slow else ''}")
+        return 0
+
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # restore the file on `kill` too
+    if not args.no_baseline:
+        # The unmutated code must pass every selection first, or every mutant would look killed.
+        selections = dict.fromkeys((mutant.tests, mutant.select) for mutant in mutants if mutant.select)
+        unselected = tuple(dict.fromkeys(test for mutant in mutants if not mutant.select for test in mutant.tests))
+        runs = ([pytest_arguments(unselected, None)] if unselected else []) + [
+            pytest_arguments(tests, select) for tests, select in selections
+        ]
+        for arguments in runs:
+            print(f"baseline: {' '.join(arguments)}", flush=True)
+            code, output, seconds = run_pytest(arguments, args.timeout * 2)
+            print(f"  {last_line(output)} ({seconds:.0f} s)", flush=True)
+            if code != 0:
+                print("The tests fail on the unmutated code: fix that first (or pass --no-baseline).")
+                return 1
+
+    results = []
+    for mutant in mutants:
+        print(f"{mutant.name} ...", end=" ", flush=True)
+        result = check(mutant, args.timeout)
+        accepted = " (accepted)" if result.status == "survived" and result.ok else ""
+        print(f"{result.status}{accepted} {result.seconds:.0f} s  {result.detail}", flush=True)
+        results.append(result)
+
+    table = markdown_table(results)
+    print("\n" + table)
+    if args.markdown:
+        args.markdown.write_text(table, encoding="utf-8")
+    killed = sum(result.status.startswith("killed") or result.status == "timeout" for result in results)
+    print(f"{killed} of {len(results)} mutants killed.")
+    failures = [result for result in results if not result.ok]
+    for result in failures:
+        print(f"NOT OK: {result.mutant.name}: {result.status} ({result.mutant.path})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: the tests were stopped and the mutated file restored", file=sys.stderr)
+        sys.exit(130)
