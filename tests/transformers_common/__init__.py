@@ -6,14 +6,13 @@ They live in transformers' `tests/` folder, which the wheel does not install. Ra
 installed version with pip (the project's CI has PyPI access) and keeps its top-level test files in a
 cache (`$TOT_CAKT_TEST_CACHE`, default `~/.cache/tot-cakt`). The sdist lacks three helper modules those
 files import; `shims/` provides them (each file says why its stand-in suffices). `parameterized`, which
-the common tests import, is installed into the same cache when the environment lacks it.
+the common tests import, comes with the package's `dev` extra.
 To run offline, fill the cache once on a machine with PyPI access (or copy it).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -78,21 +77,12 @@ def _fetch_sdist_tests(target: Path) -> None:
         shutil.rmtree(staging)
 
 
-def _ensure_parameterized(target: Path) -> None:
-    site = target / "site-packages"
-    if importlib.util.find_spec("parameterized") is None and not (site / "parameterized").exists():
-        _pip("install", "--quiet", "--target", str(site), "parameterized", what="parameterized")
-    if site.exists() and str(site) not in sys.path:
-        sys.path.append(str(site))
-
-
 def import_common_tests():
     """Return transformers' `test_modeling_common` and `test_configuration_common` modules."""
     target = cache_dir()
     if not (target / PACKAGE / "test_modeling_common.py").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         _fetch_sdist_tests(target)
-    _ensure_parameterized(target)
     if str(target) not in sys.path:
         sys.path.insert(0, str(target))
     return (
