@@ -52,7 +52,7 @@ SCRIPT = "train_hf.py"
 WIRING = ("tests/test_model_wiring.py",)
 MODELING = ("tests/test_modeling.py",)
 EVALUATION = ("tests/test_evaluation.py",)
-SOLVER_TESTS = ("tests/test_tot.py", "tests/test_tot_properties.py")
+SOLVER_TESTS = ("tests/test_tot.py", "tests/test_tot_properties.py", "tests/test_tot_solver.py")
 RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
 
 
@@ -298,7 +298,23 @@ MUTANTS = (
         r"log_mu - row_lse",
         "-row_lse",
         SOLVER_TESTS,
-        "the f update drops log(1/N)",
+        "the log-domain fallback's f update drops log(1/N)",
+    ),
+    Mutant(
+        "scaling-row-update-ignores-marginal",
+        SOLVER,
+        r"ratio = row_target / kernel_v",
+        "ratio = (row_target > 0).to(kernel_v.dtype) / kernel_v",
+        SOLVER_TESTS,
+        "the scaling-form u update drops the marginal 1/N",
+    ),
+    Mutant(
+        "relaxation-ignored-in-scaling-form",
+        SOLVER,
+        r"u = ratio if omega is None else u \* \(ratio / u\)\.pow\(omega\)",
+        "u = ratio",
+        SOLVER_TESTS,
+        "the over-relaxation of the u update is dropped",
     ),
     Mutant(
         "transport-not-rescaled",
