@@ -106,7 +106,12 @@ def run_once(
 ) -> dict:
     """Train and evaluate one run (or reuse a completed one); returns its result record."""
     paths = demo.DemoPaths(
-        root=run_dir, corpus=base.corpus, teacher=base.teacher, model=run_dir / "model", cache=base.cache
+        root=run_dir,
+        corpus=base.corpus,
+        teacher=base.teacher,
+        model=run_dir / "model",
+        cache=base.cache,
+        encoder_root=base.encoder_root,
     )
     result_file = run_dir / "result.json"
     environment = {"OMP_NUM_THREADS": str(threads)} if threads else None

@@ -273,3 +273,17 @@ def test_pretrained_encoder_stage_and_training_from_it(tmp_path):
     )
     assert demo.pretrained_encoder_dir(changed, paths) != encoder_dir
     assert demo.training_arguments(changed, paths)["encoder_name_or_path"] != str(encoder_dir)
+
+
+def test_runs_outside_the_demo_folder_use_the_demo_s_pretrained_encoder(tmp_path):
+    """The quality benchmark keeps each run in its own folder but shares the demo's encoder."""
+    preset = demo.load_preset("transfer")
+    base = demo.DemoPaths.create(tmp_path / "work", preset)
+    run = demo.DemoPaths(tmp_path / "run", base.corpus, base.teacher, tmp_path / "run" / "model", base.cache)
+    assert demo.pretrained_encoder_dir(preset, run).parent == tmp_path / "run" / "encoder"
+    shared = demo.DemoPaths(
+        tmp_path / "run", base.corpus, base.teacher, tmp_path / "run" / "model", base.cache, base.encoder_root
+    )
+    expected = demo.pretrained_encoder_dir(preset, base)
+    assert demo.training_arguments(preset, shared)["encoder_name_or_path"] == str(expected)
+    assert expected.parent == tmp_path / "work" / "transfer" / "encoder"

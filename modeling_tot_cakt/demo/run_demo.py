@@ -189,6 +189,7 @@ class DemoPaths:
         corpus, teacher: the corpus and teacher folders.
         model: ``train_hf.py``'s output folder (the trained model).
         cache: featurised datasets and teacher features, shared between runs.
+        encoder_root: the pretrained encoder's corpus, training run and folders (default ``root/encoder``).
     """
 
     root: Path
@@ -196,6 +197,11 @@ class DemoPaths:
     teacher: Path
     model: Path
     cache: Path
+    encoder_root: Path | None = None
+
+    def __post_init__(self):
+        if self.encoder_root is None:
+            self.encoder_root = self.root / "encoder"
 
     @classmethod
     def create(cls, work_dir: str | os.PathLike, preset: DemoPreset) -> DemoPaths:
@@ -210,7 +216,6 @@ class DemoPaths:
         )
 
     evaluation = property(lambda self: self.root / "evaluation")
-    encoder_root = property(lambda self: self.root / "encoder")
     logs = property(lambda self: self.root / "logs")
     report = property(lambda self: self.root / REPORT_FILE)
     couplings_png = property(lambda self: self.root / COUPLINGS_FILE)
