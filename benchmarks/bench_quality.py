@@ -354,9 +354,11 @@ def main(argv=None) -> dict:
     report = record(report_complete=True)
     for method in report["summary"]["methods"].values():
         dev, test = method["dev_cer"], method["test_cer"]
+        target = report["summary"]["target_dev_cer"]
         print(
             f"{method['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
-            f"{test['std']:.4f}   steps to dev CER {report['summary']['target_dev_cer']:.4f}: {method['steps_to_target']}"
+            f"{test['std']:.4f}"
+            + (f"   steps to dev CER {target:.4f}: {method['steps_to_target']}" if target is not None else "")
         )
         if "test_homophone_cer" in method:
             print(

@@ -775,10 +775,20 @@ def format_summary(report: dict) -> str:
         f"homophone substitutions {report['test_errors']['homophone_cer']:.3f}, "
         f"other errors {report['test_errors']['other_cer']:.3f}",
         f"trained {report['training']['steps']} steps; teacher held-out masked-token accuracy "
-        f"{report['teacher']['heldout_masked_token_accuracy']:.3f}",
-        "",
-        "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:",
+        f"{report['teacher']['heldout_masked_token_accuracy']:.3f}"
+        + (
+            f", homophone choice {choice['accuracy']:.3f} (most-frequent baseline "
+            f"{choice['frequency_baseline_accuracy']:.3f})"
+            if (choice := report["teacher"].get("homophone_choice"))
+            else ""
+        ),
     ]
+    if encoder := report.get("pretrained_encoder"):
+        lines.append(
+            f"pretrained encoder: dev syllable error rate {encoder['dev_syllable_error_rate']:.3f} "
+            f"on held-out voices after {encoder['steps']} steps ({'reused' if encoder['reused'] else 'built now'})"
+        )
+    lines += ["", "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:"]
     for item in report["transcriptions"]:
         lines += [
             f"  {item['id']}  CER {item['cer']:.2f}",
