@@ -496,12 +496,14 @@ def transcribe_clips(model_dir: Path, records: Sequence[dict]) -> list[dict]:
 def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: int = 32) -> list[str]:
     """Greedy CTC transcripts of manifest records with the saved model, in record order.
 
-    Batches hold utterances of similar length (little padding); each transcript is the processor's
-    decoding of the arg-max path with its spaces removed, as the CER metric compares them.
+    Batches hold utterances of similar length; as in ``train_hf.py``'s evaluation, the frames of the
+    padding are left out of the arg-max path and ``[UNK]`` counts as one character. Each transcript
+    is the processor's decoding with its spaces removed, as the CER metric compares them.
     """
     from transformers import AutoProcessor
 
     from ..modeling_tot_cakt import TOTCAKTForCTC
+    from ..training.trainer import CTCCharacterErrorRate
 
     model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -511,10 +513,19 @@ def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: in
     transcripts: list[str] = [""] * len(audio)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs = processor([audio[index] for index in chunk], sampling_rate=rate, return_tensors="pt", padding=True)
+        inputs = processor(
+            [audio[index] for index in chunk],
+            sampling_rate=rate,
+            return_tensors="pt",
+            padding=True,
+            return_attention_mask=True,
+        )
         ids = model(**inputs).logits.argmax(-1)
+        valid = model.frame_mask(ids.shape[1], inputs["attention_mask"])
+        ids = ids.masked_fill(~valid, processor.tokenizer.pad_token_id)
         for index, text in zip(chunk, processor.batch_decode(ids), strict=True):
-            transcripts[index] = text.replace(" ", "")
+            unknown = CTCCharacterErrorRate.UNKNOWN_CHARACTER
+            transcripts[index] = text.replace(processor.tokenizer.unk_token, unknown).replace(" ", "")
     return transcripts
 
 
