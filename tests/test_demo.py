@@ -76,13 +76,13 @@ def test_demo_report_transcriptions_and_plot(tiny_demo):
     assert json.loads(paths.report.read_text(encoding="utf-8")) == report
     assert report["preset"] == "tiny" and report["reused"] == {"corpus": False, "teacher": False, "model": False}
     assert report["evaluation"]["dev"]["utterances"] == 3 and report["evaluation"]["test"]["utterances"] == 3
-    # The greedy transcripts behind the homophone/other split score the same CER as train_hf.py's evaluation.
+    # The greedy transcripts behind the homophone/other split score train_hf.py's evaluation CER; batches
+    # padded differently may move one arg-max of this 2-step model (measured: 46 vs 45 edits), no more.
     errors = report["test_errors"]
-    assert errors["cer"] == pytest.approx(report["cer"]["test"])
+    reference_chars = sum(len(record["text"]) for record in read_manifest(paths.corpus / "test.jsonl"))
+    assert errors["reference_chars"] == reference_chars
+    assert abs(errors["cer"] - report["cer"]["test"]) * reference_chars <= 1 + 1e-9
     assert errors["homophone_cer"] + errors["other_cer"] == pytest.approx(errors["cer"])
-    assert errors["reference_chars"] == sum(
-        len(record["text"]) for record in read_manifest(paths.corpus / "test.jsonl")
-    )
     assert report["training"]["steps"] == 2
     assert set(report["timings_seconds"]) == {
         "synthesis",
