@@ -53,6 +53,7 @@ import yaml
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
 from ..training.transcripts import normalize_transcript
+from .encoder_pretraining import REPORT_FILE as ENCODER_REPORT_FILE
 from .encoder_pretraining import export_encoder, load_complete_encoder, write_syllable_manifests
 from .error_analysis import split_errors
 from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, char_readings, read_manifest, synthesize_corpus
@@ -295,7 +296,7 @@ def encoder_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> dic
         "dev_syllable_error_rate_by_step": summary["dev_cer_by_step"],
         "build_seconds": round(time.perf_counter() - start, 1),
     }
-    (model_dir / "encoder_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (model_dir / ENCODER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return {**report, "reused": False}
 
 
