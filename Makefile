@@ -12,18 +12,21 @@ BENCH_DEVICE ?= cpu
 
 .PHONY: install system-deps lint test demo bench bench-quick bench-quality mutation clean
 
-# espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences.
+# espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
+# debian-reference-zh-cn are more text for the offline teacher.
+SYSTEM_PACKAGES := espeak-ng fortunes-zh manpages-zh debian-reference-zh-cn
 system-deps:
-	@if command -v espeak-ng >/dev/null && test -e /usr/share/games/fortunes/chinese >/dev/null 2>&1; then :; \
+	@if command -v espeak-ng >/dev/null && test -e /usr/share/games/fortunes/chinese \
+		&& test -d /usr/share/man/zh_CN && test -e /usr/share/debian-reference/debian-reference.zh-cn.txt.gz; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng fortunes-zh; \
-	else echo "Missing system packages: install espeak-ng and fortunes-zh (e.g. sudo apt-get install espeak-ng fortunes-zh)"; exit 1; fi
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "Missing system packages: install $(SYSTEM_PACKAGES) (e.g. sudo apt-get install $(SYSTEM_PACKAGES))"; exit 1; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,demo]"
 	touch $@
 
 install: system-deps $(VENV)/.installed

@@ -8,16 +8,23 @@ arguments come from a demo preset (:mod:`modeling_tot_cakt.demo`), so the benchm
 ``make demo`` trains.
 
 Reported (``--output``, default ``docs/results/quality.json``): dev and test CER per run and as
-mean +- std per method, the dev-CER-vs-step curve of every run (periodic evaluation during
-training), and for each method the steps it needs to reach the CER that CTC-only reaches at the
-end (``--target_cer`` overrides). ``--plot`` (default ``docs/results/quality_curves.png``) draws
+mean +- std per method, the test errors of every run split into homophone substitutions and other
+errors (:mod:`modeling_tot_cakt.demo.error_analysis`), the paired differences TOT-CAKT - CTC-only and
+TOT-CAKT - OT-CAKT over the seeds run by both methods with 95 % t-intervals, the dev-CER-vs-step
+curve of every run (periodic evaluation during training), and for each method the steps it needs
+to reach the CER that CTC-only reaches at the end (``--target_cer`` overrides). ``--plot`` (default ``docs/results/quality_curves.png``) draws
 the curves. The JSON is rewritten after every finished run, so an interrupted benchmark leaves
 its finished runs; a rerun reuses runs trained to completion with the same arguments.
 
-Presets: ``quality`` (2 cores, two runs at a time on one thread each) and ``full`` (the demo's
-``full`` preset, longer, one run at a time; for a GPU).
+Presets: ``quality`` (from scratch, 2 cores, two runs at a time on one thread each), ``transfer``
+(the paper's regime: fine-tuning the demo's pretrained encoder with the stronger offline teacher,
+five seeds) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
+``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1339``
+for a quarter of the training transcripts, ``align_loss_weight=1.0``) and ``--label`` keeps such a
+variant's runs apart.
 
     python benchmarks/bench_quality.py --preset quality
+    python benchmarks/bench_quality.py --preset transfer --output docs/results/quality_transfer.json
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import save_figure
@@ -51,6 +60,9 @@ class BenchPreset:
         seeds: training seeds per method.
         parallel: runs at a time.
         threads_per_run: ``OMP_NUM_THREADS`` of each run (None: torch's default).
+        score_in_process: score dev and test by greedy decoding in this process
+            (:func:`~modeling_tot_cakt.demo.run_demo.error_split_stage`) instead of two evaluation runs
+            of ``train_hf.py``: the same CER, without two script start-ups per run (short runs).
     """
 
     demo_preset: str
@@ -58,6 +70,7 @@ class BenchPreset:
     seeds: tuple[int, ...] = (0, 1, 2)
     parallel: int = 1
     threads_per_run: int | None = None
+    score_in_process: bool = False
 
 
 PRESETS = {
@@ -70,6 +83,16 @@ PRESETS = {
         threads_per_run=1,
     ),
     # The full demo's training (12,000 steps, best dev checkpoint kept), one run at a time: for a GPU.
+    # The paper's regime: the transfer demo preset (pretrained encoder, stronger teacher), a short
+    # fine-tune per run, five seeds paired across the methods, two runs at a time on one thread each.
+    "transfer": BenchPreset(
+        demo_preset="transfer",
+        train_overrides={"disable_tqdm": True},
+        seeds=(0, 1, 2, 3, 4),
+        parallel=2,
+        threads_per_run=1,
+        score_in_process=True,
+    ),
     "full": BenchPreset(
         demo_preset="full",
         train_overrides={"disable_tqdm": True},
@@ -78,10 +101,17 @@ PRESETS = {
 }
 
 
-def run_once(preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threads: int | None) -> dict:
+def run_once(
+    preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threads: int | None, score_in_process: bool = False
+) -> dict:
     """Train and evaluate one run (or reuse a completed one); returns its result record."""
     paths = demo.DemoPaths(
-        root=run_dir, corpus=base.corpus, teacher=base.teacher, model=run_dir / "model", cache=base.cache
+        root=run_dir,
+        corpus=base.corpus,
+        teacher=base.teacher,
+        model=run_dir / "model",
+        cache=base.cache,
+        encoder_root=base.encoder_root,
     )
     result_file = run_dir / "result.json"
     environment = {"OMP_NUM_THREADS": str(threads)} if threads else None
@@ -90,7 +120,11 @@ def run_once(preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threa
     if reused and result_file.is_file():
         return json.loads(result_file.read_text(encoding="utf-8"))
     train_seconds = time.perf_counter() - start
-    evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
+    errors = demo.error_split_stage(paths, "test")
+    if score_in_process:
+        evaluation = {"dev": demo.error_split_stage(paths, "dev"), "test": errors}
+    else:
+        evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
     summary = demo.training_summary(paths.model)
     result = {
         "alignment": preset.train["alignment"],
@@ -102,6 +136,7 @@ def run_once(preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threa
         "wall_seconds": round(time.perf_counter() - start, 1),
         "train_wall_seconds": round(train_seconds, 1),
         "dev_cer_by_step": summary["dev_cer_by_step"],
+        "test_errors": errors,
         "model_dir": str(paths.model),
     }
     result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -119,6 +154,27 @@ def _mean_std(values: list[float]) -> dict:
         "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
         "n": len(values),
     }
+
+
+def paired_difference(runs: list[dict], method: str, baseline: str, metric: str = "test_cer") -> dict | None:
+    """Mean of ``metric`` of ``method`` minus ``baseline`` over the seeds both ran, with a 95 % CI.
+
+    The interval is Student's t on the per-seed differences: ``mean +- t_{0.975, n-1} * sd / sqrt(n)``.
+
+    Returns:
+        ``{"mean", "ci95": [low, high], "n", "per_seed"}``; None with fewer than two common seeds.
+    """
+    values = {
+        name: {run["seed"]: run[metric] for run in runs if run["alignment"] == name} for name in (method, baseline)
+    }
+    seeds = sorted(set(values[method]) & set(values[baseline]))
+    if len(seeds) < 2:
+        return None
+    differences = np.array([values[method][seed] - values[baseline][seed] for seed in seeds])
+    mean, half = float(differences.mean()), 0.0
+    if differences.std(ddof=1) > 0:
+        half = float(stats.t.ppf(0.975, len(seeds) - 1) * differences.std(ddof=1) / np.sqrt(len(seeds)))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(seeds), "per_seed": differences.tolist()}
 
 
 def summarise(runs: list[dict], target_cer: float | None) -> dict:
@@ -142,6 +198,16 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
             "steps_to_target": reached,
             "runs_reaching_target": sum(step is not None for step in reached),
         }
+        splits = [run["test_errors"] for run in method_runs if "test_errors" in run]
+        if splits:
+            summary["methods"][method]["test_homophone_cer"] = _mean_std([split["homophone_cer"] for split in splits])
+            summary["methods"][method]["test_other_cer"] = _mean_std([split["other_cer"] for split in splits])
+    summary["paired_differences"] = {
+        f"{METHODS[method]} - {METHODS[baseline]}": {
+            metric: paired_difference(runs, method, baseline, metric) for metric in ("test_cer", "dev_cer")
+        }
+        for method, baseline in (("tot", "none"), ("tot", "ot"), ("ot", "none"))
+    }
     return summary
 
 
@@ -190,18 +256,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--max_steps", type=int, help="Override the preset's number of steps.")
     parser.add_argument("--target_cer", type=float, help="Dev CER for steps_to_target (default: CTC-only's final).")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Change a train_hf.py argument of every run (VALUE is read as YAML); repeatable.",
+    )
+    parser.add_argument(
+        "--label", default="default", help="Name of this variant; its runs go to <work_dir>/<preset>/<label>."
+    )
     args = parser.parse_args(argv)
 
     bench = PRESETS[args.preset]
+    if bench.threads_per_run:
+        import torch
+
+        torch.set_num_threads(bench.threads_per_run)  # in-process scoring, like the runs themselves
     preset = demo.load_preset(bench.demo_preset)
     overrides = dict(bench.train_overrides)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    for item in args.override:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            parser.error(f"--override takes KEY=VALUE, got {item!r}.")
+        overrides[key] = yaml.safe_load(value)
     base = demo.DemoPaths.create(args.demo_work_dir, preset)
     base.root.mkdir(parents=True, exist_ok=True)
-    runs_dir = Path(args.work_dir).resolve() / args.preset
+    runs_dir = Path(args.work_dir).resolve() / args.preset / args.label
     corpus = demo.synthesize_stage(preset, base)
     teacher = demo.teacher_stage(preset, base)
+    encoder = demo.encoder_stage(preset, base)
 
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in args.methods]
     runs: list[dict] = []
@@ -223,10 +309,13 @@ def main(argv=None) -> dict:
                 "utterances": corpus.num_utterances,
                 "vocabulary_size": corpus.info["vocabulary_size"],
             },
+            "label": args.label,
             "teacher": {
                 "dir": str(base.teacher),
                 "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"],
+                "homophone_choice": teacher.report.get("homophone_choice"),
             },
+            "pretrained_encoder": encoder,
             "complete": report_complete,
             "runs_planned": len(jobs),
             "wall_seconds": round(time.perf_counter() - started, 1),
@@ -245,8 +334,11 @@ def main(argv=None) -> dict:
             synthesis=preset.synthesis,
             teacher=preset.teacher,
             train={**preset.train, **overrides, "alignment": method, "seed": seed},
+            encoder=preset.encoder,
         )
-        result = run_once(run_preset, base, runs_dir / f"{method}-seed{seed}", bench.threads_per_run)
+        result = run_once(
+            run_preset, base, runs_dir / f"{method}-seed{seed}", bench.threads_per_run, bench.score_in_process
+        )
         with lock:
             runs.append(result)
             record(report_complete=False)
@@ -260,12 +352,26 @@ def main(argv=None) -> dict:
         for future in [pool.submit(job, method, seed) for method, seed in jobs]:
             future.result()
     report = record(report_complete=True)
-    for stats in report["summary"]["methods"].values():
-        dev, test = stats["dev_cer"], stats["test_cer"]
+    for method in report["summary"]["methods"].values():
+        dev, test = method["dev_cer"], method["test_cer"]
+        target = report["summary"]["target_dev_cer"]
         print(
-            f"{stats['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
-            f"{test['std']:.4f}   steps to dev CER {report['summary']['target_dev_cer']:.4f}: {stats['steps_to_target']}"
+            f"{method['name']:9s} dev CER {dev['mean']:.4f} +- {dev['std']:.4f}   test CER {test['mean']:.4f} +- "
+            f"{test['std']:.4f}"
+            + (f"   steps to dev CER {target:.4f}: {method['steps_to_target']}" if target is not None else "")
         )
+        if "test_homophone_cer" in method:
+            print(
+                f"{'':9s} test errors: homophone substitutions {method['test_homophone_cer']['mean']:.4f}, "
+                f"other {method['test_other_cer']['mean']:.4f}"
+            )
+    for name, metrics in report["summary"]["paired_differences"].items():
+        if metrics["test_cer"] is not None:
+            difference = metrics["test_cer"]
+            print(
+                f"{name}: test CER {difference['mean']:+.4f}, 95 % CI [{difference['ci95'][0]:+.4f}, "
+                f"{difference['ci95'][1]:+.4f}] (n = {difference['n']} paired seeds)"
+            )
     return report
 
 

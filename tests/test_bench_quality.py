@@ -45,3 +45,34 @@ def test_curves_plot(tmp_path):
     summary = bench_quality.summarise(RUNS, target_cer=None)
     bench_quality.plot_curves(RUNS, summary, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_difference_is_a_t_interval_on_the_per_seed_differences():
+    runs = [
+        run("tot", 0, 0.5, 0.40, []),
+        run("tot", 1, 0.5, 0.30, []),
+        run("tot", 2, 0.5, 0.50, []),
+        run("tot", 3, 0.5, 0.10, []),  # no CTC-only run with seed 3: not paired, left out
+        run("none", 0, 0.5, 0.50, []),
+        run("none", 1, 0.5, 0.50, []),
+        run("none", 2, 0.5, 0.50, []),
+    ]
+    difference = bench_quality.paired_difference(runs, "tot", "none")
+    # Differences -0.1, -0.2, 0.0: mean -0.1, sd 0.1, t(0.975, 2) = 4.302653 -> half width 0.248414.
+    assert difference["n"] == 3 and difference["per_seed"] == pytest.approx([-0.1, -0.2, 0.0])
+    assert difference["mean"] == pytest.approx(-0.1)
+    assert difference["ci95"] == pytest.approx([-0.1 - 0.248414, -0.1 + 0.248414], abs=1e-6)
+    assert bench_quality.paired_difference(runs, "tot", "ot") is None  # nothing to pair with
+
+
+def test_summary_reports_the_error_split_and_paired_differences():
+    runs = [
+        dict(item, test_errors={"homophone_cer": 0.1 * index, "other_cer": 0.2}) for index, item in enumerate(RUNS)
+    ]
+    summary = bench_quality.summarise(runs, target_cer=None)
+    assert summary["methods"]["none"]["test_homophone_cer"]["mean"] == pytest.approx(0.05)
+    assert summary["methods"]["tot"]["test_other_cer"]["mean"] == pytest.approx(0.2)
+    paired = summary["paired_differences"]["TOT-CAKT - CTC only"]
+    assert paired["test_cer"]["per_seed"] == pytest.approx([-0.2, 0.1])
+    assert paired["dev_cer"]["mean"] == pytest.approx(-0.05)
+    assert summary["paired_differences"]["TOT-CAKT - OT-CAKT"]["test_cer"] is None

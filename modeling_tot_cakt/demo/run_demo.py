@@ -6,6 +6,9 @@
 1. ``corpus/``: a synthetic Mandarin speech corpus (:mod:`modeling_tot_cakt.demo.synthesis`);
 2. ``teacher/``: a small character BERT pretrained offline, the stand-in for bert-base-chinese
    (:mod:`modeling_tot_cakt.demo.teacher_pretraining`);
+2b. ``encoder/`` (presets with an ``encoder`` section): an acoustic encoder pretrained with CTC on toned
+   pinyin syllables of a second synthetic corpus, the stand-in for a pretrained wav2vec 2.0
+   (:mod:`modeling_tot_cakt.demo.encoder_pretraining`); training then starts from it;
 3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
    the demo trains exactly as a user of the script does);
 4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
@@ -21,8 +24,10 @@ Training is skipped when ``model/`` holds a model trained to completion with the
 always run on the saved model. Featurised datasets and teacher features are cached in
 ``<work_dir>/cache`` and shared between presets.
 
-A preset is a YAML file with three sections: ``synthesis`` (:class:`SynthesisConfig` fields),
-``teacher`` (:class:`TeacherConfig` fields) and ``train`` (``train_hf.py`` arguments). The demo adds
+A preset is a YAML file with the sections ``synthesis`` (:class:`SynthesisConfig` fields),
+``teacher`` (:class:`TeacherConfig` fields), ``train`` (``train_hf.py`` arguments) and optionally
+``encoder`` (``synthesis``: the pretraining corpus' :class:`SynthesisConfig` fields; ``train``: the
+``train_hf.py`` arguments of the CTC pretraining). The demo adds
 the paths (see :data:`DEMO_TRAIN_ARGS`) and writes the ``train`` section to ``train_args.yaml``,
 which is what ``train_hf.py`` reads.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -46,12 +52,19 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
-from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, read_manifest, synthesize_corpus
+from ..training.transcripts import normalize_transcript
+from .encoder_pretraining import REPORT_FILE as ENCODER_REPORT_FILE
+from .encoder_pretraining import export_encoder, load_complete_encoder, write_syllable_manifests
+from .error_analysis import split_errors
+from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, char_readings, read_manifest, synthesize_corpus
 from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-PRESETS = ("quick", "full")
-PRESET_SECTIONS = ("synthesis", "teacher", "train")
+PRESETS = ("quick", "full", "transfer")
+PRESET_SECTIONS = ("synthesis", "teacher", "encoder", "train")
+ENCODER_SECTIONS = ("synthesis", "train")
+ENCODER_FORMAT_VERSION = 1
+"""Bumped whenever what an encoder section builds changes, so old pretrained encoders are rebuilt."""
 DEMO_TRAIN_ARGS = (
     "output_dir",
     "train_manifest",
@@ -61,6 +74,7 @@ DEMO_TRAIN_ARGS = (
     "teacher_cache_dir",
     "cache_dir",
     "model_name_or_path",
+    "encoder_name_or_path",
     "do_train",
     "do_eval",
     "do_predict",
@@ -99,6 +113,7 @@ class DemoPreset:
         synthesis: :class:`SynthesisConfig` fields (``output_dir`` excluded).
         teacher: :class:`TeacherConfig` fields (``output_dir`` and ``corpus_dir`` excluded).
         train: ``train_hf.py`` arguments (:data:`DEMO_TRAIN_ARGS` excluded).
+        encoder: ``{"synthesis": ..., "train": ...}`` of the pretrained encoder; empty: train from scratch.
     """
 
     name: str
@@ -106,6 +121,13 @@ class DemoPreset:
     synthesis: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    encoder: dict = field(default_factory=dict)
+
+    def encoder_key(self) -> str:
+        """Hash of what determines the pretrained encoder: its section and the character-level
+        corpus' settings (whose dev/test sentences it must not speak)."""
+        key = {"encoder": self.encoder, "synthesis": self.synthesis, "format_version": ENCODER_FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _field_names(config_class) -> set[str]:
@@ -137,12 +159,25 @@ def load_preset(name_or_path: str | os.PathLike) -> DemoPreset:
     owned = sorted(set(content.get("train") or {}) & set(DEMO_TRAIN_ARGS))
     if owned:
         raise ValueError(f"{path}: the train section must not set {owned}; the demo sets these itself.")
+    encoder = dict(content.get("encoder") or {})
+    if encoder:
+        if set(encoder) != set(ENCODER_SECTIONS):
+            raise ValueError(f"{path}: the encoder section needs exactly the subsections {ENCODER_SECTIONS}.")
+        unknown = sorted(set(encoder["synthesis"] or {}) - (_field_names(SynthesisConfig) - {"output_dir"}))
+        if unknown:
+            raise ValueError(f"{path}: unknown encoder synthesis settings {unknown}.")
+        owned = sorted(set(encoder["train"] or {}) & set(DEMO_TRAIN_ARGS))
+        if owned:
+            raise ValueError(f"{path}: the encoder's train section must not set {owned}; the demo sets these itself.")
+        if "encoder_config" in (content.get("train") or {}):
+            raise ValueError(f"{path}: with an encoder section, training starts from it: drop train.encoder_config.")
     return DemoPreset(
         name=path.stem.removeprefix("demo_"),
         source=path,
         synthesis=dict(content.get("synthesis") or {}),
         teacher=dict(content.get("teacher") or {}),
         train=dict(content.get("train") or {}),
+        encoder=encoder,
     )
 
 
@@ -155,6 +190,7 @@ class DemoPaths:
         corpus, teacher: the corpus and teacher folders.
         model: ``train_hf.py``'s output folder (the trained model).
         cache: featurised datasets and teacher features, shared between runs.
+        encoder_root: the pretrained encoder's corpus, training run and folders (default ``root/encoder``).
     """
 
     root: Path
@@ -162,6 +198,11 @@ class DemoPaths:
     teacher: Path
     model: Path
     cache: Path
+    encoder_root: Path | None = None
+
+    def __post_init__(self):
+        if self.encoder_root is None:
+            self.encoder_root = self.root / "encoder"
 
     @classmethod
     def create(cls, work_dir: str | os.PathLike, preset: DemoPreset) -> DemoPaths:
@@ -192,10 +233,80 @@ def teacher_stage(preset: DemoPreset, paths: DemoPaths) -> TeacherSummary:
     return build_teacher(TeacherConfig(output_dir=str(paths.teacher), corpus_dir=str(paths.corpus), **preset.teacher))
 
 
+def pretrained_encoder_dir(preset: DemoPreset, paths: DemoPaths) -> Path:
+    """Where the preset's pretrained encoder lives: a folder per settings hash, so that a changed
+    encoder section gives a new path, and with it new training arguments (the model is retrained)."""
+    return paths.encoder_root / f"model-{preset.encoder_key()}"
+
+
+def encoder_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> dict | None:
+    """Pretrain (or reuse) the preset's acoustic encoder; None for a preset without an encoder section.
+
+    Synthesises the pretraining corpus (the character-level corpus' dev/test sentences excluded),
+    writes its syllable transcripts, trains CTC on them with ``train_hf.py`` (``script_options``
+    go to :func:`run_train_script`) and exports the encoder to :func:`pretrained_encoder_dir`.
+
+    Returns:
+        ``encoder_report.json``'s content (``reused`` tells whether it was built now).
+    """
+    if not preset.encoder:
+        return None
+    key, model_dir = preset.encoder_key(), pretrained_encoder_dir(preset, paths)
+    report = load_complete_encoder(model_dir, key)
+    if report is not None:
+        return {**report, "reused": True}
+    start = time.perf_counter()
+    corpus = synthesize_corpus(
+        SynthesisConfig(
+            output_dir=str(paths.encoder_root / "corpus"),
+            exclude_corpus_dir=str(paths.corpus),
+            **preset.encoder["synthesis"],
+        )
+    )
+    units = paths.encoder_root / "units"
+    symbols = write_syllable_manifests(corpus.output_dir, units)
+    ctc_dir = paths.encoder_root / "ctc"
+    arguments = {
+        **preset.encoder["train"],
+        "alignment": "none",
+        "output_dir": str(ctc_dir),
+        "train_manifest": str(units / "train.jsonl"),
+        "eval_manifest": str(units / "dev.jsonl"),
+        "cache_dir": str(paths.cache / "datasets"),
+        "do_train": True,
+        "do_eval": True,
+        "overwrite_output_dir": True,
+    }
+    run_train_script(
+        arguments, paths.root / "encoder_args.yaml", paths.logs / "encoder_pretraining.log", **script_options
+    )
+    results = json.loads((ctc_dir / "eval_results.json").read_text(encoding="utf-8"))
+    exported = export_encoder(ctc_dir, model_dir)
+    summary = training_summary(ctc_dir)
+    report = {
+        "settings_hash": key,
+        "format_version": ENCODER_FORMAT_VERSION,
+        **exported,
+        "syllables": len(symbols),
+        "corpus": _corpus_stats(corpus),
+        "excluded_sentences": corpus.info["excluded_sentences"],
+        "dev_syllable_error_rate": results["eval_cer"],
+        "dev_utterances": results["eval_samples"],
+        "steps": summary["steps"],
+        "dev_syllable_error_rate_by_step": summary["dev_cer_by_step"],
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    (model_dir / ENCODER_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return {**report, "reused": False}
+
+
 def training_arguments(preset: DemoPreset, paths: DemoPaths) -> dict:
-    """The ``train_hf.py`` arguments of the training run: the preset's plus the demo's paths."""
+    """The ``train_hf.py`` arguments of the training run: the preset's plus the demo's paths
+    (and the pretrained encoder, for a preset with an encoder section)."""
+    encoder = {"encoder_name_or_path": str(pretrained_encoder_dir(preset, paths))} if preset.encoder else {}
     return {
         **preset.train,
+        **encoder,
         "output_dir": str(paths.model),
         "train_manifest": str(paths.corpus / "train.jsonl"),
         "eval_manifest": str(paths.corpus / "dev.jsonl"),
@@ -382,6 +493,54 @@ def transcribe_clips(model_dir: Path, records: Sequence[dict]) -> list[dict]:
     return transcriptions
 
 
+@torch.no_grad()
+def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: int = 32) -> list[str]:
+    """Greedy CTC transcripts of manifest records with the saved model, in record order.
+
+    Batches hold utterances of similar length; as in ``train_hf.py``'s evaluation, the frames of the
+    padding are left out of the arg-max path and ``[UNK]`` counts as one character. Each transcript
+    is the processor's decoding with its spaces removed, as the CER metric compares them.
+    """
+    from transformers import AutoProcessor
+
+    from ..modeling_tot_cakt import TOTCAKTForCTC
+    from ..training.trainer import CTCCharacterErrorRate
+
+    model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rate = processor.feature_extractor.sampling_rate
+    audio = [load_audio(record["audio"], rate) for record in records]
+    order = sorted(range(len(audio)), key=lambda index: len(audio[index]))
+    transcripts: list[str] = [""] * len(audio)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        inputs = processor(
+            [audio[index] for index in chunk],
+            sampling_rate=rate,
+            return_tensors="pt",
+            padding=True,
+            return_attention_mask=True,
+        )
+        ids = model(**inputs).logits.argmax(-1)
+        valid = model.frame_mask(ids.shape[1], inputs["attention_mask"])
+        ids = ids.masked_fill(~valid, processor.tokenizer.pad_token_id)
+        for index, text in zip(chunk, processor.batch_decode(ids), strict=True):
+            unknown = CTCCharacterErrorRate.UNKNOWN_CHARACTER
+            transcripts[index] = text.replace(processor.tokenizer.unk_token, unknown).replace(" ", "")
+    return transcripts
+
+
+def error_split_stage(paths: DemoPaths, split: str = "test") -> dict:
+    """CER of the saved model on ``split``, split into homophone substitutions and other errors
+    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`, with the corpus' own readings)."""
+    records = {name: read_manifest(paths.corpus / f"{name}.jsonl") for name in SPLITS}
+    readings = char_readings((record["text"], record["pinyin"].split()) for name in SPLITS for record in records[name])
+    references = [normalize_transcript(record["text"]) for record in records[split]]
+    hypotheses = transcribe_manifest(paths.model, records[split])
+    syllables = [record["pinyin"].split() for record in records[split]]
+    return {"split": split, **split_errors(references, hypotheses, syllables, readings).as_dict()}
+
+
 # --------------------------------------------------------------------------------------- couplings
 @dataclass
 class UtteranceCouplings:
@@ -559,9 +718,10 @@ def _teacher_stats(teacher: TeacherSummary) -> dict:
         "training_clauses",
         "heldout_masked_token_accuracy",
         "train_masked_token_accuracy",
+        "homophone_choice",
         "build_seconds",
     )
-    return {name: teacher.report[name] for name in names}
+    return {name: teacher.report.get(name) for name in names}
 
 
 def run_demo(
@@ -582,8 +742,10 @@ def run_demo(
 
     corpus = timed("synthesis", synthesize_stage, preset, paths)
     teacher = timed("teacher", teacher_stage, preset, paths)
+    encoder = timed("encoder pretraining", encoder_stage, preset, paths) if preset.encoder else None
     model_reused = timed("training", train_stage, preset, paths, retrain)
     evaluation = timed("evaluation", evaluate_stage, preset, paths)
+    errors = timed("error split", error_split_stage, paths, "test")
     test_records = read_manifest(corpus.manifests["test"])
     transcriptions = timed("transcription", transcribe_clips, paths.model, test_records[:num_transcriptions])
     couplings = timed("couplings", coupling_stage, paths, test_records[0])
@@ -594,13 +756,20 @@ def run_demo(
         "preset_file": str(preset.source),
         "work_dir": str(paths.root),
         "model_dir": str(paths.model),
-        "reused": {"corpus": corpus.reused, "teacher": teacher.reused, "model": model_reused},
+        "reused": {
+            "corpus": corpus.reused,
+            "teacher": teacher.reused,
+            **({"encoder": encoder["reused"]} if encoder else {}),
+            "model": model_reused,
+        },
         "timings_seconds": timings,
         "cer": {split: evaluation[split]["cer"] for split in ("dev", "test")},
         "evaluation": evaluation,
         "training": training_summary(paths.model),
         "corpus": _corpus_stats(corpus),
         "teacher": _teacher_stats(teacher),
+        "pretrained_encoder": encoder,
+        "test_errors": errors,
         "transcriptions": transcriptions,
         "couplings": couplings,
     }
@@ -614,12 +783,24 @@ def format_summary(report: dict) -> str:
         "",
         f"=== TOT-CAKT demo ({report['preset']}) ===",
         f"dev CER  {report['cer']['dev']:.3f}  ({report['evaluation']['dev']['utterances']} utterances)",
-        f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances)",
+        f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances): "
+        f"homophone substitutions {report['test_errors']['homophone_cer']:.3f}, "
+        f"other errors {report['test_errors']['other_cer']:.3f}",
         f"trained {report['training']['steps']} steps; teacher held-out masked-token accuracy "
-        f"{report['teacher']['heldout_masked_token_accuracy']:.3f}",
-        "",
-        "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:",
+        f"{report['teacher']['heldout_masked_token_accuracy']:.3f}"
+        + (
+            f", homophone choice {choice['accuracy']:.3f} (most-frequent baseline "
+            f"{choice['frequency_baseline_accuracy']:.3f})"
+            if (choice := report["teacher"].get("homophone_choice"))
+            else ""
+        ),
     ]
+    if encoder := report.get("pretrained_encoder"):
+        lines.append(
+            f"pretrained encoder: dev syllable error rate {encoder['dev_syllable_error_rate']:.3f} "
+            f"on held-out voices after {encoder['steps']} steps ({'reused' if encoder['reused'] else 'built now'})"
+        )
+    lines += ["", "pipeline('automatic-speech-recognition', trust_remote_code=True) on test clips:"]
     for item in report["transcriptions"]:
         lines += [
             f"  {item['id']}  CER {item['cer']:.2f}",

@@ -53,9 +53,11 @@ import soxr
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from ..training.transcripts import normalize_transcript
 from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
+    exclude_heldout,
     fortunes_zh_paths,
     has_pinyin,
     load_han_clauses,
@@ -67,6 +69,7 @@ ESPEAK_VOICE = "cmn-latn-pinyin"
 """espeak-ng voice that reads toneful pinyin (``ni3 hao3``) as Mandarin."""
 
 SPLITS = ("train", "dev", "test")
+HELDOUT_SPLITS = ("dev", "test")
 CORPUS_SUMMARY_FILE = "corpus.json"
 FORMAT_VERSION = 1
 """Bumped whenever the output for given settings changes, so old caches are rebuilt."""
@@ -331,6 +334,13 @@ class SynthesisConfig:
     )
     espeak_library: str = field(default="espeak-ng", metadata={"help": "libespeak-ng name or path."})
     num_workers: int = field(default=2, metadata={"help": "Synthesis processes."})
+    exclude_corpus_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A corpus whose dev/test sentences this one must not speak: clauses containing one or "
+            "contained in one are left out (for pretraining corpora)."
+        },
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that is out of range."""
@@ -361,9 +371,10 @@ class SynthesisConfig:
                 raise ValueError(f"Invalid synthesis setting: {message} (got {self}).")
 
     def output_settings(self) -> dict:
-        """The settings that determine the output (all but ``output_dir`` and ``num_workers``)."""
+        """The settings that determine the output (all but ``output_dir``, ``num_workers`` and where the
+        excluded sentences were read: the cache key holds the sentences themselves)."""
         settings = asdict(self)
-        del settings["output_dir"], settings["num_workers"]
+        del settings["output_dir"], settings["num_workers"], settings["exclude_corpus_dir"]
         return settings
 
 
@@ -666,9 +677,35 @@ def read_manifest(path: str | Path) -> list[dict]:
     return records
 
 
-def settings_hash(config: SynthesisConfig, engine_version: str) -> str:
-    """Cache key: hash of the output-determining settings, the espeak-ng version and the format."""
+def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | Path | None = None) -> list[str]:
+    """Normalised sentences to keep out of training: dev/test transcripts and lines of a file.
+
+    Returns:
+        Distinct non-empty sentences after :func:`~modeling_tot_cakt.training.transcripts.normalize_transcript`, sorted.
+
+    Raises:
+        FileNotFoundError: a manifest or the file is missing.
+    """
+    texts: list[str] = []
+    if corpus_dir is not None:
+        for split in HELDOUT_SPLITS:
+            manifest = Path(corpus_dir) / f"{split}.jsonl"
+            if not manifest.is_file():
+                raise FileNotFoundError(
+                    f"No {manifest}: corpus_dir must be a corpus made by modeling_tot_cakt.demo.synthesis."
+                )
+            texts.extend(record["text"] for record in read_manifest(manifest))
+    if exclude_file is not None:
+        texts.extend(Path(exclude_file).read_text(encoding="utf-8").splitlines())
+    return sorted({sentence for sentence in map(normalize_transcript, texts) if sentence})
+
+
+def settings_hash(config: SynthesisConfig, engine_version: str, excluded: Sequence[str] = ()) -> str:
+    """Cache key: hash of the output-determining settings, the espeak-ng version, the format and
+    the excluded sentences (when there are any)."""
     key = {"settings": config.output_settings(), "espeak_ng": engine_version, "format_version": FORMAT_VERSION}
+    if excluded:
+        key["excluded_sha256"] = hashlib.sha256("\n".join(excluded).encode()).hexdigest()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -732,15 +769,17 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     _check_variants(config, engine)
     source_files = fortunes_zh_paths(config.fortunes_dir)
     output_dir = Path(config.output_dir)
-    key = settings_hash(config, engine.version)
+    excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
+    key = settings_hash(config, engine.version, excluded)
     cached = _load_complete_corpus(output_dir, key)
     if cached is not None:
         return cached
     _remove_previous_output(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    clauses, num_excluded = exclude_heldout(load_han_clauses(source_files), excluded)
     pool, filter_counts = select_sentences(
-        load_han_clauses(source_files),
+        clauses,
         min_chars=config.min_chars,
         max_chars=config.max_chars,
         vocab_size=config.vocab_size,
@@ -771,7 +810,8 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
         "voice": ESPEAK_VOICE,
         "sample_rate": config.sample_rate,
         "source_files": [str(path) for path in source_files],
-        "sentence_filter_counts": filter_counts,
+        "sentence_filter_counts": {"excluded_overlapping_clauses": num_excluded, **filter_counts},
+        "excluded_sentences": len(excluded),
         "splits": {
             split: {
                 "sentences": len(splits[split]),

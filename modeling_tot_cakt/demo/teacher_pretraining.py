@@ -1,8 +1,8 @@
 """Offline stand-in for bert-base-chinese: a small character-level BERT pretrained with masked-LM.
 
 Without network access the usual teacher (``bert-base-chinese``) cannot be downloaded, so this
-module pretrains a small ``BertForMaskedLM`` on the Chinese clauses of Debian's ``fortunes-zh``
-(:mod:`modeling_tot_cakt.demo.text_sources`) and saves it in Hugging Face format:
+module pretrains a small ``BertForMaskedLM`` on Chinese clauses of the offline text sources
+(:mod:`modeling_tot_cakt.demo.text_sources`: ``fortunes-zh`` by default, more with ``text_sources``) and saves it in Hugging Face format:
 ``AutoModel.from_pretrained(output_dir)`` gives the ``BertModel`` whose hidden states the
 speech recogniser learns from, and ``AutoTokenizer.from_pretrained(output_dir)`` a
 ``BertTokenizer`` that splits Chinese into characters. ``vocab.txt`` follows bert-base-chinese's
@@ -12,7 +12,9 @@ The speech corpus' dev and test transcripts are *held out*: no training clause c
 them or is contained in one (compared after :func:`~modeling_tot_cakt.training.transcripts.normalize_transcript`),
 so the teacher has never seen the sentences the recogniser is evaluated on. They serve instead to
 measure the teacher: each character of each held-out sentence is masked in turn and predicted
-from the rest (``heldout_masked_token_accuracy`` in ``teacher_report.json``).
+from the rest (``heldout_masked_token_accuracy`` in ``teacher_report.json``), and those spoken as a
+syllable that another character of the speech corpus is also read as are chosen among these homophones
+(``homophone_choice``, next to the pick-the-most-frequent baseline): the knowledge acoustics lack.
 
 The defaults (2 layers, hidden size 128, 2000 steps of 128 clauses, token embeddings started
 from character co-occurrence statistics) are sized to build in a few minutes on a 2-core CPU;
@@ -22,7 +24,6 @@ unchanged. A folder built with the same settings and the same held-out sentences
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import time
@@ -45,13 +46,12 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..training.transcripts import normalize_transcript
-from .synthesis import read_manifest
-from .text_sources import char_frequencies, fortunes_zh_paths, load_han_clauses
+from .synthesis import HELDOUT_SPLITS, char_readings, heldout_sentences, read_manifest
+from .text_sources import char_frequencies, exclude_heldout, fortunes_zh_paths, load_han_clauses, load_source_clauses
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """First lines of ``vocab.txt``, in bert-base-chinese's relative order ([PAD] has id 0)."""
 
-HELDOUT_SPLITS = ("dev", "test")
 REPORT_FILE = "teacher_report.json"
 TEACHER_FILES = (
     REPORT_FILE,
@@ -63,7 +63,7 @@ TEACHER_FILES = (
     "special_tokens_map.json",
 )
 """What a teacher folder holds (written by this module, so removed before a rebuild)."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever what a given configuration builds changes, so old teachers are rebuilt."""
 
 
@@ -96,6 +96,17 @@ class TeacherConfig:
     min_char_count: int = field(
         default=2, metadata={"help": "Characters seen fewer times in the training text become [UNK]."}
     )
+    max_vocab_size: int = field(
+        default=0,
+        metadata={
+            "help": "Keep only the K most frequent characters of the training text, plus every character of the "
+            "speech corpus (0 = no limit). A smaller output layer learns faster."
+        },
+    )
+    text_sources: list[str] = field(
+        default_factory=lambda: ["fortunes-zh"],
+        metadata={"help": "Text sources to read (names in modeling_tot_cakt.demo.text_sources.TEXT_SOURCES)."},
+    )
     max_steps: int = field(default=2000, metadata={"help": "Optimisation steps."})
     batch_size: int = field(default=128, metadata={"help": "Clauses per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
@@ -126,6 +137,8 @@ class TeacherConfig:
             ),
             (1 <= self.min_chars <= self.max_chars, "need 1 <= min_chars <= max_chars"),
             (self.min_char_count >= 1, "min_char_count must be >= 1"),
+            (self.max_vocab_size >= 0, "max_vocab_size must be >= 0"),
+            (bool(self.text_sources), "text_sources must name at least one source"),
             (self.max_steps >= 1 and self.batch_size >= 1, "max_steps and batch_size must be >= 1"),
             (0 < self.mlm_probability < 1, "mlm_probability must be in (0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
@@ -160,81 +173,45 @@ class TeacherSummary:
     reused: bool
 
 
-def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | Path | None = None) -> list[str]:
-    """Normalised sentences to keep out of training: dev/test transcripts and lines of a file.
-
-    Returns:
-        Distinct non-empty sentences after :func:`~modeling_tot_cakt.training.transcripts.normalize_transcript`, sorted.
-
-    Raises:
-        FileNotFoundError: a manifest or the file is missing.
-    """
-    texts: list[str] = []
-    if corpus_dir is not None:
-        for split in HELDOUT_SPLITS:
-            manifest = Path(corpus_dir) / f"{split}.jsonl"
-            if not manifest.is_file():
-                raise FileNotFoundError(
-                    f"No {manifest}: corpus_dir must be a corpus made by modeling_tot_cakt.demo.synthesis."
-                )
-            texts.extend(record["text"] for record in read_manifest(manifest))
-    if exclude_file is not None:
-        texts.extend(Path(exclude_file).read_text(encoding="utf-8").splitlines())
-    return sorted({sentence for sentence in map(normalize_transcript, texts) if sentence})
-
-
-def exclude_heldout(texts: Sequence[str], heldout: Iterable[str]) -> tuple[list[str], int]:
-    """Drop the texts that contain a held-out sentence or are contained in one.
-
-    Args:
-        texts: normalised training texts (no line breaks).
-        heldout: normalised held-out sentences.
-
-    Returns:
-        The remaining texts in order, and how many were dropped.
-    """
-    heldout = [sentence for sentence in set(heldout) if sentence]
-    # One search per held-out sentence over all texts joined by line breaks, which no sentence
-    # holds, so a match lies inside one text; bisect on the text start offsets finds which.
-    joined = "\n".join(texts)
-    starts, offset = [], 0
-    for text in texts:
-        starts.append(offset)
-        offset += len(text) + 1
-    containing: set[int] = set()
-    for sentence in heldout:
-        position = joined.find(sentence)
-        while position != -1:
-            containing.add(bisect.bisect_right(starts, position) - 1)
-            position = joined.find(sentence, position + 1)
-    heldout_joined = "\n".join(heldout)
-    kept = [text for index, text in enumerate(texts) if index not in containing and text not in heldout_joined]
-    return kept, len(texts) - len(kept)
-
-
 def training_texts(config: TeacherConfig, heldout: Iterable[str]) -> tuple[list[str], int]:
-    """The teacher's training clauses: fortunes-zh clauses within the length bounds, held-out removed.
+    """The teacher's training clauses: clauses of ``config.text_sources`` within the length bounds,
+    each once, held-out sentences removed (see :func:`exclude_heldout`).
 
     Returns:
         The clauses, and how many were dropped for overlapping a held-out sentence.
     """
-    clauses = [normalize_transcript(clause) for clause in load_han_clauses(fortunes_zh_paths(config.fortunes_dir))]
-    clauses = [clause for clause in clauses if config.min_chars <= len(clause) <= config.max_chars]
-    return exclude_heldout(clauses, heldout)
+    others = [name for name in config.text_sources if name != "fortunes-zh"]
+    sources = load_source_clauses(others)
+    if "fortunes-zh" in config.text_sources:
+        sources["fortunes-zh"] = load_han_clauses(fortunes_zh_paths(config.fortunes_dir))
+    clauses: dict[str, None] = {}
+    for name in config.text_sources:
+        for clause in map(normalize_transcript, sources[name]):
+            if config.min_chars <= len(clause) <= config.max_chars:
+                clauses.setdefault(clause)
+    return exclude_heldout(list(clauses), heldout)
 
 
-def write_vocab(texts: Iterable[str], min_count: int, path: str | Path) -> list[str]:
+def write_vocab(
+    texts: Iterable[str], min_count: int, path: str | Path, max_size: int = 0, required: Iterable[str] = ()
+) -> list[str]:
     """Write a bert-base-chinese style ``vocab.txt``: special tokens, then characters by frequency.
 
     Args:
         texts: training texts.
         min_count: characters seen fewer times are left out (they become ``[UNK]``).
         path: file to write.
+        max_size: keep only this many most frequent characters (0 = no limit) ...
+        required: ... plus these characters wherever they occur in ``texts`` at all.
 
     Returns:
         The vocabulary, one token per id.
     """
-    vocab = list(SPECIAL_TOKENS) + [char for char, count in char_frequencies(texts) if count >= min_count]
+    frequencies = [(char, count) for char, count in char_frequencies(texts) if count >= min_count]
+    if max_size:
+        required = set(required)
+        frequencies = [item for rank, item in enumerate(frequencies) if rank < max_size or item[0] in required]
+    vocab = list(SPECIAL_TOKENS) + [char for char, _ in frequencies]
     Path(path).write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
     return vocab
 
@@ -327,6 +304,109 @@ def masked_token_accuracy(
         predicted = logits[rows, positions].argmax(-1)
         correct += int((predicted == torch.tensor(targets[start : start + batch_size])).sum())
     return correct / len(inputs), len(inputs)
+
+
+@dataclass
+class HomophoneChoice:
+    """One held-out character that has homophones in the speech corpus' inventory.
+
+    Attributes:
+        sentence: the held-out sentence.
+        position: index of the character in ``sentence``.
+        candidates: the character and its homophones (inventory characters with a reading equal to
+            its spoken syllable), the character itself first.
+    """
+
+    sentence: str
+    position: int
+    candidates: tuple[str, ...]
+
+
+def homophone_choices(
+    items: Iterable[tuple[str, Sequence[str]]], readings: dict[str, set[str]]
+) -> list[HomophoneChoice]:
+    """The characters of ``items`` that acoustics alone cannot tell from another inventory character.
+
+    Args:
+        items: ``(sentence, syllables)`` pairs, one toneful syllable per character (the manifests' pinyin).
+        readings: syllables of every inventory character (:func:`~modeling_tot_cakt.demo.synthesis.char_readings`).
+
+    Returns:
+        One :class:`HomophoneChoice` per character spoken as a syllable that another inventory
+        character also has; other candidates sorted by code point.
+    """
+    chars_by_syllable: dict[str, set[str]] = {}
+    for char, syllables in readings.items():
+        for syllable in syllables:
+            chars_by_syllable.setdefault(syllable, set()).add(char)
+    choices = []
+    for sentence, syllables in items:
+        for position, (char, syllable) in enumerate(zip(sentence, syllables, strict=True)):
+            others = sorted(chars_by_syllable.get(syllable, set()) - {char})
+            if others:
+                choices.append(HomophoneChoice(sentence, position, (char, *others)))
+    return choices
+
+
+@torch.no_grad()
+def homophone_choice_accuracy(
+    model: BertForMaskedLM,
+    tokenizer: BertTokenizer,
+    choices: Sequence[HomophoneChoice],
+    frequencies: dict[str, int],
+    batch_size: int = 512,
+) -> dict:
+    """How often the teacher ranks the right character above its homophones, from context.
+
+    The character is masked and the teacher's logits compared over the candidates it has in its
+    vocabulary (one it lacks cannot be chosen; a right character it lacks counts as wrong). The
+    baseline picks the candidate with the highest ``frequencies`` count, what a recogniser that
+    knows only character frequencies would write; its ties go to the lowest code point, so the
+    right character gets no credit for a tie.
+
+    Returns:
+        ``{"accuracy", "frequency_baseline_accuracy", "choices", "mean_candidates"}``.
+    """
+    if not choices:
+        raise ValueError("homophone_choice_accuracy needs at least one character with a homophone.")
+    vocab = tokenizer.get_vocab()
+    model.eval()
+    correct = baseline_correct = 0
+    for start in range(0, len(choices), batch_size):
+        chunk = choices[start : start + batch_size]
+        encoded = tokenizer([choice.sentence for choice in chunk], padding=True, return_tensors="pt")
+        positions = torch.tensor([choice.position + 1 for choice in chunk])  # after [CLS]
+        rows = torch.arange(len(chunk))
+        encoded["input_ids"][rows, positions] = tokenizer.mask_token_id
+        logits = model(**encoded).logits[rows, positions]
+        for row, choice in enumerate(chunk):
+            known = [char for char in choice.candidates if char in vocab]
+            if choice.candidates[0] in vocab:
+                scores = logits[row, [vocab[char] for char in known]]
+                correct += known[int(scores.argmax())] == choice.candidates[0]
+            ranked = sorted(choice.candidates, key=lambda char: (-frequencies.get(char, 0), char))
+            baseline_correct += ranked[0] == choice.candidates[0]
+    return {
+        "accuracy": round(correct / len(choices), 4),
+        "frequency_baseline_accuracy": round(baseline_correct / len(choices), 4),
+        "choices": len(choices),
+        "mean_candidates": round(sum(len(choice.candidates) for choice in choices) / len(choices), 2),
+    }
+
+
+def corpus_homophone_choices(corpus_dir: str | Path, heldout: Iterable[str]) -> tuple[list[HomophoneChoice], dict]:
+    """Homophone choices of a speech corpus' held-out sentences, and its training character counts.
+
+    The inventory is every character of the corpus with the readings the synthesiser spoke
+    (the manifests' ``pinyin``); the counts come from the training transcripts.
+    """
+    records = {split: read_manifest(Path(corpus_dir) / f"{split}.jsonl") for split in ("train", *HELDOUT_SPLITS)}
+    spoken = {record["text"]: record["pinyin"].split() for split in records for record in records[split]}
+    readings = char_readings(spoken.items())
+    heldout = set(heldout)
+    items = sorted((text, syllables) for text, syllables in spoken.items() if text in heldout)
+    frequencies = dict(char_frequencies(record["text"] for record in records["train"]))
+    return homophone_choices(items, readings), frequencies
 
 
 def pretrain_masked_lm(
@@ -439,7 +519,12 @@ def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: P
     """Make the vocabulary, pretrain, measure and save the teacher; return the report's body."""
     torch.manual_seed(config.seed)
     texts, num_excluded = training_texts(config, heldout)
-    vocab = write_vocab(texts, config.min_char_count, output_dir / "vocab.txt")
+    corpus_manifest = Path(config.corpus_dir) / "train.jsonl" if config.corpus_dir else None
+    has_corpus = corpus_manifest is not None and corpus_manifest.is_file()
+    corpus_chars = {char for record in read_manifest(corpus_manifest) for char in record["text"]} if has_corpus else ()
+    vocab = write_vocab(
+        texts, config.min_char_count, output_dir / "vocab.txt", max_size=config.max_vocab_size, required=corpus_chars
+    )
     max_length = config.max_chars + 2  # [CLS] + characters + [SEP]
     # from_pretrained on the folder that holds only vocab.txt yet: the one constructor that
     # reads a vocab.txt in transformers 4 and 5 alike.
@@ -461,6 +546,10 @@ def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: P
     heldout_accuracy, heldout_tokens = masked_token_accuracy(model, tokenizer, heldout)
     train_sample = texts[:: max(1, len(texts) // len(heldout))][: len(heldout)]
     train_accuracy, _ = masked_token_accuracy(model, tokenizer, train_sample)
+    homophones = None
+    if has_corpus:
+        choices, frequencies = corpus_homophone_choices(config.corpus_dir, heldout)
+        homophones = homophone_choice_accuracy(model, tokenizer, choices, frequencies) if choices else None
 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -479,6 +568,10 @@ def _train_and_save(config: TeacherConfig, heldout: Sequence[str], output_dir: P
         "heldout_masked_token_accuracy": round(heldout_accuracy, 4),
         "heldout_masked_tokens": heldout_tokens,
         "train_masked_token_accuracy": round(train_accuracy, 4),
+        "homophone_choice": homophones,
+        "loss_curve": [
+            round(sum(losses[at : at + 100]) / len(losses[at : at + 100]), 3) for at in range(0, len(losses), 100)
+        ],
     }
 
 
@@ -499,6 +592,12 @@ def main(args: Sequence[str] | None = None) -> TeacherSummary:
         f"over {report['heldout_masked_tokens']} tokens (train sample {report['train_masked_token_accuracy']:.3f}); "
         f"built in {report['build_seconds']} s"
     )
+    if report.get("homophone_choice"):
+        choice = report["homophone_choice"]
+        print(
+            f"  homophone choice {choice['accuracy']:.3f} (most-frequent baseline "
+            f"{choice['frequency_baseline_accuracy']:.3f}) over {choice['choices']} held-out characters"
+        )
     return summary
 
 

@@ -1,0 +1,38 @@
+"""Homophone substitutions vs other errors (modeling_tot_cakt.demo.error_analysis)."""
+
+import pytest
+
+from modeling_tot_cakt.demo.error_analysis import split_errors
+
+
+def test_split_on_a_hand_made_example():
+    references = ["他是好人", "她是人"]
+    syllables = [["ta1", "shi4", "hao3", "ren2"], ["ta1", "shi4", "ren2"]]
+    # 他 -> 她 (read ta1: homophone), 是 -> 时 (shi2: another tone, not a homophone), 人 deleted;
+    # 她 -> 他 and 是 -> 事 (shi4) homophones, 们 inserted.
+    hypotheses = ["她时好", "他事人们"]
+    split = split_errors(references, hypotheses, syllables)
+    assert (split.homophone_substitutions, split.other_substitutions, split.deletions, split.insertions) == (
+        3,
+        1,
+        1,
+        1,
+    )
+    rates = split.as_dict()
+    assert rates["reference_chars"] == 7 and rates["errors"] == 6
+    assert rates["cer"] == pytest.approx(6 / 7)
+    assert rates["homophone_cer"] == pytest.approx(3 / 7) and rates["other_cer"] == pytest.approx(3 / 7)
+
+
+def test_corpus_readings_add_sandhi_forms():
+    # 不 before a fourth tone is spoken bu2; 步 is bu4 in pypinyin's dictionary, so no homophone of it,
+    # unless the corpus' readings (here made up) say 步 was spoken bu2 somewhere.
+    split = split_errors(["不要"], ["步要"], [["bu2", "yao4"]])
+    assert split.homophone_substitutions == 0 and split.other_substitutions == 1
+    split = split_errors(["不要"], ["步要"], [["bu2", "yao4"]], readings={"步": {"bu2"}})
+    assert split.homophone_substitutions == 1
+
+
+def test_syllables_must_match_the_reference():
+    with pytest.raises(ValueError, match="2 syllables for the 3 characters"):
+        split_errors(["他是人"], ["他是人"], [["ta1", "shi4"]])
