@@ -111,15 +111,16 @@ def test_demo_report_transcriptions_and_plot(tiny_demo):
     assert couplings["utterance"] == test_records[0]["id"]
     width, height = png_size(paths.couplings_png)
     assert width > 300 and height > 200
-    # Recomputed from the saved model and teacher, the errors are the reported ones; the temporal prior
-    # puts the TOT mass nearer the spoken syllables than a uniform coupling, even in an untrained model.
+    # Recomputed from the saved model and teacher, the errors are the reported ones, and the two couplings
+    # are the solver's TOT and plain-OT plans (not one plan twice).
     models = demo.AlignmentModels(paths.model, paths.teacher)
     record = test_records[0]
     recomputed = models.couplings(demo.load_audio(record["audio"], 16000), record["text"])
     tot_error = demo.alignment_error_seconds(recomputed.tot, recomputed.frame_seconds, record["char_times"])
+    ot_error = demo.alignment_error_seconds(recomputed.plain, recomputed.frame_seconds, record["char_times"])
     assert couplings["tot_alignment_error_seconds"] == pytest.approx(tot_error, abs=1e-4)
-    uniform = np.full_like(recomputed.tot, 1.0 / recomputed.tot.size)
-    assert tot_error < demo.alignment_error_seconds(uniform, recomputed.frame_seconds, record["char_times"])
+    assert couplings["ot_alignment_error_seconds"] == pytest.approx(ot_error, abs=1e-4)
+    assert not np.allclose(recomputed.tot, recomputed.plain)
 
 
 def test_a_second_run_reuses_corpus_teacher_and_model(tiny_demo, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertForMaskedLM, BertModel, BertTokenizer
 
 from modeling_tot_cakt.demo.teacher_pretraining import (
-    SPECIAL_TOKENS,
+    BERT_SPECIAL_TOKENS,
     TeacherConfig,
     build_teacher,
     exclude_heldout,
@@ -90,11 +90,11 @@ def test_teacher_folder_loads_with_auto_classes_and_tokenises_by_character(teach
     model = AutoModel.from_pretrained(config.output_dir)
     assert isinstance(model, BertModel) and model.config.hidden_size == 32
     vocab_lines = (summary.output_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    assert tuple(vocab_lines[: len(SPECIAL_TOKENS)]) == SPECIAL_TOKENS
-    chars = vocab_lines[len(SPECIAL_TOKENS) :]
+    assert tuple(vocab_lines[: len(BERT_SPECIAL_TOKENS)]) == BERT_SPECIAL_TOKENS
+    chars = vocab_lines[len(BERT_SPECIAL_TOKENS) :]
     assert all(len(char) == 1 for char in chars) and len(set(chars)) == len(chars)
     assert len(vocab_lines) == model.config.vocab_size == summary.report["vocab_size"]
-    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert [tokenizer.convert_tokens_to_ids(token) for token in BERT_SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
 
     sentence = "不知天上宫阙"
     assert tokenizer.tokenize(sentence) == list(sentence)
@@ -220,7 +220,7 @@ def test_masked_token_accuracy_on_a_hand_made_example(tmp_path):
 
 def test_vocabulary_limit_keeps_the_speech_corpus_characters(tmp_path):
     vocab = write_vocab(["的的的了了不"], 1, tmp_path / "vocab.txt", max_size=1, required={"不"})
-    assert vocab == [*SPECIAL_TOKENS, "的", "不"]
+    assert vocab == [*BERT_SPECIAL_TOKENS, "的", "不"]
 
 
 def test_teacher_reads_the_named_sources_and_still_leaves_heldout_sentences_out(heldout_corpus, tmp_path):

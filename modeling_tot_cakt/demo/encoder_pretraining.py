@@ -27,9 +27,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .build_cache import read_complete_report
 from .synthesis import SPLITS, read_manifest
 
-REPORT_FILE = "encoder_report.json"
+ENCODER_REPORT_FILE = "encoder_report.json"
 ENCODER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
@@ -119,12 +120,4 @@ def export_encoder(model_dir: str | Path, encoder_dir: str | Path) -> dict:
 
 def load_complete_encoder(encoder_dir: str | Path, settings_hash: str) -> dict | None:
     """The report of the encoder folder if it is complete and was built with ``settings_hash``."""
-    encoder_dir = Path(encoder_dir)
-    report_path = encoder_dir / REPORT_FILE
-    if not report_path.is_file() or not all((encoder_dir / name).is_file() for name in ENCODER_FILES):
-        return None
-    try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    return report if report.get("settings_hash") == settings_hash else None
+    return read_complete_report(encoder_dir, ENCODER_REPORT_FILE, settings_hash, ENCODER_FILES)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -53,8 +52,8 @@ import yaml
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
 from ..training.transcripts import normalize_transcript
-from .encoder_pretraining import REPORT_FILE as ENCODER_REPORT_FILE
-from .encoder_pretraining import export_encoder, load_complete_encoder, write_syllable_manifests
+from .build_cache import settings_hash
+from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
 from .error_analysis import split_errors
 from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, char_readings, read_manifest, synthesize_corpus
 from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher
@@ -96,7 +95,7 @@ EVALUATION_ARGS_FROM_PRESET = (
 )
 """Arguments of the preset's ``train`` section that the evaluation-only run inherits."""
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_hf.py"
-REPORT_FILE = "demo_report.json"
+DEMO_REPORT_FILE = "demo_report.json"
 COUPLINGS_FILE = "couplings.png"
 TRAINED_MARKER = "demo_train_args.yaml"
 """Written into ``model/`` after a complete training run: the arguments it was trained with."""
@@ -127,7 +126,7 @@ class DemoPreset:
         """Hash of what determines the pretrained encoder: its section and the character-level
         corpus' settings (whose dev/test sentences it must not speak)."""
         key = {"encoder": self.encoder, "synthesis": self.synthesis, "format_version": ENCODER_FORMAT_VERSION}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(key)
 
 
 def _field_names(config_class) -> set[str]:
@@ -218,7 +217,7 @@ class DemoPaths:
 
     evaluation = property(lambda self: self.root / "evaluation")
     logs = property(lambda self: self.root / "logs")
-    report = property(lambda self: self.root / REPORT_FILE)
+    report = property(lambda self: self.root / DEMO_REPORT_FILE)
     couplings_png = property(lambda self: self.root / COUPLINGS_FILE)
 
 
@@ -817,7 +816,7 @@ def format_summary(report: dict) -> str:
         "time per stage (s): "
         + ", ".join(f"{stage} {seconds}" for stage, seconds in report["timings_seconds"].items()),
         f"reused: {', '.join(name for name, reused in report['reused'].items() if reused) or 'nothing'}",
-        f"report: {Path(report['work_dir']) / REPORT_FILE}",
+        f"report: {Path(report['work_dir']) / DEMO_REPORT_FILE}",
     ]
     return "\n".join(lines)
 

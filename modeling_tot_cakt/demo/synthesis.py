@@ -36,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import json
 import math
 import multiprocessing
@@ -54,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from ..training.transcripts import normalize_transcript
+from .build_cache import lines_digest, read_complete_report, settings_hash
 from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
@@ -700,25 +700,19 @@ def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | 
     return sorted({sentence for sentence in map(normalize_transcript, texts) if sentence})
 
 
-def settings_hash(config: SynthesisConfig, engine_version: str, excluded: Sequence[str] = ()) -> str:
+def corpus_settings_hash(config: SynthesisConfig, engine_version: str, excluded: Sequence[str] = ()) -> str:
     """Cache key: hash of the output-determining settings, the espeak-ng version, the format and
     the excluded sentences (when there are any)."""
     key = {"settings": config.output_settings(), "espeak_ng": engine_version, "format_version": FORMAT_VERSION}
     if excluded:
-        key["excluded_sha256"] = hashlib.sha256("\n".join(excluded).encode()).hexdigest()
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        key["excluded_sha256"] = lines_digest(excluded)
+    return settings_hash(key)
 
 
 def _load_complete_corpus(output_dir: Path, expected_hash: str) -> CorpusSummary | None:
     """The corpus in ``output_dir`` if it is complete and was made with ``expected_hash``."""
-    summary_path = output_dir / CORPUS_SUMMARY_FILE
-    if not summary_path.is_file():
-        return None
-    try:
-        info = json.loads(summary_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    if info.get("settings_hash") != expected_hash:
+    info = read_complete_report(output_dir, CORPUS_SUMMARY_FILE, expected_hash)
+    if info is None:
         return None
     manifests = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
     for split, manifest in manifests.items():
@@ -770,7 +764,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     source_files = fortunes_zh_paths(config.fortunes_dir)
     output_dir = Path(config.output_dir)
     excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
-    key = settings_hash(config, engine.version, excluded)
+    key = corpus_settings_hash(config, engine.version, excluded)
     cached = _load_complete_corpus(output_dir, key)
     if cached is not None:
         return cached

@@ -24,7 +24,6 @@ unchanged. A folder built with the same settings and the same held-out sentences
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -46,15 +45,16 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..training.transcripts import normalize_transcript
+from .build_cache import lines_digest, read_complete_report, settings_hash
 from .synthesis import HELDOUT_SPLITS, char_readings, heldout_sentences, read_manifest
 from .text_sources import char_frequencies, exclude_heldout, fortunes_zh_paths, load_han_clauses, load_source_clauses
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """First lines of ``vocab.txt``, in bert-base-chinese's relative order ([PAD] has id 0)."""
 
-REPORT_FILE = "teacher_report.json"
+TEACHER_REPORT_FILE = "teacher_report.json"
 TEACHER_FILES = (
-    REPORT_FILE,
+    TEACHER_REPORT_FILE,
     "config.json",
     "model.safetensors",
     "vocab.txt",
@@ -211,18 +211,18 @@ def write_vocab(
     if max_size:
         required = set(required)
         frequencies = [item for rank, item in enumerate(frequencies) if rank < max_size or item[0] in required]
-    vocab = list(SPECIAL_TOKENS) + [char for char, _ in frequencies]
+    vocab = list(BERT_SPECIAL_TOKENS) + [char for char, _ in frequencies]
     Path(path).write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
     return vocab
 
 
-def _settings_hash(config: TeacherConfig, heldout: Sequence[str]) -> str:
+def teacher_settings_hash(config: TeacherConfig, heldout: Sequence[str]) -> str:
     key = {
         "settings": config.cache_settings(),
-        "heldout_sha256": hashlib.sha256("\n".join(heldout).encode()).hexdigest(),
+        "heldout_sha256": lines_digest(heldout),
         "format_version": FORMAT_VERSION,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(key)
 
 
 @torch.no_grad()
@@ -461,17 +461,9 @@ def pretrain_masked_lm(
 
 
 def _load_complete_teacher(output_dir: Path, expected_hash: str) -> TeacherSummary | None:
-    report_path = output_dir / REPORT_FILE
-    if not report_path.is_file():
-        return None
-    try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
     needed = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
-    if report.get("settings_hash") != expected_hash or not all((output_dir / name).is_file() for name in needed):
-        return None
-    return TeacherSummary(output_dir, report, reused=True)
+    report = read_complete_report(output_dir, TEACHER_REPORT_FILE, expected_hash, needed)
+    return None if report is None else TeacherSummary(output_dir, report, reused=True)
 
 
 def build_teacher(config: TeacherConfig) -> TeacherSummary:
@@ -492,7 +484,7 @@ def build_teacher(config: TeacherConfig) -> TeacherSummary:
             f"No held-out sentences in corpus_dir={config.corpus_dir!r} / exclude_file={config.exclude_file!r}."
         )
     output_dir = Path(config.output_dir)
-    key = _settings_hash(config, heldout)
+    key = teacher_settings_hash(config, heldout)
     cached = _load_complete_teacher(output_dir, key)
     if cached is not None:
         return cached
@@ -511,7 +503,9 @@ def build_teacher(config: TeacherConfig) -> TeacherSummary:
         torch.set_num_threads(threads)
     report = {"format_version": FORMAT_VERSION, "settings_hash": key, **report}
     report["build_seconds"] = round(time.perf_counter() - start, 1)
-    (output_dir / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (output_dir / TEACHER_REPORT_FILE).write_text(
+        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     return TeacherSummary(output_dir, report, reused=False)
 
 
