@@ -493,12 +493,17 @@ def transcribe_clips(model_dir: Path, records: Sequence[dict]) -> list[dict]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: int = 32) -> list[str]:
     """Greedy CTC transcripts of manifest records with the saved model, in record order.
 
-    Batches hold utterances of similar length; as in ``train_hf.py``'s evaluation, the frames of the
-    padding are left out of the arg-max path and ``[UNK]`` counts as one character. Each transcript
-    is the processor's decoding with its spaces removed, as the CER metric compares them.
+    Each clip is featurised on its own, as ``train_hf.py`` featurises its rows, and batches of similar
+    length are padded from those features (``feature_extractor.pad``, as the training collator does):
+    the log-mel extractor, given a padded batch of waveforms, marks a stacked frame valid when its second
+    10 ms frame is, so a clip would get a partly padded extra frame and a transcript that depends on its
+    batch. As in ``train_hf.py``'s evaluation, the frames of the padding are left out of the arg-max path
+    and ``[UNK]`` counts as one character. Each transcript is the processor's decoding with its spaces
+    removed, as the CER metric compares them.
     """
     from transformers import AutoProcessor
 
@@ -507,17 +512,20 @@ def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: in
 
     model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    rate = processor.feature_extractor.sampling_rate
-    audio = [load_audio(record["audio"], rate) for record in records]
-    order = sorted(range(len(audio)), key=lambda index: len(audio[index]))
-    transcripts: list[str] = [""] * len(audio)
+    extractor = processor.feature_extractor
+    rate = extractor.sampling_rate
+    features = [
+        {name: values[0] for name, values in extractor(load_audio(record["audio"], rate), sampling_rate=rate).items()}
+        for record in records
+    ]
+    input_name = extractor.model_input_names[0]
+    order = sorted(range(len(features)), key=lambda index: len(features[index][input_name]))
+    transcripts: list[str] = [""] * len(features)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs = processor(
-            [audio[index] for index in chunk],
-            sampling_rate=rate,
+        inputs = extractor.pad(
+            [{input_name: features[index][input_name]} for index in chunk],
             return_tensors="pt",
-            padding=True,
             return_attention_mask=True,
         )
         ids = model(**inputs).logits.argmax(-1)
