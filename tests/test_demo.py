@@ -288,3 +288,14 @@ def test_runs_outside_the_demo_folder_use_the_demo_s_pretrained_encoder(tmp_path
     expected = demo.pretrained_encoder_dir(preset, base)
     assert demo.training_arguments(preset, shared)["encoder_name_or_path"] == str(expected)
     assert expected.parent == tmp_path / "work" / "transfer" / "encoder"
+
+
+def test_transcripts_do_not_depend_on_the_batch(tiny_demo):
+    # Featurised clip by clip and padded as features, a clip gets the same frames alone or in any batch
+    # (a padded batch of waveforms gives the log-mel extractor's stacked frames a partly padded extra frame).
+    preset, work_dir, _ = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    records = read_manifest(paths.corpus / "train.jsonl")[:12]
+    one_by_one = demo.transcribe_manifest(paths.model, records, batch_size=1)
+    assert demo.transcribe_manifest(paths.model, records, batch_size=12) == one_by_one
+    assert demo.transcribe_manifest(paths.model, records[::-1], batch_size=5) == one_by_one[::-1]
