@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import datasets
+import torch
 import transformers
 from huggingface_hub.constants import HF_HOME
 from transformers import (
@@ -720,5 +721,17 @@ def main():
         return results
 
 
+def close_process_group() -> None:
+    """
+    Under DDP, wait for every process (the main one writes the model card and uploads) and destroy the
+    process group before the interpreter exits: a gloo group torn down by interpreter shutdown can abort a
+    finished worker (`terminate called without an active exception`) and fail the whole launch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    close_process_group()  # after a normal end only: a failing process must not wait in the barrier
