@@ -248,7 +248,7 @@ def test_a_pretraining_corpus_never_speaks_a_heldout_sentence(tmp_path, monkeypa
         (heldout / f"{split}.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     kept = ["夜来风雨声", "花落知多少", "白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
     clauses = ["春眠不觉晓", *kept[:3], "处处闻啼鸟", "春眠不觉晓处处", *kept[3:]]
-    monkeypatch.setattr(synthesis, "load_han_clauses", lambda paths: clauses)
+    monkeypatch.setattr(synthesis, "load_named_clauses", lambda names, fortunes_dir: (clauses, []))
     config = SynthesisConfig(
         output_dir=str(tmp_path / "pretraining"),
         exclude_corpus_dir=str(heldout),
@@ -269,3 +269,41 @@ def test_a_pretraining_corpus_never_speaks_a_heldout_sentence(tmp_path, monkeypa
     rebuilt = synthesize_corpus(config)
     texts = {record["text"] for record in read_manifest(rebuilt.manifests["train"])}
     assert not rebuilt.reused and "夜来风雨声" not in texts and len(texts) == 6
+
+
+def test_sentences_are_drawn_from_every_named_text_source(tmp_path, monkeypatch):
+    """text_sources reads each named source (here a fortune folder and a review file), each clause once."""
+    from modeling_tot_cakt.demo.text_sources import TEXT_SOURCES, TextSource, split_text_clauses
+
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "chinese").write_text("白日依山尽，黄河入海流。\n%\n欲穷千里目，更上一层楼。\n%\n", encoding="utf-8")
+    for name in ("tang300", "song100"):
+        (fortunes / name).write_text("", encoding="utf-8")
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text("夜来风雨声，花落知多少。\n白日依山尽，春眠不觉晓。\n", encoding="utf-8")
+    monkeypatch.setitem(
+        TEXT_SOURCES, "reviews", TextSource("reviews", "pip install x", "MIT", lambda: [reviews], split_text_clauses)
+    )
+    config = SynthesisConfig(
+        output_dir=str(tmp_path / "corpus"),
+        text_sources=["fortunes-zh", "reviews"],
+        fortunes_dir=str(fortunes),
+        num_sentences=7,
+        vocab_size=0,
+        min_chars=4,
+        dev_fraction=0.0,
+        test_fraction=0.0,
+        renditions_per_train_sentence=1,
+        num_workers=1,
+    )
+    corpus = synthesize_corpus(config)
+    texts = sorted(record["text"] for record in read_manifest(corpus.manifests["train"]))
+    expected = ["白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼", "夜来风雨声", "花落知多少", "春眠不觉晓"]
+    assert texts == sorted(expected)
+    assert corpus.info["source_files"] == [str(fortunes / name) for name in ("chinese", "tang300", "song100")] + [
+        str(reviews)
+    ]
+    assert corpus.info["settings"]["text_sources"] == ["fortunes-zh", "reviews"]
+    with pytest.raises(ValueError, match="text_sources must name at least one source"):
+        synthesize_corpus(replace(config, text_sources=[]))

@@ -2,7 +2,8 @@
 
 Pipeline (``synthesize_corpus``):
 
-1. Han-only clauses from Debian's ``fortunes-zh`` (:mod:`modeling_tot_cakt.demo.text_sources`), kept when
+1. Han-only clauses of the ``text_sources`` (:mod:`modeling_tot_cakt.demo.text_sources`; Debian's
+   ``fortunes-zh`` by default), kept when
    they have ``min_chars``-``max_chars`` characters, all among the ``vocab_size`` most frequent
    characters.
 2. Train/dev/test split **by sentence** (no transcript in two splits): after a seeded shuffle,
@@ -58,9 +59,8 @@ from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
     exclude_heldout,
-    fortunes_zh_paths,
     has_pinyin,
-    load_han_clauses,
+    load_named_clauses,
     restrict_to_frequent_chars,
     to_pinyin,
 )
@@ -329,6 +329,13 @@ class SynthesisConfig:
         default=40.0, metadata={"help": "Highest SNR, dB (set both high, e.g. 90, for clean audio)."}
     )
     sample_rate: int = field(default=16000, metadata={"help": "Output sample rate, Hz."})
+    text_sources: list[str] = field(
+        default_factory=lambda: ["fortunes-zh"],
+        metadata={
+            "help": "Text sources the sentences are drawn from (names in modeling_tot_cakt.demo.text_sources."
+            "TEXT_SOURCES), in this order before the seeded shuffle."
+        },
+    )
     fortunes_dir: str | None = field(
         default=None, metadata={"help": "Folder of the fortunes-zh files (default: Debian's)."}
     )
@@ -365,6 +372,7 @@ class SynthesisConfig:
             (self.snr_db_min <= self.snr_db_max, "need snr_db_min <= snr_db_max"),
             (self.sample_rate > 0, "sample_rate must be positive"),
             (self.num_workers >= 1, "num_workers must be >= 1"),
+            (bool(self.text_sources), "text_sources must name at least one source"),
         ]
         for ok, message in checks:
             if not ok:
@@ -755,13 +763,13 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     A complete corpus made with the same settings is reused; a stale or partial one is replaced.
 
     Raises:
-        FileNotFoundError: espeak-ng or fortunes-zh is not installed.
+        FileNotFoundError: espeak-ng or a text source is not installed.
         ValueError: invalid settings, or too few sentences for them.
     """
     config.validate()
     engine = load_espeak(config.espeak_library)
     _check_variants(config, engine)
-    source_files = fortunes_zh_paths(config.fortunes_dir)
+    source_clauses, source_files = load_named_clauses(config.text_sources, config.fortunes_dir)
     output_dir = Path(config.output_dir)
     excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
     key = corpus_settings_hash(config, engine.version, excluded)
@@ -771,7 +779,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     _remove_previous_output(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    clauses, num_excluded = exclude_heldout(load_han_clauses(source_files), excluded)
+    clauses, num_excluded = exclude_heldout(source_clauses, excluded)
     pool, filter_counts = select_sentences(
         clauses,
         min_chars=config.min_chars,

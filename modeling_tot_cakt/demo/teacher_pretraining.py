@@ -47,7 +47,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, read_complete_report, settings_hash
 from .synthesis import HELDOUT_SPLITS, char_readings, heldout_sentences, read_manifest
-from .text_sources import char_frequencies, exclude_heldout, fortunes_zh_paths, load_han_clauses, load_source_clauses
+from .text_sources import char_frequencies, exclude_heldout, load_named_clauses
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """First lines of ``vocab.txt``, in bert-base-chinese's relative order ([PAD] has id 0)."""
@@ -180,15 +180,11 @@ def training_texts(config: TeacherConfig, heldout: Iterable[str]) -> tuple[list[
     Returns:
         The clauses, and how many were dropped for overlapping a held-out sentence.
     """
-    others = [name for name in config.text_sources if name != "fortunes-zh"]
-    sources = load_source_clauses(others)
-    if "fortunes-zh" in config.text_sources:
-        sources["fortunes-zh"] = load_han_clauses(fortunes_zh_paths(config.fortunes_dir))
+    source_clauses, _ = load_named_clauses(config.text_sources, config.fortunes_dir)
     clauses: dict[str, None] = {}
-    for name in config.text_sources:
-        for clause in map(normalize_transcript, sources[name]):
-            if config.min_chars <= len(clause) <= config.max_chars:
-                clauses.setdefault(clause)
+    for clause in map(normalize_transcript, source_clauses):
+        if config.min_chars <= len(clause) <= config.max_chars:
+            clauses.setdefault(clause)
     return exclude_heldout(list(clauses), heldout)
 
 

@@ -250,6 +250,30 @@ def load_source_clauses(names: Sequence[str]) -> dict[str, list[str]]:
     return result
 
 
+def load_named_clauses(names: Sequence[str], fortunes_dir: str | Path | None = None) -> tuple[list[str], list[Path]]:
+    """The unique Han-only clauses of the named sources, in the order named, and the files read.
+
+    Args:
+        names: source names (:data:`TEXT_SOURCES`).
+        fortunes_dir: where to read ``fortunes-zh`` from instead of Debian's folder.
+
+    Raises:
+        ValueError: an unknown source name.
+        FileNotFoundError: a source is not installed (the message names the package).
+    """
+    others = [name for name in names if name != "fortunes-zh"]
+    sources = load_source_clauses(others)
+    files = [path for name in others for path in TEXT_SOURCES[name].paths()]
+    if "fortunes-zh" in names:
+        fortune_files = fortunes_zh_paths(fortunes_dir)
+        sources["fortunes-zh"] = load_han_clauses(fortune_files)
+        files = fortune_files + files
+    clauses: dict[str, None] = {}
+    for name in names:
+        clauses.update(dict.fromkeys(sources[name]))
+    return list(clauses), files
+
+
 def load_han_clauses(paths: Sequence[str | Path] | None = None) -> list[str]:
     """Unique Han-only clauses of the given fortune files, in order of first appearance.
 
