@@ -252,6 +252,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "bench_quality"), help="Folder for the runs.")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "quality.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "results" / "quality_curves.png"))
+    parser.add_argument(
+        "--demo_preset", help="Use this demo preset (a name or a YAML file) instead of the benchmark preset's own."
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="Override the preset's seeds.")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--max_steps", type=int, help="Override the preset's number of steps.")
@@ -273,7 +276,7 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(bench.threads_per_run)  # in-process scoring, like the runs themselves
-    preset = demo.load_preset(bench.demo_preset)
+    preset = demo.load_preset(args.demo_preset or bench.demo_preset)
     overrides = dict(bench.train_overrides)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
@@ -300,7 +303,7 @@ def main(argv=None) -> dict:
         summary = summarise(runs, args.target_cer)
         report = {
             "preset": args.preset,
-            "demo_preset": bench.demo_preset,
+            "demo_preset": str(args.demo_preset or bench.demo_preset),
             "train_arguments": {**preset.train, **overrides},
             "parallel_runs": bench.parallel,
             "threads_per_run": bench.threads_per_run,
