@@ -308,8 +308,9 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
         if not torch.compiler.is_compiling():
             self.check_inputs(input_values, attention_mask)
         if input_values.is_floating_point() and input_values.dtype != self.dtype:
-            # transformers' raw-waveform extractor returns float64 for integer PCM (its normalisation has already
-            # removed the scale); cast instead of failing with "expected scalar type Double".
+            # transformers' stock raw-waveform extractor (saved with models by earlier versions) returns float64 for
+            # integer PCM, its normalisation having removed the scale; cast instead of failing with "expected scalar
+            # type Double".
             input_values = input_values.to(self.dtype)
 
         outputs = self.encoder(

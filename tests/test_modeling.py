@@ -17,7 +17,7 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
 from modeling_tot_cakt.training import trainer
@@ -370,15 +370,22 @@ def test_bad_audio_inputs_are_rejected_clearly():
 
 
 def test_integer_pcm_through_the_processor_gives_the_float_logits(tmp_path):
-    # transformers' raw-waveform extractor turns int16 into float64 features; the model casts them to its dtype.
     model = make_model(alignment="none").eval()
     processor = make_processor(tmp_path, model)
     samples = (torch.randn(4000) * 3000).to(torch.int16).numpy()
     as_int = processor(audio=[samples], sampling_rate=16000, return_tensors="pt")
     as_float = processor(audio=[samples.astype("float32") / 32768], sampling_rate=16000, return_tensors="pt")
-    assert as_int.input_values.dtype == torch.float64
+    assert as_int.input_values.dtype == torch.float32  # the package's extractor scales integer PCM first
+    torch.testing.assert_close(as_int.input_values, as_float.input_values, atol=0, rtol=0)
+    # A stock Wav2Vec2FeatureExtractor (saved by earlier versions) returns float64 features for integer PCM, its
+    # normalisation having removed the scale; the model casts them to its dtype.
+    stock = Wav2Vec2FeatureExtractor(
+        **{k: v for k, v in processor.feature_extractor.to_dict().items() if "type" not in k}
+    )
+    as_stock = stock([samples], sampling_rate=16000, return_tensors="pt")
+    assert as_stock.input_values.dtype == torch.float64
     with torch.no_grad():
-        torch.testing.assert_close(model(**as_int).logits, model(**as_float).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(**as_stock).logits, model(**as_float).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_long_inputs_warn_about_attention_memory_and_chunking(monkeypatch, caplog):
