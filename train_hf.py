@@ -34,6 +34,7 @@ from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
+from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.training.data import (
     build_vocabulary,
@@ -384,18 +385,21 @@ def load_processor(
     """
     The processor: a resumed checkpoint's own (its vocabulary, whatever the data holds now), a saved
     model's, or a new one over output_dir/vocab.json (built from the training transcripts, or taken from
-    --tokenizer_name_or_path).
+    --tokenizer_name_or_path). A stock feature extractor saved by an earlier version becomes the package's
+    (same settings, and it takes integer PCM), so the model is saved with the current one.
     """
     vocab_file = os.path.join(training_args.output_dir, "vocab.json")
     if resume_checkpoint is not None and os.path.isfile(os.path.join(resume_checkpoint, "vocab.json")):
-        processor = AutoProcessor.from_pretrained(resume_checkpoint)
+        processor = upgrade_feature_extractor(AutoProcessor.from_pretrained(resume_checkpoint))
         if training_args.should_save:  # output_dir keeps the vocabulary the weights were trained with
             write_vocabulary(processor.tokenizer.get_vocab(), vocab_file)
         logger.info(f"Vocabulary of the resumed checkpoint {resume_checkpoint}.")
         return processor
     if model_args.model_name_or_path is not None:
-        return AutoProcessor.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        return upgrade_feature_extractor(
+            AutoProcessor.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+            )
         )
     with training_args.main_process_first(desc="vocabulary"):
         # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.

@@ -18,9 +18,16 @@ import yaml
 from conftest import TRAINING_ENCODER
 from huggingface_hub import metadata_load
 from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
-from transformers import AutoModelForCTC, AutoProcessor, Wav2Vec2Config, Wav2Vec2Model
+from transformers import (
+    AutoModelForCTC,
+    AutoProcessor,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
 
-from modeling_tot_cakt import TOTCAKTConfig
+from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor
 from modeling_tot_cakt.training.trainer import build_model, parse_encoder_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +130,12 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     )
 
     # The saved folder is a self-contained model: remote code, weights, processor, card.
-    for name in ("configuration_tot_cakt.py", "modeling_tot_cakt.py", "tot.py", "vocab.json", "README.md"):
+    code = ("configuration_tot_cakt.py", "feature_extraction_tot_cakt.py", "modeling_tot_cakt.py", "tot.py")
+    for name in (*code, "vocab.json", "README.md"):
         assert (out / name).is_file(), name
     model = AutoModelForCTC.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out)
+    assert type(processor.feature_extractor) is TOTCAKTFeatureExtractor  # it takes integer PCM too
     waveform, rate = sf.read(speech_corpus.root / "test" / "utt000.wav", dtype="float32")
     inputs = processor(waveform, sampling_rate=rate, return_tensors="pt")
     with torch.no_grad():
@@ -307,6 +316,46 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
         torch.testing.assert_close(again.state_dict()[name], tensor)
     with pytest.raises(ValueError, match="at most one of"):
         build_model(vocab_size=9, pad_token_id=0, model_name_or_path="a", encoder_config={"model_type": "wav2vec2"})
+
+
+@pytest.mark.parametrize(
+    "encoder, stock_cls, package_cls",
+    [
+        (TINY_WAV2VEC2, Wav2Vec2FeatureExtractor, TOTCAKTFeatureExtractor),
+        (TINY_WAV2VEC2_BERT, SeamlessM4TFeatureExtractor, TOTCAKTLogMelFeatureExtractor),
+    ],
+    ids=["wav2vec2", "wav2vec2-bert"],
+)
+def test_a_stock_feature_extractor_saved_by_an_earlier_version_is_replaced_by_the_packages(
+    tmp_path, encoder, stock_cls, package_cls
+):
+    """Continuing or resuming a model whose folder holds a stock feature extractor (no auto_map) trains and saves
+    with the package's class, of the same settings: the same features for float samples, and integer PCM scaled."""
+    processor = make_processor(tmp_path, make_model(encoder))
+    settings = {k: v for k, v in processor.feature_extractor.to_dict().items() if k != "feature_extractor_type"}
+    processor.feature_extractor = stock_cls(**settings)  # what earlier versions saved
+    old = tmp_path / "old"
+    processor.save_pretrained(old)
+    saved = json.loads((old / "processor_config.json").read_text())["feature_extractor"]
+    assert saved["feature_extractor_type"] == stock_cls.__name__ and "auto_map" not in saved
+    model_args = SimpleNamespace(model_name_or_path=str(old), cache_dir=None, token=None)
+    training_args = SimpleNamespace(output_dir=str(tmp_path / "out"), should_save=False)
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, 4000).astype(np.float32)
+    for resume_checkpoint in (None, str(old)):
+        loaded = train_hf.load_processor(model_args, None, training_args, {}, resume_checkpoint, None)
+        assert type(loaded.feature_extractor) is package_cls
+        name = loaded.feature_extractor.model_input_names[0]
+        np.testing.assert_array_equal(
+            loaded(audio=clip, sampling_rate=16000)[name][0], processor(audio=clip, sampling_rate=16000)[name][0]
+        )
+        np.testing.assert_array_equal(
+            loaded(audio=np.round(clip * 2**15).astype(np.int16), sampling_rate=16000)[name][0],
+            loaded(audio=np.round(clip * 2**15) / 2**15, sampling_rate=16000)[name][0],
+        )
+    loaded.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "processor_config.json").read_text())["feature_extractor"]
+    assert saved["auto_map"] == {"AutoFeatureExtractor": f"feature_extraction_tot_cakt.{package_cls.__name__}"}
+    assert {k: v for k, v in saved.items() if k not in ("auto_map", "feature_extractor_type")} == settings
 
 
 def test_parse_encoder_config(tmp_path):
