@@ -228,6 +228,34 @@ def test_teacher_errors_are_clear(teacher_dir, tmp_path):
         model(**batch["inputs"], labels=torch.full((2, 3), 99))
 
 
+def test_a_teacher_named_by_a_path_of_another_machine_or_by_a_folder_name_asks_for_the_teacher(
+    teacher_dir, tmp_path, monkeypatch
+):
+    """A saved config names the teacher as training was given it (a path on the training machine; the Hub copy a
+    folder name, or --hub_teacher_id): inference never needs it, and attach_teacher() without one that loads says to
+    pass the teacher itself or name its Hub id or a folder; attach_teacher(teacher) still works."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no Hub look-up of the folder name
+    model = make_model(teacher_dir=teacher_dir).eval()
+    clip = torch.randn(1, 4000)
+    for name in ("/home/trainer/models/tiny_teacher", teacher_dir.name):
+        model.config.teacher_name_or_path = name
+        model.save_pretrained(tmp_path / "saved")
+        elsewhere = TOTCAKTForCTC.from_pretrained(tmp_path / "saved").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(elsewhere(clip).logits, model(clip).logits)
+        with pytest.raises(ValueError, match=f"teacher_name_or_path='{name}'") as error:
+            elsewhere.attach_teacher()
+        assert "Pass the teacher itself (`model.attach_teacher(teacher)`)" in str(error.value)
+        assert "a Hub id (with network access) or a local folder" in str(error.value)
+        assert ("is a path: a saved model names its teacher as its training run was given it" in str(error.value)) == (
+            name.startswith("/")
+        )
+        teacher, _ = load_teacher(str(teacher_dir))
+        assert elsewhere.attach_teacher(teacher) is teacher and elsewhere.teacher is teacher
+
+
 def test_ctc_infeasible_warns_and_stays_finite(teacher_dir, caplog, tmp_path):
     model = make_model(teacher_dir=teacher_dir)
     model.attach_teacher()

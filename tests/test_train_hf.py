@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor
+from modeling_tot_cakt.training.model_card import public_config
 from modeling_tot_cakt.training.trainer import build_model, parse_encoder_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,9 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     # The card names the local teacher by its folder: the training machine's paths are not published.
     card_text = (out / "README.md").read_text(encoding="utf-8")
     assert f"`{tiny_teacher.name}` (a local model)" in card_text and str(tiny_teacher) not in card_text
+    # So does the config.json --push_to_hub uploads; the local one keeps the path, for attach_teacher().
+    assert json.loads((out / "config.json").read_text())["teacher_name_or_path"] == str(tiny_teacher)
+    assert json.loads(public_config(out))["teacher_name_or_path"] == tiny_teacher.name
 
     # A saved model is a starting point: its vocabulary and weights carry over.
     more = tmp_path / "more"
@@ -372,6 +376,7 @@ def test_parse_encoder_config(tmp_path):
 
 
 def test_argument_errors(speech_corpus, tmp_path):
+    data = ("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root)
     with pytest.raises(ValueError, match="exactly one data source"):
         run_training(
             "--output_dir",
@@ -384,9 +389,38 @@ def test_argument_errors(speech_corpus, tmp_path):
         )
     with pytest.raises(ValueError, match="--streaming needs --max_steps"):
         run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root, "--streaming")
+    with pytest.raises(ValueError, match="--hub_teacher_id names the teacher on the Hub: give a repository id"):
+        run_training(*data, "--hub_teacher_id", tmp_path / "teachers" / "bert")
     (tmp_path / "stray.txt").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
         run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root)
+
+
+def test_push_to_hub_uploads_a_config_that_names_the_teacher_publicly(tmp_path, caplog):
+    """--push_to_hub (huggingface_hub mocked): a local teacher is named by --hub_teacher_id, else by its folder name
+    with a warning saying so; the output folder's config.json keeps the path."""
+    teacher = tmp_path / "teachers" / "my-bert"
+    model = make_model(teacher_dir=teacher)
+    model.save_pretrained(tmp_path / "out")
+    for hub_teacher_id, published in ((None, "my-bert"), ("someone/my-bert", "someone/my-bert")):
+        training_args = SimpleNamespace(
+            output_dir=str(tmp_path / "out"),
+            hub_token="hf_x",
+            hub_private_repo=None,
+            hub_revision=None,
+            hub_teacher_id=hub_teacher_id,
+        )
+        caplog.clear()
+        with mock.patch("modeling_tot_cakt.training.model_card.HfApi") as api_class, caplog.at_level(logging.WARNING):
+            api_class.return_value.create_repo.return_value = SimpleNamespace(repo_id="someone/m")
+            api_class.return_value.create_commit.return_value = SimpleNamespace(commit_url="url")
+            assert train_hf.push_model_to_hub(model.config, "m", training_args) == "url"
+        (_, operations), _ = api_class.return_value.create_commit.call_args
+        (config,) = [op.path_or_fileobj for op in operations if op.path_in_repo == "config.json"]
+        assert json.loads(config)["teacher_name_or_path"] == published and str(tmp_path).encode() not in config
+        warned = "names the local teacher" in caplog.text and "pass --hub_teacher_id" in caplog.text
+        assert warned == (hub_teacher_id is None)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["teacher_name_or_path"] == str(teacher)
 
 
 def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
