@@ -251,14 +251,20 @@ def test_log_mel_encoder_cached_teacher_features_and_bad_rows(
     # One cached feature file per distinct usable transcript of both splits.
     texts = {"你好"} | set(speech_corpus.eval_texts)  # the two bad transcripts are not cached
     assert len(list(teacher_cache.rglob("*.safetensors"))) == len(texts)
-    # The upload goes through HfApi, with the rendered card in the folder.
+    # The upload goes through HfApi in one commit, with the rendered card and the log-mel feature extractor's code.
     api = api_class.return_value
     api.create_repo.assert_called_once_with("someone/tiny", private=None, exist_ok=True, repo_type="model")
-    assert api.upload_folder.call_args.kwargs["folder_path"] == str(out)
+    (repo_id, operations), _ = api.create_commit.call_args
+    uploaded = {operation.path_in_repo: operation.path_or_fileobj for operation in operations}
+    assert repo_id == "someone/tiny" and uploaded["README.md"] == str(out / "README.md")
+    assert {"model.safetensors", "processor_config.json", "feature_extraction_tot_cakt.py"} <= uploaded.keys()
+    assert json.loads(uploaded["config.json"])["teacher_name_or_path"] == tiny_teacher.name
     assert metadata_load(out / "README.md")["tags"][:3] == ["automatic-speech-recognition", "ctc", "tot-cakt"]
     encoder_config = json.loads((out / "config.json").read_text())["encoder_config"]
     assert (encoder_config["model_type"], encoder_config["mask_time_prob"]) == ("wav2vec2-bert", 0.05)
-    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Wav2Vec2BertProcessor"
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Wav2Vec2BertProcessor"
+    assert processor_config["feature_extractor"]["feature_extractor_type"] == "TOTCAKTLogMelFeatureExtractor"
 
 
 def test_yaml_arguments_streaming_and_gradient_accumulation(speech_corpus, tiny_teacher, tmp_path):
