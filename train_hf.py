@@ -34,6 +34,7 @@ from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
+from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.training.data import (
     build_vocabulary,
@@ -47,6 +48,8 @@ from modeling_tot_cakt.training.data import (
 from modeling_tot_cakt.training.model_card import (
     cer_result,
     describe_training_data,
+    is_hub_id,
+    public_name,
     push_folder_to_hub,
     render_model_card,
     training_hyperparameters,
@@ -288,6 +291,11 @@ def check_arguments(
     starts = (model_args.model_name_or_path, model_args.encoder_name_or_path, model_args.encoder_config)
     if sum(start is not None for start in starts) > 1:
         raise ValueError("Give at most one of --model_name_or_path, --encoder_name_or_path and --encoder_config.")
+    if training_args.hub_teacher_id is not None and not is_hub_id(training_args.hub_teacher_id):
+        raise ValueError(
+            f"--hub_teacher_id names the teacher on the Hub: give a repository id (name or owner/name), not "
+            f"'{training_args.hub_teacher_id}'."
+        )
     # The model card and upload are done here, once, after training: keep the Trainer from pushing on its own.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False  # the collator needs the transcript column
@@ -384,18 +392,21 @@ def load_processor(
     """
     The processor: a resumed checkpoint's own (its vocabulary, whatever the data holds now), a saved
     model's, or a new one over output_dir/vocab.json (built from the training transcripts, or taken from
-    --tokenizer_name_or_path).
+    --tokenizer_name_or_path). A stock feature extractor saved by an earlier version becomes the package's
+    (same settings, and it takes integer PCM), so the model is saved with the current one.
     """
     vocab_file = os.path.join(training_args.output_dir, "vocab.json")
     if resume_checkpoint is not None and os.path.isfile(os.path.join(resume_checkpoint, "vocab.json")):
-        processor = AutoProcessor.from_pretrained(resume_checkpoint)
+        processor = upgrade_feature_extractor(AutoProcessor.from_pretrained(resume_checkpoint))
         if training_args.should_save:  # output_dir keeps the vocabulary the weights were trained with
             write_vocabulary(processor.tokenizer.get_vocab(), vocab_file)
         logger.info(f"Vocabulary of the resumed checkpoint {resume_checkpoint}.")
         return processor
     if model_args.model_name_or_path is not None:
-        return AutoProcessor.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        return upgrade_feature_extractor(
+            AutoProcessor.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+            )
         )
     with training_args.main_process_first(desc="vocabulary"):
         # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.
@@ -656,9 +667,32 @@ def write_model_card(
         hyperparameters=training_hyperparameters(training_args, trainer.state.global_step, trainer.model.config),
         sampling_rate=sampling_rate,
         do_lower_case=data_args.do_lower_case,
+        hub_teacher_id=training_args.hub_teacher_id,
     )
     card.save(os.path.join(training_args.output_dir, "README.md"))
     return repo_id
+
+
+def push_model_to_hub(config, repo_id: str, training_args: TOTCAKTTrainingArguments) -> str:
+    """
+    Upload output_dir. Its config.json names the teacher by the path the run was given, which attach_teacher()
+    and --model_name_or_path use on this machine; the uploaded one names a local teacher by --hub_teacher_id or,
+    without it, by the folder's name (said here, since that name may mean nothing on the Hub).
+    """
+    teacher = config.teacher_name_or_path
+    if config.uses_teacher and training_args.hub_teacher_id is None and not is_hub_id(teacher):
+        logger.warning(
+            f"The uploaded config.json names the local teacher {teacher} by its folder name "
+            f"'{public_name(teacher)}'; pass --hub_teacher_id to name its Hub id instead."
+        )
+    return push_folder_to_hub(
+        training_args.output_dir,
+        repo_id,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+        revision=training_args.hub_revision,
+        hub_teacher_id=training_args.hub_teacher_id,
+    )
 
 
 def main():
@@ -710,13 +744,7 @@ def main():
                 trainer, results, model_args, data_args, training_args, processor.feature_extractor.sampling_rate
             )
             if push_to_hub:
-                url = push_folder_to_hub(
-                    training_args.output_dir,
-                    repo_id,
-                    token=training_args.hub_token,
-                    private=training_args.hub_private_repo,
-                    revision=training_args.hub_revision,
-                )
+                url = push_model_to_hub(trainer.model.config, repo_id, training_args)
                 logger.info(f"Uploaded to {url}")
         return results
 

@@ -1,8 +1,9 @@
 """TOT-CAKT: temporal-order-preserving optimal-transport knowledge transfer for CTC speech recognition."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCTC
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCTC
 
 from .configuration_tot_cakt import TOTCAKTConfig
+from .feature_extraction_tot_cakt import TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor
 from .modeling_tot_cakt import (
     TOTCAKTForCTC,
     TOTCAKTModel,
@@ -18,16 +19,26 @@ from .tot import tot_sinkhorn
 AutoConfig.register(TOTCAKTConfig.model_type, TOTCAKTConfig)
 AutoModel.register(TOTCAKTConfig, TOTCAKTModel)
 AutoModelForCTC.register(TOTCAKTConfig, TOTCAKTForCTC)
+# AutoFeatureExtractor (and so AutoProcessor and the pipeline) finds a custom feature extractor by the class
+# name saved in processor_config.json among the registered ones; the key, normally a config class, is not used
+# for that, and a model configuration cannot name two. Each class is its own key, so that a TOTCAKTConfig alone
+# never stands for one of them.
+for feature_extractor_class in (TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor):
+    AutoFeatureExtractor.register(feature_extractor_class, feature_extractor_class)
 # Saved folders carry `auto_map` and the code files, for processes where this package is absent.
 TOTCAKTConfig.register_for_auto_class()
 TOTCAKTModel.register_for_auto_class("AutoModel")
 TOTCAKTForCTC.register_for_auto_class("AutoModelForCTC")
+TOTCAKTFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+TOTCAKTLogMelFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TOTCAKTConfig",
+    "TOTCAKTFeatureExtractor",
     "TOTCAKTForCTC",
+    "TOTCAKTLogMelFeatureExtractor",
     "TOTCAKTModel",
     "TOTCAKTModelOutput",
     "TOTCAKTOutput",

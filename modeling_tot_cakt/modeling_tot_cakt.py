@@ -26,6 +26,23 @@ logger = logging.get_logger(__name__)
 LONG_INPUT_FRAMES = 3000
 
 
+def teacher_loading_advice(name_or_path: str) -> str:
+    """What to do when no teacher loads from `name_or_path`: the end of every such message."""
+    advice = (
+        "Pass the teacher itself (`model.attach_teacher(teacher)`), or name one that loads here in "
+        "`config.teacher_name_or_path` (`--teacher_name_or_path` for train_hf.py): a Hub id (with network access) or "
+        "a local folder with config.json, the weights and the tokenizer (for example one built by "
+        "`python -m modeling_tot_cakt.demo.teacher_pretraining`)."
+    )
+    # A Hub id has at most one "/" and never starts like a path.
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        advice = (
+            f"'{name_or_path}' is a path: a saved model names its teacher as its training run was given it, which "
+            f"may be a folder of another machine. {advice}"
+        )
+    return advice
+
+
 def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
     Load the frozen teacher language model and its tokenizer (Hub id or folder), with errors that name
@@ -48,9 +65,8 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
         teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} Pass a "
-            "Hub id (with network access) or a local folder with config.json, the weights and the tokenizer (for "
-            "example one built by `python -m modeling_tot_cakt.demo.teacher_pretraining`)."
+            f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} "
+            f"{teacher_loading_advice(name_or_path)}"
         ) from err
     # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
     # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
@@ -308,8 +324,9 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
         if not torch.compiler.is_compiling():
             self.check_inputs(input_values, attention_mask)
         if input_values.is_floating_point() and input_values.dtype != self.dtype:
-            # transformers' raw-waveform extractor returns float64 for integer PCM (its normalisation has already
-            # removed the scale); cast instead of failing with "expected scalar type Double".
+            # transformers' stock raw-waveform extractor (saved with models by earlier versions) returns float64 for
+            # integer PCM, its normalisation having removed the scale; cast instead of failing with "expected scalar
+            # type Double".
             input_values = input_values.to(self.dtype)
 
         outputs = self.encoder(

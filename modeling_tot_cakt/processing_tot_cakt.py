@@ -1,8 +1,11 @@
 """Processor glue: a feature extractor matched to the encoder plus a Mandarin character CTC tokenizer.
 
-The processor is a stock transformers class (`Wav2Vec2Processor`, or `Wav2Vec2BertProcessor` for
-log-mel encoders), so `AutoProcessor` and `pipeline("automatic-speech-recognition")` load it without
-remote code.
+The processor and the tokenizer are stock transformers classes (`Wav2Vec2Processor`, or
+`Wav2Vec2BertProcessor` for log-mel encoders, with `Wav2Vec2CTCTokenizer`). The feature extractor is
+one of this package's (`feature_extraction_tot_cakt.py`): a stock one that also scales integer PCM.
+It is saved with `auto_map` and its code file, so `AutoProcessor`, `AutoFeatureExtractor` and
+`pipeline("automatic-speech-recognition")` load it with `trust_remote_code=True` where this package is
+not installed (and without it where `modeling_tot_cakt` is imported).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from transformers import (
     AutoConfig,
     PretrainedConfig,
@@ -21,6 +23,8 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Processor,
 )
+
+from .feature_extraction_tot_cakt import TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor, as_float_waveform
 
 PAD_TOKEN = "[PAD]"  # also the CTC blank, id 0
 UNK_TOKEN = "[UNK]"
@@ -39,33 +43,6 @@ def vocabulary_from_characters(characters) -> dict[str, int]:
 # Encoders that take log-mel filter banks (SeamlessM4T front-end) instead of the raw waveform.
 LOG_MEL_ENCODERS = ("wav2vec2-bert",)
 NUM_MEL_BINS = 80
-
-
-def as_float_waveform(audio) -> np.ndarray:
-    """
-    A waveform as float32 samples in [-1, 1], as the feature extractors expect.
-
-    Integer PCM is scaled by its full scale: `int16 / 2**15`, `int32 / 2**31`, `int8 / 2**7`, and unsigned
-    8-bit (WAV's `PCM_U8`) re-centred as `(uint8 - 128) / 2**7`. transformers' extractors take integer
-    arrays as they are: the raw-waveform one returns float64 values that a float32 model rejects
-    (`expected scalar type Double`), and the log-mel one overflows on int16 (`OverflowError`) and wraps
-    int32 silently. Float arrays are only cast to float32.
-
-    Args:
-        audio (`np.ndarray` or array-like of shape `(samples,)` or `(samples, channels)`): the samples.
-
-    Returns:
-        `np.ndarray` of the same shape, float32.
-    """
-    audio = np.asarray(audio)
-    if audio.dtype == np.uint8:
-        return ((audio.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
-    if np.issubdtype(audio.dtype, np.signedinteger):
-        full_scale = float(np.iinfo(audio.dtype).max) + 1.0
-        return (audio.astype(np.float64) / full_scale).astype(np.float32)
-    if np.issubdtype(audio.dtype, np.floating):
-        return audio.astype(np.float32, copy=False)
-    raise ValueError(f"Audio samples must be integer PCM or floating point, got an array of {audio.dtype}.")
 
 
 def create_tokenizer(vocab_file: str | os.PathLike) -> Wav2Vec2CTCTokenizer:
@@ -97,9 +74,10 @@ def create_tokenizer(vocab_file: str | os.PathLike) -> Wav2Vec2CTCTokenizer:
 def create_feature_extractor(encoder_config: PretrainedConfig | dict | None = None, sampling_rate: int = 16000):
     """
     The feature extractor an encoder expects: the normalised raw waveform for wav2vec2 / HuBERT /
-    WavLM / data2vec-audio; for Wav2Vec2-BERT, 80-bin log-mel filter banks (10 ms hop) with
-    `stride` consecutive frames stacked, where `stride = feature_projection_input_dim / 80`. A larger
-    stride is a free frame-rate reduction: stride 2 gives 20 ms encoder frames, stride 4 gives 40 ms.
+    WavLM / data2vec-audio ([`TOTCAKTFeatureExtractor`]); for Wav2Vec2-BERT, 80-bin log-mel filter banks
+    (10 ms hop) with `stride` consecutive frames stacked, where `stride = feature_projection_input_dim / 80`
+    ([`TOTCAKTLogMelFeatureExtractor`]). A larger stride is a free frame-rate reduction: stride 2 gives
+    20 ms encoder frames, stride 4 gives 40 ms. Both take float samples in [-1, 1] or integer PCM.
     """
     if isinstance(encoder_config, dict):
         encoder_config = AutoConfig.for_model(**encoder_config)
@@ -111,7 +89,7 @@ def create_feature_extractor(encoder_config: PretrainedConfig | dict | None = No
                 f"encoder_config.feature_projection_input_dim must be a multiple of {NUM_MEL_BINS} (mel bins x "
                 f"stacked frames), got {encoder_config.feature_projection_input_dim}."
             )
-        return SeamlessM4TFeatureExtractor(
+        return TOTCAKTLogMelFeatureExtractor(
             feature_size=NUM_MEL_BINS,
             num_mel_bins=NUM_MEL_BINS,
             sampling_rate=sampling_rate,
@@ -119,7 +97,7 @@ def create_feature_extractor(encoder_config: PretrainedConfig | dict | None = No
             padding_value=1.0,
             return_attention_mask=True,
         )
-    return Wav2Vec2FeatureExtractor(
+    return TOTCAKTFeatureExtractor(
         feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True, return_attention_mask=True
     )
 
@@ -138,13 +116,36 @@ def create_processor(
         sampling_rate: the rate audio is resampled to before feature extraction.
 
     Returns:
-        A `Wav2Vec2Processor` or `Wav2Vec2BertProcessor`; `save_pretrained`/`AutoProcessor` work as usual.
+        A `Wav2Vec2Processor` or `Wav2Vec2BertProcessor`; `save_pretrained`/`AutoProcessor` work as usual
+        (the feature extractor's code file is saved beside them).
     """
     feature_extractor = create_feature_extractor(encoder_config, sampling_rate)
     tokenizer = create_tokenizer(vocab_file)
-    if isinstance(feature_extractor, SeamlessM4TFeatureExtractor):
+    if isinstance(feature_extractor, TOTCAKTLogMelFeatureExtractor):
         return Wav2Vec2BertProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+
+
+# The stock class each of the package's feature extractors extends.
+PACKAGE_FEATURE_EXTRACTORS = {
+    Wav2Vec2FeatureExtractor: TOTCAKTFeatureExtractor,
+    SeamlessM4TFeatureExtractor: TOTCAKTLogMelFeatureExtractor,
+}
+
+
+def upgrade_feature_extractor(processor: ProcessorMixin) -> ProcessorMixin:
+    """
+    `processor`, its feature extractor replaced by the package's class with the same settings if it is the stock
+    `Wav2Vec2FeatureExtractor` or `SeamlessM4TFeatureExtractor` (what earlier versions saved with a model): float
+    input gives the same features, integer PCM is scaled, and `save_pretrained` writes the new class. Any other
+    feature extractor is kept.
+    """
+    package_class = PACKAGE_FEATURE_EXTRACTORS.get(type(processor.feature_extractor))
+    if package_class is not None:
+        settings = processor.feature_extractor.to_dict()
+        del settings["feature_extractor_type"]
+        processor.feature_extractor = package_class(**settings)
+    return processor
 
 
 __all__ = [
@@ -156,5 +157,6 @@ __all__ = [
     "create_feature_extractor",
     "create_processor",
     "create_tokenizer",
+    "upgrade_feature_extractor",
     "vocabulary_from_characters",
 ]

@@ -112,6 +112,37 @@ def test_pipeline_gives_the_models_message_for_short_empty_and_non_finite_clips(
         asr({"raw": broken, "sampling_rate": SAMPLING_RATE})
 
 
+# ------------------------------------------------------------------------------------ integer PCM
+@pytest.mark.parametrize("encoder", [TINY_WAV2VEC2, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "wav2vec2-bert"])
+def test_integer_pcm_through_the_pipeline_gives_the_float_transcript(tmp_path, encoder):
+    """int16 / int32 / uint8 arrays given to pipeline(...) are read as their float samples (x / 2**15, x / 2**31,
+    (x - 128) / 2**7): the same model input, bit for bit, and the same transcript, whole and in chunks."""
+    torch.manual_seed(0)
+    model = make_model(encoder, alignment="none").eval()
+    with torch.no_grad():  # an untrained model that emits characters, not only blanks
+        model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
+        model.lm_head.bias[0] = -5
+    make_processor(tmp_path, model).save_pretrained(tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path / "saved"))
+    signal = np.clip(0.3 * np.random.default_rng(0).standard_normal(int(1.5 * SAMPLING_RATE)), -0.99, 0.99)
+    formats = {
+        "int16": (np.round(signal * 2**15).astype(np.int16), lambda x: x.astype(np.float32) / 2**15),
+        "int32": (np.round(signal * 2**31).astype(np.int32), lambda x: (x / 2**31).astype(np.float32)),
+        "uint8": (np.round(signal * 127 + 128).astype(np.uint8), lambda x: (x.astype(np.float32) - 128) / 2**7),
+    }
+    key = model.main_input_name
+    for dtype, (integers, to_float) in formats.items():
+        floats = to_float(integers)
+        model_input = next(asr.preprocess({"raw": integers, "sampling_rate": SAMPLING_RATE}))[key]
+        expected_input = next(asr.preprocess({"raw": floats, "sampling_rate": SAMPLING_RATE}))[key]
+        assert model_input.dtype == torch.float32, dtype
+        torch.testing.assert_close(model_input, expected_input, atol=0, rtol=0, msg=dtype)
+        for chunking in ({}, {"chunk_length_s": 0.5, "stride_length_s": 0.1}):
+            expected = asr({"raw": floats, "sampling_rate": SAMPLING_RATE}, **chunking)["text"]
+            assert expected and asr({"raw": integers, "sampling_rate": SAMPLING_RATE}, **chunking)["text"] == expected
+
+
 # ------------------------------------------------------------------------------------ a training run
 def write_bad_corpus(directory: Path) -> tuple[Path, Path]:
     """A training manifest whose good rows come in every sample format, rate and channel layout, plus a

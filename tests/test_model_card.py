@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -12,7 +13,9 @@ from modeling_tot_cakt.training.model_card import (
     UPLOAD_IGNORE_PATTERNS,
     cer_result,
     is_hub_id,
+    public_config,
     public_name,
+    public_teacher,
     push_folder_to_hub,
     render_model_card,
     training_hyperparameters,
@@ -125,24 +128,82 @@ def test_is_hub_id(tmp_path):
     assert not is_hub_id(str(tmp_path)) and not is_hub_id("a/b/c") and not is_hub_id(None)
 
 
-def test_upload_goes_through_hf_api(tmp_path):
-    (tmp_path / "README.md").write_text("card", encoding="utf-8")
+def saved_output_dir(tmp_path, teacher: str) -> Path:
+    """What train_hf.py leaves in output_dir, with training state beside the model."""
+    out = tmp_path / "out"
+    make_model(teacher_dir=teacher).save_pretrained(out)
+    (out / "README.md").write_text("card", encoding="utf-8")
+    for name in ("checkpoint-2/model.safetensors", "incomplete_checkpoints/checkpoint-3/config.json", "runs/x/events"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    for name in ("training_args.bin", ".train_hf.lock", "vocab.json.12.tmp"):
+        (out / name).write_text("x")
+    return out
+
+
+def push_with_mocked_hub(out, **kwargs) -> tuple[mock.MagicMock, dict[str, bytes]]:
+    """push_folder_to_hub with huggingface_hub's HfApi mocked: the mock and the uploaded files' contents."""
     with mock.patch("modeling_tot_cakt.training.model_card.HfApi") as api_class:
         api = api_class.return_value
         api.create_repo.return_value = SimpleNamespace(repo_id="someone/m")
-        api.upload_folder.return_value = SimpleNamespace(commit_url="https://huggingface.co/someone/m/commit/1")
-        url = push_folder_to_hub(tmp_path, "m", token="hf_x", private=True)
+        api.create_commit.return_value = SimpleNamespace(commit_url="https://huggingface.co/someone/m/commit/1")
+        url = push_folder_to_hub(out, "m", token="hf_x", private=True, **kwargs)
     assert url.endswith("/commit/1")
+    (args, call) = api.create_commit.call_args
+    assert args[0] == "someone/m" and call["commit_message"] == "Upload TOT-CAKT model"
+    uploaded = {}
+    for operation in args[1]:
+        source = operation.path_or_fileobj
+        uploaded[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return api_class, uploaded
+
+
+def test_upload_goes_through_hf_api_in_one_commit_without_training_state(tmp_path):
+    teacher = tmp_path / "teachers" / "my-bert"
+    out = saved_output_dir(tmp_path, str(teacher))
+    api_class, uploaded = push_with_mocked_hub(out)
     api_class.assert_called_once_with(token="hf_x")
-    api.create_repo.assert_called_once_with("m", private=True, exist_ok=True, repo_type="model")
-    kwargs = api.upload_folder.call_args.kwargs
-    assert kwargs["repo_id"] == "someone/m" and kwargs["folder_path"] == str(tmp_path)
-    assert kwargs["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and {
-        "checkpoint-*",
-        "training_args.bin",
-        "incomplete_checkpoints/**",
-        ".train_hf.lock",
-    } <= set(UPLOAD_IGNORE_PATTERNS)
+    api_class.return_value.create_repo.assert_called_once_with("m", private=True, exist_ok=True, repo_type="model")
+    assert set(uploaded) == {
+        "config.json",
+        "configuration_tot_cakt.py",
+        "modeling_tot_cakt.py",
+        "tot.py",
+        "model.safetensors",
+        "README.md",
+        "runs/x/events",
+    }
+    assert uploaded["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert {"checkpoint-*", "training_args.bin", "incomplete_checkpoints/**", ".train_hf.lock"} <= set(
+        UPLOAD_IGNORE_PATTERNS
+    )
+
+
+def test_the_uploaded_config_names_a_local_teacher_by_its_folder_or_hub_teacher_id(tmp_path):
+    """The training machine's path stays in the local config.json (attach_teacher, --model_name_or_path) and
+    never reaches the Hub."""
+    teacher = tmp_path / "teachers" / "my-bert"
+    out = saved_output_dir(tmp_path, str(teacher))
+    local = json.loads((out / "config.json").read_text())
+    assert local["teacher_name_or_path"] == str(teacher)
+    for hub_teacher_id, published in ((None, "my-bert"), ("someone/my-bert", "someone/my-bert")):
+        _, uploaded = push_with_mocked_hub(out, hub_teacher_id=hub_teacher_id)
+        assert str(tmp_path).encode() not in uploaded["config.json"]
+        assert json.loads(uploaded["config.json"]) == {**local, "teacher_name_or_path": published}
+        assert json.loads(public_config(out, hub_teacher_id)) == json.loads(uploaded["config.json"])
+    assert json.loads((out / "config.json").read_text()) == local  # unchanged
+    # A Hub teacher is named as it is; --hub_teacher_id also names the teacher in the model card.
+    hub = saved_output_dir(tmp_path / "hub", "bert-base-chinese")
+    assert json.loads(public_config(hub))["teacher_name_or_path"] == "bert-base-chinese"
+    assert public_teacher(str(teacher)) == "my-bert" and public_teacher(str(teacher), "a/b") == "a/b"
+    card = render_model_card(
+        TEMPLATE,
+        make_model(teacher_dir=teacher).config,
+        model_name="m",
+        repo_id="x/m",
+        hub_teacher_id="someone/my-bert",
+    )
+    assert card.data.to_dict()["teacher_model"] == "someone/my-bert" and str(tmp_path) not in card.text
 
 
 @pytest.mark.parametrize("precision, expected", [({}, "fp32"), ({"bf16": True}, "bf16")])

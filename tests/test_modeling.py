@@ -17,7 +17,7 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
 from modeling_tot_cakt.training import trainer
@@ -228,6 +228,34 @@ def test_teacher_errors_are_clear(teacher_dir, tmp_path):
         model(**batch["inputs"], labels=torch.full((2, 3), 99))
 
 
+def test_a_teacher_named_by_a_path_of_another_machine_or_by_a_folder_name_asks_for_the_teacher(
+    teacher_dir, tmp_path, monkeypatch
+):
+    """A saved config names the teacher as training was given it (a path on the training machine; the Hub copy a
+    folder name, or --hub_teacher_id): inference never needs it, and attach_teacher() without one that loads says to
+    pass the teacher itself or name its Hub id or a folder; attach_teacher(teacher) still works."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no Hub look-up of the folder name
+    model = make_model(teacher_dir=teacher_dir).eval()
+    clip = torch.randn(1, 4000)
+    for name in ("/home/trainer/models/tiny_teacher", teacher_dir.name):
+        model.config.teacher_name_or_path = name
+        model.save_pretrained(tmp_path / "saved")
+        elsewhere = TOTCAKTForCTC.from_pretrained(tmp_path / "saved").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(elsewhere(clip).logits, model(clip).logits)
+        with pytest.raises(ValueError, match=f"teacher_name_or_path='{name}'") as error:
+            elsewhere.attach_teacher()
+        assert "Pass the teacher itself (`model.attach_teacher(teacher)`)" in str(error.value)
+        assert "a Hub id (with network access) or a local folder" in str(error.value)
+        assert ("is a path: a saved model names its teacher as its training run was given it" in str(error.value)) == (
+            name.startswith("/")
+        )
+        teacher, _ = load_teacher(str(teacher_dir))
+        assert elsewhere.attach_teacher(teacher) is teacher and elsewhere.teacher is teacher
+
+
 def test_ctc_infeasible_warns_and_stays_finite(teacher_dir, caplog, tmp_path):
     model = make_model(teacher_dir=teacher_dir)
     model.attach_teacher()
@@ -370,15 +398,22 @@ def test_bad_audio_inputs_are_rejected_clearly():
 
 
 def test_integer_pcm_through_the_processor_gives_the_float_logits(tmp_path):
-    # transformers' raw-waveform extractor turns int16 into float64 features; the model casts them to its dtype.
     model = make_model(alignment="none").eval()
     processor = make_processor(tmp_path, model)
     samples = (torch.randn(4000) * 3000).to(torch.int16).numpy()
     as_int = processor(audio=[samples], sampling_rate=16000, return_tensors="pt")
     as_float = processor(audio=[samples.astype("float32") / 32768], sampling_rate=16000, return_tensors="pt")
-    assert as_int.input_values.dtype == torch.float64
+    assert as_int.input_values.dtype == torch.float32  # the package's extractor scales integer PCM first
+    torch.testing.assert_close(as_int.input_values, as_float.input_values, atol=0, rtol=0)
+    # A stock Wav2Vec2FeatureExtractor (saved by earlier versions) returns float64 features for integer PCM, its
+    # normalisation having removed the scale; the model casts them to its dtype.
+    stock = Wav2Vec2FeatureExtractor(
+        **{k: v for k, v in processor.feature_extractor.to_dict().items() if "type" not in k}
+    )
+    as_stock = stock([samples], sampling_rate=16000, return_tensors="pt")
+    assert as_stock.input_values.dtype == torch.float64
     with torch.no_grad():
-        torch.testing.assert_close(model(**as_int).logits, model(**as_float).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(**as_stock).logits, model(**as_float).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_long_inputs_warn_about_attention_memory_and_chunking(monkeypatch, caplog):

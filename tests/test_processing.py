@@ -3,16 +3,25 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from tiny_models import CHARACTERS, TINY_WAV2VEC2_BERT, write_vocab
-from transformers import AutoProcessor, Wav2Vec2BertProcessor, Wav2Vec2Processor
+from transformers import (
+    AutoFeatureExtractor,
+    AutoProcessor,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertProcessor,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Processor,
+)
 
 from modeling_tot_cakt import create_processor, create_tokenizer
 from modeling_tot_cakt.configuration_tot_cakt import TOTCAKTConfig
-from modeling_tot_cakt.processing_tot_cakt import (
+from modeling_tot_cakt.feature_extraction_tot_cakt import (
+    TOTCAKTFeatureExtractor,
+    TOTCAKTLogMelFeatureExtractor,
     as_float_waveform,
-    create_feature_extractor,
-    vocabulary_from_characters,
 )
+from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor, vocabulary_from_characters
 
 
 def test_character_tokenizer_round_trip(tmp_path):
@@ -38,16 +47,24 @@ def test_vocab_without_blank_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "encoder, cls, key",
-    [(None, Wav2Vec2Processor, "input_values"), (TINY_WAV2VEC2_BERT, Wav2Vec2BertProcessor, "input_features")],
+    "encoder, cls, extractor_cls, key",
+    [
+        (None, Wav2Vec2Processor, TOTCAKTFeatureExtractor, "input_values"),
+        (TINY_WAV2VEC2_BERT, Wav2Vec2BertProcessor, TOTCAKTLogMelFeatureExtractor, "input_features"),
+    ],
 )
-def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls, key):
+def test_processor_matches_encoder_and_reloads_with_auto(tmp_path, encoder, cls, extractor_cls, key):
     config = TOTCAKTConfig(encoder_config=dict(encoder) if encoder else None)
     processor = create_processor(write_vocab(tmp_path), encoder_config=config.encoder_config)
-    assert isinstance(processor, cls)
+    assert isinstance(processor, cls) and type(processor.feature_extractor) is extractor_cls
     processor.save_pretrained(tmp_path / "proc")
+    saved = json.loads((tmp_path / "proc" / "processor_config.json").read_text())["feature_extractor"]
+    assert saved["auto_map"] == {"AutoFeatureExtractor": f"feature_extraction_tot_cakt.{extractor_cls.__name__}"}
+    assert (tmp_path / "proc" / "feature_extraction_tot_cakt.py").is_file()
+    # With the package imported the Auto classes find the extractor by its saved name, without remote code.
     reloaded = AutoProcessor.from_pretrained(tmp_path / "proc")
-    assert isinstance(reloaded, cls)
+    assert isinstance(reloaded, cls) and type(reloaded.feature_extractor) is extractor_cls
+    assert type(AutoFeatureExtractor.from_pretrained(tmp_path / "proc")) is extractor_cls
     audio = [np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)]
     features = reloaded(audio=audio, sampling_rate=16000, return_tensors="pt", padding=True)
     assert (
@@ -98,3 +115,77 @@ def test_unsigned_8_bit_and_float_samples():
     assert as_float_waveform(np.array([0.25, -0.5])).dtype == np.float32
     with pytest.raises(ValueError, match="integer PCM or floating point, got an array of bool"):
         as_float_waveform(np.array([True, False]))
+
+
+# Integer PCM and the float samples it stands for, written out (not through as_float_waveform).
+def pcm_and_float(dtype: str, shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    floats = 0.8 * np.random.default_rng(seed).uniform(-1, 1, shape)
+    if dtype == "uint8":
+        integers = np.round(floats * 127 + 128).astype(np.uint8)
+        return integers, ((integers.astype(np.float32) - 128) / 128).astype(np.float32)
+    full_scale = {"int8": 2**7, "int16": 2**15, "int32": 2**31}[dtype]
+    integers = np.round(floats * (full_scale - 1)).astype(dtype)
+    return integers, (integers.astype(np.float64) / full_scale).astype(np.float32)
+
+
+def assert_same_features(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert np.asarray(actual[name]).dtype == np.asarray(expected[name]).dtype, name
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32", "uint8", "int8"])
+@pytest.mark.parametrize("encoder", [None, TINY_WAV2VEC2_BERT], ids=["waveform", "log-mel"])
+def test_integer_pcm_gives_the_features_of_its_float_samples(encoder, dtype, tmp_path):
+    """One array, a list of arrays of different lengths, a batched 2-D array and a torch tensor of integer PCM give
+    the features of the float32 samples `x / full scale` (`(x - 128) / 128` for uint8), through the feature
+    extractor and the processor; stock transformers overflowed (log-mel, int16), wrapped (int32) or kept the scale."""
+    extractor = create_feature_extractor(dict(encoder) if encoder else None)
+    one, one_float = pcm_and_float(dtype, 4000)
+    batch, batch_float = pcm_and_float(dtype, (2, 3200), seed=1)
+    calls = [
+        (one, one_float, {}),
+        ([one, batch[0]], [one_float, batch_float[0]], {"padding": True}),
+        (batch, batch_float, {}),
+        (torch.from_numpy(one), one_float, {}),
+    ]
+    if dtype == "uint8":  # torch has no uint8 audio convention to test: only numpy's
+        calls.pop()
+    for integers, floats, options in calls:
+        assert_same_features(
+            extractor(integers, sampling_rate=16000, **options), extractor(floats, sampling_rate=16000, **options)
+        )
+    processor = create_processor(write_vocab(tmp_path), encoder_config=dict(encoder) if encoder else None)
+    as_int = processor(audio=[one, batch[1]], sampling_rate=16000, return_tensors="pt", padding=True)
+    as_float = processor(audio=[one_float, batch_float[1]], sampling_rate=16000, return_tensors="pt", padding=True)
+    assert_same_features(as_int, as_float)
+
+
+@pytest.mark.parametrize(
+    "encoder, stock_cls",
+    [(None, Wav2Vec2FeatureExtractor), (TINY_WAV2VEC2_BERT, SeamlessM4TFeatureExtractor)],
+    ids=["waveform", "log-mel"],
+)
+def test_float_input_gives_the_stock_features_bit_for_bit(encoder, stock_cls):
+    extractor = create_feature_extractor(dict(encoder) if encoder else None)
+    assert isinstance(extractor, stock_cls) and type(extractor) is not stock_cls
+    settings = {name: value for name, value in extractor.to_dict().items() if name != "feature_extractor_type"}
+    stock = stock_cls(**settings)
+    rng = np.random.default_rng(0)
+    one = rng.uniform(-0.5, 0.5, 4000).astype(np.float32)
+    other = rng.uniform(-0.5, 0.5, 2500)  # float64
+    calls = [
+        ((one,), {}),
+        ((other,), {}),
+        (([one, other],), {"padding": True}),
+        (((one, one[:3000]),), {"padding": "longest", "return_tensors": "np"}),
+        ((np.stack([one, one[::-1]]),), {}),
+        ((one.tolist(),), {}),
+        ((torch.from_numpy(one),), {}) if encoder else ((one,), {"return_tensors": "pt"}),
+        ((), {"raw_speech": one}),
+    ]
+    for args, options in calls:
+        assert_same_features(
+            extractor(*args, sampling_rate=16000, **options), stock(*args, sampling_rate=16000, **options)
+        )

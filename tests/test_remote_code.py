@@ -14,7 +14,9 @@ import soundfile as sf
 import torch
 from tiny_models import TINY_WAV2VEC2_BERT, make_model, make_processor, write_wav
 
-CODE_FILES = {"configuration_tot_cakt.py", "modeling_tot_cakt.py", "tot.py"}
+CODE_FILES = {"configuration_tot_cakt.py", "feature_extraction_tot_cakt.py", "modeling_tot_cakt.py", "tot.py"}
+EXTRACTOR = {"wav2vec2": "TOTCAKTFeatureExtractor", "wav2vec2-bert": "TOTCAKTLogMelFeatureExtractor"}
+STOCK_EXTRACTOR = {"wav2vec2": "Wav2Vec2FeatureExtractor", "wav2vec2-bert": "SeamlessM4TFeatureExtractor"}
 
 # Runs in a fresh interpreter: makes `modeling_tot_cakt` unimportable, then loads and transcribes.
 FRESH_PROCESS = textwrap.dedent(
@@ -35,7 +37,7 @@ FRESH_PROCESS = textwrap.dedent(
         pass
 
     import numpy as np, soundfile as sf, torch
-    from transformers import AutoModel, AutoModelForCTC, pipeline
+    from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoProcessor, pipeline
 
     source, wav, reference = sys.argv[1], sys.argv[2], sys.argv[3]
     model = AutoModelForCTC.from_pretrained(source, trust_remote_code=True).eval()
@@ -49,7 +51,27 @@ FRESH_PROCESS = textwrap.dedent(
     asr = pipeline("automatic-speech-recognition", model=source, trust_remote_code=True)
     audio, rate = sf.read(wav, dtype="float32")
     result = asr({"raw": audio, "sampling_rate": rate}, return_timestamps="char")
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    extractors = {
+        "pipeline": asr.feature_extractor,
+        "processor": processor.feature_extractor,
+        "auto": AutoFeatureExtractor.from_pretrained(source, trust_remote_code=True),
+    }
+    # The clip is 16-bit PCM: its int16 samples are the float32 ones times 32768.
+    pcm, _ = sf.read(wav, dtype="int16")
+    key = processor.feature_extractor.model_input_names[0]
+    try:
+        pcm_text = asr({"raw": pcm, "sampling_rate": rate})["text"]
+        pcm_features = processor(audio=pcm, sampling_rate=rate)[key][0]
+        pcm_feature_diff = float(np.abs(pcm_features - processor(audio=audio, sampling_rate=rate)[key][0]).max())
+    except Exception as error:  # a stock log-mel extractor (a folder saved by an earlier version) overflows
+        pcm_text, pcm_feature_diff = type(error).__name__, None
     print(json.dumps({
+        "extractors": {
+            name: [type(x).__name__, type(x).__module__.split(".")[0]] for name, x in extractors.items()
+        },
+        "pcm_text": pcm_text,
+        "pcm_feature_diff": pcm_feature_diff,
         "max_logit_diff": float((logits - torch.from_numpy(ref["logits"])).abs().max()),
         "text": result["text"],
         "chunks": [c["text"] for c in result["chunks"]],
@@ -120,6 +142,10 @@ def test_save_pretrained_writes_auto_map_and_code_files(saved_model):
     }
     assert {p.name for p in folder.iterdir()} >= CODE_FILES
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    extractor = json.loads((folder / "processor_config.json").read_text())["feature_extractor"]
+    name = EXTRACTOR[config["encoder_config"]["model_type"]]
+    assert extractor["feature_extractor_type"] == name
+    assert extractor["auto_map"] == {"AutoFeatureExtractor": f"feature_extraction_tot_cakt.{name}"}
 
 
 def test_fresh_process_loads_folder_and_transcribes(saved_model, tmp_path):
@@ -132,6 +158,34 @@ def test_fresh_process_loads_folder_and_transcribes(saved_model, tmp_path):
     assert out["text"] == expected and expected
     assert "".join(out["chunks"]) == expected
     assert out["package_modules"] == [] and out["remote_modules"]
+    # The feature extractor is the package's, loaded as remote code, and takes 16-bit PCM as its float samples.
+    name = EXTRACTOR[json.loads((folder / "config.json").read_text())["encoder_config"]["model_type"]]
+    assert out["extractors"] == {use: [name, "transformers_modules"] for use in ("pipeline", "processor", "auto")}
+    assert out["pcm_feature_diff"] == 0.0 and out["pcm_text"] == expected
+
+
+def test_fresh_process_loads_a_folder_saved_with_a_stock_feature_extractor(saved_model, tmp_path):
+    """A folder saved before the package had its own feature extractor (stock class, no auto_map, no
+    feature_extraction_tot_cakt.py) still loads and transcribes float samples as before."""
+    folder, wav, reference, expected = saved_model
+    model_type = json.loads((folder / "config.json").read_text())["encoder_config"]["model_type"]
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    del processor_config["feature_extractor"]["auto_map"]
+    processor_config["feature_extractor"]["feature_extractor_type"] = STOCK_EXTRACTOR[model_type]
+    (folder / "processor_config.json").write_text(json.dumps(processor_config))
+    (folder / "feature_extraction_tot_cakt.py").unlink()
+    out = run_fresh(
+        folder, wav, reference, {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}, tmp_path
+    )
+    assert out["max_logit_diff"] < 1e-5 and out["text"] == expected
+    stock = [STOCK_EXTRACTOR[model_type], "transformers"]
+    assert out["extractors"] == {use: stock for use in ("pipeline", "processor", "auto")}
+    # Integer PCM as transformers' stock extractors take it (docs/BAD_INPUT.md): the raw-waveform one normalises
+    # the scale away (float64 features, which the model casts); the log-mel one overflows.
+    if model_type == "wav2vec2":
+        assert out["pcm_text"] == expected and 0 < out["pcm_feature_diff"] < 1e-5
+    else:
+        assert out["pcm_text"] == "OverflowError"
 
 
 def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_path):
@@ -146,11 +200,13 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
     out = run_fresh("tot-cakt/tiny-test", wav, reference, env, tmp_path)
     assert out["class"] == "TOTCAKTForCTC" and out["base_class"] == "TOTCAKTModel"
     assert out["max_logit_diff"] < 1e-5 and out["max_feature_diff"] < 1e-5
-    assert out["text"] == expected
+    assert out["text"] == expected and out["pcm_text"] == expected
+    assert {module for _, module in out["extractors"].values()} == {"transformers_modules"}
 
 
-# What the files copied for trust_remote_code may import: no network, subprocess or file-system modules.
-ALLOWED_IMPORTS = {"__future__", "contextlib", "dataclasses", "math", "typing", "torch", "transformers"}
+# What the files copied for trust_remote_code may import: no network, subprocess or file-system modules
+# (numpy comes with transformers).
+ALLOWED_IMPORTS = {"__future__", "contextlib", "dataclasses", "math", "typing", "numpy", "torch", "transformers"}
 FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}
 FORBIDDEN_CALLS = {"torch.load", "torch.hub.load", "torch.save"}
 

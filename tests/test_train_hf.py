@@ -18,9 +18,17 @@ import yaml
 from conftest import TRAINING_ENCODER
 from huggingface_hub import metadata_load
 from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
-from transformers import AutoModelForCTC, AutoProcessor, Wav2Vec2Config, Wav2Vec2Model
+from transformers import (
+    AutoModelForCTC,
+    AutoProcessor,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
 
-from modeling_tot_cakt import TOTCAKTConfig
+from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor
+from modeling_tot_cakt.training.model_card import public_config
 from modeling_tot_cakt.training.trainer import build_model, parse_encoder_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +131,12 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     )
 
     # The saved folder is a self-contained model: remote code, weights, processor, card.
-    for name in ("configuration_tot_cakt.py", "modeling_tot_cakt.py", "tot.py", "vocab.json", "README.md"):
+    code = ("configuration_tot_cakt.py", "feature_extraction_tot_cakt.py", "modeling_tot_cakt.py", "tot.py")
+    for name in (*code, "vocab.json", "README.md"):
         assert (out / name).is_file(), name
     model = AutoModelForCTC.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out)
+    assert type(processor.feature_extractor) is TOTCAKTFeatureExtractor  # it takes integer PCM too
     waveform, rate = sf.read(speech_corpus.root / "test" / "utt000.wav", dtype="float32")
     inputs = processor(waveform, sampling_rate=rate, return_tensors="pt")
     with torch.no_grad():
@@ -137,6 +147,9 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
     # The card names the local teacher by its folder: the training machine's paths are not published.
     card_text = (out / "README.md").read_text(encoding="utf-8")
     assert f"`{tiny_teacher.name}` (a local model)" in card_text and str(tiny_teacher) not in card_text
+    # So does the config.json --push_to_hub uploads; the local one keeps the path, for attach_teacher().
+    assert json.loads((out / "config.json").read_text())["teacher_name_or_path"] == str(tiny_teacher)
+    assert json.loads(public_config(out))["teacher_name_or_path"] == tiny_teacher.name
 
     # A saved model is a starting point: its vocabulary and weights carry over.
     more = tmp_path / "more"
@@ -238,14 +251,20 @@ def test_log_mel_encoder_cached_teacher_features_and_bad_rows(
     # One cached feature file per distinct usable transcript of both splits.
     texts = {"你好"} | set(speech_corpus.eval_texts)  # the two bad transcripts are not cached
     assert len(list(teacher_cache.rglob("*.safetensors"))) == len(texts)
-    # The upload goes through HfApi, with the rendered card in the folder.
+    # The upload goes through HfApi in one commit, with the rendered card and the log-mel feature extractor's code.
     api = api_class.return_value
     api.create_repo.assert_called_once_with("someone/tiny", private=None, exist_ok=True, repo_type="model")
-    assert api.upload_folder.call_args.kwargs["folder_path"] == str(out)
+    (repo_id, operations), _ = api.create_commit.call_args
+    uploaded = {operation.path_in_repo: operation.path_or_fileobj for operation in operations}
+    assert repo_id == "someone/tiny" and uploaded["README.md"] == str(out / "README.md")
+    assert {"model.safetensors", "processor_config.json", "feature_extraction_tot_cakt.py"} <= uploaded.keys()
+    assert json.loads(uploaded["config.json"])["teacher_name_or_path"] == tiny_teacher.name
     assert metadata_load(out / "README.md")["tags"][:3] == ["automatic-speech-recognition", "ctc", "tot-cakt"]
     encoder_config = json.loads((out / "config.json").read_text())["encoder_config"]
     assert (encoder_config["model_type"], encoder_config["mask_time_prob"]) == ("wav2vec2-bert", 0.05)
-    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Wav2Vec2BertProcessor"
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Wav2Vec2BertProcessor"
+    assert processor_config["feature_extractor"]["feature_extractor_type"] == "TOTCAKTLogMelFeatureExtractor"
 
 
 def test_yaml_arguments_streaming_and_gradient_accumulation(speech_corpus, tiny_teacher, tmp_path):
@@ -309,6 +328,46 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
         build_model(vocab_size=9, pad_token_id=0, model_name_or_path="a", encoder_config={"model_type": "wav2vec2"})
 
 
+@pytest.mark.parametrize(
+    "encoder, stock_cls, package_cls",
+    [
+        (TINY_WAV2VEC2, Wav2Vec2FeatureExtractor, TOTCAKTFeatureExtractor),
+        (TINY_WAV2VEC2_BERT, SeamlessM4TFeatureExtractor, TOTCAKTLogMelFeatureExtractor),
+    ],
+    ids=["wav2vec2", "wav2vec2-bert"],
+)
+def test_a_stock_feature_extractor_saved_by_an_earlier_version_is_replaced_by_the_packages(
+    tmp_path, encoder, stock_cls, package_cls
+):
+    """Continuing or resuming a model whose folder holds a stock feature extractor (no auto_map) trains and saves
+    with the package's class, of the same settings: the same features for float samples, and integer PCM scaled."""
+    processor = make_processor(tmp_path, make_model(encoder))
+    settings = {k: v for k, v in processor.feature_extractor.to_dict().items() if k != "feature_extractor_type"}
+    processor.feature_extractor = stock_cls(**settings)  # what earlier versions saved
+    old = tmp_path / "old"
+    processor.save_pretrained(old)
+    saved = json.loads((old / "processor_config.json").read_text())["feature_extractor"]
+    assert saved["feature_extractor_type"] == stock_cls.__name__ and "auto_map" not in saved
+    model_args = SimpleNamespace(model_name_or_path=str(old), cache_dir=None, token=None)
+    training_args = SimpleNamespace(output_dir=str(tmp_path / "out"), should_save=False)
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, 4000).astype(np.float32)
+    for resume_checkpoint in (None, str(old)):
+        loaded = train_hf.load_processor(model_args, None, training_args, {}, resume_checkpoint, None)
+        assert type(loaded.feature_extractor) is package_cls
+        name = loaded.feature_extractor.model_input_names[0]
+        np.testing.assert_array_equal(
+            loaded(audio=clip, sampling_rate=16000)[name][0], processor(audio=clip, sampling_rate=16000)[name][0]
+        )
+        np.testing.assert_array_equal(
+            loaded(audio=np.round(clip * 2**15).astype(np.int16), sampling_rate=16000)[name][0],
+            loaded(audio=np.round(clip * 2**15) / 2**15, sampling_rate=16000)[name][0],
+        )
+    loaded.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "processor_config.json").read_text())["feature_extractor"]
+    assert saved["auto_map"] == {"AutoFeatureExtractor": f"feature_extraction_tot_cakt.{package_cls.__name__}"}
+    assert {k: v for k, v in saved.items() if k not in ("auto_map", "feature_extractor_type")} == settings
+
+
 def test_parse_encoder_config(tmp_path):
     assert parse_encoder_config('{"model_type": "hubert", "hidden_size": 32}') == {
         "model_type": "hubert",
@@ -323,6 +382,7 @@ def test_parse_encoder_config(tmp_path):
 
 
 def test_argument_errors(speech_corpus, tmp_path):
+    data = ("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root)
     with pytest.raises(ValueError, match="exactly one data source"):
         run_training(
             "--output_dir",
@@ -335,9 +395,38 @@ def test_argument_errors(speech_corpus, tmp_path):
         )
     with pytest.raises(ValueError, match="--streaming needs --max_steps"):
         run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root, "--streaming")
+    with pytest.raises(ValueError, match="--hub_teacher_id names the teacher on the Hub: give a repository id"):
+        run_training(*data, "--hub_teacher_id", tmp_path / "teachers" / "bert")
     (tmp_path / "stray.txt").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
         run_training("--output_dir", tmp_path, "--do_train", "--dataset_name", speech_corpus.root)
+
+
+def test_push_to_hub_uploads_a_config_that_names_the_teacher_publicly(tmp_path, caplog):
+    """--push_to_hub (huggingface_hub mocked): a local teacher is named by --hub_teacher_id, else by its folder name
+    with a warning saying so; the output folder's config.json keeps the path."""
+    teacher = tmp_path / "teachers" / "my-bert"
+    model = make_model(teacher_dir=teacher)
+    model.save_pretrained(tmp_path / "out")
+    for hub_teacher_id, published in ((None, "my-bert"), ("someone/my-bert", "someone/my-bert")):
+        training_args = SimpleNamespace(
+            output_dir=str(tmp_path / "out"),
+            hub_token="hf_x",
+            hub_private_repo=None,
+            hub_revision=None,
+            hub_teacher_id=hub_teacher_id,
+        )
+        caplog.clear()
+        with mock.patch("modeling_tot_cakt.training.model_card.HfApi") as api_class, caplog.at_level(logging.WARNING):
+            api_class.return_value.create_repo.return_value = SimpleNamespace(repo_id="someone/m")
+            api_class.return_value.create_commit.return_value = SimpleNamespace(commit_url="url")
+            assert train_hf.push_model_to_hub(model.config, "m", training_args) == "url"
+        (_, operations), _ = api_class.return_value.create_commit.call_args
+        (config,) = [op.path_or_fileobj for op in operations if op.path_in_repo == "config.json"]
+        assert json.loads(config)["teacher_name_or_path"] == published and str(tmp_path).encode() not in config
+        warned = "names the local teacher" in caplog.text and "pass --hub_teacher_id" in caplog.text
+        assert warned == (hub_teacher_id is None)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["teacher_name_or_path"] == str(teacher)
 
 
 def test_nonfinite_loss_skips_the_update(tmp_path, caplog):

@@ -4,7 +4,7 @@
 dict that `datasets.Audio(decode=False)` stores (the bytes win when both are present, as in
 `datasets` itself), or an in-memory `{"array", "sampling_rate"}` dict (the decoded form), whose
 integer PCM samples are scaled to float like every other input of the package
-([`~processing_tot_cakt.as_float_waveform`]).
+([`~feature_extraction_tot_cakt.as_float_waveform`]).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from ..processing_tot_cakt import as_float_waveform
+from ..feature_extraction_tot_cakt import as_float_waveform
 
 
 class AudioDecodingError(ValueError):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import NamedTuple
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from ..configuration_tot_cakt import TOTCAKTConfig
 from .output_lock import LOCK_FILE
@@ -44,6 +47,26 @@ def public_name(name_or_path: str | None) -> str | None:
     if not name_or_path or is_hub_id(name_or_path):
         return name_or_path
     return os.path.basename(os.path.normpath(os.path.abspath(name_or_path)))
+
+
+def public_teacher(teacher_name_or_path: str | None, hub_teacher_id: str | None = None) -> str | None:
+    """
+    How a published model names its teacher: `hub_teacher_id` when given (the teacher's Hub id, for a teacher
+    trained from a local folder), else [`public_name`] of `teacher_name_or_path`.
+    """
+    return hub_teacher_id or public_name(teacher_name_or_path)
+
+
+def public_config(folder: str | os.PathLike, hub_teacher_id: str | None = None) -> bytes:
+    """
+    `folder/config.json` as it is uploaded: its `teacher_name_or_path` is [`public_teacher`]'s name, never a path
+    on the training machine, which would publish its directory layout and name nothing anywhere else. The file
+    in `folder` keeps the path, for `attach_teacher()` and `--model_name_or_path` on that machine.
+    """
+    config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    if "teacher_name_or_path" in config:
+        config["teacher_name_or_path"] = public_teacher(config["teacher_name_or_path"], hub_teacher_id)
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")  # as transformers writes it
 
 
 class TrainingData(NamedTuple):
@@ -99,6 +122,7 @@ def render_model_card(
     sampling_rate: int = 16000,
     do_lower_case: bool = True,
     license: str = "apache-2.0",
+    hub_teacher_id: str | None = None,
 ) -> ModelCard:
     """
     Render the model card of a trained TOT-CAKT model.
@@ -114,12 +138,13 @@ def render_model_card(
         results: evaluation results ([`cer_result`]) for the `model-index` metadata and the results table.
         hyperparameters: name -> value rows of the training table.
         sampling_rate, do_lower_case: the audio rate and transcript normalisation the model expects.
+        hub_teacher_id: the teacher's Hub id, for a teacher given as a local folder (see [`public_teacher`]).
 
     Returns:
         `huggingface_hub.ModelCard` with YAML metadata (language, license, tags, datasets,
         base_model, teacher_model, pipeline_tag, model-index) and the rendered text.
     """
-    teacher = config.teacher_name_or_path if config.uses_teacher else None
+    teacher = (hub_teacher_id or config.teacher_name_or_path) if config.uses_teacher else None
     card_data = ModelCardData(
         language="zh",
         license=license,
@@ -196,22 +221,29 @@ def push_folder_to_hub(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload TOT-CAKT model",
+    hub_teacher_id: str | None = None,
 ) -> str:
     """
     Create the Hub model repository if needed and upload `folder` (weights, configuration, the
-    remote-code files, processor files, README.md, training results), leaving out checkpoints.
+    remote-code files, processor files, README.md, training results) in one commit, leaving out
+    checkpoints and training state. `config.json` is uploaded as [`public_config`] makes it: it names a
+    local teacher by `hub_teacher_id` or by its folder name, not by its path.
 
     Returns:
         `str`: the URL of the commit.
     """
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo.repo_id,
-        folder_path=os.fspath(folder),
-        commit_message=commit_message,
-        revision=revision,
-        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+    files = {path.relative_to(folder).as_posix(): path for path in sorted(Path(folder).glob("**/*")) if path.is_file()}
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=name,
+            path_or_fileobj=public_config(folder, hub_teacher_id) if name == "config.json" else os.fspath(files[name]),
+        )
+        for name in filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
+    ]
+    commit = api.create_commit(
+        repo.repo_id, operations, commit_message=commit_message, revision=revision, repo_type="model"
     )
     return commit.commit_url
 
@@ -222,7 +254,9 @@ __all__ = [
     "cer_result",
     "describe_training_data",
     "is_hub_id",
+    "public_config",
     "public_name",
+    "public_teacher",
     "push_folder_to_hub",
     "render_model_card",
     "training_hyperparameters",

@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..configuration_tot_cakt import TOTCAKTConfig
-from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher  # load_teacher: the model's own, re-exported
+from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher, teacher_loading_advice  # load_teacher: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def build_model(
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"Could not load the teacher language model's configuration from "
-                f"teacher_name_or_path='{config.teacher_name_or_path}': {err} Pass a Hub id (with network access) "
-                "or a local folder with config.json, the weights and the tokenizer."
+                f"teacher_name_or_path='{config.teacher_name_or_path}': {err} "
+                f"{teacher_loading_advice(config.teacher_name_or_path)}"
             ) from err
         if saved_adapter_size not in (None, teacher_config.hidden_size):
             raise ValueError(
@@ -232,6 +232,13 @@ class TOTCAKTTrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(
         default="group_by_length",
         metadata={"help": "random, sequential, group_by_length (batches of similar duration) or batch_rebalance."},
+    )
+    hub_teacher_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of a teacher given as a local folder: the uploaded config.json and the model card name "
+            "it (default: the folder's name; the local config.json keeps the path)."
+        },
     )
 
 
