@@ -54,7 +54,7 @@ bench-quick: install
 	$(PY) benchmarks/bench_training_cost.py --preset quick --device $(BENCH_DEVICE) --out docs/results/training_cost.json
 	$(PY) benchmarks/bench_inference.py --preset quick --device $(BENCH_DEVICE) --out docs/results/inference.json
 
-# The paper's comparison: CTC-only vs OT-CAKT vs TOT-CAKT, 3 seeds each (about 2 hours on 2 CPU cores).
+# The paper's comparison: CTC-only vs OT-CAKT vs TOT-CAKT, 5 paired seeds each (about 1.5 hours on 2 CPU cores).
 bench-quality: install
 	$(PY) benchmarks/bench_quality.py --preset quality --output docs/results/quality.json
 	$(PY) benchmarks/bench_alignment.py --output docs/results/alignment.json
