@@ -237,6 +237,21 @@ def test_corpus_json_records_settings_and_counts(corpora):
     )
 
 
+def train_only_config(output_dir, num_sentences: int, **settings) -> SynthesisConfig:
+    """Every sentence of at least 4 characters, one rendition each, all in train."""
+    return SynthesisConfig(
+        output_dir=str(output_dir),
+        num_sentences=num_sentences,
+        vocab_size=0,
+        min_chars=4,
+        dev_fraction=0.0,
+        test_fraction=0.0,
+        renditions_per_train_sentence=1,
+        num_workers=1,
+        **settings,
+    )
+
+
 def test_a_pretraining_corpus_never_speaks_a_heldout_sentence(tmp_path, monkeypatch):
     """exclude_corpus_dir keeps another corpus' dev/test sentences (and clauses holding them) out."""
     from modeling_tot_cakt.demo import synthesis
@@ -249,17 +264,7 @@ def test_a_pretraining_corpus_never_speaks_a_heldout_sentence(tmp_path, monkeypa
     kept = ["夜来风雨声", "花落知多少", "白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
     clauses = ["春眠不觉晓", *kept[:3], "处处闻啼鸟", "春眠不觉晓处处", *kept[3:]]
     monkeypatch.setattr(synthesis, "load_named_clauses", lambda names, fortunes_dir: (clauses, []))
-    config = SynthesisConfig(
-        output_dir=str(tmp_path / "pretraining"),
-        exclude_corpus_dir=str(heldout),
-        num_sentences=6,
-        vocab_size=0,
-        min_chars=4,
-        dev_fraction=0.0,
-        test_fraction=0.0,
-        renditions_per_train_sentence=1,
-        num_workers=1,
-    )
+    config = train_only_config(tmp_path / "pretraining", 6, exclude_corpus_dir=str(heldout))
     corpus = synthesize_corpus(config)
     assert sorted(record["text"] for record in read_manifest(corpus.manifests["train"])) == sorted(kept)
     assert corpus.info["sentence_filter_counts"]["excluded_overlapping_clauses"] == 3
@@ -285,17 +290,8 @@ def test_sentences_are_drawn_from_every_named_text_source(tmp_path, monkeypatch)
     monkeypatch.setitem(
         TEXT_SOURCES, "reviews", TextSource("reviews", "pip install x", "MIT", lambda: [reviews], split_text_clauses)
     )
-    config = SynthesisConfig(
-        output_dir=str(tmp_path / "corpus"),
-        text_sources=["fortunes-zh", "reviews"],
-        fortunes_dir=str(fortunes),
-        num_sentences=7,
-        vocab_size=0,
-        min_chars=4,
-        dev_fraction=0.0,
-        test_fraction=0.0,
-        renditions_per_train_sentence=1,
-        num_workers=1,
+    config = train_only_config(
+        tmp_path / "corpus", 7, text_sources=["fortunes-zh", "reviews"], fortunes_dir=str(fortunes)
     )
     corpus = synthesize_corpus(config)
     texts = sorted(record["text"] for record in read_manifest(corpus.manifests["train"]))
