@@ -206,6 +206,8 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
         if splits:
             summary["methods"][method]["test_homophone_cer"] = _mean_std([split["homophone_cer"] for split in splits])
             summary["methods"][method]["test_other_cer"] = _mean_std([split["other_cer"] for split in splits])
+            if all("tone_cer" in split for split in splits):
+                summary["methods"][method]["test_tone_cer"] = _mean_std([split["tone_cer"] for split in splits])
     summary["paired_differences"] = {
         f"{METHODS[method]} - {METHODS[baseline]}": {
             metric: paired_difference(runs, method, baseline, metric) for metric in ("test_cer", "dev_cer")

@@ -67,10 +67,12 @@ def test_paired_difference_is_a_t_interval_on_the_per_seed_differences():
 
 def test_summary_reports_the_error_split_and_paired_differences():
     runs = [
-        dict(item, test_errors={"homophone_cer": 0.1 * index, "other_cer": 0.2}) for index, item in enumerate(RUNS)
+        dict(item, test_errors={"homophone_cer": 0.1 * index, "other_cer": 0.2, "tone_cer": 0.01 * index})
+        for index, item in enumerate(RUNS)
     ]
     summary = bench_quality.summarise(runs, target_cer=None)
     assert summary["methods"]["none"]["test_homophone_cer"]["mean"] == pytest.approx(0.05)
+    assert summary["methods"]["none"]["test_tone_cer"]["mean"] == pytest.approx(0.005)
     assert summary["methods"]["tot"]["test_other_cer"]["mean"] == pytest.approx(0.2)
     paired = summary["paired_differences"]["TOT-CAKT - CTC only"]
     assert paired["test_cer"]["per_seed"] == pytest.approx([-0.2, 0.1])

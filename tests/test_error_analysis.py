@@ -22,6 +22,15 @@ def test_split_on_a_hand_made_example():
     assert rates["reference_chars"] == 7 and rates["errors"] == 6
     assert rates["cer"] == pytest.approx(6 / 7)
     assert rates["homophone_cer"] == pytest.approx(3 / 7) and rates["other_cer"] == pytest.approx(3 / 7)
+    # 是 -> 时 is the one other substitution, and a near miss in tone (shi4 spoken, shi2 written).
+    assert split.tone_substitutions == 1 and rates["tone_cer"] == pytest.approx(1 / 7)
+
+
+def test_tone_substitutions_need_the_same_syllable():
+    # 他 (ta1) -> 大 (da4): another syllable; 好 (hao3) -> 号 (hao4): the syllable in another tone;
+    # 人 (ren2) -> 认 (ren4) too; 是 (shi4) -> 事 (shi4) a homophone, counted as such and not as a tone error.
+    split = split_errors(["他好人是"], ["大号认事"], [["ta1", "hao3", "ren2", "shi4"]])
+    assert (split.homophone_substitutions, split.other_substitutions, split.tone_substitutions) == (1, 3, 2)
 
 
 def test_corpus_readings_add_sandhi_forms():

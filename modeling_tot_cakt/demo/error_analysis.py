@@ -4,7 +4,9 @@ Acoustics cannot tell two characters read as the same toned syllable apart; cont
 recogniser's errors therefore split into *homophone substitutions* (the hypothesis character can be
 read as the syllable the reference character was spoken as: the synthesiser's pinyin in the
 manifest) and everything else (other substitutions, deletions, insertions). Knowledge transferred
-from a language model should lower the first kind most.
+from a language model should lower the first kind most. Among the other substitutions, those by a
+character readable as the spoken syllable in another tone (``shi4`` heard as ``shi2``) are counted
+too (``tone_substitutions``): a near miss of the acoustics rather than of the context.
 
 The alignment of hypothesis and reference is the Levenshtein edit script of ``rapidfuzz`` (one
 minimal script; the edit count equals the one the CER metric counts).
@@ -27,6 +29,11 @@ def dictionary_readings(char: str) -> frozenset[str]:
     return frozenset(readings)
 
 
+def _toneless(syllable: str) -> str:
+    """``shi4`` -> ``shi``."""
+    return syllable.rstrip("012345")
+
+
 @dataclass
 class ErrorSplit:
     """Character errors of a set of transcripts, by kind (counts; rates divide by ``reference_chars``).
@@ -35,6 +42,8 @@ class ErrorSplit:
         reference_chars: characters in the references.
         homophone_substitutions: substitutions by a character readable as the spoken syllable.
         other_substitutions, deletions, insertions: the remaining edits.
+        tone_substitutions: those of the other substitutions whose character is readable as the spoken
+            syllable in another tone (a part of ``other_substitutions``, not an extra kind).
     """
 
     reference_chars: int
@@ -42,13 +51,15 @@ class ErrorSplit:
     other_substitutions: int
     deletions: int
     insertions: int
+    tone_substitutions: int = 0
 
     @property
     def errors(self) -> int:
         return self.homophone_substitutions + self.other_substitutions + self.deletions + self.insertions
 
     def as_dict(self) -> dict:
-        """The counts plus ``cer``, ``homophone_cer`` and ``other_cer`` (which sum to ``cer``)."""
+        """The counts plus ``cer``, ``homophone_cer`` and ``other_cer`` (which sum to ``cer``) and ``tone_cer``
+        (the part of ``other_cer`` made by tone substitutions)."""
         total = max(self.reference_chars, 1)
         return {
             **asdict(self),
@@ -56,6 +67,7 @@ class ErrorSplit:
             "cer": self.errors / total,
             "homophone_cer": self.homophone_substitutions / total,
             "other_cer": (self.errors - self.homophone_substitutions) / total,
+            "tone_cer": self.tone_substitutions / total,
         }
 
 
@@ -79,7 +91,7 @@ def split_errors(
     """
     readings = readings or {}
     counts = {"replace": 0, "delete": 0, "insert": 0}
-    homophones = 0
+    homophones = tones = 0
     for reference, hypothesis, syllables in zip(references, hypotheses, reference_syllables, strict=True):
         if len(syllables) != len(reference):
             raise ValueError(f"{len(syllables)} syllables for the {len(reference)} characters of {reference!r}.")
@@ -87,11 +99,16 @@ def split_errors(
             counts[operation] += 1
             if operation == "replace":
                 char = hypothesis[destination]
-                homophones += syllables[source] in (dictionary_readings(char) | readings.get(char, set()))
+                char_readings = dictionary_readings(char) | readings.get(char, set())
+                if syllables[source] in char_readings:
+                    homophones += 1
+                else:
+                    tones += _toneless(syllables[source]) in {_toneless(reading) for reading in char_readings}
     return ErrorSplit(
         reference_chars=sum(map(len, references)),
         homophone_substitutions=homophones,
         other_substitutions=counts["replace"] - homophones,
         deletions=counts["delete"],
         insertions=counts["insert"],
+        tone_substitutions=tones,
     )

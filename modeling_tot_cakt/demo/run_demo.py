@@ -792,7 +792,8 @@ def format_summary(report: dict) -> str:
         f"dev CER  {report['cer']['dev']:.3f}  ({report['evaluation']['dev']['utterances']} utterances)",
         f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances): "
         f"homophone substitutions {report['test_errors']['homophone_cer']:.3f}, "
-        f"other errors {report['test_errors']['other_cer']:.3f}",
+        f"other errors {report['test_errors']['other_cer']:.3f} "
+        f"(of which the spoken syllable in another tone {report['test_errors'].get('tone_cer', 0.0):.3f})",
         f"trained {report['training']['steps']} steps; teacher held-out masked-token accuracy "
         f"{report['teacher']['heldout_masked_token_accuracy']:.3f}"
         + (
