@@ -106,9 +106,15 @@ PRESETS = {
 
 
 def run_once(
-    preset: demo.DemoPreset, base: demo.DemoPaths, run_dir: Path, threads: int | None, score_in_process: bool = False
+    preset: demo.DemoPreset,
+    base: demo.DemoPaths,
+    run_dir: Path,
+    threads: int | None,
+    score_in_process: bool = False,
+    rescore: bool = False,
 ) -> dict:
-    """Train and evaluate one run (or reuse a completed one); returns its result record."""
+    """Train and evaluate one run (or reuse a completed one: its record as it is, or with its test error
+    split decoded again by the current code when ``rescore``); returns its result record."""
     paths = demo.DemoPaths(
         root=run_dir,
         corpus=base.corpus,
@@ -122,7 +128,11 @@ def run_once(
     start = time.perf_counter()
     reused = demo.train_stage(preset, paths, echo=False, environment=environment)
     if reused and result_file.is_file():
-        return json.loads(result_file.read_text(encoding="utf-8"))
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        if rescore:
+            result["test_errors"] = demo.error_split_stage(paths, "test")
+            result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return result
     train_seconds = time.perf_counter() - start
     errors = demo.error_split_stage(paths, "test")
     if score_in_process:
@@ -273,6 +283,11 @@ def main(argv=None) -> dict:
         help="Change a train_hf.py argument of every run (VALUE is read as YAML); repeatable.",
     )
     parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="Decode the test set of runs already finished again (the error split of the current code).",
+    )
+    parser.add_argument(
         "--label", default="default", help="Name of this variant; its runs go to <work_dir>/<preset>/<label>."
     )
     args = parser.parse_args(argv)
@@ -346,7 +361,12 @@ def main(argv=None) -> dict:
             encoder=preset.encoder,
         )
         result = run_once(
-            run_preset, base, runs_dir / f"{method}-seed{seed}", bench.threads_per_run, bench.score_in_process
+            run_preset,
+            base,
+            runs_dir / f"{method}-seed{seed}",
+            bench.threads_per_run,
+            bench.score_in_process,
+            rescore=args.rescore,
         )
         with lock:
             runs.append(result)

@@ -1,5 +1,6 @@
 """The quality benchmark's summary statistics (the training runs themselves are benchmarks, not tests)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +79,26 @@ def test_summary_reports_the_error_split_and_paired_differences():
     assert paired["test_cer"]["per_seed"] == pytest.approx([-0.2, 0.1])
     assert paired["dev_cer"]["mean"] == pytest.approx(-0.05)
     assert summary["paired_differences"]["TOT-CAKT - OT-CAKT"]["test_cer"] is None
+
+
+def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeypatch):
+    run_dir = tmp_path / "tot-seed0"
+    run_dir.mkdir()
+    record = {"alignment": "tot", "seed": 0, "test_cer": 0.5, "test_errors": {"cer": 0.5, "homophone_cer": 0.1}}
+    (run_dir / "result.json").write_text(json.dumps(record), encoding="utf-8")
+    decoded = []
+    monkeypatch.setattr(bench_quality.demo, "train_stage", lambda *args, **kwargs: True)
+    monkeypatch.setattr(
+        bench_quality.demo,
+        "error_split_stage",
+        lambda paths, split: decoded.append((paths.model, split)) or {"cer": 0.5, "tone_cer": 0.02},
+    )
+    base = bench_quality.demo.DemoPaths(
+        root=tmp_path, corpus=tmp_path, teacher=tmp_path, model=tmp_path, cache=tmp_path
+    )
+    preset = bench_quality.demo.DemoPreset(name="quick", source=tmp_path, synthesis={}, teacher={}, train={})
+    assert bench_quality.run_once(preset, base, run_dir, threads=None) == record and decoded == []
+    rescored = bench_quality.run_once(preset, base, run_dir, threads=None, rescore=True)
+    assert decoded == [(run_dir / "model", "test")]
+    assert rescored == {**record, "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
+    assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == rescored
