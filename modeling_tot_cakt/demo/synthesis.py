@@ -769,13 +769,13 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     config.validate()
     engine = load_espeak(config.espeak_library)
     _check_variants(config, engine)
-    source_clauses, source_files = load_named_clauses(config.text_sources, config.fortunes_dir)
     output_dir = Path(config.output_dir)
     excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
     key = corpus_settings_hash(config, engine.version, excluded)
     cached = _load_complete_corpus(output_dir, key)
     if cached is not None:
         return cached
+    source_clauses, source_files = load_named_clauses(config.text_sources, config.fortunes_dir)
     _remove_previous_output(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
