@@ -18,9 +18,9 @@ its finished runs; a rerun reuses runs trained to completion with the same argum
 
 Presets: ``quality`` (the quick demo's corpus and teacher, from scratch, 3,000 steps, five seeds, two
 runs at a time on one thread each), ``transfer``
-(the paper's regime: fine-tuning the demo's pretrained encoder with the stronger offline teacher,
-five seeds) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
-``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1339``
+(the paper's regime: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
+preset's syllable-pretrained encoder) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
+``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1388``
 for a quarter of the training transcripts, ``align_loss_weight=1.0``, ``teacher_layer=1``),
 ``--demo_preset`` takes another demo preset (e.g. one with another teacher), and ``--label`` keeps such
 a variant's runs apart.
@@ -86,9 +86,9 @@ PRESETS = {
         parallel=2,
         threads_per_run=1,
     ),
-    # The full demo's training (12,000 steps, best dev checkpoint kept), one run at a time: for a GPU.
-    # The paper's regime: the transfer demo preset (pretrained encoder, stronger teacher), a short
-    # fine-tune per run, five seeds paired across the methods, two runs at a time on one thread each.
+    # The paper's regime: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
+    # from a syllable-pretrained encoder), five seeds paired across the methods, two runs at a time on one
+    # thread each.
     "transfer": BenchPreset(
         demo_preset="transfer",
         train_overrides={"disable_tqdm": True},
@@ -97,6 +97,7 @@ PRESETS = {
         threads_per_run=1,
         score_in_process=True,
     ),
+    # The full demo's training (12,000 steps, best dev checkpoint kept), one run at a time: for a GPU.
     "full": BenchPreset(
         demo_preset="full",
         train_overrides={"disable_tqdm": True},
