@@ -69,8 +69,11 @@ MUTATION_ARGS ?=
 mutation: install
 	$(PY) tests/mutation/mutation_check.py $(MUTATION_ARGS)
 
+# The quick preset finishes within DEMO_MINUTES (training stops when its share is spent); the others run their steps.
+DEMO_MINUTES ?= 20
 demo: install
-	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR)
+	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR) \
+		$(if $(filter quick,$(PRESET)),--time_budget_minutes $(DEMO_MINUTES))
 
 # Speed figures (under 30 minutes on 2 CPU cores); results go to docs/results/.
 bench-quick: install

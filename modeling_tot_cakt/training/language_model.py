@@ -36,11 +36,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..processing_tot_cakt_lm import TOTCAKTProcessorWithLM, TOTCAKTSpeechRecognitionPipeline, build_decoder
+from ..processing_tot_cakt_lm import (
+    UNKNOWN_LABEL,
+    WORD_START,
+    TOTCAKTProcessorWithLM,
+    TOTCAKTSpeechRecognitionPipeline,
+    build_decoder,
+)
 from .audio import load_audio
+from .trainer import CTCCharacterErrorRate, load_cer_metric
 from .transcripts import normalize_transcript
 
 logger = logging.getLogger(__name__)
+
+UNKNOWN_CHARACTER = CTCCharacterErrorRate.UNKNOWN_CHARACTER
 
 KENLM_BUILD_HINT = (
     "build KenLM's estimator with `make kenlm` (CMake and Boost from apt, the sources from the kenlm sdist), "
@@ -202,13 +211,17 @@ def manifest_logits(model, processor, audio_paths: Sequence[str], batch_size: in
 
 
 def greedy_transcripts(tokenizer, logits: Sequence[np.ndarray]) -> list[str]:
-    """Arg-max CTC transcripts (repeats collapsed, blanks removed), without spaces; ``[UNK]`` is kept as a token."""
-    return ["".join(tokenizer.decode(utterance.argmax(-1)).split()) for utterance in logits]
+    """Arg-max CTC transcripts (repeats collapsed, blanks removed), without spaces; an unknown token is one
+    character, as in ``train_hf.py``'s CER (``CTCCharacterErrorRate.UNKNOWN_CHARACTER``)."""
+    texts = ["".join(tokenizer.decode(utterance.argmax(-1)).split()) for utterance in logits]
+    return [text.replace(tokenizer.unk_token, UNKNOWN_CHARACTER) for text in texts]
 
 
 def lm_transcripts(processor: TOTCAKTProcessorWithLM, logits: Sequence[np.ndarray], **decode_kwargs) -> list[str]:
-    """Beam-search transcripts of each utterance's logits (``decode_kwargs``: beam_width, alpha, beta)."""
-    return [processor.decode(utterance, **decode_kwargs).text for utterance in logits]
+    """Beam-search transcripts of each utterance's logits (``decode_kwargs``: beam_width, alpha, beta); an
+    unknown token (pyctcdecode writes ``⁇``) is one character, as in :func:`greedy_transcripts`."""
+    texts = [processor.decode(utterance, **decode_kwargs).text for utterance in logits]
+    return [text.replace(UNKNOWN_LABEL.strip(WORD_START), UNKNOWN_CHARACTER) for text in texts]
 
 
 def tune_weights(
@@ -226,8 +239,6 @@ def tune_weights(
         ``{"alpha", "beta", "cer", "beam_width", "grid": [{"alpha", "beta", "cer"}, ...]}``; ties go to the
         earlier grid point (the lighter weight).
     """
-    from .trainer import load_cer_metric
-
     metric = load_cer_metric()
     references = [normalize_transcript(text) for text in references]
     grid = []
