@@ -60,14 +60,27 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
             A folder without tokenizer files still loads a 5-token BERT tokenizer that reads every
             character as [UNK]; that, and ids beyond the embedding table, are refused.
     """
+    # transformers reports every checkpoint key the encoder does not use (a masked-LM head, `cls.*`) and every one
+    # it lacks (the pooler, unused here) in a table; the teacher's are checked here and only a real gap is said.
+    report_logger = logging.get_logger("transformers.modeling_utils")
+    level = report_logger.level
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+        report_logger.setLevel(logging.ERROR)
+        teacher, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} "
             f"{teacher_loading_advice(name_or_path)}"
         ) from err
+    finally:
+        report_logger.setLevel(level)
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("pooler."))
+    if missing:
+        raise ValueError(
+            f"The teacher checkpoint at teacher_name_or_path='{name_or_path}' lacks {len(missing)} weights its "
+            f"encoder needs ({', '.join(missing[:3])}, ...): they would be random. Give a complete checkpoint."
+        )
     # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
     # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
     embeddings = teacher.get_input_embeddings().num_embeddings
