@@ -105,7 +105,7 @@ def build_model(
     if model_name_or_path is not None:
         config = TOTCAKTConfig.from_pretrained(model_name_or_path, **hub_kwargs)
         config.encoder_config.update(encoder_overrides)
-        saved_adapter_size = config.teacher_hidden_size if config.uses_teacher else None
+        saved_adapter_size = config.teacher_hidden_size if config.has_adapter else None
     else:
         # With `encoder_name_or_path`, `from_encoder_pretrained` replaces this encoder configuration
         # by the checkpoint's (and applies the overrides there).
