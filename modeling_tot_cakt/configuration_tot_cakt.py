@@ -280,5 +280,14 @@ class TOTCAKTConfig(PreTrainedConfig):
         enc = self.encoder_config
         setattr(enc, "output_hidden_size" if getattr(enc, "add_adapter", False) else "hidden_size", value)
 
+    def to_dict(self) -> dict:
+        """
+        [`~PreTrainedConfig.to_dict`] with `hidden_size` as a key, as transformers' configurations write it (it is
+        a property over `encoder_config`, not an attribute); loading it sets the same value in `encoder_config`.
+        """
+        output = super().to_dict()
+        output["hidden_size"] = self.hidden_size
+        return output
+
 
 __all__ = ["TOTCAKTConfig"]

@@ -414,7 +414,10 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         if config is None:
             config = TOTCAKTConfig(encoder_config=encoder.config, **config_kwargs)
         else:
-            config = TOTCAKTConfig.from_dict({**config.to_dict(), "encoder_config": encoder.config.to_dict()})
+            fields = config.to_dict()
+            # `hidden_size` is the old encoder's: the checkpoint's configuration sets it.
+            del fields["hidden_size"]
+            config = TOTCAKTConfig.from_dict({**fields, "encoder_config": encoder.config.to_dict()})
         model = cls(config)
         model.encoder.load_state_dict(encoder.state_dict())
         return model

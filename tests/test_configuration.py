@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from tiny_models import TINY_WAV2VEC2_BERT
 from transformers import AutoConfig, HubertConfig, Wav2Vec2BertConfig, Wav2Vec2Config
@@ -81,7 +83,10 @@ def test_hidden_size_can_be_passed_and_lives_in_the_encoder_config(encoder, fiel
     config.hidden_size = 48
     assert getattr(config.encoder_config, field) == 48
     config.save_pretrained(tmp_path)
-    assert TOTCAKTConfig.from_pretrained(tmp_path).hidden_size == 48
+    # Written as a key, as transformers' configurations write it, and read back into the encoder configuration.
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 48
+    loaded = TOTCAKTConfig.from_pretrained(tmp_path)
+    assert loaded.hidden_size == 48 and getattr(loaded.encoder_config, field) == 48
 
 
 def test_ctc_input_and_adapter_type_default_to_the_encoder_and_the_mlp_and_round_trip(tmp_path):

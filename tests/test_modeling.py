@@ -255,6 +255,10 @@ def test_encoder_from_pretrained_checkpoint(tmp_path):
         torch.testing.assert_close(model.encoder.state_dict()[name], tensor)
     with pytest.raises(ValueError, match="acoustic encoder"):
         TOTCAKTForCTC.from_encoder_pretrained(str(tmp_path / "missing"), vocab_size=15)
+    # A given configuration (here of a 768-wide default encoder) takes the checkpoint's encoder and its size.
+    config = TOTCAKTConfig(vocab_size=15, ctc_input="adapter", teacher_hidden_size=TEACHER_HIDDEN)
+    model = TOTCAKTForCTC.from_encoder_pretrained(str(tmp_path / "w2v"), config)
+    assert model.config.hidden_size == 32 and model.adapter.layers[0].normalized_shape == (32,)
 
 
 def test_teacher_errors_are_clear(teacher_dir, tmp_path):
