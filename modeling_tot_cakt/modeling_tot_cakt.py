@@ -220,7 +220,8 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
     """
     The bare TOT-CAKT model: the acoustic encoder (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-BERT, ...)
     and, when the configuration uses a teacher or its CTC head reads the adapted features, the adapter that maps
-    its frames into the teacher's feature space. It outputs frame features, as [`Wav2Vec2Model`] does; [`TOTCAKTForCTC`] adds the CTC head and losses.
+    its frames into the teacher's feature space. It outputs frame features, as [`Wav2Vec2Model`] does;
+    [`TOTCAKTForCTC`] adds the CTC head and losses.
     """
 
     def __init__(self, config: TOTCAKTConfig):
