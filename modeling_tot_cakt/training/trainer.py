@@ -30,6 +30,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..configuration_tot_cakt import TOTCAKTConfig
 from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher, teacher_loading_advice  # load_teacher: re-exported
+from .time_budget import TrainingTimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,13 @@ class TOTCAKTTrainingArguments(TrainingArguments):
         default="group_by_length",
         metadata={"help": "random, sequential, group_by_length (batches of similar duration) or batch_rebalance."},
     )
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of the training in seconds: stop at the first step boundary after it "
+            "(evaluating and saving as at the end of training); --max_steps still caps the steps."
+        },
+    )
     hub_teacher_id: str | None = field(
         default=None,
         metadata={
@@ -369,6 +377,8 @@ class TOTCAKTTrainer(Trainer):
         self.nonfinite_loss_batches = 0
         self.gradient_guard = NonFiniteGradientGuard()
         self.add_callback(self.gradient_guard)
+        if getattr(self.args, "max_train_seconds", None) is not None:  # TOTCAKTTrainingArguments only
+            self.add_callback(TrainingTimeBudget(self.args.max_train_seconds))
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
