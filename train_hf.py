@@ -33,7 +33,13 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
-from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
+from modeling_tot_cakt.configuration_tot_cakt import (
+    ADAPTER_TYPES,
+    ALIGNMENT_MODES,
+    CTC_INPUTS,
+    CTC_REDUCTIONS,
+    GRAD_MODES,
+)
 from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.training.data import (
@@ -175,8 +181,22 @@ class TOTCAKTArguments:
         default=None,
         metadata={"help": "Teacher layer whose token features the alignment uses (-1: the last; 0: the embeddings)."},
     )
-    adapter_hidden_size: int | None = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
-    adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the adapter."})
+    ctc_input: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the CTC head reads: encoder (the encoder's frames) or adapter (the adapted features, the "
+            "adapter then ships with the model).",
+            "choices": CTC_INPUTS,
+        },
+    )
+    adapter_type: str | None = field(
+        default=None,
+        metadata={"help": "mlp (LayerNorm and linear layers) or linear (one projection).", "choices": ADAPTER_TYPES},
+    )
+    adapter_hidden_size: int | None = field(
+        default=None, metadata={"help": "Width of the hidden layers of the mlp adapter."}
+    )
+    adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the mlp adapter."})
     tot_lambda1: float | None = field(default=None, metadata={"help": "Weight of the local order reward."})
     tot_lambda2: float | None = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
     tot_sigma: float | None = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
