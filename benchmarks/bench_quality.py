@@ -18,7 +18,7 @@ its finished runs; a rerun reuses runs trained to completion with the same argum
 
 Presets: ``quality`` (the quick demo's corpus and teacher, from scratch, 3,000 steps, five seeds, two
 runs at a time on one thread each), ``transfer``
-(the paper's regime: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
+(a user's fine-tune: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
 preset's syllable-pretrained encoder) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
 ``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1388``
 for a quarter of the training transcripts, ``align_loss_weight=1.0``, ``teacher_layer=1``),
@@ -86,7 +86,7 @@ PRESETS = {
         parallel=2,
         threads_per_run=1,
     ),
-    # The paper's regime: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
+    # A user's fine-tune of a pretrained encoder: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
     # from a syllable-pretrained encoder), five seeds paired across the methods, two runs at a time on one
     # thread each.
     "transfer": BenchPreset(
