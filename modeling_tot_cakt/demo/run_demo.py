@@ -51,15 +51,7 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
-from ..training.language_model import (
-    attach_language_model,
-    decoding_speed,
-    estimate_character_lm,
-    greedy_transcripts,
-    lm_transcripts,
-    manifest_logits,
-    tune_weights,
-)
+from ..training.language_model import decode_and_score, estimate_character_lm, greedy_transcripts, manifest_logits
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
@@ -608,8 +600,9 @@ def language_model_stage(preset: DemoPreset, paths: DemoPaths) -> dict:
 def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike) -> dict:
     """
     Decode dev and test greedily and with the character language model `arpa`, whose weight and bonus are chosen
-    on dev by the preset's grid, and split the errors of each. The model folder gets the language model (its
-    ``alphabet.json`` and ``language_model/``), so that the pipeline decodes with it from then on.
+    on dev by the preset's grid, and split the errors of each (with the corpus' own pinyin). The model folder gets
+    the language model (its ``alphabet.json`` and ``language_model/``), so that the pipeline decodes with it from
+    then on.
 
     Returns:
         ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/"test": {"greedy": split, "lm": split},
@@ -618,26 +611,23 @@ def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike
     settings = {**LM_DEFAULTS, **preset.lm}
     records, readings = corpus_records_and_readings(paths)
     model, processor = load_model_and_processor(paths.model)
-    logits = {
-        split: manifest_logits(model, processor, [record["audio"] for record in records[split]])
-        for split in ("dev", "test")
-    }
-    with_lm = attach_language_model(paths.model, arpa)
-    texts = [record["text"] for record in records["dev"]]
-    weights = tune_weights(
-        with_lm, logits["dev"], texts, settings["alphas"], settings["betas"], settings["beam_width"]
+    splits = ("dev", "test")
+    return decode_and_score(
+        processor,
+        paths.model,
+        arpa,
+        logits={
+            split: manifest_logits(model, processor, [record["audio"] for record in records[split]])
+            for split in splits
+        },
+        references={split: [record["text"] for record in records[split]] for split in splits},
+        tune_split="dev",
+        syllables={split: [record["pinyin"].split() for record in records[split]] for split in splits},
+        readings=readings,
+        beam_width=settings["beam_width"],
+        alphas=settings["alphas"],
+        betas=settings["betas"],
     )
-    with_lm = attach_language_model(paths.model, arpa, alpha=weights["alpha"], beta=weights["beta"])
-    result = {"weights": weights}
-    for split in ("dev", "test"):
-        greedy = greedy_transcripts(processor.tokenizer, logits[split])
-        beam = lm_transcripts(with_lm, logits[split], beam_width=settings["beam_width"])
-        result[split] = {
-            "greedy": error_split(records[split], greedy, readings),
-            "lm": error_split(records[split], beam, readings),
-        }
-    result["speed"] = decoding_speed(with_lm, logits["test"], settings["beam_width"])
-    return result
 
 
 # --------------------------------------------------------------------------------------- couplings
