@@ -206,3 +206,90 @@ def test_audio_folder_without_metadata_explains_the_torchcodec_limit(tmp_path):
     sf.write(tmp_path / "a.wav", synthesize("你好", np.random.default_rng(0)), SAMPLING_RATE)
     with pytest.raises(ValueError, match="needs torchcodec .* CSV/JSONL manifest"):
         load_speech_split("train", dataset_name=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------- manifests read with a schema
+def write_manifest(tmp_path, name: str, content: str) -> str:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "value, described",
+    [("true", "the boolean true"), ("1.5", "the number 1.5"), ("null", "null"), ('{"zh": "中"}', "a JSON object")],
+)
+def test_a_json_transcript_that_is_not_a_string_names_file_row_and_column(tmp_path, value, described):
+    path = write_manifest(
+        tmp_path, "m.jsonl", f'{{"audio": "a.wav", "text": "中国"}}\n\n{{"audio": "b.wav", "text": {value}}}\n'
+    )
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=rf"m\.jsonl, row 2 \(line 3\): column 'text' holds {described}, but"):
+            load_manifest(path, streaming=streaming, cache_dir=str(tmp_path / "cache"))
+
+
+def test_json_transcripts_are_read_verbatim_next_to_integers(tmp_path):
+    # An integer is read as the digits it is written with; no other row is re-interpreted.
+    path = write_manifest(
+        tmp_path, "m.jsonl", '{"audio": "a.wav", "text": "中国"}\n{"audio": "b.wav", "text": 2024}\n'
+    )
+    assert load_manifest(path, cache_dir=str(tmp_path / "cache"))["text"] == ["中国", "2024"]
+    array = write_manifest(tmp_path, "m.json", '[{"audio": "a.wav", "text": "二〇二四"}, {"audio": null, "text": 7}]')
+    dataset = load_manifest(array, cache_dir=str(tmp_path / "cache"))
+    assert dataset["text"] == ["二〇二四", "7"] and dataset["audio"] == [str(tmp_path / "a.wav"), None]
+    for content, message in [
+        ('{"audio": "a.wav", "text": "x"}\n{"audio": "a.wav"}\n', r"row 2 \(line 2\) has no 'text' field"),
+        ('{"audio": "a.wav", "text": "x", "text": "y"}\n', r"row 1 \(line 1\) .*\['text'\] appear more than once"),
+        ('{"audio": "a.wav", "text": "x"}\n{"audio": "b.wav", \n', r"row 2 \(line 2\) is not a valid JSON object"),
+        ('["a.wav", "x"]\n', r"bad\.jsonl, row 1 is the string 'a.wav', not a JSON object"),
+        ('[1, 2]\n{"audio": "a.wav", "text": "x"}\n', r"bad\.jsonl is not valid JSON"),
+        ('{"audio": 3, "text": "x"}\n', r"row 1 \(line 1\): column 'audio' holds .* must be a JSON string"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_manifest(write_manifest(tmp_path, "bad.jsonl", content), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_tsv_transcript_starting_with_a_quote_stays_one_row(tmp_path):
+    path = write_manifest(tmp_path, "m.tsv", 'audio\ttext\na.wav\t"你好\nb.wav\t中国"\nc.wav\t"引号"里\n')
+    dataset = load_manifest(path, cache_dir=str(tmp_path / "cache"))
+    assert dataset["text"] == ['"你好', '中国"', '"引号"里']
+    assert dataset["audio"] == [str(tmp_path / name) for name in ("a.wav", "b.wav", "c.wav")]
+    with pytest.raises(ValueError, match=r"m2\.tsv, row 2 \(line 3\): 3 cells where the header has 2 .*one tab"):
+        load_manifest(write_manifest(tmp_path, "m2.tsv", "audio\ttext\na.wav\t好\nb.wav\t你\t好\n"))
+
+
+def test_a_csv_row_with_the_wrong_number_of_cells_names_file_and_row(tmp_path):
+    good = write_manifest(tmp_path, "good.csv", 'audio,text\na.wav,"你好,中国"\n\nb.wav,"他说""好"""\n')
+    assert load_manifest(good, cache_dir=str(tmp_path / "cache"))["text"] == ["你好,中国", '他说"好"']
+    for content, message in [
+        ("audio,text\na.wav,好\nb.wav,你,好\n", r"bad\.csv, row 2 \(line 3\): 3 cells where the header has 2"),
+        ("audio,text,speaker\na.wav,好\n", r"bad\.csv, row 1 \(line 2\): 2 cells where the header has 3"),
+        ('audio,text\na.wav,"你好\nb.wav,中国\n', r"bad\.csv, row 1 \(line 2\): unexpected end of data; quote"),
+        ('audio,text\na.wav,"你"好\n', r"bad\.csv, row 1 \(line 2\): ',' expected after '\"'"),
+        ("audio,text,text\na.wav,好,好\n", r"bad\.csv has 2 columns named 'text'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_manifest(write_manifest(tmp_path, "bad.csv", content))
+
+
+def test_an_error_from_datasets_while_storing_a_manifest_names_it(tmp_path, monkeypatch):
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,好\n")
+
+    def failing(*args, **kwargs):
+        raise pa.ArrowInvalid("offset overflow")
+
+    monkeypatch.setattr(Dataset, "from_generator", failing)
+    with pytest.raises(ValueError, match=r"Manifest .*m\.csv could not be stored as a dataset: offset overflow"):
+        load_manifest(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_what_normalisation_removes_is_counted_and_logged(tmp_path, caplog):
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,二〇二四年 好！\nb.wav,中国\nc.wav,你 好 ！\n")
+    with caplog.at_level(logging.INFO, logger="modeling_tot_cakt.training.data"):
+        dataset = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+    assert dataset["text"] == ["二〇二四年好", "中国", "你好"]
+    assert "removed_characters" not in dataset.column_names
+    assert (
+        "train: normalisation removed 5 characters from 2 of 3 transcripts: ' ' U+0020 x3, '!' U+0021 x2."
+        in caplog.text
+    )
