@@ -293,3 +293,28 @@ def test_what_normalisation_removes_is_counted_and_logged(tmp_path, caplog):
         "train: normalisation removed 5 characters from 2 of 3 transcripts: ' ' U+0020 x3, '!' U+0021 x2."
         in caplog.text
     )
+
+
+# --------------------------------------------------------------------------- clips that are bad rows
+def test_absurd_clips_are_skipped_counted_and_named(speech_corpus, tmp_path, caplog):
+    processor = create_processor(write_vocab(tmp_path), encoder_config=dict(TINY_WAV2VEC2_BERT))
+    good = speech_corpus.root / "test" / "utt000.wav"
+    clip, rate = sf.read(good, dtype="float32")
+    sf.write(tmp_path / "huge.wav", clip * 1e30, rate, subtype="FLOAT")
+    sf.write(tmp_path / "rate.wav", clip, rate, subtype="PCM_16")
+    wav = (tmp_path / "rate.wav").read_bytes()
+    (tmp_path / "rate.wav").write_bytes(wav[:24] + (1).to_bytes(4, "little") + wav[28:])  # 1 Hz
+    # 480 samples make one stacked log-mel frame, which the extractor normalises to NaN.
+    sf.write(tmp_path / "one_frame.wav", clip[:480], rate)
+    rows = [(good, "你好"), ("huge.wav", "你好"), ("rate.wav", "你好"), ("one_frame.wav", "你好")]
+    path = write_manifest(tmp_path, "m.csv", "audio,text\n" + "".join(f"{a},{t}\n" for a, t in rows))
+    raw = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
+        prepared = featurize_split(
+            raw, "train", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+        )
+    assert len(prepared) == 1 and np.isfinite(np.asarray(prepared[0]["input_features"])).all()
+    assert "train: skipped 3 of 4 rows (2 unreadable audio, 1 non-finite features)" in caplog.text
+    assert "huge.wav has samples of magnitude" in caplog.text
+    assert "rate.wav claims a sampling rate of 1 Hz" in caplog.text
+    assert "one_frame.wav: the feature extractor gives NaN or Inf" in caplog.text

@@ -702,9 +702,11 @@ def prepare_speech_example(
         return skipped("audio too short", f"{_describe(example)}: {length} samples")
     if max_input_length is not None and length >= max_input_length:
         return skipped("audio too long", f"{_describe(example)}: {length} samples")
-    inputs = feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate)
+    features = np.asarray(feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate)[input_name][0])
+    if not np.all(np.isfinite(features)):  # would make the loss NaN at the same step on every rerun
+        return skipped("non-finite features", f"{_describe(example)}: the feature extractor gives NaN or Inf")
     return {
-        input_name: inputs[input_name][0],
+        input_name: features,
         LABELS_COLUMN: tokenizer(example[TEXT_COLUMN]).input_ids,
         LENGTH_COLUMN: length,
         TEXT_COLUMN: example[TEXT_COLUMN],
