@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -318,3 +319,41 @@ def test_absurd_clips_are_skipped_counted_and_named(speech_corpus, tmp_path, cap
     assert "huge.wav has samples of magnitude" in caplog.text
     assert "rate.wav claims a sampling rate of 1 Hz" in caplog.text
     assert "one_frame.wav: the feature extractor gives NaN or Inf" in caplog.text
+
+
+# ------------------------------------------------------------------------ caches that follow the files
+def test_a_wav_fixed_or_replaced_in_place_is_featurised_again(speech_corpus, processor, tmp_path, caplog):
+    good, other = speech_corpus.root / "test" / "utt000.wav", speech_corpus.root / "test" / "utt001.wav"
+    (tmp_path / "a.wav").write_bytes(b"not a wav file at all")  # fixed later
+    shutil.copy(good, tmp_path / "b.wav")  # replaced later by another clip of the same size
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,你好\nb.wav,中国\n")
+    raw = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+
+    def prepare():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="modeling_tot_cakt.training"):
+            return featurize_split(
+                raw, "train", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+            )
+
+    first = prepare()
+    assert first["text"] == ["中国"] and "1 unreadable audio" in caplog.text
+    assert prepare().cache_files == first.cache_files and "changed" not in caplog.text  # nothing changed: cached
+
+    shutil.copy(other, tmp_path / "a.wav")
+    fixed = prepare()
+    assert fixed["text"] == ["你好", "中国"] and "unreadable" not in caplog.text
+    assert (
+        f"train: 1 audio files changed (size or modification time) since the split was last prepared: {tmp_path / 'a.wav'}."
+        in caplog.text
+    )
+    assert "it is decoded and featurised again" in caplog.text
+
+    clip, rate = sf.read(good, dtype="int16")
+    sf.write(tmp_path / "b.wav", -clip, rate, subtype="PCM_16")  # the same size, other samples
+    os.utime(tmp_path / "b.wav", ns=(1, 1))
+    replaced = prepare().with_format("numpy")
+    assert (
+        f"changed (size or modification time) since the split was last prepared: {tmp_path / 'b.wav'}." in caplog.text
+    )
+    np.testing.assert_allclose(replaced[1]["input_values"], -fixed.with_format("numpy")[1]["input_values"], atol=1e-3)

@@ -48,6 +48,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from ..processing_tot_cakt import vocabulary_from_characters
 from .audio import AudioDecodingError, load_audio
+from .audio_identity import audio_keyed_fingerprint
 from .transcripts import split_transcript
 
 logger = logging.getLogger(__name__)
@@ -812,18 +813,23 @@ def featurize_split(
     the rows that cannot be used.
 
     Returns a dataset with the extractor's input column, `labels`, `input_length` and `text`.
+
+    The cache of this step follows the audio files' size and modification time as well as the rows
+    ([`audio_keyed_fingerprint`]): a file fixed or replaced in place is decoded again, and the log names it.
     """
+    fn_kwargs = {
+        "feature_extractor": feature_extractor,
+        "tokenizer": tokenizer,
+        "min_input_length": min_input_length,
+        "max_input_length": max_input_length,
+    }
+    features = speech_features(feature_extractor)
+    map_kwargs = _map_kwargs(dataset, num_proc, load_from_cache_file, f"decode and featurise {split_name} audio")
+    if isinstance(dataset, Dataset):
+        transform = [prepare_speech_example, fn_kwargs, features]
+        map_kwargs["new_fingerprint"] = audio_keyed_fingerprint(dataset, AUDIO_COLUMN, transform, split_name)
     dataset = dataset.map(
-        prepare_speech_example,
-        fn_kwargs={
-            "feature_extractor": feature_extractor,
-            "tokenizer": tokenizer,
-            "min_input_length": min_input_length,
-            "max_input_length": max_input_length,
-        },
-        remove_columns=[AUDIO_COLUMN],
-        features=speech_features(feature_extractor),
-        **_map_kwargs(dataset, num_proc, load_from_cache_file, f"decode and featurise {split_name} audio"),
+        prepare_speech_example, fn_kwargs=fn_kwargs, remove_columns=[AUDIO_COLUMN], features=features, **map_kwargs
     )
     return remove_skip_columns(drop_bad_rows(dataset, split_name, num_proc=num_proc))
 
