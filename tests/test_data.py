@@ -357,3 +357,10 @@ def test_a_wav_fixed_or_replaced_in_place_is_featurised_again(speech_corpus, pro
         f"changed (size or modification time) since the split was last prepared: {tmp_path / 'b.wav'}." in caplog.text
     )
     np.testing.assert_allclose(replaced[1]["input_values"], -fixed.with_format("numpy")[1]["input_values"], atol=1e-3)
+
+
+def test_an_error_from_datasets_reading_a_data_folder_names_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"audio": "a.wav", "text": "x"}\n{"audio": "b.wav", \n')
+    with pytest.raises(ValueError, match=r"datasets could not read '.*data' \(split 'train'\): JSON parse error"):
+        load_speech_split("train", dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))

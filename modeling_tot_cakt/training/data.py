@@ -492,7 +492,14 @@ def load_hub_split(
             )
         except (ImportError, DatasetGenerationError) as err:
             if "torchcodec" not in f"{err} {err.__cause__}":
-                raise
+                if isinstance(err, ImportError):
+                    raise
+                # datasets says only "An error occurred while generating the dataset"; the reason is its cause.
+                raise ValueError(
+                    f"datasets could not read '{dataset_name}' (split '{split}'): {err.__cause__ or err}. Fix that "
+                    "data file, or describe the files with a CSV/JSONL manifest (--train_manifest/--eval_manifest), "
+                    "whose errors name the file, row and column."
+                ) from err
             raise ValueError(
                 f"datasets needs torchcodec to build '{dataset_name}' from audio files. Install torchcodec (and "
                 "FFmpeg), or describe the files with a CSV/JSONL manifest (--train_manifest/--eval_manifest)."
