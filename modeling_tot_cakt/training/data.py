@@ -799,8 +799,11 @@ def normalize_split(
         fn_kwargs={"do_lower_case": do_lower_case},
         **_map_kwargs(dataset, num_proc, load_from_cache_file, f"normalise {split_name} transcripts"),
     )
-    if isinstance(dataset, Dataset):
-        report_removed_characters(dataset[REMOVED_COLUMN], split_name)
+    if not isinstance(dataset, Dataset):
+        return dataset.remove_columns([REMOVED_COLUMN])
+    if REMOVED_COLUMN not in dataset.column_names:  # an empty split: `map` never ran the function
+        return dataset
+    report_removed_characters(dataset[REMOVED_COLUMN], split_name)
     return dataset.remove_columns([REMOVED_COLUMN])
 
 
