@@ -218,7 +218,14 @@ def write_manifest(tmp_path, name: str, content: str) -> str:
 
 @pytest.mark.parametrize(
     "value, described",
-    [("true", "the boolean true"), ("1.5", "the number 1.5"), ("null", "null"), ('{"zh": "中"}', "a JSON object")],
+    [
+        ("true", "the boolean true"),
+        ("1.5", "the number 1.5"),
+        ("NaN", "the number NaN"),
+        ("null", "null"),
+        ('{"zh": "中"}', "a JSON object"),
+        ('["中"]', "a JSON array"),
+    ],
 )
 def test_a_json_transcript_that_is_not_a_string_names_file_row_and_column(tmp_path, value, described):
     path = write_manifest(
@@ -231,10 +238,10 @@ def test_a_json_transcript_that_is_not_a_string_names_file_row_and_column(tmp_pa
 
 def test_json_transcripts_are_read_verbatim_next_to_integers(tmp_path):
     # An integer is read as the digits it is written with; no other row is re-interpreted.
-    path = write_manifest(
-        tmp_path, "m.jsonl", '{"audio": "a.wav", "text": "中国"}\n{"audio": "b.wav", "text": 2024}\n'
-    )
-    assert load_manifest(path, cache_dir=str(tmp_path / "cache"))["text"] == ["中国", "2024"]
+    # U+2028 and U+0085 are allowed inside a JSON string, and a CRLF line end is a line end.
+    rows = '{"audio": "a.wav", "text": "中\u2028国\u0085"}\r\n{"audio": "b.wav", "text": 2024}\n'
+    path = write_manifest(tmp_path, "m.jsonl", rows)
+    assert load_manifest(path, cache_dir=str(tmp_path / "cache"))["text"] == ["中\u2028国\u0085", "2024"]
     array = write_manifest(tmp_path, "m.json", '[{"audio": "a.wav", "text": "二〇二四"}, {"audio": null, "text": 7}]')
     dataset = load_manifest(array, cache_dir=str(tmp_path / "cache"))
     assert dataset["text"] == ["二〇二四", "7"] and dataset["audio"] == [str(tmp_path / "a.wav"), None]
@@ -260,7 +267,8 @@ def test_a_tsv_transcript_starting_with_a_quote_stays_one_row(tmp_path):
 
 
 def test_a_csv_row_with_the_wrong_number_of_cells_names_file_and_row(tmp_path):
-    good = write_manifest(tmp_path, "good.csv", 'audio,text\na.wav,"你好,中国"\n\nb.wav,"他说""好"""\n')
+    # A byte-order mark and CRLF line ends are read as nothing and as line ends.
+    good = write_manifest(tmp_path, "good.csv", '\ufeffaudio,text\r\na.wav,"你好,中国"\r\n\r\nb.wav,"他说""好"""\r\n')
     assert load_manifest(good, cache_dir=str(tmp_path / "cache"))["text"] == ["你好,中国", '他说"好"']
     for content, message in [
         ("audio,text\na.wav,好\nb.wav,你,好\n", r"bad\.csv, row 2 \(line 3\): 3 cells where the header has 2"),

@@ -247,7 +247,14 @@ def _reject_duplicate_keys(pairs: list[tuple]) -> dict:
 
 
 def _parse_json(text: str):
-    return json.loads(text, parse_int=_JsonInteger, parse_float=_JsonFloat, object_pairs_hook=_reject_duplicate_keys)
+    # Numbers keep their literal text, and NaN / Infinity (which Python's json accepts) count as numbers.
+    return json.loads(
+        text,
+        parse_int=_JsonInteger,
+        parse_float=_JsonFloat,
+        parse_constant=_JsonFloat,
+        object_pairs_hook=_reject_duplicate_keys,
+    )
 
 
 def _json_records(manifest_path: str) -> Iterator[tuple[str, object]]:
@@ -263,7 +270,8 @@ def _json_records(manifest_path: str) -> Iterator[tuple[str, object]]:
             yield f"Manifest {manifest_path}, row {index}", record
         return
     row = 0
-    for line_number, line in enumerate(content.splitlines(), start=1):
+    # Split on "\n" only: `splitlines` would also cut at U+2028 or U+0085, which a JSON string may hold.
+    for line_number, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         row += 1
@@ -355,16 +363,12 @@ def read_manifest_rows(manifest_path: str, audio_column_name: str, text_column_n
             transcript that is not a string, invalid JSON), naming the file, row and column.
         EmptySplitError: the manifest lists no utterance.
     """
-    read = (
-        _read_json_manifest
-        if MANIFEST_FORMATS[os.path.splitext(manifest_path)[1].lower()] == "json"
-        else _read_delimited_manifest
-    )
+    is_json = MANIFEST_FORMATS[os.path.splitext(manifest_path)[1].lower()] == "json"
+    read = _read_json_manifest if is_json else _read_delimited_manifest
     rows = read(manifest_path, audio_column_name, text_column_name)
     if not rows:
-        raise EmptySplitError(
-            f"Manifest {manifest_path} lists no utterances (it has no row below its header, or no row at all)."
-        )
+        why = "it holds no row" if is_json else "it has no row below its header"
+        raise EmptySplitError(f"Manifest {manifest_path} lists no utterances ({why}).")
     base_dir = os.path.dirname(os.path.abspath(manifest_path))
     for row in rows:
         if row[AUDIO_COLUMN] and not os.path.isabs(row[AUDIO_COLUMN]):
