@@ -268,8 +268,13 @@ def test_a_tsv_transcript_starting_with_a_quote_stays_one_row(tmp_path):
 
 def test_a_csv_row_with_the_wrong_number_of_cells_names_file_and_row(tmp_path):
     # A byte-order mark and CRLF line ends are read as nothing and as line ends.
-    good = write_manifest(tmp_path, "good.csv", '\ufeffaudio,text\r\na.wav,"你好,中国"\r\n\r\nb.wav,"他说""好"""\r\n')
-    assert load_manifest(good, cache_dir=str(tmp_path / "cache"))["text"] == ["你好,中国", '他说"好"']
+    # Cells that a type-guessing reader would turn into numbers, NaN or booleans stay the text they are.
+    content = (
+        '\ufeffaudio,text\r\na.wav,"你好,中国"\r\n\r\nb.wav,"他说""好"""\r\nc.wav,0110\r\nd.wav,NA\r\ne.wav,True\r\n'
+    )
+    good = write_manifest(tmp_path, "good.csv", content)
+    texts = ["你好,中国", '他说"好"', "0110", "NA", "True"]
+    assert load_manifest(good, cache_dir=str(tmp_path / "cache"))["text"] == texts
     for content, message in [
         ("audio,text\na.wav,好\nb.wav,你,好\n", r"bad\.csv, row 2 \(line 3\): 3 cells where the header has 2"),
         ("audio,text,speaker\na.wav,好\n", r"bad\.csv, row 1 \(line 2\): 2 cells where the header has 3"),
