@@ -248,7 +248,12 @@ class DataTrainingArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Stream the data instead of preparing it up front (needs --max_steps)."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the preprocessed datasets."})
+    overwrite_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the preprocessed datasets (audio files changed in place are recomputed without it)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh in --output_dir instead of resuming from its last checkpoint."}
     )
