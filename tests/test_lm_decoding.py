@@ -298,3 +298,39 @@ def test_copied_lm_code_file_imports_only_what_decoding_needs(folder_with_lm):
             assert node.level == 0, "the LM code file is copied alone: no relative imports"
             roots.add(node.module.split(".")[0])
     assert roots <= allowed, roots - allowed
+
+
+def test_train_hf_scores_eval_and_test_greedily_and_with_the_language_model(speech_corpus, tmp_path):
+    from test_train_hf import common_args, run_training
+
+    arpa = estimate_character_lm(speech_corpus.train_texts, tmp_path / "chars.arpa", order=3)
+    out = tmp_path / "out"
+    results = run_training(
+        *common_args(out, "unused-teacher", tmp_path / "cache"),
+        "--alignment",
+        "none",
+        "--train_manifest",
+        speech_corpus.train_manifest,
+        "--eval_manifest",
+        speech_corpus.eval_manifest,
+        "--test_manifest",
+        speech_corpus.eval_manifest,
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        6,
+        "--language_model",
+        arpa,
+        "--lm_beam_width",
+        8,
+    )
+    lm_results = json.loads((out / "eval_lm_results.json").read_text(encoding="utf-8"))
+    # The greedy decoding behind the split is the Trainer's evaluation; eval and test are the same clips here.
+    assert lm_results["eval_cer_greedy"] == pytest.approx(results["eval"]["eval_cer"], abs=1e-6)
+    assert results["test_lm"]["test_cer_lm"] == pytest.approx(lm_results["eval_cer_lm"])
+    assert lm_results["eval_greedy_homophone_cer"] + lm_results["eval_greedy_other_cer"] == pytest.approx(
+        lm_results["eval_cer_greedy"]
+    )
+    attrs = json.loads((out / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (lm_results["lm_alpha"], lm_results["lm_beta"])
