@@ -11,7 +11,10 @@
    (:mod:`modeling_tot_cakt.demo.encoder_pretraining`); training then starts from it;
 3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
    the demo trains exactly as a user of the script does);
-4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
+4. ``language_model/``: a character 4-gram model estimated by KenLM's ``lmplz`` on the teacher's text (dev/test
+   sentences held out); dev and test are decoded greedily (the CER ``train_hf.py``'s evaluation reports) and
+   with a beam search over the language model, whose weight and bonus are chosen on dev; the model folder
+   gets the language model, so the pipeline decodes with it;
 5. three test clips transcribed by ``pipeline("automatic-speech-recognition", trust_remote_code=True)``;
 6. ``couplings.png``: the TOT coupling next to the plain-OT coupling of one test utterance, both
    computed by :func:`~modeling_tot_cakt.tot.tot_sinkhorn` on the trained model's adapted frames
@@ -20,8 +23,9 @@
 
 Caching: the corpus and the teacher are rebuilt only when their settings change (their own caches).
 Training is skipped when ``model/`` holds a model trained to completion with the very same
-``train_hf.py`` arguments, unless ``--retrain`` is given; evaluation, transcription and the plot
-always run on the saved model. Featurised datasets and teacher features are cached in
+``train_hf.py`` arguments, unless ``--retrain`` is given; decoding, transcription and the plot
+always run on the saved model. ``--time_budget_minutes`` (``make demo``: 20) stops training when its share of
+the budget is spent (:func:`training_budget`). Featurised datasets and teacher features are cached in
 ``<work_dir>/cache`` and shared between presets.
 
 A preset is a YAML file with the sections ``synthesis`` (:class:`SynthesisConfig` fields),
@@ -612,7 +616,7 @@ def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike
     records, readings = corpus_records_and_readings(paths)
     model, processor = load_model_and_processor(paths.model)
     splits = ("dev", "test")
-    return decode_and_score(
+    scored = decode_and_score(
         processor,
         paths.model,
         arpa,
@@ -628,6 +632,9 @@ def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike
         alphas=settings["alphas"],
         betas=settings["betas"],
     )
+    for split in splits:
+        scored[split]["utterances"] = len(records[split])
+    return scored
 
 
 # --------------------------------------------------------------------------------------- couplings
@@ -859,8 +866,11 @@ def run_demo(
         fresh_seconds = sum(fresh) if len(fresh) == 2 else None
         max_train_seconds = training_budget(time_budget_seconds, time.perf_counter() - started, fresh_seconds)
     model_reused = timed("training", train_stage, preset, paths, retrain, max_train_seconds)
-    evaluation = timed("evaluation", evaluate_stage, preset, paths)
     decoding = timed("decoding", decoding_stage, preset, paths, language_model["arpa"])
+    evaluation = {
+        split: {"cer": decoding[split]["greedy"]["cer"], "utterances": decoding[split]["utterances"]}
+        for split in ("dev", "test")
+    }
     test_records = read_manifest(corpus.manifests["test"])
     transcriptions = timed("transcription", transcribe_clips, paths.model, test_records[:num_transcriptions])
     couplings = timed("couplings", coupling_stage, paths, test_records[0])
