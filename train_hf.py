@@ -332,6 +332,16 @@ def check_arguments(
             f"--hub_teacher_id names the teacher on the Hub: give a repository id (name or owner/name), not "
             f"'{training_args.hub_teacher_id}'."
         )
+    if model_args.language_model is not None:
+        if not training_args.do_eval:
+            raise ValueError(
+                "--language_model needs --do_eval: its weight is chosen on the eval split, never on test."
+            )
+        if not os.path.isfile(model_args.language_model):
+            raise ValueError(
+                f"--language_model {model_args.language_model} is not a file: give an ARPA character model "
+                "(python -m modeling_tot_cakt.training.language_model estimate --text ... --output ...)."
+            )
     # The model card and upload are done here, once, after training: keep the Trainer from pushing on its own.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False  # the collator needs the transcript column
@@ -686,8 +696,6 @@ def score_with_language_model(
     eval and test greedily and with it, each with its error split (homophone substitutions, tone errors, the
     rest; the spoken syllables as pypinyin reads the references). Writes <split>_lm_results.json.
     """
-    if "eval" not in vectorized_datasets:
-        raise ValueError("--language_model needs an eval split to choose its weight on (never the test split).")
     input_name = processor.feature_extractor.model_input_names[0]
     splits = [name for name in ("eval", "test") if name in vectorized_datasets]
     logits = {name: feature_logits(trainer.model, processor, vectorized_datasets[name][input_name]) for name in splits}
