@@ -77,7 +77,7 @@ PRESET_SECTIONS = ("synthesis", "teacher", "encoder", "train", "lm")
 ENCODER_SECTIONS = ("synthesis", "train")
 ENCODER_FORMAT_VERSION = 1
 """Bumped whenever what an encoder section builds changes, so old pretrained encoders are rebuilt."""
-LM_DEFAULTS = {"order": 4, "beam_width": 32, "alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "betas": [0.0, 1.0, 2.0]}
+LM_DEFAULTS = {"order": 4, "beam_width": 32, "alphas": [0.0, 0.3, 0.6, 1.0, 1.5], "betas": [0.0, 1.5, 3.0]}
 """The ``lm`` section's settings: n-gram order, beam width, and the dev grid of LM weights and bonuses."""
 DEMO_TRAIN_ARGS = (
     "output_dir",
