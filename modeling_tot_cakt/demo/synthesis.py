@@ -471,7 +471,7 @@ def homophone_stats(
     return HomophoneStats(tokens, tokens_with_homophone, len(types), len(types_with_homophone))
 
 
-def test_track_stats(spoken: Mapping[str, Sequence[tuple[str, Sequence[str]]]]) -> dict[str, dict]:
+def track_stats(spoken: Mapping[str, Sequence[tuple[str, Sequence[str]]]]) -> dict[str, dict]:
     """What a recogniser trained on the train split can and cannot tell apart on each test track.
 
     The inventory is the characters of the train transcripts (all that a CTC model trained on them
@@ -890,7 +890,7 @@ def plan_corpus(config: SynthesisConfig, excluded: Sequence[str] = ()) -> Corpus
         "vocabulary": "".join(char for char, _ in char_frequencies(sentence_pinyin.keys())),
         "train_vocabulary_size": len({char for text, _ in spoken["train"] for char in text}),
         "homophones_test": asdict(homophone_stats(spoken["test"], readings)),
-        "test_tracks": test_track_stats(spoken),
+        "test_tracks": track_stats(spoken),
     }
     return CorpusPlan(jobs, text_info, source_files)
 
@@ -902,7 +902,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     (one record per utterance: ``id``, ``audio`` relative to the manifest, ``text``, ``pinyin``,
     ``sentence_id``, ``voice``, ``speed``, ``pitch``, ``snr_db``, ``duration`` in seconds,
     ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts, and per
-    test track the share of characters with a homophone and out of vocabulary: :func:`test_track_stats`).
+    test track the share of characters with a homophone and out of vocabulary: :func:`track_stats`).
 
     A complete corpus made with the same settings is reused; a stale or partial one is replaced.
 
