@@ -44,7 +44,7 @@ $(VENV)/bin/lmplz: | $(VENV)/.installed
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(KENLM_BUILD_PACKAGES); \
 	else echo "Building KenLM's lmplz needs: $(KENLM_BUILD_PACKAGES)"; exit 1; fi
 	rm -rf $(KENLM_SRC) && mkdir -p $(KENLM_SRC)
-	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(KENLM_SRC) "kenlm==$(KENLM_VERSION)"
+	$(PY) -m pip download --quiet --no-deps --no-binary kenlm --no-build-isolation -d $(KENLM_SRC) "kenlm==$(KENLM_VERSION)"
 	tar xzf $(KENLM_SRC)/kenlm-$(KENLM_VERSION).tar.gz -C $(KENLM_SRC) --strip-components 1
 	cmake -S $(KENLM_SRC) -B $(KENLM_SRC)/build -DCMAKE_BUILD_TYPE=Release >$(KENLM_SRC)/cmake.log
 	cmake --build $(KENLM_SRC)/build --target lmplz build_binary -j 2 >$(KENLM_SRC)/build.log

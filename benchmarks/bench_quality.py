@@ -18,7 +18,7 @@ its finished runs; a rerun reuses runs trained to completion with the same argum
 
 Presets: ``quality`` (the quick demo's corpus and teacher, from scratch, 3,000 steps, five seeds, two
 runs at a time on one thread each), ``transfer``
-(the paper's regime: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
+(a user's fine-tune: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
 preset's syllable-pretrained encoder), ``knowledge`` (the ``knowledge`` demo preset: 2,000 characters, so that
 most test characters have a homophone the model can write, 4,400 training utterances, the quality preset's
 schedule and seeds, and two test tracks: the test sentences on held-out voices and again on the training voices)
@@ -94,7 +94,7 @@ PRESETS = {
         parallel=2,
         threads_per_run=1,
     ),
-    # The paper's regime: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
+    # A user's fine-tune of a pretrained encoder: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
     # from a syllable-pretrained encoder), five seeds paired across the methods, two runs at a time on one
     # thread each.
     "transfer": BenchPreset(

@@ -298,3 +298,64 @@ def test_copied_lm_code_file_imports_only_what_decoding_needs(folder_with_lm):
             assert node.level == 0, "the LM code file is copied alone: no relative imports"
             roots.add(node.module.split(".")[0])
     assert roots <= allowed, roots - allowed
+
+
+def test_train_hf_scores_eval_and_test_greedily_and_with_the_language_model(speech_corpus, tmp_path):
+    from test_train_hf import common_args, run_training
+
+    arpa = estimate_character_lm(speech_corpus.train_texts, tmp_path / "chars.arpa", order=3)
+    out = tmp_path / "out"
+    results = run_training(
+        *common_args(out, "unused-teacher", tmp_path / "cache"),
+        "--alignment",
+        "none",
+        "--train_manifest",
+        speech_corpus.train_manifest,
+        "--eval_manifest",
+        speech_corpus.eval_manifest,
+        "--test_manifest",
+        speech_corpus.eval_manifest,
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        6,
+        "--language_model",
+        arpa,
+        "--lm_beam_width",
+        8,
+    )
+    lm_results = json.loads((out / "eval_lm_results.json").read_text(encoding="utf-8"))
+    # The greedy decoding behind the split is the Trainer's evaluation; eval and test are the same clips here.
+    assert lm_results["eval_cer_greedy"] == pytest.approx(results["eval"]["eval_cer"], abs=1e-6)
+    assert results["test_lm"]["test_cer_lm"] == pytest.approx(lm_results["eval_cer_lm"])
+    assert lm_results["eval_greedy_homophone_cer"] + lm_results["eval_greedy_other_cer"] == pytest.approx(
+        lm_results["eval_cer_greedy"]
+    )
+    attrs = json.loads((out / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (lm_results["lm_alpha"], lm_results["lm_beta"])
+
+
+def test_a_missing_kenlm_estimator_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KENLM_BIN", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(FileNotFoundError, match=r"lmplz was not found: build KenLM's estimator with `make kenlm`"):
+        estimate_character_lm(["中国人"], tmp_path / "lm.arpa")
+
+
+def test_a_file_that_is_not_arpa_is_refused(tmp_path):
+    path = tmp_path / "text.arpa"
+    path.write_text("中 国 人\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no 1-grams: not an ARPA language model"):
+        arpa_unigrams(path)
+
+
+def test_train_hf_language_model_arguments_are_checked_first(speech_corpus, arpa, tmp_path):
+    from test_train_hf import run_training
+
+    data = ("--output_dir", tmp_path / "out", "--do_train", "--dataset_name", speech_corpus.root)
+    with pytest.raises(ValueError, match="--language_model needs --do_eval"):
+        run_training(*data, "--language_model", arpa)
+    with pytest.raises(ValueError, match="is not a file: give an ARPA character model"):
+        run_training(*data, "--do_eval", "--language_model", tmp_path / "missing.arpa")

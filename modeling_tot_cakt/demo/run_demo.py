@@ -11,7 +11,10 @@
    (:mod:`modeling_tot_cakt.demo.encoder_pretraining`); training then starts from it;
 3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
    the demo trains exactly as a user of the script does);
-4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
+4. ``language_model/``: a character 4-gram model estimated by KenLM's ``lmplz`` on the teacher's text (dev/test
+   sentences held out); dev and test are decoded greedily (the CER ``train_hf.py``'s evaluation reports) and
+   with a beam search over the language model, whose weight and bonus are chosen on dev; the model folder
+   gets the language model, so the pipeline decodes with it;
 5. three test clips transcribed by ``pipeline("automatic-speech-recognition", trust_remote_code=True)``;
 6. ``couplings.png``: the TOT coupling next to the plain-OT coupling of one test utterance, both
    computed by :func:`~modeling_tot_cakt.tot.tot_sinkhorn` on the trained model's adapted frames
@@ -20,8 +23,9 @@
 
 Caching: the corpus and the teacher are rebuilt only when their settings change (their own caches).
 Training is skipped when ``model/`` holds a model trained to completion with the very same
-``train_hf.py`` arguments, unless ``--retrain`` is given; evaluation, transcription and the plot
-always run on the saved model. Featurised datasets and teacher features are cached in
+``train_hf.py`` arguments, unless ``--retrain`` is given; decoding, transcription and the plot
+always run on the saved model. ``--time_budget_minutes`` (``make demo``: 20) stops training when its share of
+the budget is spent (:func:`training_budget`). Featurised datasets and teacher features are cached in
 ``<work_dir>/cache`` and shared between presets.
 
 A preset is a YAML file with the sections ``synthesis`` (:class:`SynthesisConfig` fields),
@@ -51,15 +55,7 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
-from ..training.language_model import (
-    attach_language_model,
-    decoding_speed,
-    estimate_character_lm,
-    greedy_transcripts,
-    lm_transcripts,
-    manifest_logits,
-    tune_weights,
-)
+from ..training.language_model import decode_and_score, estimate_character_lm, greedy_transcripts, manifest_logits
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
@@ -618,36 +614,36 @@ def decoding_stage(
     """
     Decode dev and the `test_splits` (e.g. both test tracks of a corpus that has two) greedily and with the
     character language model `arpa`, whose weight and bonus are chosen on dev by the preset's grid, and split the
-    errors of each. The model folder gets the language model (its ``alphabet.json`` and ``language_model/``), so
-    that the pipeline decodes with it from then on.
+    errors of each (with the corpus' own pinyin). The model folder gets the language model (its ``alphabet.json``
+    and ``language_model/``), so that the pipeline decodes with it from then on.
 
     Returns:
-        ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/each test split: {"greedy": split, "lm": split},
-        "speed": greedy and LM decoding seconds of the test set, side by side}``.
+        ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/each test split: {"greedy": split, "lm": split,
+        "utterances"}, "speed": greedy and LM decoding seconds of the last test split, side by side}``.
     """
     settings = {**LM_DEFAULTS, **preset.lm}
     records, readings = corpus_records_and_readings(paths)
     model, processor = load_model_and_processor(paths.model)
-    logits = {
-        split: manifest_logits(model, processor, [record["audio"] for record in records[split]])
-        for split in ("dev", *test_splits)
-    }
-    with_lm = attach_language_model(paths.model, arpa)
-    texts = [record["text"] for record in records["dev"]]
-    weights = tune_weights(
-        with_lm, logits["dev"], texts, settings["alphas"], settings["betas"], settings["beam_width"]
+    splits = ("dev", *test_splits)
+    scored = decode_and_score(
+        processor,
+        paths.model,
+        arpa,
+        logits={
+            split: manifest_logits(model, processor, [record["audio"] for record in records[split]])
+            for split in splits
+        },
+        references={split: [record["text"] for record in records[split]] for split in splits},
+        tune_split="dev",
+        syllables={split: [record["pinyin"].split() for record in records[split]] for split in splits},
+        readings=readings,
+        beam_width=settings["beam_width"],
+        alphas=settings["alphas"],
+        betas=settings["betas"],
     )
-    with_lm = attach_language_model(paths.model, arpa, alpha=weights["alpha"], beta=weights["beta"])
-    result = {"weights": weights}
-    for split in logits:
-        greedy = greedy_transcripts(processor.tokenizer, logits[split])
-        beam = lm_transcripts(with_lm, logits[split], beam_width=settings["beam_width"])
-        result[split] = {
-            "greedy": error_split(records[split], greedy, readings),
-            "lm": error_split(records[split], beam, readings),
-        }
-    result["speed"] = decoding_speed(with_lm, logits["test"], settings["beam_width"])
-    return result
+    for split in splits:
+        scored[split]["utterances"] = len(records[split])
+    return scored
 
 
 # --------------------------------------------------------------------------------------- couplings
@@ -880,8 +876,11 @@ def run_demo(
         fresh_seconds = sum(fresh) if len(fresh) == 2 else None
         max_train_seconds = training_budget(time_budget_seconds, time.perf_counter() - started, fresh_seconds)
     model_reused = timed("training", train_stage, preset, paths, retrain, max_train_seconds)
-    evaluation = timed("evaluation", evaluate_stage, preset, paths)
     decoding = timed("decoding", decoding_stage, preset, paths, language_model["arpa"], corpus.test_tracks)
+    evaluation = {
+        split: {"cer": decoding[split]["greedy"]["cer"], "utterances": decoding[split]["utterances"]}
+        for split in ("dev", "test")
+    }
     test_records = read_manifest(corpus.manifests["test"])
     transcriptions = timed("transcription", transcribe_clips, paths.model, test_records[:num_transcriptions])
     couplings = timed("couplings", coupling_stage, paths, test_records[0])

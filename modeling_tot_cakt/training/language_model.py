@@ -181,20 +181,31 @@ def attach_language_model(
     return with_lm
 
 
-@torch.no_grad()
 def manifest_logits(model, processor, audio_paths: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
     """
     The CTC logits of each clip, ``(frames, vocab)`` over its valid frames only, in the given order.
 
-    Each clip is featurised on its own, as ``train_hf.py`` featurises its rows, and batches of similar length
-    are padded from those features (``feature_extractor.pad``, as the training collator does): the log-mel
-    extractor, given a padded batch of waveforms, marks a stacked frame valid when its second 10 ms frame is,
-    so a clip would get a partly padded extra frame and a transcript that depends on its batch.
+    Each clip is featurised on its own, as ``train_hf.py`` featurises its rows (see :func:`feature_logits`).
     """
     extractor = processor.feature_extractor
     rate = extractor.sampling_rate
     input_name = extractor.model_input_names[0]
     features = [extractor(load_audio(path, rate), sampling_rate=rate)[input_name][0] for path in audio_paths]
+    return feature_logits(model, processor, features, batch_size)
+
+
+@torch.no_grad()
+def feature_logits(model, processor, features: Sequence, batch_size: int = 32) -> list[np.ndarray]:
+    """
+    The CTC logits of each clip's features (one array per clip, as ``train_hf.py`` stores them), ``(frames,
+    vocab)`` over its valid frames only, in the given order.
+
+    Batches of similar length are padded from the features (``feature_extractor.pad``, as the training collator
+    does): the log-mel extractor, given a padded batch of waveforms, marks a stacked frame valid when its second
+    10 ms frame is, so a clip would get a partly padded extra frame and a transcript that depends on its batch.
+    """
+    extractor = processor.feature_extractor
+    input_name = extractor.model_input_names[0]
     order = sorted(range(len(features)), key=lambda index: len(features[index]))
     logits: list[np.ndarray] = [np.empty(0)] * len(features)
     model.eval()
@@ -203,9 +214,10 @@ def manifest_logits(model, processor, audio_paths: Sequence[str], batch_size: in
         inputs = extractor.pad(
             [{input_name: features[index]} for index in chunk], return_tensors="pt", return_attention_mask=True
         )
+        inputs = {name: value.to(model.device) for name, value in inputs.items()}
         batch_logits = model(**inputs).logits
         lengths = model.frame_mask(batch_logits.shape[1], inputs["attention_mask"]).sum(-1)
-        for index, utterance, length in zip(chunk, batch_logits.float().numpy(), lengths.tolist()):
+        for index, utterance, length in zip(chunk, batch_logits.float().cpu().numpy(), lengths.tolist()):
             logits[index] = utterance[:length]
     return logits
 
@@ -266,6 +278,50 @@ def decoding_speed(processor: TOTCAKTProcessorWithLM, logits: Sequence[np.ndarra
         "lm_seconds": round(beam, 4),
         "lm_over_greedy": round(beam / max(greedy, 1e-9), 1),
     }
+
+
+def decode_and_score(
+    processor,
+    model_dir: str | os.PathLike,
+    arpa_path: str | os.PathLike,
+    logits: dict[str, Sequence[np.ndarray]],
+    references: dict[str, Sequence[str]],
+    tune_split: str,
+    syllables: dict[str, Sequence[Sequence[str]]] | None = None,
+    readings: dict | None = None,
+    beam_width: int = 32,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = DEFAULT_BETAS,
+) -> dict:
+    """
+    Decode each split's `logits` greedily and with the character model `arpa_path`, whose weight and bonus are
+    chosen on `tune_split` (a dev set) by a grid; attach it to `model_dir` with them; split the errors of each
+    decoding against `references` into homophone substitutions, tone errors and the rest
+    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`; the spoken syllables are `syllables`, or
+    pypinyin's reading of the references).
+
+    Returns:
+        ``{"weights": tune_weights(...), <split>: {"greedy": split, "lm": split}, ..., "speed": decoding_speed(...)}``
+        with the speed measured on the last split.
+    """
+    from ..demo.error_analysis import split_errors, spoken_syllables
+
+    with_lm = attach_language_model(model_dir, arpa_path)
+    weights = tune_weights(with_lm, logits[tune_split], references[tune_split], alphas, betas, beam_width)
+    with_lm = attach_language_model(model_dir, arpa_path, alpha=weights["alpha"], beta=weights["beta"])
+    result = {"weights": weights}
+    for split, split_logits in logits.items():
+        texts = [normalize_transcript(text) for text in references[split]]
+        spoken = syllables[split] if syllables else [spoken_syllables(text) for text in texts]
+        decodings = {
+            "greedy": greedy_transcripts(processor.tokenizer, split_logits),
+            "lm": lm_transcripts(with_lm, split_logits, beam_width=beam_width),
+        }
+        result[split] = {
+            name: split_errors(texts, hypotheses, spoken, readings).as_dict() for name, hypotheses in decodings.items()
+        }
+    result["speed"] = decoding_speed(with_lm, split_logits, beam_width)
+    return result
 
 
 def read_manifest_records(path: str | os.PathLike) -> list[dict]:
