@@ -326,3 +326,55 @@ def test_training_budget_leaves_time_for_the_stages_after_training():
         demo.training_budget(1200, 100, 0.5 * demo.REFERENCE_STAGE_SECONDS) == 1200 - 100 - demo.AFTER_TRAINING_SECONDS
     )
     assert demo.training_budget(300, 290, None) == demo.MIN_TRAINING_SECONDS
+
+
+def test_decoding_scores_the_test_tracks_it_is_given(tiny_demo, tmp_path):
+    """A corpus with a second test track has it decoded, greedily and with the LM, as test is."""
+    import shutil
+
+    preset, work_dir, report = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    copy = demo.DemoPaths(
+        root=tmp_path, corpus=tmp_path / "corpus", teacher=paths.teacher, model=tmp_path / "model", cache=paths.cache
+    )
+    shutil.copytree(paths.corpus, copy.corpus)
+    shutil.copytree(paths.model, copy.model)
+    # The test clips once more as the second track: the same audio must give the same transcripts.
+    shutil.copy(copy.corpus / "test.jsonl", copy.corpus / "test_seen_voices.jsonl")
+    decoding = demo.decoding_stage(preset, copy, report["language_model"]["arpa"], ("test", "test_seen_voices"))
+    assert decoding["test_seen_voices"] == decoding["test"] == report["decoding"]["test"]
+    assert set(decoding) == {"weights", "dev", "test", "test_seen_voices", "speed"}
+    assert demo.error_split_stage(copy, "test_seen_voices") == {**report["test_errors"], "split": "test_seen_voices"}
+
+
+def test_text_only_plans_the_corpus_without_making_anything(tmp_path, monkeypatch, capsys):
+    from modeling_tot_cakt.demo import synthesis
+
+    # Every clause holds the same four characters, so any split keeps test characters in train; 他 and 她
+    # are both read ta1, so half the test characters have a homophone.
+    clauses = ["他她天地", "她他地天", "天地他她", "地天她他", "他天她地", "天他地她"]
+    monkeypatch.setattr(synthesis, "load_named_clauses", lambda names, fortunes_dir: (clauses, []))
+    preset_file = tmp_path / "demo_plan.yaml"
+    settings = {
+        "num_sentences": 6,
+        "vocab_size": 0,
+        "dev_fraction": 0.0,
+        "test_fraction": 0.34,
+        "seen_voices_test": True,
+    }
+    preset_file.write_text(yaml.safe_dump({"synthesis": settings}), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    info = demo.main(["--preset", str(preset_file), "--text_only"])
+    assert info["splits"] == {
+        "train": {"sentences": 4, "utterances": 8},
+        "dev": {"sentences": 0, "utterances": 0},
+        "test": {"sentences": 2, "utterances": 2},
+        "test_seen_voices": {"sentences": 2, "utterances": 2},
+    }
+    track = {"tokens": 8, "tokens_with_homophone": 4, "types": 4, "types_with_homophone": 2}
+    assert info["test_tracks"] == {
+        name: {**track, "homophone_share": 0.5, "oov_tokens": 0, "oov_share": 0.0}
+        for name in ("test", "test_seen_voices")
+    }
+    assert "test_seen_voices: 0.500 of 8 characters have a homophone" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo_plan.yaml"]  # no corpus, no work folder

@@ -61,18 +61,22 @@ from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
 from .error_analysis import split_errors
 from .synthesis import (
+    SEEN_VOICES_SPLIT,
     SPLITS,
     CorpusSummary,
     SynthesisConfig,
     char_readings,
+    corpus_splits,
+    format_test_tracks,
     heldout_sentences,
+    plan_corpus,
     read_manifest,
     synthesize_corpus,
 )
 from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher, training_texts
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-PRESETS = ("quick", "full", "transfer")
+PRESETS = ("quick", "full", "transfer", "knowledge")
 PRESET_SECTIONS = ("synthesis", "teacher", "encoder", "train", "lm")
 ENCODER_SECTIONS = ("synthesis", "train")
 ENCODER_FORMAT_VERSION = 1
@@ -560,9 +564,12 @@ def error_split_stage(paths: DemoPaths, split: str = "test") -> dict:
 
 
 def corpus_records_and_readings(paths: DemoPaths) -> tuple[dict[str, list[dict]], dict]:
-    """The corpus' manifest records per split, and the readings its synthesiser gave each character."""
-    records = {name: read_manifest(paths.corpus / f"{name}.jsonl") for name in SPLITS}
-    readings = char_readings((record["text"], record["pinyin"].split()) for name in SPLITS for record in records[name])
+    """The corpus' manifest records per split (its seen-voices test track too), and the readings its synthesiser
+    gave each character."""
+    records = {name: read_manifest(paths.corpus / f"{name}.jsonl") for name in corpus_splits(paths.corpus)}
+    readings = char_readings(
+        (record["text"], record["pinyin"].split()) for name in records for record in records[name]
+    )
     return records, readings
 
 
@@ -601,21 +608,23 @@ def language_model_stage(preset: DemoPreset, paths: DemoPaths) -> dict:
     return {**report, "reused": False}
 
 
-def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike) -> dict:
+def decoding_stage(
+    preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike, test_splits: Sequence[str] = ("test",)
+) -> dict:
     """
-    Decode dev and test greedily and with the character language model `arpa`, whose weight and bonus are chosen
-    on dev by the preset's grid, and split the errors of each (with the corpus' own pinyin). The model folder gets
-    the language model (its ``alphabet.json`` and ``language_model/``), so that the pipeline decodes with it from
-    then on.
+    Decode dev and the `test_splits` (e.g. both test tracks of a corpus that has two) greedily and with the
+    character language model `arpa`, whose weight and bonus are chosen on dev by the preset's grid, and split the
+    errors of each (with the corpus' own pinyin). The model folder gets the language model (its ``alphabet.json``
+    and ``language_model/``), so that the pipeline decodes with it from then on.
 
     Returns:
-        ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/"test": {"greedy": split, "lm": split},
-        "speed": greedy and LM decoding seconds of the test set, side by side}``.
+        ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/each test split: {"greedy": split, "lm": split,
+        "utterances"}, "speed": greedy and LM decoding seconds of the last test split, side by side}``.
     """
     settings = {**LM_DEFAULTS, **preset.lm}
     records, readings = corpus_records_and_readings(paths)
     model, processor = load_model_and_processor(paths.model)
-    splits = ("dev", "test")
+    splits = ("dev", *test_splits)
     scored = decode_and_score(
         processor,
         paths.model,
@@ -804,6 +813,7 @@ def _corpus_stats(corpus: CorpusSummary) -> dict:
         "hours": {split: info["splits"][split]["hours"] for split in SPLITS},
         "vocabulary_size": info["vocabulary_size"],
         "homophones_test": info["homophones_test"],
+        "test_tracks": info.get("test_tracks"),
     }
 
 
@@ -866,7 +876,7 @@ def run_demo(
         fresh_seconds = sum(fresh) if len(fresh) == 2 else None
         max_train_seconds = training_budget(time_budget_seconds, time.perf_counter() - started, fresh_seconds)
     model_reused = timed("training", train_stage, preset, paths, retrain, max_train_seconds)
-    decoding = timed("decoding", decoding_stage, preset, paths, language_model["arpa"])
+    decoding = timed("decoding", decoding_stage, preset, paths, language_model["arpa"], corpus.test_tracks)
     evaluation = {
         split: {"cer": decoding[split]["greedy"]["cer"], "utterances": decoding[split]["utterances"]}
         for split in ("dev", "test")
@@ -925,6 +935,11 @@ def format_summary(report: dict) -> str:
         f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances)",
         _error_line("  greedy decoding:        test", report["test_errors"]),
         _error_line("  with the character LM: test", report["test_errors_lm"]),
+        *(
+            _error_line(f"  {label} {SEEN_VOICES_SPLIT}", report["decoding"][SEEN_VOICES_SPLIT][decoding])
+            for label, decoding in (("greedy decoding:       ", "greedy"), ("with the character LM:", "lm"))
+            if SEEN_VOICES_SPLIT in report["decoding"]
+        ),
         f"  LM: {report['language_model']['order']}-gram on {report['language_model']['sentences']} sentences of "
         f"the teacher's text; weight {report['decoding']['weights']['alpha']}, bonus "
         f"{report['decoding']['weights']['beta']} chosen on dev (dev CER {report['decoding']['dev']['greedy']['cer']:.3f}"
@@ -972,6 +987,21 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_text(preset: DemoPreset) -> dict:
+    """Print and return what the text decides of the preset's corpus (:func:`~modeling_tot_cakt.demo.synthesis.plan_corpus`):
+    clauses after each filter, sentences and utterances per split, and per test track the shares of characters
+    with a homophone in the train inventory and out of it."""
+    start = time.perf_counter()
+    info = plan_corpus(SynthesisConfig(output_dir="", **preset.synthesis)).text_info
+    print(f"{preset.name}: clauses after each filter {info['sentence_filter_counts']}")
+    for split, part in info["splits"].items():
+        print(f"  {split}: {part['sentences']} sentences, {part['utterances']} utterances")
+    print(f"  characters: {info['vocabulary_size']}, {info['train_vocabulary_size']} of them in the train transcripts")
+    print("\n".join(format_test_tracks(info)))
+    print(f"({time.perf_counter() - start:.0f} s)")
+    return info
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: ``python -m modeling_tot_cakt.demo --preset quick --work_dir outputs/demo``."""
     parser = argparse.ArgumentParser(
@@ -989,7 +1019,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default=None,
         help="Finish within this many minutes: training stops when its share is spent (default: no budget).",
     )
+    parser.add_argument(
+        "--text_only",
+        action="store_true",
+        help="Print the preset's sentence counts and its test tracks' homophone and out-of-vocabulary shares, "
+        "from the text alone (no audio, no training), and stop.",
+    )
     args = parser.parse_args(argv)
+    if args.text_only:
+        return describe_text(load_preset(args.preset))
     report = run_demo(
         load_preset(args.preset),
         args.work_dir,
