@@ -586,6 +586,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
             log=True,
+            warn=False,  # warned below, once, in the configuration's terms
         )
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
             logger.warning_once(

@@ -1,6 +1,8 @@
 """Tests of modeling_tot_cakt.tot: the TOT solver against POT, masks, gradients, losses."""
 
 import math
+import re
+import warnings
 
 import numpy as np
 import ot
@@ -375,3 +377,120 @@ def test_helpers_reject_mismatched_shapes():
         align_loss(torch.rand(2, 3, 8), torch.rand(2, 3, 6))
     with pytest.raises(ValueError, match="reduction"):
         ot_loss(torch.rand(2, 5, 3), torch.rand(2, 5, 3), reduction="sum")
+
+
+# Bad input that tot_sinkhorn cannot solve: refused naming the sample, or warned about.
+
+FLOAT32_RANGE = 0.01 / (2 * torch.finfo(torch.float32).eps)  # R (nats) for which float32 keeps entries to 1%
+
+
+@pytest.mark.parametrize("value,found", [(math.nan, "1 NaN"), (math.inf, "1 \\+inf"), (-math.inf, "1 -inf")])
+def test_non_finite_costs_on_valid_pairs_are_refused_naming_the_sample(value, found):
+    cost = torch.rand(3, 6, 4)
+    source_mask = torch.ones(3, 6, dtype=torch.bool)
+    source_mask[2, 4:] = False
+    cost[2, 3, 1] = value
+    with pytest.raises(ValueError, match=rf"sample\(s\) \[2\] \(batch indices\); sample 2 has {found} among its 16"):
+        tot_sinkhorn(cost, source_mask)
+
+
+def test_a_column_that_no_frame_can_reach_is_refused():
+    """An infeasible column (infinite cost to every frame) would end as a NaN plan after max_iter iterations."""
+    cost = torch.rand(2, 5, 3)
+    cost[1, :, 2] = math.inf
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] .* sample 1 has 5 \+inf"):
+        tot_sinkhorn(cost, lambda1=0.0, sigma=None)
+
+
+def test_non_finite_costs_on_padded_pairs_are_ignored():
+    cost = torch.rand(2, 6, 4, generator=torch.Generator().manual_seed(21))
+    source_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    target_mask = torch.tensor([[True] * 3 + [False], [True] * 4])
+    dirty = cost.clone()
+    dirty[0, :, 3], dirty[1, 4:, :] = math.nan, -math.inf
+    torch.testing.assert_close(
+        tot_sinkhorn(dirty, source_mask, target_mask), tot_sinkhorn(cost, source_mask, target_mask), rtol=0, atol=0
+    )
+
+
+def test_kernel_range_at_the_float32_boundary_keeps_entries_to_one_percent_and_beyond_is_refused():
+    """R = max|C| / lambda2 here (no reward, no prior): a cost offset moves it to either side of the limit."""
+    base = torch.rand(3, 9, 5, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    plain = dict(lambda1=0.0, lambda2=1.0, sigma=None, max_iter=2000, tol=1e-6, warn=False)
+    inside = base + (0.999 * FLOAT32_RANGE - 1.0)
+    reference = tot_sinkhorn(inside, **plain)
+    coupling = tot_sinkhorn(inside.float(), **plain)
+    assert ((coupling.double() - reference).abs() / reference).max() < 1e-2
+    with pytest.raises(ValueError, match=r"= 4\.199e\+04 nats in sample 0 .* only for R <= 4\.194e\+04"):
+        tot_sinkhorn((base + 1.001 * FLOAT32_RANGE).float(), **plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lambda2_and_sigma_named_by_the_refusal_are_where_the_working_range_begins(dtype):
+    cost = cosine_cost(*torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(23), dtype=dtype))
+    quick = dict(max_iter=10, warn=False)
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, lambda2=1e-15, **quick)
+    lambda2_min = float(re.search(r"lambda2 >= (\S+) \(with this sigma\)", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="lambda2 >="):
+        tot_sinkhorn(cost, lambda2=lambda2_min * 0.999, **quick)
+    tot_sinkhorn(cost, lambda2=lambda2_min * 1.001, **quick)
+
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, sigma=1e-9, **quick)
+    sigma_min = float(re.search(r"sigma >= (\S+),", str(refused.value)).group(1))
+    assert sigma_min == pytest.approx(math.sqrt(0.5 / (0.01 / (2 * torch.finfo(dtype).eps))), rel=1e-3)
+    with pytest.raises(ValueError, match="sigma >="):
+        tot_sinkhorn(cost, sigma=sigma_min * 0.999, **quick)
+    tot_sinkhorn(cost, sigma=sigma_min * 1.001, **quick)
+
+
+@pytest.mark.parametrize("params", [dict(lambda2=1e-6), dict(sigma=1e-6), dict(lambda2=1e-5, lambda1=0.0, sigma=None)])
+def test_parameters_whose_kernel_underflows_in_float32_are_refused_and_float64_solves_them(params):
+    """The reported cases: a plan of mass 18 at lambda2 = 1e-6, NaN at a tiny sigma."""
+    cost = cosine_cost(torch.randn(2, 40, 8), torch.randn(2, 7, 8))
+    with pytest.raises(
+        ValueError, match=r"torch.float32 resolves the plan's entries to 1% only for R <= .* or float64"
+    ):
+        tot_sinkhorn(cost, **params)
+    coupling, log = tot_sinkhorn(cost.double(), **params, max_iter=20, log=True, warn=False)
+    assert torch.isfinite(coupling).all() and torch.allclose(log["mass"], torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_prior_too_narrow_for_any_precision_is_refused(dtype):
+    """sigma = 1e-20 gave a NaN plan: 1 / (2 sigma^2) overflows float32 and is beyond float64's range too."""
+    with pytest.raises(ValueError, match=r"= 5e\+39 nats in sample 0 .* Use sigma >= "):
+        tot_sinkhorn(torch.rand(1, 9, 4, dtype=dtype), sigma=1e-20)
+
+
+def test_unconverged_plans_warn_naming_how_many_and_which_samples():
+    cost = cosine_cost(*torch.randn(2, 3, 300, 64, generator=torch.Generator().manual_seed(24)))
+    source_mask, target_mask = torch.ones(3, 300, dtype=torch.bool), torch.ones(3, 300, dtype=torch.bool)
+    source_mask[[0, 2], 1:], target_mask[[0, 2], 1:] = False, False  # one frame, one token: solved at once
+    with pytest.warns(UserWarning, match=r"max_iter=20 iterations for 1 of 3 samples \(batch indices \[1\];"):
+        _, log = tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, log=True)
+    assert log["converged"].tolist() == [True, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, warn=False)  # the caller warns itself
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, tol=0.0)  # a fixed number of iterations asked for
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=1000)  # converged
+
+
+def test_masks_on_another_device_than_the_cost_are_named():
+    cost = torch.rand(2, 5, 3)
+    with pytest.raises(ValueError, match=r"source_mask is on device meta but cost is on cpu"):
+        tot_sinkhorn(cost, torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"target_mask is on device meta but coupling is on cpu"):
+        barycentric_transport(cost, torch.rand(2, 5, 4), torch.ones(2, 3, dtype=torch.bool, device="meta"))
+
+
+def test_a_problem_that_cannot_fit_in_memory_is_refused_with_the_estimated_peak():
+    shape = (16, 10**6, 10**5)  # 1.6e12 entries; expand allocates none of them
+    cost = torch.zeros(1, 1, 1).expand(*shape)
+    peak = 10 * 16 * 10**6 * 10**5 * 4 / 2**30
+    with pytest.raises(
+        ValueError, match=rf"estimated peak memory .* is {re.escape(f'{peak:.3g}')} GiB .* but cpu has"
+    ):
+        tot_sinkhorn(cost, torch.ones(16, 10**6, dtype=torch.bool), torch.ones(16, 10**5, dtype=torch.bool))
