@@ -6,7 +6,7 @@ Pure functions (torch only) used by TOT-CAKT's alignment head:
 - :func:`relative_positions`, :func:`temporal_prior_log`, :func:`order_reward` -- the temporal
   prior ``log P`` and the local order reward ``S`` of order-preserving Wasserstein [1];
 - :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, over-relaxed and stabilised
-  Sinkhorn solver;
+  Sinkhorn solver, also with unbalanced (KL-relaxed) marginals;
 - :func:`barycentric_transport`, :func:`ot_loss`, :func:`align_loss` -- the transport of acoustic
   features onto token positions and the two alignment losses of TOT-CAKT [2].
 
@@ -39,9 +39,12 @@ References
    overrelaxation in the Sinkhorn algorithm. Optimization Letters 16, 2209-2220.
 .. [6] Schmitzer, B. (2019). Stabilized sparse scaling algorithms for entropy regularized
    transport problems. SIAM J. Sci. Comput. 41(3), A1443-A1481.
+.. [7] Chizat, L., Peyré, G., Schmitzer, B., & Vialard, F.-X. (2018). Scaling algorithms for
+   unbalanced optimal transport problems. Mathematics of Computation 87(314), 2563-2609.
 """
 
 import math
+import numbers
 import os
 import warnings
 
@@ -62,6 +65,9 @@ _SLOW_RATE = 0.5
 _RATE_MARGIN = 0.02
 _MAX_RELAXATION = 1.99
 _ADAPT_AFTER = 100
+# Unbalanced samples whose first plain iterations shrink the error more slowly than this per
+# iteration behave like balanced ones and get _RELAXATION too.
+_NEAR_BALANCED_RATE = 0.9
 # Scalings are absorbed into the potentials when |log u| or |log v| exceeds this (nats).
 _ABSORB_ABOVE = 10.0
 # Relative accuracy of the plan's entries that the range check guarantees. Each entry is
@@ -109,7 +115,7 @@ def _check_mask(
 def _check_positive(value, name: str, allow_zero: bool = False) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a finite real > 0 (or >= 0)."""
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and (number >= 0 if allow_zero else number > 0)):
@@ -439,6 +445,23 @@ def tot_sinkhorn(
     ``lambda1 = 0`` and ``sigma = None`` it is plain entropic OT, ``log K = -C / lambda2``
     (the OT-CAKT baseline).
 
+    *Unbalanced marginals* (``tau`` given) replace the constraint ``T in Pi(mu, nu)`` by KL
+    penalties of weight ``tau`` [7], so that frames (silence, noise) and tokens need not carry
+    their whole mass:
+
+    .. math::
+        T^* = \mathop{\arg\min}_{T \geq 0} \langle T, C - S \rangle
+              + \lambda_2 \, \mathrm{KL}(T \| P \odot \mu \nu^\top)
+              + \tau \, \mathrm{KL}(T \mathbf{1} \| \mu) + \tau \, \mathrm{KL}(T^\top \mathbf{1} \| \nu)
+
+    with the generalised KL ``KL(x || y) = sum x log(x / y) - x + y``. This is POT's
+    ``ot.unbalanced.sinkhorn_unbalanced(mu, nu, C - S - lambda2 * log P, reg=lambda2, reg_m=tau)``
+    with its default ``reg_type="kl"``, whose reference measure is ``mu nu^T``. Its solution has
+    the same form with ``log K = log P + (S - C) / lambda2 + log mu_i + log nu_j`` and the updates
+    ``f <- tau / (tau + lambda2) (log mu - LSE_j(log K_ij + g_j))`` (likewise ``g``); ``tau -> inf``
+    gives back the balanced problem. Here the level of ``C - S`` matters, not only its shape: a
+    lower cost (or a larger ``lambda1``) means more mass.
+
     All samples are solved at once (no loop over the batch) by over-relaxed Sinkhorn iterations
     [4, 5] on the potentials,
 
@@ -450,7 +473,11 @@ def tot_sinkhorn(
     run in scaling form with absorbed potentials [6] (see Notes), until ``max_iter`` iterations
     or until, at one of the checks made every 10 iterations, the coupling that would be returned
     has an L1 marginal error below ``tol`` for every sample of the batch. The returned coupling
-    ends with a plain (``omega = 1``) update of ``g``, so its columns are exact.
+    ends with a plain (``omega = 1``) update of ``g``, so its columns are exact. Unbalanced
+    problems run plain iterations (``omega = 1``): their update is a contraction of ratio about
+    ``tau / (tau + lambda2)``; their marginal error is measured against the marginals that the
+    updates aim at, ``mu exp(-lambda2 f / tau)`` and ``nu exp(-lambda2 g / tau)`` (the residual of
+    the fixed point).
 
     Parameters
     ----------
@@ -509,7 +536,19 @@ def tot_sinkhorn(
           returned coupling, may differ from the tested error by float rounding (about 1e-7 in
           float32);
         - ``"relaxation"`` (tensor (B,)): the over-relaxation weight ``omega`` of each sample;
-        - ``"log_domain"`` (bool): whether the log-domain fallback ran.
+        - ``"log_domain"`` (bool): whether the log-domain fallback ran;
+        - ``"mass"`` (tensor (B,)): the plan's total mass (1 up to ``marginal_error`` when
+          balanced, what the relaxation kept when unbalanced).
+    tau : float or None, optional
+        Weight of the KL penalties on the marginals, > 0, or ``None`` (default) for the balanced
+        problem, TOT itself. Works with and without the order reward and the temporal prior
+        (``lambda1 = 0, sigma = None`` is plain unbalanced entropic OT). Small values let the
+        plan drop mass where the cost is high; large values approach the balanced plan.
+    warn : bool, optional
+        Warn (``UserWarning``, naming how many and which samples) when a plan has not converged
+        within ``max_iter``, as POT's ``warn=True``. Default True; a caller that reports
+        non-convergence itself (the model does, once, in its configuration's terms) passes False.
+        Nothing is warned with ``tol = 0``, which asks for exactly ``max_iter`` iterations.
 
     Returns
     -------
@@ -519,6 +558,28 @@ def tot_sinkhorn(
         half-precision costs, else the cost's dtype.
     log : dict
         Only if ``log`` is True, see above.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong, and where it is about a sample, its batch index:
+
+        - a NaN or infinite cost on a valid (frame, token) pair (an infinite column would have
+          no feasible plan; costs on padded pairs are ignored);
+        - a problem the working dtype cannot resolve: the log kernel's range
+          ``R = (max|C| + lambda1) / lambda2 + 1 / (2 sigma^2)`` (max over valid pairs) beyond
+          ``0.01 / (2 eps)``, i.e. 4.2e4 nats in float32 and 2.3e13 in float64. The potentials
+          span about as much as the kernel, so the exponent of each entry ``exp(log K + f + g)``
+          is rounded to about ``2 eps R``: beyond that bound entries are off by more than 1% and
+          the plan's mass goes wrong (a plan of mass 18 at ``lambda2 = 1e-6``, NaN at
+          ``sigma = 1e-20``). The message gives the ``lambda2`` and ``sigma`` where the working
+          range begins. Convergence is a separate matter: near the bound Sinkhorn is slow, which
+          ``warn`` reports;
+        - masks on another device than ``cost``;
+        - a size whose estimated peak memory (10 tensors of shape (B, N, M) in the working dtype)
+          exceeds the device's memory (the physical memory on CPU; free plus cached on CUDA).
+
+        The value checks cost one reduction over the cost and one host sync per call.
 
     Notes
     -----
@@ -697,8 +758,9 @@ def _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, step
     u, v = u[:, None, :], v[:, None, :]
     for _ in range(steps):
         kernel_v = torch.baddbmm(row_pad, v, kernel_t)  # K v, plus 1 on padded rows
-        if errors is not None:
-            errors.append((u * kernel_v - row_target)[:, 0].abs().sum(dim=-1).detach())  # padded: 1 * 1 - 1
+        if errors is not None:  # padded: 1 * 1 - 1; unbalanced: the target moves with u as u^(-rho)
+            target = row_target if exponent is None else row_target * u.pow(1 - 1 / exponent)
+            errors.append((u * kernel_v - target)[:, 0].abs().sum(dim=-1).detach())
         ratio = _power(row_target / kernel_v, exponent)
         u = ratio if omega is None else u * (ratio / u).pow(omega)
         ratio = _power(col_target / torch.baddbmm(col_pad, u, kernel), exponent)
@@ -728,7 +790,8 @@ def _log_block(
     for _ in range(steps):
         row_lse = _logsumexp_last(log_kernel + g[:, None, :])
         if errors is not None:
-            row_error = ((f + row_lse).exp() - log_mu.exp()).abs().masked_fill(~row_mask, 0.0)
+            log_target = log_mu if exponent is None else log_mu + (1 - 1 / exponent) * f
+            row_error = ((f + row_lse).exp() - log_target.exp()).abs().masked_fill(~row_mask, 0.0)
             errors.append(row_error.sum(dim=-1).detach())
         f = _relax(f, torch.where(row_mask, _scale(log_mu - row_lse, exponent), zero), omega)
         col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
@@ -773,15 +836,22 @@ def _row_error_after_column_update(log_kernel, log_kernel_t, kernels, potentials
     return (rows - row_target).abs().sum(dim=-1)
 
 
-def _relaxation_weights(errors: list[torch.Tensor]) -> torch.Tensor:
+def _relaxation_weights(errors: list[torch.Tensor], unbalanced: bool = False) -> torch.Tensor:
     """Per-sample over-relaxation weights (B, 1) from the row errors of ``_CHECK_EVERY`` plain iterations.
 
     The error ratio per iteration over the last five, ``r``, estimates plain Sinkhorn's local
     rate ``theta^2``. Where ``r > _SLOW_RATE`` the sample gets ``omega = _RELAXATION``, else 1:
     plain Sinkhorn is fast there already, and relaxing would slow it down to the rate ``omega - 1``.
+    Unbalanced samples, whose rates spread far more widely (the relaxation of the marginals
+    shrinks them), get the optimal weight for ``r`` instead, ``2 / (1 + sqrt(1 - r))`` [5], at most
+    ``_RELAXATION``.
     """
     rate = (errors[-1] / errors[-6]).pow(0.2).nan_to_num(0.0)  # 0 / 0 on empty samples: no relaxation
-    return torch.where(rate > _SLOW_RATE, rate.new_full((), _RELAXATION), rate.new_ones(()))[:, None]
+    slow = rate.new_full((), _RELAXATION)
+    if unbalanced:
+        optimal = 2 / (1 + (1 - rate.clamp(max=1.0)).sqrt())
+        slow = torch.where(rate > _NEAR_BALANCED_RATE, slow, optimal.clamp(max=_RELAXATION))
+    return torch.where(rate > _SLOW_RATE, slow, rate.new_ones(()))[:, None]
 
 
 def _adapted_relaxation(omega, error, previous, best, steps, adapt):
@@ -827,7 +897,7 @@ def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
     n_iter, worst = 0, math.inf
     while n_iter < max_iter:
         steps = min(_CHECK_EVERY, max_iter - n_iter)
-        errors = [] if n_iter == 0 and exponent is None else None
+        errors = [] if n_iter == 0 else None
         if kernel is not None:
             targets = _scaled_target(mu, f, rho), _scaled_target(nu, g, rho)
             new_u, new_v = _scaling_block(kernel, kernel_t, u, v, *targets, *pads, omega, steps, errors, exponent)
@@ -859,7 +929,7 @@ def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
             u, v = torch.ones_like(u), torch.ones_like(v)
             kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
         if errors is not None and len(errors) == _CHECK_EVERY:
-            omega = _relaxation_weights(errors)
+            omega = _relaxation_weights(errors, unbalanced=exponent is not None)
         elif omega is not None:
             omega = _adapted_relaxation(omega, error, previous, best, steps, n_iter >= _ADAPT_AFTER)
             best = torch.minimum(best, error)

@@ -494,3 +494,158 @@ def test_a_problem_that_cannot_fit_in_memory_is_refused_with_the_estimated_peak(
         ValueError, match=rf"estimated peak memory .* is {re.escape(f'{peak:.3g}')} GiB .* but cpu has"
     ):
         tot_sinkhorn(cost, torch.ones(16, 10**6, dtype=torch.bool), torch.ones(16, 10**5, dtype=torch.bool))
+
+
+# Unbalanced marginals (tau): POT's ot.unbalanced.sinkhorn_unbalanced is the oracle.
+
+
+def pot_unbalanced_coupling(cost, lambda2, tau, method="sinkhorn"):
+    """POT's entropic unbalanced OT, reg_type "kl" (reference measure mu nu^T), uniform weights, to convergence."""
+    n, m = cost.shape
+    return ot.unbalanced.sinkhorn_unbalanced(
+        np.full(n, 1 / n), np.full(m, 1 / m), cost, lambda2, tau, method=method, reg_type="kl",
+        numItermax=200000, stopThr=1e-15,
+    )  # fmt: skip
+
+
+def assert_matches_pot_unbalanced(coupling, cost, source_mask, target_mask, params, method="sinkhorn"):
+    """Every sample's valid block equals POT's plan to 1e-6; padding holds exactly zero."""
+    lambda1, lambda2, sigma, tau = (params[key] for key in ("lambda1", "lambda2", "sigma", "tau"))
+    for b in range(cost.shape[0]):
+        rows, cols = source_mask[b], target_mask[b]
+        effective = opw_effective_cost(cost[b][rows][:, cols].numpy(), lambda1, lambda2, sigma)
+        expected = pot_unbalanced_coupling(effective, lambda2, tau, method)
+        np.testing.assert_allclose(coupling[b][rows][:, cols].numpy(), expected, rtol=0, atol=1e-6 * expected.max())
+        assert torch.all(coupling[b][~(rows[:, None] & cols[None, :])] == 0)
+
+
+@pytest.mark.parametrize(
+    "lambda1,lambda2,sigma,tau",
+    [
+        (0.0, 0.1, None, 1.0),
+        (0.0, 0.05, None, 0.01),
+        (1.0, 0.1, 1.0, 0.5),
+        (1.0, 0.1, 1.0, 20.0),
+        (0.5, 0.5, 2.5, 3.0),
+    ],
+)
+def test_unbalanced_tot_matches_pot_sinkhorn_unbalanced_on_padded_batches(lambda1, lambda2, sigma, tau):
+    """Plain unbalanced OT (lambda1 = 0, no prior) and TOT with unbalanced marginals, batches of varied sizes."""
+    params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, tau=tau)
+    for seed, (batch, n_rows, n_cols) in enumerate([(5, 23, 9), (3, 40, 4), (4, 6, 13)]):
+        generator = torch.Generator().manual_seed(30 + seed)
+        cost = 2 * torch.rand(batch, n_rows, n_cols, generator=generator, dtype=torch.float64)
+        source_mask, target_mask = random_masks(generator, batch, n_rows, n_cols)
+        coupling, log = tot_sinkhorn(cost, source_mask, target_mask, **params, **TIGHT, log=True)
+        assert_matches_pot_unbalanced(coupling, cost, source_mask, target_mask, params)
+        assert log["converged"].all() and log["marginal_error"].max() < 1e-10
+        torch.testing.assert_close(log["mass"], coupling.sum(dim=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "case,params",
+    [
+        ("tiny tau", dict(lambda1=1.0, lambda2=0.1, sigma=1.0, tau=1e-6, tol=1e-8)),
+        ("huge tau", dict(lambda1=0.0, lambda2=0.1, sigma=None, tau=1e6)),
+        ("high cost", dict(lambda1=0.0, lambda2=0.05, sigma=None, tau=0.5, offset=10.0)),
+        ("narrow prior", dict(lambda1=1.0, lambda2=0.1, sigma=0.1, tau=1.0)),
+    ],
+)
+def test_unbalanced_extreme_inputs_give_no_nan_and_match_pot(case, params):
+    """float64 against POT; float32 and float16 (solved in float32) against the float64 plan. ``tol`` is an
+    L1 error: at tau = 1e-6 float64 stops near 1e-8 (rho = lambda2 / tau = 1e5 scales the rounding of f)."""
+    params = dict(params)
+    offset, tol = params.pop("offset", 0.0), params.pop("tol", 1e-13)
+    generator = torch.Generator().manual_seed(34)
+    cost = offset + 2 * torch.rand(4, 15, 6, generator=generator, dtype=torch.float64)
+    source_mask, target_mask = random_masks(generator, 4, 15, 6)
+    source_mask[3], target_mask[3, 1:] = False, False  # sample 3: nothing to transport
+    source_mask[2, 1:] = False  # sample 2: a single frame
+    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params, max_iter=20000, tol=tol)
+    assert torch.isfinite(coupling).all() and torch.all(coupling[3] == 0)
+    if params["tau"] < 1e3:
+        assert_matches_pot_unbalanced(coupling[:3], cost[:3], source_mask[:3], target_mask[:3], params)
+    else:  # POT's unbalanced solver takes minutes here: the balanced plan is the limit, O(lambda2 / tau) away
+        for b in range(3):
+            rows, cols = source_mask[b], target_mask[b]
+            expected = pot_coupling(cost[b][rows][:, cols].numpy(), params["lambda2"])
+            np.testing.assert_allclose(coupling[b][rows][:, cols].numpy(), expected, rtol=1e-5)
+    for dtype in (torch.float32, torch.float16):
+        low = tot_sinkhorn(cost.to(dtype), source_mask, target_mask, **params, max_iter=2000, tol=1e-6, warn=False)
+        assert torch.isfinite(low).all() and torch.all(low[3] == 0)
+        if dtype == torch.float32:  # float16 rounds the cost itself
+            torch.testing.assert_close(low.double(), coupling, rtol=0, atol=1e-2 * coupling.max().item())
+
+
+def test_unbalanced_plan_tends_to_the_balanced_one_as_tau_grows():
+    generator = torch.Generator().manual_seed(35)
+    cost = 2 * torch.rand(3, 20, 6, generator=generator, dtype=torch.float64)
+    source_mask, target_mask = random_masks(generator, 3, 20, 6)
+    balanced = tot_sinkhorn(cost, source_mask, target_mask, **TIGHT)
+    gaps = [
+        (tot_sinkhorn(cost, source_mask, target_mask, tau=tau, **TIGHT) - balanced).abs().sum().item()
+        for tau in (1.0, 1e2, 1e4)
+    ]
+    assert gaps[0] > 1e-2 and gaps[1] < gaps[0] / 50 and gaps[2] < gaps[1] / 50
+
+
+def unbalanced_value(plan, cost, reward, log_prior, lambda2, tau):
+    """<T, C - S> + lambda2 KL(T || P mu nu^T) + tau KL(T 1 || mu) + tau KL(T^T 1 || nu), generalised KL."""
+
+    def kl(x, log_y):
+        return (x * (x.log() - log_y) - x + log_y.exp()).sum()
+
+    n, m = plan.shape[-2:]
+    log_mu, log_nu = torch.full((n,), -math.log(n), dtype=plan.dtype), torch.full((m,), -math.log(m), dtype=plan.dtype)
+    reference = log_prior + log_mu[:, None] + log_nu[None, :]
+    return (
+        (plan * (cost - reward)).sum()
+        + lambda2 * kl(plan, reference)
+        + tau * kl(plan.sum(-1), log_mu)
+        + tau * kl(plan.sum(-2), log_nu)
+    )
+
+
+def test_unbalanced_envelope_coupling_is_the_gradient_of_the_optimal_value_and_autodiff_agrees():
+    """Danskin for the unbalanced objective: d/dC of its optimal value is T*, by central differences and
+    through the unrolled iterations (grad="autodiff")."""
+    lambda1, lambda2, sigma, tau = 1.0, 0.2, 1.5, 0.7
+    generator = torch.Generator().manual_seed(36)
+    cost = 2 * torch.rand(1, 12, 5, generator=generator, dtype=torch.float64)
+    direction = torch.randn(1, 12, 5, generator=generator, dtype=torch.float64)
+    rows, cols = torch.ones(1, 12, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool)
+    reward = order_reward(rows, cols, lambda1, torch.float64)
+    log_prior = temporal_prior_log(rows, cols, sigma, torch.float64)
+    params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, tau=tau)
+
+    def optimal_value(c):
+        plan = tot_sinkhorn(c, **params, **TIGHT)
+        return unbalanced_value(plan, c, reward, log_prior, lambda2, tau).item()
+
+    step = 1e-5
+    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
+    envelope = tot_sinkhorn(cost.clone().requires_grad_(), **params, **TIGHT)
+    assert not envelope.requires_grad
+    np.testing.assert_allclose((envelope * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+
+    leaf = cost.clone().requires_grad_()
+    plan = tot_sinkhorn(leaf, **params, max_iter=500, tol=0.0, grad="autodiff")
+    (gradient,) = torch.autograd.grad(unbalanced_value(plan, leaf, reward, log_prior, lambda2, tau), leaf)
+    torch.testing.assert_close(gradient, envelope, rtol=1e-7, atol=1e-10)
+
+
+def test_unbalanced_autodiff_passes_gradcheck_on_a_padded_batch():
+    generator = torch.Generator().manual_seed(37)
+    cost = (2 * torch.rand(2, 5, 3, generator=generator, dtype=torch.float64)).requires_grad_()
+    source_mask = torch.tensor([[True] * 5, [True, False, True, True, False]])
+    target_mask = torch.tensor([[True] * 3, [True, True, False]])
+    fixed = dict(lambda1=1.0, lambda2=0.5, sigma=1.5, tau=0.8, max_iter=20, tol=0.0, grad="autodiff")
+    assert torch.autograd.gradcheck(
+        lambda c: tot_sinkhorn(c, source_mask, target_mask, **fixed), (cost,), eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.nan, math.inf, "1"])
+def test_bad_tau_is_refused_naming_it(tau):
+    with pytest.raises(ValueError, match="tau"):
+        tot_sinkhorn(torch.rand(2, 5, 3), tau=tau)
