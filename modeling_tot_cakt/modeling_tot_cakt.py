@@ -575,8 +575,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         adapted = self.adapter(hidden_states).float()
         cost = cosine_cost(adapted, tokens)
         plain = self.config.alignment == "ot"
+        # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
+        # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
+        # the trainer's loss scaling skips, as before.
         coupling, solver = tot_sinkhorn(
-            cost,
+            cost.nan_to_num(nan=1.0, posinf=2.0, neginf=0.0),
             frame_mask,
             token_mask,
             lambda1=0.0 if plain else self.config.tot_lambda1,
