@@ -574,7 +574,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         """
         adapted = self.adapter(hidden_states).float()
         cost = cosine_cost(adapted, tokens)
-        plain = self.config.alignment == "ot"
+        plain = self.config.alignment in ("ot", "uot")  # no order reward, no temporal prior
+        unbalanced = self.config.alignment in ("uot", "tot_uot")
         # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
         # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
         # the trainer's loss scaling skips, as before.
@@ -588,6 +589,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
+            tau=self.config.uot_tau if unbalanced else None,
             log=True,
             warn=False,  # warned below, once, in the configuration's terms
         )
