@@ -146,17 +146,35 @@ def test_autodiff_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(solve, (cost,), eps=1e-6, atol=1e-7)
 
 
+def envelope_problem(seed, n_rows, n_cols, lambda1, sigma):
+    """One unpadded float64 problem: a cost, a random direction, the order reward and the log prior."""
+    generator = torch.Generator().manual_seed(seed)
+    cost = 2 * torch.rand(1, n_rows, n_cols, generator=generator, dtype=torch.float64)
+    direction = torch.randn(1, n_rows, n_cols, generator=generator, dtype=torch.float64)
+    rows, cols = torch.ones(1, n_rows, dtype=torch.bool), torch.ones(1, n_cols, dtype=torch.bool)
+    reward, log_prior = (
+        order_reward(rows, cols, lambda1, torch.float64),
+        temporal_prior_log(rows, cols, sigma, torch.float64),
+    )
+    return cost, direction, reward, log_prior
+
+
+def assert_envelope_is_the_central_difference(optimal_value, cost, direction, params):
+    """<T*, direction> for the detached (envelope) coupling equals the central difference of ``optimal_value``."""
+    step = 1e-5
+    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
+    coupling = tot_sinkhorn(cost.clone().requires_grad_(), **params)  # envelope: detached
+    assert not coupling.requires_grad
+    np.testing.assert_allclose((coupling * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+    return coupling
+
+
 def test_envelope_coupling_is_the_finite_difference_gradient_of_the_optimal_value():
     """W(C) = min_T <T, C - S> + lambda2 KL(T || P) has gradient T*(C) (Danskin): a central difference of
     the solved value along a random direction must equal <T*, direction>. A plan that is not the
     optimum of this very problem (unconverged, other parameters, transposed potentials) fails."""
     lambda1, lambda2, sigma = 1.0, 0.1, 1.0
-    generator = torch.Generator().manual_seed(25)
-    cost = 2 * torch.rand(1, 30, 7, generator=generator, dtype=torch.float64)
-    direction = torch.randn(1, 30, 7, generator=generator, dtype=torch.float64)
-    rows, cols = torch.ones(1, 30, dtype=torch.bool), torch.ones(1, 7, dtype=torch.bool)
-    reward = order_reward(rows, cols, lambda1, torch.float64)
-    log_prior = temporal_prior_log(rows, cols, sigma, torch.float64)
+    cost, direction, reward, log_prior = envelope_problem(25, 30, 7, lambda1, sigma)
     params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, **TIGHT)
 
     def optimal_value(c):
@@ -164,12 +182,7 @@ def test_envelope_coupling_is_the_finite_difference_gradient_of_the_optimal_valu
         kl = (plan * (plan.log() - log_prior) - plan + log_prior.exp()).sum()
         return ((plan * (c - reward)).sum() + lambda2 * kl).item()
 
-    step = 1e-5
-    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
-    coupling = tot_sinkhorn(cost.clone().requires_grad_(), **params)  # envelope: detached
-
-    assert not coupling.requires_grad
-    np.testing.assert_allclose((coupling * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+    assert_envelope_is_the_central_difference(optimal_value, cost, direction, params)
 
 
 def test_envelope_gradient_equals_autodiff_gradient_of_the_optimal_value():
@@ -610,23 +623,14 @@ def test_unbalanced_envelope_coupling_is_the_gradient_of_the_optimal_value_and_a
     """Danskin for the unbalanced objective: d/dC of its optimal value is T*, by central differences and
     through the unrolled iterations (grad="autodiff")."""
     lambda1, lambda2, sigma, tau = 1.0, 0.2, 1.5, 0.7
-    generator = torch.Generator().manual_seed(36)
-    cost = 2 * torch.rand(1, 12, 5, generator=generator, dtype=torch.float64)
-    direction = torch.randn(1, 12, 5, generator=generator, dtype=torch.float64)
-    rows, cols = torch.ones(1, 12, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool)
-    reward = order_reward(rows, cols, lambda1, torch.float64)
-    log_prior = temporal_prior_log(rows, cols, sigma, torch.float64)
+    cost, direction, reward, log_prior = envelope_problem(36, 12, 5, lambda1, sigma)
     params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, tau=tau)
 
     def optimal_value(c):
         plan = tot_sinkhorn(c, **params, **TIGHT)
         return unbalanced_value(plan, c, reward, log_prior, lambda2, tau).item()
 
-    step = 1e-5
-    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
-    envelope = tot_sinkhorn(cost.clone().requires_grad_(), **params, **TIGHT)
-    assert not envelope.requires_grad
-    np.testing.assert_allclose((envelope * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+    envelope = assert_envelope_is_the_central_difference(optimal_value, cost, direction, {**params, **TIGHT})
 
     leaf = cost.clone().requires_grad_()
     plan = tot_sinkhorn(leaf, **params, max_iter=500, tol=0.0, grad="autodiff")
