@@ -579,8 +579,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
         # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
         # the trainer's loss scaling skips, as before.
+        finite_cost = cost.nan_to_num(nan=1.0, posinf=2.0, neginf=0.0)
         coupling, solver = tot_sinkhorn(
-            cost.nan_to_num(nan=1.0, posinf=2.0, neginf=0.0),
+            finite_cost,
             frame_mask,
             token_mask,
             lambda1=0.0 if plain else self.config.tot_lambda1,
