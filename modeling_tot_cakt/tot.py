@@ -112,6 +112,15 @@ def _check_mask(
     return mask
 
 
+def _check_same_device(first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str) -> None:
+    """Raise a ValueError naming both tensors when they live on different devices."""
+    if first.device != second.device:
+        raise ValueError(
+            f"{first_name} is on device {first.device} but {second_name} is on {second.device}: move both to the "
+            f"same device (e.g. {second_name}.to({first_name}.device))."
+        )
+
+
 def _check_positive(value, name: str, allow_zero: bool = False) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is a finite real > 0 (or >= 0)."""
     try:
@@ -198,6 +207,8 @@ def _check_cost_values(cost, pair_mask, lambda1: float, lambda2: float, sigma: f
         if prior < limit:
             with_sigma = "" if sigma is None else " (with this sigma)"
             needs.append(f"lambda2 >= {(values[b] + lambda1) / (limit - prior):.4g}{with_sigma}")
+        if lambda1 > 0 and (limit - prior) * lambda2 > values[b]:
+            needs.append(f"lambda1 <= {(limit - prior) * lambda2 - values[b]:.4g}")
         if sigma is not None:
             needs.append(f"sigma >= {math.sqrt(0.5 / limit):.4g}")
         if cost.dtype != torch.float64:
@@ -356,6 +367,7 @@ def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -
             "source and target must have shapes (B, N, D) and (B, M, D) with the same B and D, "
             f"got {tuple(source.shape)} and {tuple(target.shape)}."
         )
+    _check_same_device(source, "source", target, "target")
     dtype = _working_dtype(torch.promote_types(source.dtype, target.dtype))
     with _no_autocast(source.device):
         source_unit = torch.nn.functional.normalize(source.to(dtype), dim=-1, eps=eps)
@@ -976,6 +988,7 @@ def barycentric_transport(
             "coupling and source must have shapes (B, N, M) and (B, N, D) with the same B and N, "
             f"got {tuple(coupling.shape)} and {tuple(source.shape)}."
         )
+    _check_same_device(coupling, "coupling", source, "source")
     batch, _, n_cols = coupling.shape
     target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, coupling.device, "coupling")
     dtype = _working_dtype(torch.promote_types(coupling.dtype, source.dtype))
@@ -1019,6 +1032,7 @@ def ot_loss(coupling: torch.Tensor, cost: torch.Tensor, reduction: str = "mean")
         )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+    _check_same_device(coupling, "coupling", cost, "cost")
     dtype = _working_dtype(torch.promote_types(coupling.dtype, cost.dtype))
     coupling = coupling.to(dtype)
     per_sample = (coupling * cost.to(dtype)).sum(dim=(1, 2))
@@ -1068,6 +1082,7 @@ def align_loss(
         )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+    _check_same_device(target, "target", transported, "transported")
     batch, n_cols, _ = target.shape
     target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, target.device, "target")
     dtype = _working_dtype(torch.promote_types(transported.dtype, target.dtype))

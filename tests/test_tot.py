@@ -450,6 +450,13 @@ def test_lambda2_and_sigma_named_by_the_refusal_are_where_the_working_range_begi
     tot_sinkhorn(cost, lambda2=lambda2_min * 1.001, **quick)
 
     with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, lambda1=1e15, **quick)
+    lambda1_max = float(re.search(r"lambda1 <= (\S+),", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="lambda1 <="):
+        tot_sinkhorn(cost, lambda1=lambda1_max * 1.001, **quick)
+    tot_sinkhorn(cost, lambda1=lambda1_max * 0.999, **quick)
+
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
         tot_sinkhorn(cost, sigma=1e-9, **quick)
     sigma_min = float(re.search(r"sigma >= (\S+),", str(refused.value)).group(1))
     assert sigma_min == pytest.approx(math.sqrt(0.5 / (0.01 / (2 * torch.finfo(dtype).eps))), rel=1e-3)
@@ -497,6 +504,15 @@ def test_masks_on_another_device_than_the_cost_are_named():
         tot_sinkhorn(cost, torch.ones(2, 5, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match=r"target_mask is on device meta but coupling is on cpu"):
         barycentric_transport(cost, torch.rand(2, 5, 4), torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    meta = torch.empty(2, 5, 3, device="meta")
+    with pytest.raises(ValueError, match=r"coupling is on device cpu but source is on meta"):
+        barycentric_transport(cost, torch.empty(2, 5, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"coupling is on device cpu but cost is on meta"):
+        ot_loss(cost, meta)
+    with pytest.raises(ValueError, match=r"target is on device meta but transported is on cpu"):
+        align_loss(cost, meta)
+    with pytest.raises(ValueError, match=r"source is on device cpu but target is on meta"):
+        cosine_cost(torch.rand(2, 5, 4), torch.empty(2, 3, 4, device="meta"))
 
 
 def test_a_problem_that_cannot_fit_in_memory_is_refused_with_the_estimated_peak():
