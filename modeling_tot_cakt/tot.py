@@ -486,10 +486,13 @@ def tot_sinkhorn(
     or until, at one of the checks made every 10 iterations, the coupling that would be returned
     has an L1 marginal error below ``tol`` for every sample of the batch. The returned coupling
     ends with a plain (``omega = 1``) update of ``g``, so its columns are exact. Unbalanced
-    problems run plain iterations (``omega = 1``): their update is a contraction of ratio about
-    ``tau / (tau + lambda2)``; their marginal error is measured against the marginals that the
-    updates aim at, ``mu exp(-lambda2 f / tau)`` and ``nu exp(-lambda2 g / tau)`` (the residual of
-    the fixed point).
+    problems use the same schedule; their update is already a contraction (of ratio about
+    ``tau / (tau + lambda2)`` times the balanced one), so the first block's measured rate sets the
+    optimal weight ``2 / (1 + sqrt(1 - r))`` [5], and 1.9 where ``r > 0.9`` (nearly balanced).
+    Their marginal error is measured against the marginals that the updates aim at,
+    ``mu exp(-lambda2 f / tau)`` and ``nu exp(-lambda2 g / tau)`` (the residual of the fixed point);
+    at ``tau = 1`` on random features the default ``tol`` is reached in about 20 iterations, at
+    ``tau = 100`` in about 90 (``N = 1000, M = 50``).
 
     Parameters
     ----------
@@ -584,7 +587,7 @@ def tot_sinkhorn(
           span about as much as the kernel, so the exponent of each entry ``exp(log K + f + g)``
           is rounded to about ``2 eps R``: beyond that bound entries are off by more than 1% and
           the plan's mass goes wrong (a plan of mass 18 at ``lambda2 = 1e-6``, NaN at
-          ``sigma = 1e-20``). The message gives the ``lambda2`` and ``sigma`` where the working
+          ``sigma = 1e-20``). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
           range begins. Convergence is a separate matter: near the bound Sinkhorn is slow, which
           ``warn`` reports;
         - masks on another device than ``cost``;
@@ -888,8 +891,7 @@ def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
     """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
 
     The schedule is described in the Notes of :func:`tot_sinkhorn`. ``rho = lambda2 / tau`` relaxes
-    the marginals (0: balanced); unbalanced problems run plain iterations, whose map is already a
-    contraction. Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
+    the marginals (0: balanced). Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
     potentials ``(f, g)`` that give it, and a dict: ``n_iter`` (iterations run), ``relaxation``
     (the weights in use at the end, (B,)), ``converged`` (whether each sample passed the stopping
     test, (B,)), ``log_domain`` (whether the log-domain fallback ran) and ``worst`` (the largest
