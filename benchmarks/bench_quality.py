@@ -18,8 +18,13 @@ its finished runs; a rerun reuses runs trained to completion with the same argum
 
 Presets: ``quality`` (the quick demo's corpus and teacher, from scratch, 3,000 steps, five seeds, two
 runs at a time on one thread each), ``transfer``
-(the paper's regime: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
-preset's syllable-pretrained encoder) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
+(a user's fine-tune: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
+preset's syllable-pretrained encoder), ``knowledge`` (the ``knowledge`` demo preset: 2,000 characters, so that
+most test characters have a homophone the model can write, 4,400 training utterances, the quality preset's
+schedule and seeds, and two test tracks: the test sentences on held-out voices and again on the training voices)
+and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU). A corpus with the second test
+track (``test_seen_voices``) has it scored like ``test``: ``test_seen_voices_cer`` and its error split per run,
+per method and in the paired differences (greedily and, with ``--lm``, with the language model).
 ``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1388``
 for a quarter of the training transcripts, ``align_loss_weight=1.0``, ``teacher_layer=1``),
 ``--demo_preset`` takes another demo preset (e.g. one with another teacher), and ``--label`` keeps such
@@ -27,6 +32,8 @@ a variant's runs apart.
 
     python benchmarks/bench_quality.py --preset quality
     python benchmarks/bench_quality.py --preset transfer --output docs/results/quality_transfer.json
+    python benchmarks/bench_quality.py --preset knowledge --lm --output docs/results/knowledge.json \
+        --plot docs/results/knowledge_curves.png
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from benchmarks.common import save_figure
 from modeling_tot_cakt.demo import run_demo as demo
+from modeling_tot_cakt.demo.synthesis import TEST_TRACKS, corpus_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"none": "CTC only", "ot": "OT-CAKT", "tot": "TOT-CAKT"}
@@ -86,11 +94,22 @@ PRESETS = {
         parallel=2,
         threads_per_run=1,
     ),
-    # The paper's regime: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
+    # A user's fine-tune of a pretrained encoder: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
     # from a syllable-pretrained encoder), five seeds paired across the methods, two runs at a time on one
     # thread each.
     "transfer": BenchPreset(
         demo_preset="transfer",
+        train_overrides={"disable_tqdm": True},
+        seeds=(0, 1, 2, 3, 4),
+        parallel=2,
+        threads_per_run=1,
+        score_in_process=True,
+    ),
+    # The knowledge testbed: the knowledge demo preset (its own corpus with two test tracks, and teacher; the
+    # quality preset's model and 3,000 steps), five paired seeds, two runs at a time on one thread each, every
+    # test track scored in process.
+    "knowledge": BenchPreset(
+        demo_preset="knowledge",
         train_overrides={"disable_tqdm": True},
         seeds=(0, 1, 2, 3, 4),
         parallel=2,
@@ -106,6 +125,37 @@ PRESETS = {
 }
 
 
+def test_tracks(corpus_dir: Path) -> tuple[str, ...]:
+    """The corpus' test tracks: ``test`` (held-out voices), then ``test_seen_voices`` if it has one."""
+    return tuple(split for split in corpus_splits(corpus_dir) if split in TEST_TRACKS)
+
+
+def track_scores(errors: dict[str, dict]) -> dict:
+    """A run's record entries of its test tracks' error splits (track -> split): ``<track>_errors``, and
+    ``<track>_cer`` for the tracks after ``test`` (whose CER the run records as ``test_cer``)."""
+    scores = {f"{track}_errors": split for track, split in errors.items()}
+    scores.update({f"{track}_cer": split["cer"] for track, split in errors.items() if track != "test"})
+    return scores
+
+
+def greedy_scores(paths: demo.DemoPaths) -> dict:
+    """:func:`track_scores` of every test track of the run's corpus, decoded greedily."""
+    return track_scores({track: demo.error_split_stage(paths, track) for track in test_tracks(paths.corpus)})
+
+
+def lm_decoding(preset: demo.DemoPreset, paths: demo.DemoPaths, arpa: str) -> dict:
+    """A run's dev and test tracks decoded with the character language model (weights chosen on dev)."""
+    tracks = test_tracks(paths.corpus)
+    decoding = demo.decoding_stage(preset, paths, arpa, tracks)
+    return {
+        "weights": {name: decoding["weights"][name] for name in ("alpha", "beta", "beam_width")},
+        "dev_cer": decoding["dev"]["lm"]["cer"],
+        "test_cer": decoding["test"]["lm"]["cer"],
+        **track_scores({track: decoding[track]["lm"] for track in tracks}),
+        "speed": decoding["speed"],
+    }
+
+
 def run_once(
     preset: demo.DemoPreset,
     base: demo.DemoPaths,
@@ -113,9 +163,11 @@ def run_once(
     threads: int | None,
     score_in_process: bool = False,
     rescore: bool = False,
+    language_model: str | None = None,
 ) -> dict:
     """Train and evaluate one run (or reuse a completed one: its record as it is, or with its test error
-    split decoded again by the current code when ``rescore``); returns its result record."""
+    split decoded again by the current code when ``rescore``); with `language_model` (an ARPA file) its dev and
+    test are also decoded with it (``result["lm"]``). Returns its result record."""
     paths = demo.DemoPaths(
         root=run_dir,
         corpus=base.corpus,
@@ -131,13 +183,15 @@ def run_once(
     if reused and result_file.is_file():
         result = json.loads(result_file.read_text(encoding="utf-8"))
         if rescore:
-            result["test_errors"] = demo.error_split_stage(paths, "test")
-            result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            result.update(greedy_scores(paths))
+        if language_model and (rescore or "lm" not in result):
+            result["lm"] = lm_decoding(preset, paths, language_model)
+        result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
     train_seconds = time.perf_counter() - start
-    errors = demo.error_split_stage(paths, "test")
+    scores = greedy_scores(paths)
     if score_in_process:
-        evaluation = {"dev": demo.error_split_stage(paths, "dev"), "test": errors}
+        evaluation = {"dev": demo.error_split_stage(paths, "dev"), "test": scores["test_errors"]}
     else:
         evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
     summary = demo.training_summary(paths.model)
@@ -151,9 +205,11 @@ def run_once(
         "wall_seconds": round(time.perf_counter() - start, 1),
         "train_wall_seconds": round(train_seconds, 1),
         "dev_cer_by_step": summary["dev_cer_by_step"],
-        "test_errors": errors,
+        **scores,
         "model_dir": str(paths.model),
     }
+    if language_model:
+        result["lm"] = lm_decoding(preset, paths, language_model)
     result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -192,8 +248,45 @@ def paired_difference(runs: list[dict], method: str, baseline: str, metric: str 
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(seeds), "per_seed": differences.tolist()}
 
 
+ERROR_METRICS = ("homophone_cer", "other_cer", "tone_cer")
+TRACK_METRICS = tuple(
+    f"{track}_{name}" for track in TEST_TRACKS for name in (("cer",) if track != "test" else ()) + ERROR_METRICS
+)
+"""The per-track scores of a run beyond its ``test_cer``: ``test_homophone_cer``, ..., ``test_seen_voices_cer``, ..."""
+
+
+def flat_errors(record: dict) -> dict:
+    """The error splits of `record` (a run, or its decoding with the LM) as top-level ``<track>_<metric>`` values."""
+    return {
+        f"{track}_{name}": record[f"{track}_errors"][name]
+        for track in TEST_TRACKS
+        if f"{track}_errors" in record
+        for name in ERROR_METRICS
+        if name in record[f"{track}_errors"]
+    }
+
+
+def with_lm_decoded_runs(runs: list[dict]) -> list[dict]:
+    """`runs` with their test tracks' error splits as top-level ``<track>_<metric>`` values, plus, for each run
+    decoded with the language model, a record of that decoding as method ``<alignment>+lm`` (same seed): what
+    :func:`paired_difference` pairs, e.g. ``none+lm`` against ``none``."""
+    flat = []
+    for run in runs:
+        flat.append({**run, **flat_errors(run)})
+        if "lm" in run:
+            lm = run["lm"]
+            flat.append({"alignment": f"{run['alignment']}+lm", "seed": run["seed"], **flat_errors(lm), **lm})
+    return flat
+
+
+def common_metrics(runs: list[dict], candidates: tuple[str, ...]) -> list[str]:
+    """The `candidates` that every one of `runs` has (a corpus without a second test track has no scores of it)."""
+    return [metric for metric in candidates if runs and all(metric in run for run in runs)]
+
+
 def summarise(runs: list[dict], target_cer: float | None) -> dict:
-    """Per-method dev/test CER mean +- std, mean curves, and steps to reach the target CER.
+    """Per-method dev/test CER mean +- std (and of every test track's error split), mean curves, steps to reach
+    the target CER, and paired differences between the methods and between the LM and greedy decodings.
 
     The default target is the mean final dev CER of CTC-only: how many steps each method needs
     to get where the baseline ends.
@@ -202,6 +295,7 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
     if target_cer is None and by_method["none"]:
         target_cer = float(np.mean([run["dev_cer"] for run in by_method["none"]]))
     summary = {"target_dev_cer": target_cer, "methods": {}}
+    flat = with_lm_decoded_runs(runs)
     for method, method_runs in by_method.items():
         if not method_runs:
             continue
@@ -213,18 +307,30 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
             "steps_to_target": reached,
             "runs_reaching_target": sum(step is not None for step in reached),
         }
-        splits = [run["test_errors"] for run in method_runs if "test_errors" in run]
-        if splits:
-            summary["methods"][method]["test_homophone_cer"] = _mean_std([split["homophone_cer"] for split in splits])
-            summary["methods"][method]["test_other_cer"] = _mean_std([split["other_cer"] for split in splits])
-            if all("tone_cer" in split for split in splits):
-                summary["methods"][method]["test_tone_cer"] = _mean_std([split["tone_cer"] for split in splits])
+        flat_runs = [run for run in flat if run["alignment"] == method]
+        for metric in common_metrics(flat_runs, TRACK_METRICS):
+            summary["methods"][method][metric] = _mean_std([run[metric] for run in flat_runs])
     summary["paired_differences"] = {
         f"{METHODS[method]} - {METHODS[baseline]}": {
-            metric: paired_difference(runs, method, baseline, metric) for metric in ("test_cer", "dev_cer")
+            metric: paired_difference(flat, method, baseline, metric)
+            for metric in common_metrics(
+                [run for run in flat if run["alignment"] in (method, baseline)],
+                ("test_cer", "dev_cer", *TRACK_METRICS),
+            )
         }
         for method, baseline in (("tot", "none"), ("tot", "ot"), ("ot", "none"))
     }
+    decoded = sorted({run["alignment"] for run in runs if "lm" in run})
+    for method in decoded:
+        lm_runs = [run for run in flat if run["alignment"] == f"{method}+lm"]
+        metrics = common_metrics(lm_runs, ("test_cer", "dev_cer", *TRACK_METRICS))
+        summary["methods"][method]["with_lm"] = {
+            metric: _mean_std([run[metric] for run in lm_runs]) for metric in metrics
+        }
+        # The positive control: the same models, decoded with the LM instead of greedily.
+        summary["paired_differences"][f"{METHODS[method]} with LM - greedy"] = {
+            metric: paired_difference(flat, f"{method}+lm", method, metric) for metric in metrics
+        }
     return summary
 
 
@@ -289,6 +395,11 @@ def main(argv=None) -> dict:
         help="Decode the test set of runs already finished again (the error split of the current code).",
     )
     parser.add_argument(
+        "--lm",
+        action="store_true",
+        help="Decode every run's dev and test also with the character n-gram LM of the teacher's text (weights on dev).",
+    )
+    parser.add_argument(
         "--label", default="default", help="Name of this variant; its runs go to <work_dir>/<preset>/<label>."
     )
     args = parser.parse_args(argv)
@@ -313,6 +424,7 @@ def main(argv=None) -> dict:
     corpus = demo.synthesize_stage(preset, base)
     teacher = demo.teacher_stage(preset, base)
     encoder = demo.encoder_stage(preset, base)
+    language_model = demo.language_model_stage(preset, base)["arpa"] if args.lm else None
 
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in args.methods]
     runs: list[dict] = []
@@ -333,6 +445,7 @@ def main(argv=None) -> dict:
                 "dir": str(base.corpus),
                 "utterances": corpus.num_utterances,
                 "vocabulary_size": corpus.info["vocabulary_size"],
+                "test_tracks": corpus.info.get("test_tracks"),
             },
             "label": args.label,
             "teacher": {
@@ -360,6 +473,7 @@ def main(argv=None) -> dict:
             teacher=preset.teacher,
             train={**preset.train, **overrides, "alignment": method, "seed": seed},
             encoder=preset.encoder,
+            lm=preset.lm,
         )
         result = run_once(
             run_preset,
@@ -368,6 +482,7 @@ def main(argv=None) -> dict:
             bench.threads_per_run,
             bench.score_in_process,
             rescore=args.rescore,
+            language_model=language_model,
         )
         with lock:
             runs.append(result)
@@ -390,18 +505,20 @@ def main(argv=None) -> dict:
             f"{test['std']:.4f}"
             + (f"   steps to dev CER {target:.4f}: {method['steps_to_target']}" if target is not None else "")
         )
-        if "test_homophone_cer" in method:
-            print(
-                f"{'':9s} test errors: homophone substitutions {method['test_homophone_cer']['mean']:.4f}, "
-                f"other {method['test_other_cer']['mean']:.4f}"
-            )
+        for track in TEST_TRACKS:
+            if f"{track}_homophone_cer" in method:
+                print(
+                    f"{'':9s} {track} errors: homophone substitutions {method[f'{track}_homophone_cer']['mean']:.4f}, "
+                    f"other {method[f'{track}_other_cer']['mean']:.4f}"
+                )
     for name, metrics in report["summary"]["paired_differences"].items():
-        if metrics["test_cer"] is not None:
-            difference = metrics["test_cer"]
-            print(
-                f"{name}: test CER {difference['mean']:+.4f}, 95 % CI [{difference['ci95'][0]:+.4f}, "
-                f"{difference['ci95'][1]:+.4f}] (n = {difference['n']} paired seeds)"
-            )
+        for metric in ("test_cer", "test_homophone_cer", "test_seen_voices_cer", "test_seen_voices_homophone_cer"):
+            difference = metrics.get(metric)
+            if difference is not None:
+                print(
+                    f"{name}: {metric} {difference['mean']:+.4f}, 95 % CI [{difference['ci95'][0]:+.4f}, "
+                    f"{difference['ci95'][1]:+.4f}] (n = {difference['n']} paired seeds)"
+                )
     return report
 
 

@@ -102,3 +102,91 @@ def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeyp
     assert decoded == [(run_dir / "model", "test")]
     assert rescored == {**record, "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
     assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == rescored
+
+
+def test_lm_decoded_runs_are_paired_with_the_same_models_decoded_greedily():
+    def errors(homophone):
+        return {"homophone_cer": homophone, "other_cer": 0.3, "tone_cer": 0.02}
+
+    runs = []
+    for seed, (greedy, with_lm) in enumerate([(0.10, 0.04), (0.08, 0.05), (0.12, 0.05)]):
+        lm = {"dev_cer": 0.3, "test_cer": 0.3 + with_lm, "test_errors": errors(with_lm)}
+        runs.append({**run("none", seed, 0.5, 0.3 + greedy, []), "test_errors": errors(greedy), "lm": lm})
+    runs.append({**run("tot", 0, 0.5, 0.4, []), "test_errors": errors(0.1)})  # not LM-decoded: no LM pair
+    summary = bench_quality.summarise(runs, target_cer=None)
+    control = summary["paired_differences"]["CTC only with LM - greedy"]
+    assert control["test_homophone_cer"]["per_seed"] == pytest.approx([-0.06, -0.03, -0.07])
+    assert control["test_cer"]["mean"] == pytest.approx(-0.16 / 3)
+    assert control["test_homophone_cer"]["ci95"][1] < 0  # this control moves
+    assert summary["methods"]["none"]["with_lm"]["test_homophone_cer"]["mean"] == pytest.approx(0.14 / 3)
+    assert "TOT-CAKT with LM - greedy" not in summary["paired_differences"]
+
+
+def test_every_test_track_of_the_corpus_is_scored_greedily_and_with_the_lm(tmp_path, monkeypatch):
+    (tmp_path / "test_seen_voices.jsonl").write_text("", encoding="utf-8")  # the corpus has the second track
+    (tmp_path / "run").mkdir()
+    cers = {"dev": 0.6, "test": 0.5, "test_seen_voices": 0.3}
+    decoded, lm_splits = [], []
+    monkeypatch.setattr(bench_quality.demo, "train_stage", lambda *args, **kwargs: False)
+    monkeypatch.setattr(
+        bench_quality.demo,
+        "training_summary",
+        lambda model: {"steps": 3, "train_runtime_seconds": 1.0, "dev_cer_by_step": []},
+    )
+    monkeypatch.setattr(
+        bench_quality.demo,
+        "error_split_stage",
+        lambda paths, split: decoded.append(split) or {"cer": cers[split], "homophone_cer": cers[split] / 10},
+    )
+
+    def decoding_stage(preset, paths, arpa, test_splits):
+        lm_splits.extend(test_splits)
+        splits = {split: {"lm": {"cer": cers[split] - 0.1}} for split in ("dev", *test_splits)}
+        return {"weights": {"alpha": 0.5, "beta": 1.0, "beam_width": 8}, "speed": {}, **splits}
+
+    monkeypatch.setattr(bench_quality.demo, "decoding_stage", decoding_stage)
+    base = bench_quality.demo.DemoPaths(
+        root=tmp_path, corpus=tmp_path, teacher=tmp_path, model=tmp_path, cache=tmp_path
+    )
+    preset = bench_quality.demo.DemoPreset(name="knowledge", source=tmp_path, train={"alignment": "none", "seed": 0})
+    result = bench_quality.run_once(
+        preset, base, tmp_path / "run", threads=None, score_in_process=True, language_model="lm.arpa"
+    )
+    assert decoded == ["test", "test_seen_voices", "dev"] and lm_splits == ["test", "test_seen_voices"]
+    assert (result["dev_cer"], result["test_cer"], result["test_seen_voices_cer"]) == (0.6, 0.5, 0.3)
+    assert result["test_errors"]["homophone_cer"] == 0.05
+    assert result["test_seen_voices_errors"] == {"cer": 0.3, "homophone_cer": 0.03}
+    lm = result["lm"]
+    assert lm["test_cer"] == 0.4 and lm["test_seen_voices_cer"] == pytest.approx(0.2)
+    assert lm["test_seen_voices_errors"] == {"cer": pytest.approx(0.2)}
+
+
+def test_summary_pairs_the_methods_and_decodings_on_every_test_track():
+    def errors(homophone):
+        return {"homophone_cer": homophone, "other_cer": 0.3, "tone_cer": 0.02}
+
+    runs = []
+    for seed, (ctc, tot, with_lm) in enumerate([(0.10, 0.08, 0.04), (0.12, 0.07, 0.05)]):
+        for alignment, seen in (("none", ctc), ("tot", tot)):
+            runs.append(
+                {
+                    **run(alignment, seed, 0.5, 0.4, []),
+                    "test_errors": errors(0.2),
+                    "test_seen_voices_cer": 0.3 + seen,
+                    "test_seen_voices_errors": errors(seen),
+                }
+            )
+        lm = {"dev_cer": 0.4, "test_cer": 0.35, "test_errors": errors(0.1), "test_seen_voices_cer": 0.3 + with_lm}
+        runs[-2]["lm"] = {**lm, "test_seen_voices_errors": errors(with_lm)}
+    summary = bench_quality.summarise(runs, target_cer=None)
+    assert summary["methods"]["tot"]["test_seen_voices_homophone_cer"]["mean"] == pytest.approx(0.075)
+    assert summary["methods"]["none"]["test_seen_voices_cer"]["mean"] == pytest.approx(0.41)
+    paired = summary["paired_differences"]["TOT-CAKT - CTC only"]
+    assert paired["test_seen_voices_homophone_cer"]["per_seed"] == pytest.approx([-0.02, -0.05])
+    assert paired["test_seen_voices_cer"]["per_seed"] == pytest.approx([-0.02, -0.05])
+    assert paired["test_homophone_cer"]["per_seed"] == pytest.approx([0.0, 0.0])
+    control = summary["paired_differences"]["CTC only with LM - greedy"]
+    assert control["test_seen_voices_homophone_cer"]["per_seed"] == pytest.approx([-0.06, -0.07])
+    assert control["test_homophone_cer"]["per_seed"] == pytest.approx([-0.1, -0.1])
+    # Runs of a corpus without the second track have no scores of it.
+    assert not any("seen_voices" in metric for metric in bench_quality.summarise(RUNS, None)["methods"]["none"])

@@ -74,22 +74,36 @@ def test_demo_report_transcriptions_and_plot(tiny_demo):
     preset, work_dir, report = tiny_demo
     paths = demo.DemoPaths.create(work_dir, preset)
     assert json.loads(paths.report.read_text(encoding="utf-8")) == report
-    assert report["preset"] == "tiny" and report["reused"] == {"corpus": False, "teacher": False, "model": False}
+    assert report["preset"] == "tiny"
+    assert report["reused"] == {"corpus": False, "teacher": False, "language_model": False, "model": False}
     assert report["evaluation"]["dev"]["utterances"] == 3 and report["evaluation"]["test"]["utterances"] == 3
     # The greedy transcripts behind the homophone/other split score train_hf.py's evaluation CER; batches
     # padded differently may move one arg-max of this 2-step model (measured: 46 vs 45 edits), no more.
     errors = report["test_errors"]
     reference_chars = sum(len(record["text"]) for record in read_manifest(paths.corpus / "test.jsonl"))
     assert errors["reference_chars"] == reference_chars
-    assert abs(errors["cer"] - report["cer"]["test"]) * reference_chars <= 1 + 1e-9
+    assert report["cer"]["test"] == errors["cer"]
+    evaluation = demo.evaluate_stage(preset, paths, echo=False)  # train_hf.py's evaluation of the same model
+    assert abs(errors["cer"] - evaluation["test"]["cer"]) * reference_chars <= 1 + 1e-9
     assert errors["homophone_cer"] + errors["other_cer"] == pytest.approx(errors["cer"])
     assert report["training"]["steps"] == 2
+    # Greedy and LM decodings of the same test set, the LM's weights chosen on dev among the grid.
+    lm_errors = report["test_errors_lm"]
+    assert lm_errors["reference_chars"] == reference_chars
+    assert lm_errors["homophone_cer"] + lm_errors["other_cer"] == pytest.approx(lm_errors["cer"])
+    weights = report["decoding"]["weights"]
+    assert len(weights["grid"]) == len(demo.LM_DEFAULTS["alphas"]) * len(demo.LM_DEFAULTS["betas"])
+    assert weights["cer"] == min(point["cer"] for point in weights["grid"])
+    assert report["decoding"]["dev"]["lm"]["cer"] == pytest.approx(weights["cer"], abs=1e-5)
+    attrs = json.loads((paths.model / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (weights["alpha"], weights["beta"])
+    assert report["language_model"]["sentences"] > 0 and report["language_model"]["order"] == 4
     assert set(report["timings_seconds"]) == {
         "synthesis",
         "teacher",
         "training",
-        "evaluation",
-        "error split",
+        "language model",
+        "decoding",
         "transcription",
         "couplings",
         "total",
@@ -299,3 +313,68 @@ def test_transcripts_do_not_depend_on_the_batch(tiny_demo):
     one_by_one = demo.transcribe_manifest(paths.model, records, batch_size=1)
     assert demo.transcribe_manifest(paths.model, records, batch_size=12) == one_by_one
     assert demo.transcribe_manifest(paths.model, records[::-1], batch_size=5) == one_by_one[::-1]
+
+
+def test_training_budget_leaves_time_for_the_stages_after_training():
+    # Reference speed: what is left after 100 s, less the 180 s after training.
+    assert demo.training_budget(1200, 100, None) == 1200 - 100 - demo.AFTER_TRAINING_SECONDS
+    # A machine that built corpus and teacher 2.5x slower keeps 2.5x as much for the stages after training.
+    slow = demo.training_budget(1200, 100, 2.5 * demo.REFERENCE_STAGE_SECONDS)
+    assert slow == 1200 - 100 - 2.5 * demo.AFTER_TRAINING_SECONDS
+    # A faster machine is not given less reserve than the reference one, and training never gets less than the minimum.
+    assert (
+        demo.training_budget(1200, 100, 0.5 * demo.REFERENCE_STAGE_SECONDS) == 1200 - 100 - demo.AFTER_TRAINING_SECONDS
+    )
+    assert demo.training_budget(300, 290, None) == demo.MIN_TRAINING_SECONDS
+
+
+def test_decoding_scores_the_test_tracks_it_is_given(tiny_demo, tmp_path):
+    """A corpus with a second test track has it decoded, greedily and with the LM, as test is."""
+    import shutil
+
+    preset, work_dir, report = tiny_demo
+    paths = demo.DemoPaths.create(work_dir, preset)
+    copy = demo.DemoPaths(
+        root=tmp_path, corpus=tmp_path / "corpus", teacher=paths.teacher, model=tmp_path / "model", cache=paths.cache
+    )
+    shutil.copytree(paths.corpus, copy.corpus)
+    shutil.copytree(paths.model, copy.model)
+    # The test clips once more as the second track: the same audio must give the same transcripts.
+    shutil.copy(copy.corpus / "test.jsonl", copy.corpus / "test_seen_voices.jsonl")
+    decoding = demo.decoding_stage(preset, copy, report["language_model"]["arpa"], ("test", "test_seen_voices"))
+    assert decoding["test_seen_voices"] == decoding["test"] == report["decoding"]["test"]
+    assert set(decoding) == {"weights", "dev", "test", "test_seen_voices", "speed"}
+    assert demo.error_split_stage(copy, "test_seen_voices") == {**report["test_errors"], "split": "test_seen_voices"}
+
+
+def test_text_only_plans_the_corpus_without_making_anything(tmp_path, monkeypatch, capsys):
+    from modeling_tot_cakt.demo import synthesis
+
+    # Every clause holds the same four characters, so any split keeps test characters in train; 他 and 她
+    # are both read ta1, so half the test characters have a homophone.
+    clauses = ["他她天地", "她他地天", "天地他她", "地天她他", "他天她地", "天他地她"]
+    monkeypatch.setattr(synthesis, "load_named_clauses", lambda names, fortunes_dir: (clauses, []))
+    preset_file = tmp_path / "demo_plan.yaml"
+    settings = {
+        "num_sentences": 6,
+        "vocab_size": 0,
+        "dev_fraction": 0.0,
+        "test_fraction": 0.34,
+        "seen_voices_test": True,
+    }
+    preset_file.write_text(yaml.safe_dump({"synthesis": settings}), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    info = demo.main(["--preset", str(preset_file), "--text_only"])
+    assert info["splits"] == {
+        "train": {"sentences": 4, "utterances": 8},
+        "dev": {"sentences": 0, "utterances": 0},
+        "test": {"sentences": 2, "utterances": 2},
+        "test_seen_voices": {"sentences": 2, "utterances": 2},
+    }
+    track = {"tokens": 8, "tokens_with_homophone": 4, "types": 4, "types_with_homophone": 2}
+    assert info["test_tracks"] == {
+        name: {**track, "homophone_share": 0.5, "oov_tokens": 0, "oov_share": 0.0}
+        for name in ("test", "test_seen_voices")
+    }
+    assert "test_seen_voices: 0.500 of 8 characters have a homophone" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo_plan.yaml"]  # no corpus, no work folder

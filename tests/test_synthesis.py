@@ -16,14 +16,20 @@ import soundfile
 
 from modeling_tot_cakt.demo.synthesis import (
     RENDER_BLOCK_SIZE,
+    SEEN_VOICES_SPLIT,
     SPLITS,
     SynthesisConfig,
     char_readings,
+    corpus_settings_hash,
+    corpus_splits,
+    heldout_sentences,
     homophone_stats,
     load_espeak,
+    plan_utterances,
     read_manifest,
     split_by_sentence,
     synthesize_corpus,
+    track_stats,
 )
 from modeling_tot_cakt.demo.text_sources import (
     load_han_clauses,
@@ -42,6 +48,13 @@ def corpora(tmp_path_factory):
     first = synthesize_corpus(SynthesisConfig(output_dir=str(tmp_path_factory.mktemp("a")), num_workers=2, **TINY))
     second = synthesize_corpus(SynthesisConfig(output_dir=str(tmp_path_factory.mktemp("b")), num_workers=1, **TINY))
     return first, second
+
+
+@pytest.fixture(scope="module")
+def seen_voices_corpus(tmp_path_factory):
+    """The tiny corpus with the second test track."""
+    folder = tmp_path_factory.mktemp("seen")
+    return synthesize_corpus(SynthesisConfig(output_dir=str(folder), num_workers=2, seen_voices_test=True, **TINY))
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -303,3 +316,82 @@ def test_sentences_are_drawn_from_every_named_text_source(tmp_path, monkeypatch)
     assert corpus.info["settings"]["text_sources"] == ["fortunes-zh", "reviews"]
     with pytest.raises(ValueError, match="text_sources must name at least one source"):
         synthesize_corpus(replace(config, text_sources=[]))
+
+
+def test_seen_voices_track_speaks_the_test_sentences_in_train_voices(corpora, seen_voices_corpus):
+    config = SynthesisConfig(output_dir="", **TINY)
+    records = {
+        split: read_manifest(seen_voices_corpus.manifests[split])
+        for split in corpus_splits(seen_voices_corpus.output_dir)
+    }
+    assert list(records) == [*SPLITS, SEEN_VOICES_SPLIT] and seen_voices_corpus.test_tracks == (
+        "test",
+        SEEN_VOICES_SPLIT,
+    )
+    seen, test = records[SEEN_VOICES_SPLIT], records["test"]
+    assert [(r["text"], r["pinyin"], r["sentence_id"]) for r in seen] == [
+        (r["text"], r["pinyin"], r["sentence_id"]) for r in test
+    ]
+    assert {r["text"] for r in seen}.isdisjoint(r["text"] for r in records["train"])
+    voice = "cmn-latn-pinyin+{}".format
+    assert {r["voice"] for r in seen} <= {voice(variant) for variant in config.train_variants}
+    assert {r["voice"] for r in test} <= {voice(variant) for variant in config.heldout_variants}
+    assert seen_voices_corpus.num_utterances == {"train": 34, "dev": 1, "test": 2, SEEN_VOICES_SPLIT: 2}
+    tracks = seen_voices_corpus.info["test_tracks"]
+    assert tracks["test"] == tracks[SEEN_VOICES_SPLIT] and tracks["test"]["tokens"] == sum(
+        len(r["text"]) for r in test
+    )
+    # The track is appended: train, dev and test are the corpus made without it, byte for byte; the
+    # teacher's held-out sentences are the same too.
+    default = corpora[0]
+    assert corpus_splits(default.output_dir) == SPLITS and default.test_tracks == ("test",)
+    without_track = {
+        name: data
+        for name, data in _files(seen_voices_corpus.output_dir).items()
+        if SEEN_VOICES_SPLIT not in name and name != "corpus.json"
+    }
+    assert without_track == {name: data for name, data in _files(default.output_dir).items() if name != "corpus.json"}
+    assert heldout_sentences(seen_voices_corpus.output_dir) == heldout_sentences(default.output_dir)
+
+
+def test_a_corpus_without_the_seen_voices_track_keeps_its_cache_key_and_draws():
+    # Values computed by the code before the track existed: existing corpora are reused, not rebuilt.
+    config = SynthesisConfig(output_dir="x", **TINY)
+    assert corpus_settings_hash(config, "1.51") == "c0f98928c43981f7"
+    assert corpus_settings_hash(replace(config, seen_voices_test=True), "1.51") != "c0f98928c43981f7"
+    splits = {"train": ["天地", "地人"], "dev": ["人天"], "test": ["天人地"]}
+    jobs = plan_utterances(splits, SynthesisConfig(output_dir="x", seed=5))
+    assert [(job.utterance_id, job.variant, job.speed, job.pitch, job.snr_db, job.noise_seed) for job in jobs] == [
+        ("train_s00000_r0", "m1", 170, 63, 35.2, (5, 0)),
+        ("train_s00000_r1", "m3", 184, 69, 26.0, (5, 1)),
+        ("train_s00001_r0", "m2", 155, 57, 30.7, (5, 2)),
+        ("train_s00001_r1", "f2", 188, 38, 39.7, (5, 3)),
+        ("dev_s00002_r0", "f5", 172, 68, 31.7, (5, 4)),
+        ("test_s00003_r0", "f4", 181, 40, 37.5, (5, 5)),
+    ]
+    with_track = plan_utterances(splits, SynthesisConfig(output_dir="x", seed=5, seen_voices_test=True))
+    assert with_track[:-1] == jobs and with_track[-1].utterance_id == f"{SEEN_VOICES_SPLIT}_s00003_r0"
+
+
+def test_track_stats_count_homophones_in_the_train_inventory_and_oov_characters():
+    spoken = {
+        "train": [("他好", ["ta1", "hao3"]), ("她大", ["ta1", "da4"])],
+        "dev": [("号", ["hao4"])],
+        "test": [("他号大", ["ta1", "hao4", "da4"])],
+    }
+    stats = track_stats(spoken)
+    # 他 ta1: 她 is spoken ta1. 号 hao4 is not in the train transcripts (out of vocabulary), and 好, spoken
+    # hao3 here, reads hao4 in pypinyin's dictionary: a homophone an error split would count. 大 da4: none.
+    assert stats == {
+        "test": {
+            "tokens": 3,
+            "tokens_with_homophone": 2,
+            "types": 3,
+            "types_with_homophone": 2,
+            "homophone_share": 0.6667,
+            "oov_tokens": 1,
+            "oov_share": 0.3333,
+        }
+    }
+    spoken[SEEN_VOICES_SPLIT] = [("大她", ["da4", "ta1"])]
+    assert track_stats(spoken)[SEEN_VOICES_SPLIT]["tokens_with_homophone"] == 1  # 她 has 他, 大 nothing

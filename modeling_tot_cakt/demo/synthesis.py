@@ -12,7 +12,10 @@ Pipeline (``synthesize_corpus``):
 3. Each sentence becomes pinyin with tone digits (pypinyin) and is spoken by espeak-ng's
    ``cmn-latn-pinyin`` voice (the plain ``cmn`` voice reads tone digits as English numbers).
    Train sentences get ``renditions_per_train_sentence`` renditions with train voice variants;
-   dev/test get one rendition with held-out variants, so evaluation is on unseen voices. Speed,
+   dev/test get one rendition with held-out variants, so evaluation is on unseen voices. With
+   ``seen_voices_test``, the test sentences are spoken once more by train voice variants
+   (``test_seen_voices``): the same held-out text heard in known voices, so that a recogniser's
+   errors of hearing (the voice) and of language (the text) separate. Speed,
    pitch and the level of added white noise (SNR) are drawn per utterance.
 4. Audio is resampled from espeak's 22.05 kHz to ``sample_rate`` (soxr) and written as 16-bit
    mono WAV; ``{split}.jsonl`` manifests and a ``corpus.json`` summary go next to it.
@@ -55,6 +58,7 @@ from transformers import HfArgumentParser
 
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, read_complete_report, settings_hash
+from .error_analysis import dictionary_readings
 from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
@@ -70,6 +74,10 @@ ESPEAK_VOICE = "cmn-latn-pinyin"
 
 SPLITS = ("train", "dev", "test")
 HELDOUT_SPLITS = ("dev", "test")
+SEEN_VOICES_SPLIT = "test_seen_voices"
+"""The optional second test track: the test sentences spoken by train voices (``seen_voices_test``)."""
+TEST_TRACKS = ("test", SEEN_VOICES_SPLIT)
+"""The test tracks a corpus can have: held-out voices, then train voices."""
 CORPUS_SUMMARY_FILE = "corpus.json"
 FORMAT_VERSION = 1
 """Bumped whenever the output for given settings changes, so old caches are rebuilt."""
@@ -341,6 +349,13 @@ class SynthesisConfig:
     )
     espeak_library: str = field(default="espeak-ng", metadata={"help": "libespeak-ng name or path."})
     num_workers: int = field(default=2, metadata={"help": "Synthesis processes."})
+    seen_voices_test: bool = field(
+        default=False,
+        metadata={
+            "help": f"Also speak every test sentence by a train voice variant, as a second test track "
+            f"({SEEN_VOICES_SPLIT}.jsonl): held-out text in known voices."
+        },
+    )
     exclude_corpus_dir: str | None = field(
         default=None,
         metadata={
@@ -380,10 +395,17 @@ class SynthesisConfig:
 
     def output_settings(self) -> dict:
         """The settings that determine the output (all but ``output_dir``, ``num_workers`` and where the
-        excluded sentences were read: the cache key holds the sentences themselves)."""
+        excluded sentences were read: the cache key holds the sentences themselves). ``seen_voices_test``
+        is left out when off, so corpora made before it existed keep their cache key."""
         settings = asdict(self)
         del settings["output_dir"], settings["num_workers"], settings["exclude_corpus_dir"]
+        if not self.seen_voices_test:
+            del settings["seen_voices_test"]
         return settings
+
+    def splits(self) -> tuple[str, ...]:
+        """The splits this corpus has: :data:`SPLITS`, then the seen-voices test track when asked for."""
+        return SPLITS + ((SEEN_VOICES_SPLIT,) if self.seen_voices_test else ())
 
 
 @dataclass
@@ -447,6 +469,40 @@ def homophone_stats(
                 tokens_with_homophone += 1
                 types_with_homophone.add(char)
     return HomophoneStats(tokens, tokens_with_homophone, len(types), len(types_with_homophone))
+
+
+def track_stats(spoken: Mapping[str, Sequence[tuple[str, Sequence[str]]]]) -> dict[str, dict]:
+    """What a recogniser trained on the train split can and cannot tell apart on each test track.
+
+    The inventory is the characters of the train transcripts (all that a CTC model trained on them
+    can write), each with the readings by which the error split counts a substitution as a homophone
+    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`): pypinyin's dictionary readings plus
+    the syllables the corpus speaks it as. A test character has a homophone when another inventory
+    character has its spoken syllable among its readings (:func:`homophone_stats`); it is out of
+    vocabulary (OOV) when it is not in the inventory, so that CTC has no output for it.
+
+    Args:
+        spoken: split -> ``(sentence, syllables)`` per utterance; needs ``train``, reads the test tracks
+            (:data:`TEST_TRACKS`) it has.
+
+    Returns:
+        Track -> :class:`HomophoneStats` fields plus ``homophone_share`` (of the tokens), ``oov_tokens``
+        and ``oov_share``.
+    """
+    spoken_readings = char_readings(item for items in spoken.values() for item in items)
+    train_chars = {char for sentence, _ in spoken["train"] for char in sentence}
+    inventory = {char: dictionary_readings(char) | spoken_readings[char] for char in train_chars}
+    stats = {}
+    for track in (track for track in TEST_TRACKS if track in spoken):
+        counts = homophone_stats(spoken[track], inventory)
+        oov = sum(char not in inventory for sentence, _ in spoken[track] for char in sentence)
+        stats[track] = {
+            **asdict(counts),
+            "homophone_share": round(counts.tokens_with_homophone / max(counts.tokens, 1), 4),
+            "oov_tokens": oov,
+            "oov_share": round(oov / max(counts.tokens, 1), 4),
+        }
+    return stats
 
 
 def select_sentences(
@@ -539,38 +595,52 @@ class UtteranceJob:
     espeak_library: str
 
 
-def plan_utterances(splits: Mapping[str, Sequence[str]], config: SynthesisConfig) -> list[UtteranceJob]:
-    """Draw voice, speed, pitch and SNR for every utterance, in a fixed order from the seed."""
-    rng = random.Random(f"{config.seed}/utterances")  # a stream apart from the sentence shuffle
-    jobs: list[UtteranceJob] = []
-    sentence_index = 0
+def _spoken_sentences(
+    splits: Mapping[str, Sequence[str]], config: SynthesisConfig
+) -> list[tuple[str, str, str, list[str], int]]:
+    """``(split, sentence_id, text, voice variants, renditions)`` of every sentence, in rendering order.
+
+    The seen-voices track comes last, its sentences keeping their test ids: the utterances of the other
+    splits, and so every draw for them, are the same with the track as without it.
+    """
+    rows, sentence_ids = [], {}
     for split in SPLITS:
         variants = config.train_variants if split == "train" else config.heldout_variants
         renditions = config.renditions_per_train_sentence if split == "train" else 1
         for text in splits[split]:
-            sentence_id = f"s{sentence_index:05d}"
-            sentence_index += 1
-            syllables = to_pinyin(text)
-            for rendition in range(renditions):
-                utterance_id = f"{split}_{sentence_id}_r{rendition}"
-                jobs.append(
-                    UtteranceJob(
-                        utterance_id=utterance_id,
-                        split=split,
-                        sentence_id=sentence_id,
-                        text=text,
-                        syllables=syllables,
-                        variant=rng.choice(variants),
-                        speed=rng.randint(config.speed_min, config.speed_max),
-                        pitch=rng.randint(config.pitch_min, config.pitch_max),
-                        snr_db=round(rng.uniform(config.snr_db_min, config.snr_db_max), 1),
-                        noise_seed=(config.seed, len(jobs)),
-                        audio=f"audio/{split}/{utterance_id}.wav",
-                        output_dir=config.output_dir,
-                        sample_rate=config.sample_rate,
-                        espeak_library=config.espeak_library,
-                    )
+            sentence_ids[text] = f"s{len(sentence_ids):05d}"
+            rows.append((split, sentence_ids[text], text, variants, renditions))
+    if config.seen_voices_test:
+        rows += [(SEEN_VOICES_SPLIT, sentence_ids[text], text, config.train_variants, 1) for text in splits["test"]]
+    return rows
+
+
+def plan_utterances(splits: Mapping[str, Sequence[str]], config: SynthesisConfig) -> list[UtteranceJob]:
+    """Draw voice, speed, pitch and SNR for every utterance, in a fixed order from the seed."""
+    rng = random.Random(f"{config.seed}/utterances")  # a stream apart from the sentence shuffle
+    jobs: list[UtteranceJob] = []
+    for split, sentence_id, text, variants, renditions in _spoken_sentences(splits, config):
+        syllables = to_pinyin(text)
+        for rendition in range(renditions):
+            utterance_id = f"{split}_{sentence_id}_r{rendition}"
+            jobs.append(
+                UtteranceJob(
+                    utterance_id=utterance_id,
+                    split=split,
+                    sentence_id=sentence_id,
+                    text=text,
+                    syllables=syllables,
+                    variant=rng.choice(variants),
+                    speed=rng.randint(config.speed_min, config.speed_max),
+                    pitch=rng.randint(config.pitch_min, config.pitch_max),
+                    snr_db=round(rng.uniform(config.snr_db_min, config.snr_db_max), 1),
+                    noise_seed=(config.seed, len(jobs)),
+                    audio=f"audio/{split}/{utterance_id}.wav",
+                    output_dir=config.output_dir,
+                    sample_rate=config.sample_rate,
+                    espeak_library=config.espeak_library,
                 )
+            )
     return jobs
 
 
@@ -651,11 +721,16 @@ class CorpusSummary:
 
     @property
     def num_utterances(self) -> dict[str, int]:
-        return {split: self.info["splits"][split]["utterances"] for split in SPLITS}
+        return {split: part["utterances"] for split, part in self.info["splits"].items()}
 
     @property
     def num_sentences(self) -> dict[str, int]:
-        return {split: self.info["splits"][split]["sentences"] for split in SPLITS}
+        return {split: part["sentences"] for split, part in self.info["splits"].items()}
+
+    @property
+    def test_tracks(self) -> tuple[str, ...]:
+        """The corpus' test tracks (:data:`TEST_TRACKS`): ``test``, then ``test_seen_voices`` if it has one."""
+        return tuple(track for track in TEST_TRACKS if track in self.info["splits"])
 
     @property
     def vocabulary(self) -> list[str]:
@@ -683,6 +758,13 @@ def read_manifest(path: str | Path) -> list[dict]:
                 ) from error
             records.append(record)
     return records
+
+
+def corpus_splits(corpus_dir: str | Path) -> tuple[str, ...]:
+    """The splits of the corpus in ``corpus_dir``: :data:`SPLITS`, then the seen-voices test track if it
+    has one (a corpus rewrites or removes every manifest when it is made, so one that is there is its own)."""
+    seen = (Path(corpus_dir) / f"{SEEN_VOICES_SPLIT}.jsonl").is_file()
+    return SPLITS + ((SEEN_VOICES_SPLIT,) if seen else ())
 
 
 def heldout_sentences(corpus_dir: str | Path | None = None, exclude_file: str | Path | None = None) -> list[str]:
@@ -722,7 +804,7 @@ def _load_complete_corpus(output_dir: Path, expected_hash: str) -> CorpusSummary
     info = read_complete_report(output_dir, CORPUS_SUMMARY_FILE, expected_hash)
     if info is None:
         return None
-    manifests = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
+    manifests = {split: output_dir / f"{split}.jsonl" for split in info["splits"]}
     for split, manifest in manifests.items():
         if not manifest.is_file():
             return None
@@ -735,7 +817,7 @@ def _load_complete_corpus(output_dir: Path, expected_hash: str) -> CorpusSummary
 def _remove_previous_output(output_dir: Path) -> None:
     """Delete what an earlier (stale or partial) run wrote, and nothing else."""
     (output_dir / CORPUS_SUMMARY_FILE).unlink(missing_ok=True)
-    for split in SPLITS:
+    for split in (*SPLITS, SEEN_VOICES_SPLIT):
         (output_dir / f"{split}.jsonl").unlink(missing_ok=True)
     shutil.rmtree(output_dir / "audio", ignore_errors=True)
 
@@ -752,13 +834,75 @@ def _check_variants(config: SynthesisConfig, engine: EspeakEngine) -> None:
         )
 
 
+@dataclass
+class CorpusPlan:
+    """What a corpus holds, known from the text alone: its sentences and utterances before any audio.
+
+    Attributes:
+        jobs: every utterance to render, in order (:func:`plan_utterances`).
+        text_info: the part of ``corpus.json`` that the text decides (see :meth:`text_summary`).
+        source_files: the text files read.
+    """
+
+    jobs: list[UtteranceJob]
+    text_info: dict
+    source_files: list[Path]
+
+
+def plan_corpus(config: SynthesisConfig, excluded: Sequence[str] = ()) -> CorpusPlan:
+    """Choose the sentences of every split and draw their utterances, without synthesising anything.
+
+    Args:
+        config: the corpus' settings.
+        excluded: sentences the corpus must not speak (see ``exclude_corpus_dir``).
+
+    Raises:
+        FileNotFoundError: a text source is not installed.
+        ValueError: too few sentences for the settings.
+    """
+    source_clauses, source_files = load_named_clauses(config.text_sources, config.fortunes_dir)
+    clauses, num_excluded = exclude_heldout(source_clauses, excluded)
+    pool, filter_counts = select_sentences(
+        clauses,
+        min_chars=config.min_chars,
+        max_chars=config.max_chars,
+        vocab_size=config.vocab_size,
+    )
+    num_test = round(config.test_fraction * config.num_sentences)
+    num_dev = round(config.dev_fraction * config.num_sentences)
+    splits = split_by_sentence(
+        pool, num_train=config.num_sentences - num_dev - num_test, num_dev=num_dev, num_test=num_test, seed=config.seed
+    )
+    jobs = plan_utterances(splits, config)
+    spoken: dict[str, list[tuple[str, list[str]]]] = {split: [] for split in config.splits()}
+    for job in jobs:
+        spoken[job.split].append((job.text, job.syllables))
+    sentence_pinyin = {job.text: job.syllables for job in jobs}
+    readings = char_readings(sentence_pinyin.items())
+    text_info = {
+        "sentence_filter_counts": {"excluded_overlapping_clauses": num_excluded, **filter_counts},
+        "excluded_sentences": len(excluded),
+        "splits": {
+            split: {"sentences": len({text for text, _ in items}), "utterances": len(items)}
+            for split, items in spoken.items()
+        },
+        "vocabulary_size": len(readings),
+        "vocabulary": "".join(char for char, _ in char_frequencies(sentence_pinyin.keys())),
+        "train_vocabulary_size": len({char for text, _ in spoken["train"] for char in text}),
+        "homophones_test": asdict(homophone_stats(spoken["test"], readings)),
+        "test_tracks": track_stats(spoken),
+    }
+    return CorpusPlan(jobs, text_info, source_files)
+
+
 def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     """Build (or reuse) a synthetic Mandarin corpus; see the module docstring.
 
     Output in ``config.output_dir``: ``audio/{split}/*.wav`` (16-bit mono), ``{split}.jsonl``
     (one record per utterance: ``id``, ``audio`` relative to the manifest, ``text``, ``pinyin``,
     ``sentence_id``, ``voice``, ``speed``, ``pitch``, ``snr_db``, ``duration`` in seconds,
-    ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts).
+    ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts, and per
+    test track the share of characters with a homophone and out of vocabulary: :func:`track_stats`).
 
     A complete corpus made with the same settings is reused; a stale or partial one is replaced.
 
@@ -775,35 +919,22 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     cached = _load_complete_corpus(output_dir, key)
     if cached is not None:
         return cached
-    source_clauses, source_files = load_named_clauses(config.text_sources, config.fortunes_dir)
+    plan = plan_corpus(config, excluded)
     _remove_previous_output(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    clauses, num_excluded = exclude_heldout(source_clauses, excluded)
-    pool, filter_counts = select_sentences(
-        clauses,
-        min_chars=config.min_chars,
-        max_chars=config.max_chars,
-        vocab_size=config.vocab_size,
-    )
-    num_test = round(config.test_fraction * config.num_sentences)
-    num_dev = round(config.dev_fraction * config.num_sentences)
-    splits = split_by_sentence(
-        pool, num_train=config.num_sentences - num_dev - num_test, num_dev=num_dev, num_test=num_test, seed=config.seed
-    )
-    jobs = plan_utterances(splits, config)
-    records = _render_all(jobs, engine, config.num_workers)
-    records_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for job, record in zip(jobs, records, strict=True):
+    records = _render_all(plan.jobs, engine, config.num_workers)
+    records_by_split: dict[str, list[dict]] = {split: [] for split in config.splits()}
+    for job, record in zip(plan.jobs, records, strict=True):
         records_by_split[job.split].append(record)
-    manifests = {split: output_dir / f"{split}.jsonl" for split in SPLITS}
+    manifests = {split: output_dir / f"{split}.jsonl" for split in records_by_split}
     for split, manifest in manifests.items():
         lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records_by_split[split]]
         manifest.write_text("".join(lines), encoding="utf-8")
 
-    sentence_pinyin = {job.text: job.syllables for job in jobs}
-    readings = char_readings(sentence_pinyin.items())
-    test_items = [(text, sentence_pinyin[text]) for text in splits["test"]]
+    text_info = plan.text_info
+    for split, split_records in records_by_split.items():
+        text_info["splits"][split]["hours"] = round(sum(record["duration"] for record in split_records) / 3600, 4)
     info = {
         "format_version": FORMAT_VERSION,
         "settings_hash": key,
@@ -811,26 +942,23 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
         "espeak_ng_version": engine.version,
         "voice": ESPEAK_VOICE,
         "sample_rate": config.sample_rate,
-        "source_files": [str(path) for path in source_files],
-        "sentence_filter_counts": {"excluded_overlapping_clauses": num_excluded, **filter_counts},
-        "excluded_sentences": len(excluded),
-        "splits": {
-            split: {
-                "sentences": len(splits[split]),
-                "utterances": len(split_records),
-                "hours": round(sum(record["duration"] for record in split_records) / 3600, 4),
-            }
-            for split, split_records in records_by_split.items()
-        },
-        "vocabulary_size": len(readings),
-        "vocabulary": "".join(char for char, _ in char_frequencies(sentence_pinyin.keys())),
-        "homophones_test": asdict(homophone_stats(test_items, readings)),
+        "source_files": [str(path) for path in plan.source_files],
+        **text_info,
         "char_times": CHAR_TIMES_DESCRIPTION,
     }
     (output_dir / CORPUS_SUMMARY_FILE).write_text(
         json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
     return CorpusSummary(output_dir, manifests, info, reused=False)
+
+
+def format_test_tracks(info: dict) -> list[str]:
+    """One line per test track of a ``corpus.json`` (or :attr:`CorpusPlan.text_info`): homophone and OOV shares."""
+    return [
+        f"  {track}: {stats['homophone_share']:.3f} of {stats['tokens']} characters have a homophone in the train "
+        f"inventory, {stats['oov_share']:.3f} ({stats['oov_tokens']}) are out of it"
+        for track, stats in info.get("test_tracks", {}).items()
+    ]
 
 
 def main(args: Sequence[str] | None = None) -> CorpusSummary:
@@ -845,8 +973,7 @@ def main(args: Sequence[str] | None = None) -> CorpusSummary:
         f"{verb} {total} utterances in {summary.output_dir} "
         f"({seconds:.1f} s, {1000 * seconds / max(total, 1):.1f} ms/utterance)."
     )
-    for split in SPLITS:
-        part = summary.info["splits"][split]
+    for split, part in summary.info["splits"].items():
         print(
             f"  {split}: {part['sentences']} sentences, {part['utterances']} utterances, {part['hours'] * 60:.1f} min"
         )
@@ -855,6 +982,7 @@ def main(args: Sequence[str] | None = None) -> CorpusSummary:
         f"  vocabulary: {summary.info['vocabulary_size']} characters; test characters with a homophone: "
         f"{stats.tokens_with_homophone}/{stats.tokens} tokens, {stats.types_with_homophone}/{stats.types} types"
     )
+    print("\n".join(format_test_tracks(summary.info)))
     return summary
 
 
