@@ -183,7 +183,11 @@ class TOTCAKTArguments:
 
     alignment: str | None = field(
         default=None,
-        metadata={"help": "tot (TOT-CAKT), ot (plain OT: OT-CAKT) or none (CTC only).", "choices": ALIGNMENT_MODES},
+        metadata={
+            "help": "tot (TOT-CAKT), ot (plain OT: OT-CAKT), uot (unbalanced OT), tot_uot (TOT with unbalanced "
+            "marginals) or none (CTC only).",
+            "choices": ALIGNMENT_MODES,
+        },
     )
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Frozen BERT-like teacher (Hub id or folder with weights and tokenizer)."}
@@ -211,6 +215,9 @@ class TOTCAKTArguments:
     tot_lambda1: float | None = field(default=None, metadata={"help": "Weight of the local order reward."})
     tot_lambda2: float | None = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
     tot_sigma: float | None = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
+    uot_tau: float | None = field(
+        default=None, metadata={"help": "Weight of the marginal penalties in the uot and tot_uot alignments."}
+    )
     tot_max_iter: int | None = field(default=None, metadata={"help": "Maximum Sinkhorn iterations."})
     tot_tol: float | None = field(default=None, metadata={"help": "Sinkhorn stopping tolerance on the marginals."})
     tot_grad: str | None = field(

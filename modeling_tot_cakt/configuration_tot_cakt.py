@@ -8,7 +8,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .tot import GRAD_MODES
 
-ALIGNMENT_MODES = ("tot", "ot", "none")
+ALIGNMENT_MODES = ("tot", "ot", "uot", "tot_uot", "none")
 CTC_REDUCTIONS = ("mean", "sum")
 # What the CTC head reads: the encoder's frames, or those frames mapped by the adapter into the teacher's space.
 CTC_INPUTS = ("encoder", "adapter")
@@ -114,14 +114,20 @@ class TOTCAKTConfig(PreTrainedConfig):
         adapter_dropout (`float`, defaults to 0.1):
             Dropout inside the `"mlp"` adapter.
         alignment (`str`, defaults to `"tot"`):
-            `"tot"` (TOT-CAKT), `"ot"` (plain entropic OT, the OT-CAKT baseline) or `"none"`
-            (CTC-only baseline: no teacher, and no adapter unless `ctc_input="adapter"`).
+            `"tot"` (TOT-CAKT), `"ot"` (plain entropic OT, the OT-CAKT baseline), `"uot"` (plain entropic OT
+            with unbalanced marginals, arXiv 2509.05609), `"tot_uot"` (TOT's prior and order reward with
+            unbalanced marginals) or `"none"` (CTC-only baseline: no teacher, and no adapter unless
+            `ctc_input="adapter"`).
         tot_lambda1 (`float`, defaults to 1.0):
             Weight of the local order reward `S_ij = lambda1 / ((u_i - v_j)^2 + 1)`.
         tot_lambda2 (`float`, defaults to 0.1):
             Entropic / KL regularisation weight of the transport problem.
         tot_sigma (`float`, defaults to 1.0):
             Width of the Gaussian temporal prior, in units of `sqrt(1/N^2 + 1/M^2)`.
+        uot_tau (`float`, defaults to 1.0):
+            Weight of the KL penalties on the marginals in the `"uot"` and `"tot_uot"` modes: small values let
+            frames (silence, noise) and tokens keep less than their uniform mass, large ones approach the
+            balanced plan.
         tot_max_iter (`int`, defaults to 1000):
             Maximum number of Sinkhorn iterations. The over-relaxed solver reaches a marginal error of 1e-4 in
             at most 480 iterations for up to 1000 frames and 100 tokens (docs/RESULTS.md); a plan that has not
@@ -158,6 +164,7 @@ class TOTCAKTConfig(PreTrainedConfig):
     tot_lambda1: float = 1.0
     tot_lambda2: float = 0.1
     tot_sigma: float | None = 1.0
+    uot_tau: float = 1.0
     tot_max_iter: int = 1000
     tot_tol: float = 1e-4
     tot_grad: str = "envelope"
@@ -238,6 +245,7 @@ class TOTCAKTConfig(PreTrainedConfig):
             "None (no temporal prior) or a finite float > 0",
             self.tot_sigma,
         )
+        _check(_is_number(self.uot_tau) and self.uot_tau > 0.0, "uot_tau", "a finite float > 0", self.uot_tau)
         _check(_is_int(self.tot_max_iter) and self.tot_max_iter >= 1, "tot_max_iter", "an int >= 1", self.tot_max_iter)
         _check(_is_number(self.tot_tol) and self.tot_tol >= 0.0, "tot_tol", "a float >= 0", self.tot_tol)
         _check(self.tot_grad in GRAD_MODES, "tot_grad", f"one of {GRAD_MODES}", self.tot_grad)

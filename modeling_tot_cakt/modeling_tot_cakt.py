@@ -605,9 +605,14 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         """
         adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
-        plain = self.config.alignment == "ot"
+        plain = self.config.alignment in ("ot", "uot")  # no order reward, no temporal prior
+        unbalanced = self.config.alignment in ("uot", "tot_uot")
+        # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
+        # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
+        # the trainer's loss scaling skips, as before.
+        finite_cost = cost.nan_to_num(nan=1.0, posinf=2.0, neginf=0.0)
         coupling, solver = tot_sinkhorn(
-            cost,
+            finite_cost,
             frame_mask,
             token_mask,
             lambda1=0.0 if plain else self.config.tot_lambda1,
@@ -616,7 +621,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
+            tau=self.config.uot_tau if unbalanced else None,
             log=True,
+            warn=False,  # warned below, once, in the configuration's terms
         )
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
             logger.warning_once(

@@ -46,6 +46,8 @@ def test_log_mel_encoder_with_frame_rate_reduction():
         ("tot_lambda2", float("nan"), "tot_lambda2"),
         ("tot_sigma", 0.0, "tot_sigma must be None"),
         ("tot_sigma", "wide", "tot_sigma"),
+        ("uot_tau", 0.0, "uot_tau must be a finite float > 0"),
+        ("uot_tau", None, "uot_tau"),
         ("tot_max_iter", 0, "tot_max_iter must be an int >= 1"),
         ("tot_tol", -1e-3, "tot_tol"),
         ("tot_grad", "implicit", "tot_grad must be one of"),

@@ -111,22 +111,25 @@ def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling():
 # Non-default values for every solver field of the configuration; each set makes one of `tot_max_iter`
 # (tol 0: exactly max_iter iterations) and `tot_tol` (a loose tol stops early) decide where Sinkhorn stops.
 SOLVER_SETTINGS = {
-    "max_iter": dict(tot_lambda1=0.7, tot_lambda2=0.03, tot_sigma=2.5, tot_max_iter=3, tot_tol=0.0),
-    "tol": dict(tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, tot_max_iter=500, tot_tol=0.05),
+    "max_iter": dict(tot_lambda1=0.7, tot_lambda2=0.03, tot_sigma=2.5, uot_tau=0.3, tot_max_iter=3, tot_tol=0.0),
+    "tol": dict(tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, uot_tau=5.0, tot_max_iter=500, tot_tol=0.05),
 }
+# The mode each mode is told apart from: the one that differs only in the prior and reward, or in the marginals.
+OTHER_MODE = {"tot": "ot", "ot": "tot", "uot": "ot", "tot_uot": "tot"}
 
 
 def solve(cost, frame_mask, token_mask, config, alignment, **overrides):
     """The public solver with the settings the configuration asks for in `alignment` mode."""
-    plain = alignment == "ot"
+    plain = alignment in ("ot", "uot")
     settings = dict(
         lambda1=0.0 if plain else config.tot_lambda1,
         lambda2=config.tot_lambda2,
         sigma=None if plain else config.tot_sigma,
+        tau=config.uot_tau if alignment in ("uot", "tot_uot") else None,
         max_iter=config.tot_max_iter,
         tol=config.tot_tol,
     )
-    return tot_sinkhorn(cost, frame_mask, token_mask, **{**settings, **overrides})
+    return tot_sinkhorn(cost, frame_mask, token_mask, **{**settings, **overrides}, warn=False)
 
 
 def assert_differs(actual, other, what):
@@ -135,7 +138,7 @@ def assert_differs(actual, other, what):
 
 
 @pytest.mark.parametrize("settings", SOLVER_SETTINGS.values(), ids=SOLVER_SETTINGS.keys())
-@pytest.mark.parametrize("alignment", ["tot", "ot"])
+@pytest.mark.parametrize("alignment", ["tot", "ot", "uot", "tot_uot"])
 def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alignment, settings):
     torch.manual_seed(0)
     weights = dict(ctc_loss_weight=0.7, ot_loss_weight=0.2, align_loss_weight=0.45)
@@ -155,8 +158,8 @@ def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alig
     # The same check tells the modes and the stopping rules apart.
     assert_differs(
         output.coupling,
-        solve(cost, frame_mask, token_mask, config, "tot" if alignment == "ot" else "ot"),
-        "the other mode",
+        solve(cost, frame_mask, token_mask, config, OTHER_MODE[alignment]),
+        f"the {OTHER_MODE[alignment]} mode",
     )
     if config.tot_tol == 0:
         assert_differs(
@@ -164,7 +167,9 @@ def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alig
         )
     else:
         assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tol=1e-4), "tol 1e-4")
-    if alignment == "tot":
+    if alignment in ("uot", "tot_uot"):
+        assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tau=1.0), "tau=1.0")
+    if alignment in ("tot", "tot_uot"):
         for field, value in (("lambda1", 1.0), ("lambda2", 0.1), ("sigma", 1.0)):
             assert_differs(
                 output.coupling,

@@ -1,6 +1,7 @@
 import copy
 import itertools
 import logging
+import math
 import shutil
 
 import pytest
@@ -520,3 +521,22 @@ def test_solver_diagnostics_are_the_returned_plans_and_an_unconverged_plan_warns
     assert cut_short.solver_marginal_error > 1e-4
     torch.testing.assert_close(cut_short.solver_marginal_error, marginal_error(cut_short.coupling), atol=1e-6, rtol=0)
     assert "The transport plan did not converge in tot_max_iter=2 iterations" in caplog.text
+
+
+def test_a_diverged_step_gives_nan_alignment_losses_not_an_error(teacher_dir, tmp_path):
+    """NaN features mid-training (a float16 overflow) must reach the loss as NaN, which the trainer's loss
+    scaling skips; the solver itself refuses a NaN cost, so the model hands it a finite stand-in."""
+    torch.manual_seed(0)
+    model = make_model(TINY_WAV2VEC2, "tot", teacher_dir)
+    model.attach_teacher()
+    batch = batch_for(model, tmp_path)
+    with torch.no_grad():
+        next(model.tot_cakt.adapter.parameters()).fill_(math.nan)
+        out = model(
+            **batch["inputs"],
+            labels=batch["labels"],
+            teacher_input_ids=batch["teacher_input_ids"],
+            teacher_attention_mask=batch["teacher_attention_mask"],
+        )
+    assert torch.isnan(out.ot_loss) and torch.isnan(out.align_loss) and torch.isnan(out.loss)
+    assert torch.isfinite(out.ctc_loss)

@@ -1,6 +1,8 @@
 """Tests of modeling_tot_cakt.tot: the TOT solver against POT, masks, gradients, losses."""
 
 import math
+import re
+import warnings
 
 import numpy as np
 import ot
@@ -144,17 +146,35 @@ def test_autodiff_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(solve, (cost,), eps=1e-6, atol=1e-7)
 
 
+def envelope_problem(seed, n_rows, n_cols, lambda1, sigma):
+    """One unpadded float64 problem: a cost, a random direction, the order reward and the log prior."""
+    generator = torch.Generator().manual_seed(seed)
+    cost = 2 * torch.rand(1, n_rows, n_cols, generator=generator, dtype=torch.float64)
+    direction = torch.randn(1, n_rows, n_cols, generator=generator, dtype=torch.float64)
+    rows, cols = torch.ones(1, n_rows, dtype=torch.bool), torch.ones(1, n_cols, dtype=torch.bool)
+    reward, log_prior = (
+        order_reward(rows, cols, lambda1, torch.float64),
+        temporal_prior_log(rows, cols, sigma, torch.float64),
+    )
+    return cost, direction, reward, log_prior
+
+
+def assert_envelope_is_the_central_difference(optimal_value, cost, direction, params):
+    """<T*, direction> for the detached (envelope) coupling equals the central difference of ``optimal_value``."""
+    step = 1e-5
+    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
+    coupling = tot_sinkhorn(cost.clone().requires_grad_(), **params)  # envelope: detached
+    assert not coupling.requires_grad
+    np.testing.assert_allclose((coupling * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+    return coupling
+
+
 def test_envelope_coupling_is_the_finite_difference_gradient_of_the_optimal_value():
     """W(C) = min_T <T, C - S> + lambda2 KL(T || P) has gradient T*(C) (Danskin): a central difference of
     the solved value along a random direction must equal <T*, direction>. A plan that is not the
     optimum of this very problem (unconverged, other parameters, transposed potentials) fails."""
     lambda1, lambda2, sigma = 1.0, 0.1, 1.0
-    generator = torch.Generator().manual_seed(25)
-    cost = 2 * torch.rand(1, 30, 7, generator=generator, dtype=torch.float64)
-    direction = torch.randn(1, 30, 7, generator=generator, dtype=torch.float64)
-    rows, cols = torch.ones(1, 30, dtype=torch.bool), torch.ones(1, 7, dtype=torch.bool)
-    reward = order_reward(rows, cols, lambda1, torch.float64)
-    log_prior = temporal_prior_log(rows, cols, sigma, torch.float64)
+    cost, direction, reward, log_prior = envelope_problem(25, 30, 7, lambda1, sigma)
     params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, **TIGHT)
 
     def optimal_value(c):
@@ -162,12 +182,7 @@ def test_envelope_coupling_is_the_finite_difference_gradient_of_the_optimal_valu
         kl = (plan * (plan.log() - log_prior) - plan + log_prior.exp()).sum()
         return ((plan * (c - reward)).sum() + lambda2 * kl).item()
 
-    step = 1e-5
-    finite_difference = (optimal_value(cost + step * direction) - optimal_value(cost - step * direction)) / (2 * step)
-    coupling = tot_sinkhorn(cost.clone().requires_grad_(), **params)  # envelope: detached
-
-    assert not coupling.requires_grad
-    np.testing.assert_allclose((coupling * direction).sum().item(), finite_difference, rtol=1e-6, atol=1e-9)
+    assert_envelope_is_the_central_difference(optimal_value, cost, direction, params)
 
 
 def test_envelope_gradient_equals_autodiff_gradient_of_the_optimal_value():
@@ -375,3 +390,283 @@ def test_helpers_reject_mismatched_shapes():
         align_loss(torch.rand(2, 3, 8), torch.rand(2, 3, 6))
     with pytest.raises(ValueError, match="reduction"):
         ot_loss(torch.rand(2, 5, 3), torch.rand(2, 5, 3), reduction="sum")
+
+
+# Bad input that tot_sinkhorn cannot solve: refused naming the sample, or warned about.
+
+FLOAT32_RANGE = 0.01 / (2 * torch.finfo(torch.float32).eps)  # R (nats) for which float32 keeps entries to 1%
+
+
+@pytest.mark.parametrize("value,found", [(math.nan, "1 NaN"), (math.inf, "1 \\+inf"), (-math.inf, "1 -inf")])
+def test_non_finite_costs_on_valid_pairs_are_refused_naming_the_sample(value, found):
+    cost = torch.rand(3, 6, 4)
+    source_mask = torch.ones(3, 6, dtype=torch.bool)
+    source_mask[2, 4:] = False
+    cost[2, 3, 1] = value
+    with pytest.raises(ValueError, match=rf"sample\(s\) \[2\] \(batch indices\); sample 2 has {found} among its 16"):
+        tot_sinkhorn(cost, source_mask)
+
+
+def test_a_column_that_no_frame_can_reach_is_refused():
+    """An infeasible column (infinite cost to every frame) would end as a NaN plan after max_iter iterations."""
+    cost = torch.rand(2, 5, 3)
+    cost[1, :, 2] = math.inf
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] .* sample 1 has 5 \+inf"):
+        tot_sinkhorn(cost, lambda1=0.0, sigma=None)
+
+
+def test_non_finite_costs_on_padded_pairs_are_ignored():
+    cost = torch.rand(2, 6, 4, generator=torch.Generator().manual_seed(21))
+    source_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    target_mask = torch.tensor([[True] * 3 + [False], [True] * 4])
+    dirty = cost.clone()
+    dirty[0, :, 3], dirty[1, 4:, :] = math.nan, -math.inf
+    torch.testing.assert_close(
+        tot_sinkhorn(dirty, source_mask, target_mask), tot_sinkhorn(cost, source_mask, target_mask), rtol=0, atol=0
+    )
+
+
+def test_kernel_range_at_the_float32_boundary_keeps_entries_to_one_percent_and_beyond_is_refused():
+    """R = max|C| / lambda2 here (no reward, no prior): a cost offset moves it to either side of the limit."""
+    base = torch.rand(3, 9, 5, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    plain = dict(lambda1=0.0, lambda2=1.0, sigma=None, max_iter=2000, tol=1e-6, warn=False)
+    inside = base + (0.999 * FLOAT32_RANGE - 1.0)
+    reference = tot_sinkhorn(inside, **plain)
+    coupling = tot_sinkhorn(inside.float(), **plain)
+    assert ((coupling.double() - reference).abs() / reference).max() < 1e-2
+    with pytest.raises(ValueError, match=r"= 4\.199e\+04 nats in sample 0 .* only for R <= 4\.194e\+04"):
+        tot_sinkhorn((base + 1.001 * FLOAT32_RANGE).float(), **plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lambda2_and_sigma_named_by_the_refusal_are_where_the_working_range_begins(dtype):
+    cost = cosine_cost(*torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(23), dtype=dtype))
+    quick = dict(max_iter=10, warn=False)
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, lambda2=1e-15, **quick)
+    lambda2_min = float(re.search(r"lambda2 >= (\S+) \(with this sigma\)", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="lambda2 >="):
+        tot_sinkhorn(cost, lambda2=lambda2_min * 0.999, **quick)
+    tot_sinkhorn(cost, lambda2=lambda2_min * 1.001, **quick)
+
+    small = dict(quick, lambda2=20 / (0.01 / (2 * torch.finfo(dtype).eps)))  # the cost takes a tenth of the range
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, lambda1=1e15, **small)
+    lambda1_max = float(re.search(r"lambda1 <= (\S+),", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="lambda1 <="):
+        tot_sinkhorn(cost, lambda1=lambda1_max * 1.01, **small)
+    tot_sinkhorn(cost, lambda1=lambda1_max * 0.99, **small)
+
+    with pytest.raises(ValueError, match=f"in {dtype}") as refused:
+        tot_sinkhorn(cost, sigma=1e-9, **quick)
+    sigma_min = float(re.search(r"sigma >= (\S+),", str(refused.value)).group(1))
+    assert sigma_min == pytest.approx(math.sqrt(0.5 / (0.01 / (2 * torch.finfo(dtype).eps))), rel=1e-3)
+    with pytest.raises(ValueError, match="sigma >="):
+        tot_sinkhorn(cost, sigma=sigma_min * 0.999, **quick)
+    tot_sinkhorn(cost, sigma=sigma_min * 1.001, **quick)
+
+
+@pytest.mark.parametrize("params", [dict(lambda2=1e-6), dict(sigma=1e-6), dict(lambda2=1e-5, lambda1=0.0, sigma=None)])
+def test_parameters_whose_kernel_underflows_in_float32_are_refused_and_float64_solves_them(params):
+    """The reported cases: a plan of mass 18 at lambda2 = 1e-6, NaN at a tiny sigma."""
+    cost = cosine_cost(torch.randn(2, 40, 8), torch.randn(2, 7, 8))
+    with pytest.raises(
+        ValueError, match=r"torch.float32 resolves the plan's entries to 1% only for R <= .* or float64"
+    ):
+        tot_sinkhorn(cost, **params)
+    coupling, log = tot_sinkhorn(cost.double(), **params, max_iter=20, log=True, warn=False)
+    assert torch.isfinite(coupling).all() and torch.allclose(log["mass"], torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_prior_too_narrow_for_any_precision_is_refused(dtype):
+    """sigma = 1e-20 gave a NaN plan: 1 / (2 sigma^2) overflows float32 and is beyond float64's range too."""
+    with pytest.raises(ValueError, match=r"= 5e\+39 nats in sample 0 .* Use sigma >= "):
+        tot_sinkhorn(torch.rand(1, 9, 4, dtype=dtype), sigma=1e-20)
+
+
+def test_unconverged_plans_warn_naming_how_many_and_which_samples():
+    cost = cosine_cost(*torch.randn(2, 3, 300, 64, generator=torch.Generator().manual_seed(24)))
+    source_mask, target_mask = torch.ones(3, 300, dtype=torch.bool), torch.ones(3, 300, dtype=torch.bool)
+    source_mask[[0, 2], 1:], target_mask[[0, 2], 1:] = False, False  # one frame, one token: solved at once
+    with pytest.warns(UserWarning, match=r"max_iter=20 iterations for 1 of 3 samples \(batch indices \[1\];"):
+        _, log = tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, log=True)
+    assert log["converged"].tolist() == [True, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, warn=False)  # the caller warns itself
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=20, tol=0.0)  # a fixed number of iterations asked for
+        tot_sinkhorn(cost, source_mask, target_mask, max_iter=1000)  # converged
+
+
+def test_masks_on_another_device_than_the_cost_are_named():
+    cost = torch.rand(2, 5, 3)
+    with pytest.raises(ValueError, match=r"source_mask is on device meta but cost is on cpu"):
+        tot_sinkhorn(cost, torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"target_mask is on device meta but coupling is on cpu"):
+        barycentric_transport(cost, torch.rand(2, 5, 4), torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    meta = torch.empty(2, 5, 3, device="meta")
+    with pytest.raises(ValueError, match=r"coupling is on device cpu but source is on meta"):
+        barycentric_transport(cost, torch.empty(2, 5, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"coupling is on device cpu but cost is on meta"):
+        ot_loss(cost, meta)
+    with pytest.raises(ValueError, match=r"target is on device meta but transported is on cpu"):
+        align_loss(cost, meta)
+    with pytest.raises(ValueError, match=r"source is on device cpu but target is on meta"):
+        cosine_cost(torch.rand(2, 5, 4), torch.empty(2, 3, 4, device="meta"))
+
+
+def test_a_problem_that_cannot_fit_in_memory_is_refused_with_the_estimated_peak():
+    shape = (16, 10**6, 10**5)  # 1.6e12 entries; expand allocates none of them
+    cost = torch.zeros(1, 1, 1).expand(*shape)
+    peak = 10 * 16 * 10**6 * 10**5 * 4 / 2**30
+    with pytest.raises(
+        ValueError, match=rf"estimated peak memory .* is {re.escape(f'{peak:.3g}')} GiB .* but cpu has"
+    ):
+        tot_sinkhorn(cost, torch.ones(16, 10**6, dtype=torch.bool), torch.ones(16, 10**5, dtype=torch.bool))
+
+
+# Unbalanced marginals (tau): POT's ot.unbalanced.sinkhorn_unbalanced is the oracle.
+
+
+def pot_unbalanced_coupling(cost, lambda2, tau, method="sinkhorn"):
+    """POT's entropic unbalanced OT, reg_type "kl" (reference measure mu nu^T), uniform weights, to convergence."""
+    n, m = cost.shape
+    return ot.unbalanced.sinkhorn_unbalanced(
+        np.full(n, 1 / n), np.full(m, 1 / m), cost, lambda2, tau, method=method, reg_type="kl",
+        numItermax=200000, stopThr=1e-15,
+    )  # fmt: skip
+
+
+def assert_matches_pot_unbalanced(coupling, cost, source_mask, target_mask, params, method="sinkhorn"):
+    """Every sample's valid block equals POT's plan to 1e-6; padding holds exactly zero."""
+    lambda1, lambda2, sigma, tau = (params[key] for key in ("lambda1", "lambda2", "sigma", "tau"))
+    for b in range(cost.shape[0]):
+        rows, cols = source_mask[b], target_mask[b]
+        effective = opw_effective_cost(cost[b][rows][:, cols].numpy(), lambda1, lambda2, sigma)
+        expected = pot_unbalanced_coupling(effective, lambda2, tau, method)
+        np.testing.assert_allclose(coupling[b][rows][:, cols].numpy(), expected, rtol=0, atol=1e-6 * expected.max())
+        assert torch.all(coupling[b][~(rows[:, None] & cols[None, :])] == 0)
+
+
+@pytest.mark.parametrize(
+    "lambda1,lambda2,sigma,tau",
+    [
+        (0.0, 0.1, None, 1.0),
+        (0.0, 0.05, None, 0.01),
+        (1.0, 0.1, 1.0, 0.5),
+        (1.0, 0.1, 1.0, 20.0),
+        (0.5, 0.5, 2.5, 3.0),
+    ],
+)
+def test_unbalanced_tot_matches_pot_sinkhorn_unbalanced_on_padded_batches(lambda1, lambda2, sigma, tau):
+    """Plain unbalanced OT (lambda1 = 0, no prior) and TOT with unbalanced marginals, batches of varied sizes."""
+    params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, tau=tau)
+    for seed, (batch, n_rows, n_cols) in enumerate([(5, 23, 9), (3, 40, 4), (4, 6, 13)]):
+        generator = torch.Generator().manual_seed(30 + seed)
+        cost = 2 * torch.rand(batch, n_rows, n_cols, generator=generator, dtype=torch.float64)
+        source_mask, target_mask = random_masks(generator, batch, n_rows, n_cols)
+        coupling, log = tot_sinkhorn(cost, source_mask, target_mask, **params, **TIGHT, log=True)
+        assert_matches_pot_unbalanced(coupling, cost, source_mask, target_mask, params)
+        assert log["converged"].all() and log["marginal_error"].max() < 1e-10
+        torch.testing.assert_close(log["mass"], coupling.sum(dim=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "case,params",
+    [
+        ("tiny tau", dict(lambda1=1.0, lambda2=0.1, sigma=1.0, tau=1e-6, tol=1e-8)),
+        ("huge tau", dict(lambda1=0.0, lambda2=0.1, sigma=None, tau=1e6)),
+        ("high cost", dict(lambda1=0.0, lambda2=0.05, sigma=None, tau=0.5, offset=10.0)),
+        ("narrow prior", dict(lambda1=1.0, lambda2=0.1, sigma=0.1, tau=1.0)),
+    ],
+)
+def test_unbalanced_extreme_inputs_give_no_nan_and_match_pot(case, params):
+    """float64 against POT; float32 and float16 (solved in float32) against the float64 plan. ``tol`` is an
+    L1 error: at tau = 1e-6 float64 stops near 1e-8 (rho = lambda2 / tau = 1e5 scales the rounding of f)."""
+    params = dict(params)
+    offset, tol = params.pop("offset", 0.0), params.pop("tol", 1e-13)
+    generator = torch.Generator().manual_seed(34)
+    cost = offset + 2 * torch.rand(4, 15, 6, generator=generator, dtype=torch.float64)
+    source_mask, target_mask = random_masks(generator, 4, 15, 6)
+    source_mask[3], target_mask[3, 1:] = False, False  # sample 3: nothing to transport
+    source_mask[2, 1:] = False  # sample 2: a single frame
+    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params, max_iter=20000, tol=tol)
+    assert torch.isfinite(coupling).all() and torch.all(coupling[3] == 0)
+    if params["tau"] < 1e3:
+        assert_matches_pot_unbalanced(coupling[:3], cost[:3], source_mask[:3], target_mask[:3], params)
+    else:  # POT's unbalanced solver takes minutes here: the balanced plan is the limit, O(lambda2 / tau) away
+        for b in range(3):
+            rows, cols = source_mask[b], target_mask[b]
+            expected = pot_coupling(cost[b][rows][:, cols].numpy(), params["lambda2"])
+            np.testing.assert_allclose(coupling[b][rows][:, cols].numpy(), expected, rtol=1e-5)
+    for dtype in (torch.float32, torch.float16):
+        low = tot_sinkhorn(cost.to(dtype), source_mask, target_mask, **params, max_iter=2000, tol=1e-6, warn=False)
+        assert torch.isfinite(low).all() and torch.all(low[3] == 0)
+        if dtype == torch.float32:  # float16 rounds the cost itself
+            torch.testing.assert_close(low.double(), coupling, rtol=0, atol=1e-2 * coupling.max().item())
+
+
+def test_unbalanced_plan_tends_to_the_balanced_one_as_tau_grows():
+    generator = torch.Generator().manual_seed(35)
+    cost = 2 * torch.rand(3, 20, 6, generator=generator, dtype=torch.float64)
+    source_mask, target_mask = random_masks(generator, 3, 20, 6)
+    balanced = tot_sinkhorn(cost, source_mask, target_mask, **TIGHT)
+    gaps = [
+        (tot_sinkhorn(cost, source_mask, target_mask, tau=tau, **TIGHT) - balanced).abs().sum().item()
+        for tau in (1.0, 1e2, 1e4)
+    ]
+    assert gaps[0] > 1e-2 and gaps[1] < gaps[0] / 50 and gaps[2] < gaps[1] / 50
+
+
+def unbalanced_value(plan, cost, reward, log_prior, lambda2, tau):
+    """<T, C - S> + lambda2 KL(T || P mu nu^T) + tau KL(T 1 || mu) + tau KL(T^T 1 || nu), generalised KL."""
+
+    def kl(x, log_y):
+        return (x * (x.log() - log_y) - x + log_y.exp()).sum()
+
+    n, m = plan.shape[-2:]
+    log_mu, log_nu = torch.full((n,), -math.log(n), dtype=plan.dtype), torch.full((m,), -math.log(m), dtype=plan.dtype)
+    reference = log_prior + log_mu[:, None] + log_nu[None, :]
+    return (
+        (plan * (cost - reward)).sum()
+        + lambda2 * kl(plan, reference)
+        + tau * kl(plan.sum(-1), log_mu)
+        + tau * kl(plan.sum(-2), log_nu)
+    )
+
+
+def test_unbalanced_envelope_coupling_is_the_gradient_of_the_optimal_value_and_autodiff_agrees():
+    """Danskin for the unbalanced objective: d/dC of its optimal value is T*, by central differences and
+    through the unrolled iterations (grad="autodiff")."""
+    lambda1, lambda2, sigma, tau = 1.0, 0.2, 1.5, 0.7
+    cost, direction, reward, log_prior = envelope_problem(36, 12, 5, lambda1, sigma)
+    params = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, tau=tau)
+
+    def optimal_value(c):
+        plan = tot_sinkhorn(c, **params, **TIGHT)
+        return unbalanced_value(plan, c, reward, log_prior, lambda2, tau).item()
+
+    envelope = assert_envelope_is_the_central_difference(optimal_value, cost, direction, {**params, **TIGHT})
+
+    leaf = cost.clone().requires_grad_()
+    plan = tot_sinkhorn(leaf, **params, max_iter=500, tol=0.0, grad="autodiff")
+    (gradient,) = torch.autograd.grad(unbalanced_value(plan, leaf, reward, log_prior, lambda2, tau), leaf)
+    torch.testing.assert_close(gradient, envelope, rtol=1e-7, atol=1e-10)
+
+
+def test_unbalanced_autodiff_passes_gradcheck_on_a_padded_batch():
+    generator = torch.Generator().manual_seed(37)
+    cost = (2 * torch.rand(2, 5, 3, generator=generator, dtype=torch.float64)).requires_grad_()
+    source_mask = torch.tensor([[True] * 5, [True, False, True, True, False]])
+    target_mask = torch.tensor([[True] * 3, [True, True, False]])
+    fixed = dict(lambda1=1.0, lambda2=0.5, sigma=1.5, tau=0.8, max_iter=20, tol=0.0, grad="autodiff")
+    assert torch.autograd.gradcheck(
+        lambda c: tot_sinkhorn(c, source_mask, target_mask, **fixed), (cost,), eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.nan, math.inf, "1"])
+def test_bad_tau_is_refused_naming_it(tau):
+    with pytest.raises(ValueError, match="tau"):
+        tot_sinkhorn(torch.rand(2, 5, 3), tau=tau)

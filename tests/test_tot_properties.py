@@ -8,6 +8,8 @@ from modeling_tot_cakt.tot import tot_sinkhorn
 
 SETTINGS = settings(max_examples=25, deadline=None)
 FIXED = dict(max_iter=60, tol=0.0)  # a fixed number of iterations: comparisons see the same iterates
+# Marginal relaxation: balanced (None) or unbalanced with a weak to strong penalty.
+TAUS = st.one_of(st.none(), st.floats(0.05, 20.0))
 
 
 @st.composite
@@ -39,10 +41,10 @@ def solvable(source_mask, target_mask):
 
 
 @SETTINGS
-@given(problems())
-def test_coupling_is_nonnegative_finite_and_zero_exactly_off_the_valid_pairs(problem):
+@given(problems(), TAUS)
+def test_coupling_is_nonnegative_finite_and_zero_exactly_off_the_valid_pairs(problem, tau):
     cost, source_mask, target_mask, params = problem
-    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params)
+    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params, tau=tau, warn=False)
     pairs = solvable(source_mask, target_mask)
     assert torch.isfinite(coupling).all()
     assert torch.all(coupling >= 0)
@@ -67,8 +69,8 @@ def test_marginals_are_uniform_over_valid_positions(problem):
 
 
 @SETTINGS
-@given(problems(), st.integers(0, 5), st.integers(0, 5), st.floats(-1e3, 1e3))
-def test_extra_padding_changes_nothing(problem, extra_rows, extra_cols, padding_cost):
+@given(problems(), st.integers(0, 5), st.integers(0, 5), st.floats(-1e3, 1e3), TAUS)
+def test_extra_padding_changes_nothing(problem, extra_rows, extra_cols, padding_cost, tau):
     cost, source_mask, target_mask, params = problem
     batch, n_rows, n_cols = cost.shape
     padded_cost = torch.full((batch, n_rows + extra_rows, n_cols + extra_cols), padding_cost, dtype=cost.dtype)
@@ -76,8 +78,8 @@ def test_extra_padding_changes_nothing(problem, extra_rows, extra_cols, padding_
     padded_source = torch.cat([source_mask, torch.zeros(batch, extra_rows, dtype=torch.bool)], dim=1)
     padded_target = torch.cat([target_mask, torch.zeros(batch, extra_cols, dtype=torch.bool)], dim=1)
 
-    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params, **FIXED)
-    padded = tot_sinkhorn(padded_cost, padded_source, padded_target, **params, **FIXED)
+    coupling = tot_sinkhorn(cost, source_mask, target_mask, **params, tau=tau, **FIXED)
+    padded = tot_sinkhorn(padded_cost, padded_source, padded_target, **params, tau=tau, **FIXED)
 
     torch.testing.assert_close(padded[:, :n_rows, :n_cols], coupling, rtol=1e-10, atol=1e-15)
     assert torch.all(padded[:, n_rows:] == 0) and torch.all(padded[:, :, n_cols:] == 0)

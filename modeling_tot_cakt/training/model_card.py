@@ -229,6 +229,8 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
             "align_loss_weight",
         )
         rows.update({name: getattr(config, name) for name in method})
+        if config.alignment in ("uot", "tot_uot"):  # the unbalanced modes' marginal relaxation
+            rows["uot_tau"] = config.uot_tau
     return {name: value for name, value in rows.items() if value is not None}
 
 
