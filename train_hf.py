@@ -69,7 +69,7 @@ from modeling_tot_cakt.training.trainer import (
     TOTCAKTTrainer,
     TOTCAKTTrainingArguments,
     build_model,
-    is_complete_checkpoint,
+    checkpoint_problem,
     last_complete_checkpoint,
     load_teacher,
     parse_encoder_config,
@@ -334,10 +334,11 @@ def find_checkpoint_to_resume(data_args: DataTrainingArguments, training_args: T
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
     resume = training_args.resume_from_checkpoint
-    if resume is not None and not is_complete_checkpoint(resume):
+    problem = checkpoint_problem(resume) if resume is not None else None
+    if problem is not None:
         raise ValueError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint (it needs trainer_state.json and "
-            "model.safetensors; a run stopped while saving leaves them out). Pass an earlier checkpoint."
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint: {problem}. A run stopped while "
+            "saving leaves such a folder; pass an earlier checkpoint."
         )
     return resume or last_checkpoint
 
@@ -612,20 +613,17 @@ def train_and_evaluate(
             )
             trainer._load_from_checkpoint(resume_checkpoint)
             trainer.state = finished
+            metrics = None  # save_final takes those of the run that trained
         else:
-            train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-        trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
+            metrics = trainer.train(resume_from_checkpoint=resume_checkpoint).metrics
+            trainer.log_metrics("train", metrics)
+        # The model (with auto_map and its code files, ready for pipeline()), processor, state and metrics.
+        train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
+        trainer.save_final(metrics, train_samples=train_samples)
         set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
         if training_args.should_save and os.path.isdir(set_aside):
             shutil.rmtree(set_aside)  # of no use once the run has finished, and not to be uploaded
             logger.info(f"Removed {set_aside}: checkpoints that an interrupted run left half-written.")
-        if finished is None:
-            metrics = train_result.metrics
-            if not data_args.streaming:
-                metrics["train_samples"] = len(vectorized_datasets["train"])
-            trainer.log_metrics("train", metrics)
-            trainer.save_metrics("train", metrics)
-            trainer.save_state()
     for name in ("eval", "test"):
         if name in vectorized_datasets:
             logger.info(f"*** {name} ***")

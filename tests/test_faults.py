@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
@@ -207,11 +207,16 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint(speech_corpus, tin
 
 
 def make_checkpoint(path: Path, *, state: str | None = None, weights: bool = True) -> Path:
+    """A checkpoint folder as a Trainer writes it (weights, optimizer, scheduler, RNG states, trainer state), or a
+    part of one: without its trainer_state.json when `state` is None, without its weights unless `weights`."""
     path.mkdir(parents=True)
+    if weights:
+        save_file({"lm_head.weight": torch.arange(6.0).reshape(2, 3)}, path / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.ones(3)}}}, path / "optimizer.pt")
+    torch.save({"last_epoch": 1}, path / "scheduler.pt")
+    torch.save({"python": 1}, path / "rng_state.pth")
     if state is not None:
         (path / "trainer_state.json").write_text(state)
-    if weights:
-        (path / "model.safetensors").write_bytes(b"weights")
     return path
 
 
@@ -242,7 +247,7 @@ def test_last_complete_checkpoint_skips_and_sets_aside_unfinished_folders(tmp_pa
         "checkpoint-4",
     ]
     assert not (tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-10" / "trainer_state.json").exists()  # replaced
-    assert caplog.text.count("is incomplete (the run was stopped while saving it)") == 3
+    assert caplog.text.count("is incomplete or damaged, it is not resumed from") == 3
     empty = tmp_path / "empty"
     empty.mkdir()
     assert last_complete_checkpoint(empty) is None

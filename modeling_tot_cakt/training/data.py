@@ -24,7 +24,6 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
-import json
 import logging
 import os
 from collections import Counter
@@ -47,6 +46,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from ..processing_tot_cakt import vocabulary_from_characters
 from .audio import AudioDecodingError, load_audio
+from .saved_files import write_json_atomically
 from .transcripts import normalize_transcript
 
 logger = logging.getLogger(__name__)
@@ -658,11 +658,8 @@ def build_vocabulary(texts: Iterable[str]) -> dict[str, int]:
 def write_vocabulary(vocab: dict[str, int], path: str) -> None:
     """Write `vocab` as the `vocab.json` a `Wav2Vec2CTCTokenizer` reads."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Written to a temporary file and renamed, so that a run killed meanwhile leaves no half-written vocabulary.
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(vocab, handle, ensure_ascii=False, indent=0)
-    os.replace(temporary, path)
+    # A run killed meanwhile leaves no half-written vocabulary, at most `vocab.json.<pid>.tmp`.
+    write_json_atomically(path, vocab, ensure_ascii=False, indent=0)
 
 
 @dataclass
