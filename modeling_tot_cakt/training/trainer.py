@@ -530,15 +530,15 @@ def earlier_train_metrics(staging: str, output_dir: str) -> dict | None:
 
 def recovered_train_metrics(state: TrainerState) -> dict:
     """
-    Train metrics recovered from a trainer state whose run was killed before saving them: `epoch`,
-    `total_flos` and `train_loss` (the mean of the logged per-interval losses, weighted by their steps).
+    Train metrics recovered from a trainer state whose run was killed before saving them: `epoch` and
+    `train_loss` (the mean of the logged per-interval losses, weighted by their steps).
     """
     logger.warning(
         "The run that trained to step %d was stopped before it saved its train metrics: train_results.json gets "
-        "those its trainer state keeps (epoch, total_flos, train_loss from the logged losses), not its run time.",
+        "those its trainer state keeps (epoch, train_loss from the logged losses), not its run time.",
         state.global_step,
     )
-    metrics = {"epoch": state.epoch, "total_flos": state.total_flos}
+    metrics = {"epoch": state.epoch}
     total, previous = 0.0, 0
     for entry in state.log_history:
         if "loss" in entry and "step" in entry:
