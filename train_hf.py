@@ -69,6 +69,7 @@ from modeling_tot_cakt.training.trainer import (
     TOTCAKTTrainer,
     TOTCAKTTrainingArguments,
     build_model,
+    check_saved_model,
     checkpoint_problem,
     last_complete_checkpoint,
     load_teacher,
@@ -398,12 +399,14 @@ def load_processor(
     """
     vocab_file = os.path.join(training_args.output_dir, "vocab.json")
     if resume_checkpoint is not None and os.path.isfile(os.path.join(resume_checkpoint, "vocab.json")):
+        check_saved_model(resume_checkpoint)  # its vocab.json must fit the weights about to be loaded
         processor = upgrade_feature_extractor(AutoProcessor.from_pretrained(resume_checkpoint))
         if training_args.should_save:  # output_dir keeps the vocabulary the weights were trained with
             write_vocabulary(processor.tokenizer.get_vocab(), vocab_file)
         logger.info(f"Vocabulary of the resumed checkpoint {resume_checkpoint}.")
         return processor
     if model_args.model_name_or_path is not None:
+        check_saved_model(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token)
         return upgrade_feature_extractor(
             AutoProcessor.from_pretrained(
                 model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token

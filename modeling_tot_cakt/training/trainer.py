@@ -31,7 +31,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..configuration_tot_cakt import TOTCAKTConfig
-from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher, teacher_loading_advice  # load_teacher: re-exported
+from ..modeling_tot_cakt import (  # load_teacher: re-exported
+    TOTCAKTForCTC,
+    config_file_problem,
+    load_teacher,
+    teacher_loading_advice,
+    vocabulary_problem,
+)
 from .saved_files import (
     FILE_MANIFEST,
     folder_problem,
@@ -155,6 +161,25 @@ def build_model(
     else:
         model = TOTCAKTForCTC(config)
     return model
+
+
+def check_saved_model(name_or_path: str, **hub_kwargs) -> TOTCAKTConfig:
+    """
+    The configuration of a saved TOT-CAKT model or checkpoint (Hub id or folder), once the files that must agree
+    are checked: its `config.json` loads, and its `vocab.json` has `vocab_size` symbols (see
+    [`vocabulary_problem`]), so that the processor and the model loaded from it fit each other.
+
+    Raises:
+        ValueError: naming the damaged or inconsistent file and what to do.
+    """
+    problem = config_file_problem(TOTCAKTConfig, name_or_path, hub_kwargs)
+    if problem is not None:
+        raise ValueError(problem)
+    config = TOTCAKTConfig.from_pretrained(name_or_path, **hub_kwargs)
+    problem = vocabulary_problem(name_or_path, config.vocab_size, hub_kwargs)
+    if problem is not None:
+        raise ValueError(problem)
+    return config
 
 
 def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds: float = 1.0) -> int:
@@ -647,6 +672,7 @@ __all__ = [
     "TOTCAKTTrainer",
     "TOTCAKTTrainingArguments",
     "build_model",
+    "check_saved_model",
     "checkpoint_problem",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
