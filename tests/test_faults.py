@@ -270,6 +270,21 @@ def test_an_unfinished_checkpoint_given_to_resume_from_is_refused(speech_corpus,
         )
 
 
+def test_a_checkpoint_with_a_cut_off_optimizer_given_to_resume_from_is_refused_naming_the_file(
+    speech_corpus, tmp_path
+):
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-7", state=json.dumps({"global_step": 7}))
+    write_file_manifest(checkpoint)
+    cut_off(checkpoint / "optimizer.pt")
+    with pytest.raises(
+        ValueError, match=rf"checkpoint-7 is not a complete checkpoint: {checkpoint / 'optimizer.pt'} has "
+    ):
+        run_training(
+            "--output_dir", tmp_path / "out", "--dataset_name", speech_corpus.root, "--do_train",
+            "--resume_from_checkpoint", checkpoint,
+        )  # fmt: skip
+
+
 def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog):
     model = make_model(alignment="none")
     processor = make_processor(tmp_path, model)

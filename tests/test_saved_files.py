@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_remote_code import BLOCK_PACKAGE
 from test_train_hf import run_training
 from tiny_models import make_model, make_processor
 from transformers import AutoModel, AutoModelForCTC, pipeline
@@ -166,17 +167,9 @@ def test_check_saved_model_names_the_file_that_does_not_fit(folder, damage):
     assert_names(error, message, folder)
 
 
-FRESH_PROCESS = textwrap.dedent(
+# Loads each folder of its arguments without the package, as remote code, and prints the error's first line.
+FRESH_PROCESS = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_tot_cakt" or name.startswith("modeling_tot_cakt."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
     from transformers import AutoModelForCTC
 
     for folder in sys.argv[1:]:
