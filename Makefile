@@ -10,7 +10,7 @@ PRESET ?= quick
 DEMO_DIR ?= outputs/demo
 BENCH_DEVICE ?= cpu
 
-.PHONY: install system-deps lint test demo bench bench-quick bench-quality mutation clean
+.PHONY: install system-deps kenlm lint test demo bench bench-quick bench-quality mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -26,10 +26,34 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install -e ".[dev,demo,lm]"
+	$(PY) -m pip install --no-deps "pyctcdecode==0.5.0"  # see the lm extra in pyproject.toml
 	touch $@
 
-install: system-deps $(VENV)/.installed
+# KenLM's estimator (lmplz) and build_binary for the character language models: the kenlm sdist on PyPI holds
+# their sources (the wheel only the query module); they build with CMake and Boost from Debian's packages in
+# about 3 minutes on 2 cores and go to the venv's bin, where modeling_tot_cakt.training.language_model finds them.
+KENLM_VERSION ?= 0.3.0
+KENLM_BUILD_PACKAGES := cmake build-essential libboost-program-options-dev libboost-system-dev \
+	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
+KENLM_SRC := $(VENV)/kenlm-src
+$(VENV)/bin/lmplz: | $(VENV)/.installed
+	@if command -v cmake >/dev/null && test -e /usr/include/boost/program_options.hpp \
+		&& test -e /usr/include/boost/thread.hpp && test -e /usr/include/zlib.h; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(KENLM_BUILD_PACKAGES); \
+	else echo "Building KenLM's lmplz needs: $(KENLM_BUILD_PACKAGES)"; exit 1; fi
+	rm -rf $(KENLM_SRC) && mkdir -p $(KENLM_SRC)
+	$(PY) -m pip download --quiet --no-deps --no-binary kenlm --no-build-isolation -d $(KENLM_SRC) "kenlm==$(KENLM_VERSION)"
+	tar xzf $(KENLM_SRC)/kenlm-$(KENLM_VERSION).tar.gz -C $(KENLM_SRC) --strip-components 1
+	cmake -S $(KENLM_SRC) -B $(KENLM_SRC)/build -DCMAKE_BUILD_TYPE=Release >$(KENLM_SRC)/cmake.log
+	cmake --build $(KENLM_SRC)/build --target lmplz build_binary -j 2 >$(KENLM_SRC)/build.log
+	cp $(KENLM_SRC)/build/bin/lmplz $(KENLM_SRC)/build/bin/build_binary $(VENV)/bin/
+	rm -rf $(KENLM_SRC)
+
+kenlm: $(VENV)/bin/lmplz
+
+install: system-deps $(VENV)/.installed $(VENV)/bin/lmplz
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the suite.
 lint: install
@@ -45,8 +69,11 @@ MUTATION_ARGS ?=
 mutation: install
 	$(PY) tests/mutation/mutation_check.py $(MUTATION_ARGS)
 
+# The quick preset finishes within DEMO_MINUTES (training stops when its share is spent); the others run their steps.
+DEMO_MINUTES ?= 20
 demo: install
-	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR)
+	$(PY) -m modeling_tot_cakt.demo --preset $(PRESET) --work_dir $(DEMO_DIR) \
+		$(if $(filter quick,$(PRESET)),--time_budget_minutes $(DEMO_MINUTES))
 
 # Speed figures (under 30 minutes on 2 CPU cores); results go to docs/results/.
 bench-quick: install

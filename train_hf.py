@@ -33,10 +33,17 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
-from modeling_tot_cakt.configuration_tot_cakt import ALIGNMENT_MODES, CTC_REDUCTIONS, GRAD_MODES
+from modeling_tot_cakt.configuration_tot_cakt import (
+    ADAPTER_TYPES,
+    ALIGNMENT_MODES,
+    CTC_INPUTS,
+    CTC_REDUCTIONS,
+    GRAD_MODES,
+)
 from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
 from modeling_tot_cakt.training.data import (
+    TEXT_COLUMN,
     build_vocabulary,
     count_out_of_vocabulary,
     dataset_texts,
@@ -45,6 +52,7 @@ from modeling_tot_cakt.training.data import (
     normalize_split,
     write_vocabulary,
 )
+from modeling_tot_cakt.training.language_model import decode_and_score, feature_logits
 from modeling_tot_cakt.training.model_card import (
     cer_result,
     describe_training_data,
@@ -107,6 +115,15 @@ class ModelArguments:
         default=None,
         metadata={"help": "A CTC tokenizer whose vocabulary to use instead of one built from the transcripts."},
     )
+    language_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A character n-gram model (ARPA; python -m modeling_tot_cakt.training.language_model estimate): "
+            "after training it is saved with the model, its weight and bonus chosen on the eval split, and eval and "
+            "test are scored greedily and with it (eval_lm_results.json, test_lm_results.json)."
+        },
+    )
+    lm_beam_width: int = field(default=32, metadata={"help": "Beam width of the --language_model decoding."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store models and datasets from the Hub."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
     freeze_feature_encoder: bool = field(
@@ -176,8 +193,22 @@ class TOTCAKTArguments:
         default=None,
         metadata={"help": "Teacher layer whose token features the alignment uses (-1: the last; 0: the embeddings)."},
     )
-    adapter_hidden_size: int | None = field(default=None, metadata={"help": "Width of the adapter's hidden layers."})
-    adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the adapter."})
+    ctc_input: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the CTC head reads: encoder (the encoder's frames) or adapter (the adapted features, the "
+            "adapter then ships with the model).",
+            "choices": CTC_INPUTS,
+        },
+    )
+    adapter_type: str | None = field(
+        default=None,
+        metadata={"help": "mlp (LayerNorm and linear layers) or linear (one projection).", "choices": ADAPTER_TYPES},
+    )
+    adapter_hidden_size: int | None = field(
+        default=None, metadata={"help": "Width of the hidden layers of the mlp adapter."}
+    )
+    adapter_num_layers: int | None = field(default=None, metadata={"help": "Linear layers in the mlp adapter."})
     tot_lambda1: float | None = field(default=None, metadata={"help": "Weight of the local order reward."})
     tot_lambda2: float | None = field(default=None, metadata={"help": "KL / entropic regularisation weight."})
     tot_sigma: float | None = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
@@ -229,7 +260,12 @@ class DataTrainingArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Stream the data instead of preparing it up front (needs --max_steps)."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the preprocessed datasets."})
+    overwrite_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the preprocessed datasets (audio files changed in place are recomputed without it)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start afresh in --output_dir instead of resuming from its last checkpoint."}
     )
@@ -297,6 +333,16 @@ def check_arguments(
             f"--hub_teacher_id names the teacher on the Hub: give a repository id (name or owner/name), not "
             f"'{training_args.hub_teacher_id}'."
         )
+    if model_args.language_model is not None:
+        if not training_args.do_eval:
+            raise ValueError(
+                "--language_model needs --do_eval: its weight is chosen on the eval split, never on test."
+            )
+        if not os.path.isfile(model_args.language_model):
+            raise ValueError(
+                f"--language_model {model_args.language_model} is not a file: give an ARPA character model "
+                "(python -m modeling_tot_cakt.training.language_model estimate --text ... --output ...)."
+            )
     # The model card and upload are done here, once, after training: keep the Trainer from pushing on its own.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False  # the collator needs the transcript column
@@ -617,11 +663,13 @@ def train_and_evaluate(
             trainer._load_from_checkpoint(resume_checkpoint)
             trainer.state = finished
             metrics = None  # save_final takes those of the run that trained
-        else:
+        train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
+        if finished is None:
             metrics = trainer.train(resume_from_checkpoint=resume_checkpoint).metrics
+            if train_samples is not None:
+                metrics["train_samples"] = train_samples
             trainer.log_metrics("train", metrics)
         # The model (with auto_map and its code files, ready for pipeline()), processor, state and metrics.
-        train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
         trainer.save_final(metrics, train_samples=train_samples)
         set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
         if training_args.should_save and os.path.isdir(set_aside):
@@ -636,6 +684,51 @@ def train_and_evaluate(
             trainer.log_metrics(name, metrics)
             trainer.save_metrics(name, metrics)
             results[name] = metrics
+    return results
+
+
+def score_with_language_model(
+    trainer: TOTCAKTTrainer,
+    processor: ProcessorMixin,
+    vectorized_datasets: dict,
+    model_args: ModelArguments,
+    training_args: TOTCAKTTrainingArguments,
+) -> dict:
+    """
+    Attach --language_model to output_dir with the weight and bonus that decode the eval split best, and score
+    eval and test greedily and with it, each with its error split (homophone substitutions, tone errors, the
+    rest; the spoken syllables as pypinyin reads the references). Writes <split>_lm_results.json.
+    """
+    input_name = processor.feature_extractor.model_input_names[0]
+    splits = [name for name in ("eval", "test") if name in vectorized_datasets]
+    logits = {name: feature_logits(trainer.model, processor, vectorized_datasets[name][input_name]) for name in splits}
+    scored = decode_and_score(
+        processor,
+        training_args.output_dir,
+        model_args.language_model,
+        logits=logits,
+        references={name: vectorized_datasets[name][TEXT_COLUMN] for name in splits},
+        tune_split="eval",
+        beam_width=model_args.lm_beam_width,
+    )
+    results = {}
+    for name in splits:
+        metrics = {
+            f"{name}_cer_greedy": scored[name]["greedy"]["cer"],
+            f"{name}_cer_lm": scored[name]["lm"]["cer"],
+            **{
+                f"{name}_{decoding}_{key}": value
+                for decoding in ("greedy", "lm")
+                for key, value in scored[name][decoding].items()
+                if key.endswith("_cer")
+            },
+            "lm_alpha": scored["weights"]["alpha"],
+            "lm_beta": scored["weights"]["beta"],
+            "lm_beam_width": model_args.lm_beam_width,
+        }
+        trainer.log_metrics(f"{name}_lm", metrics)
+        trainer.save_metrics(f"{name}_lm", metrics)
+        results[f"{name}_lm"] = metrics
     return results
 
 
@@ -738,6 +831,12 @@ def main():
 
         # 10. Train, evaluate, test.
         results = train_and_evaluate(trainer, vectorized_datasets, resume_checkpoint, data_args, training_args)
+
+        # 10b. With a character language model: save it with the model, score eval and test with it too.
+        if model_args.language_model and trainer.is_world_process_zero():
+            results.update(
+                score_with_language_model(trainer, processor, vectorized_datasets, model_args, training_args)
+            )
 
         # 11. Model card, and the upload.
         if trainer.is_world_process_zero():

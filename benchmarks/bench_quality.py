@@ -18,7 +18,7 @@ its finished runs; a rerun reuses runs trained to completion with the same argum
 
 Presets: ``quality`` (the quick demo's corpus and teacher, from scratch, 3,000 steps, five seeds, two
 runs at a time on one thread each), ``transfer``
-(the paper's regime: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
+(a user's fine-tune: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
 preset's syllable-pretrained encoder) and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU).
 ``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1388``
 for a quarter of the training transcripts, ``align_loss_weight=1.0``, ``teacher_layer=1``),
@@ -86,7 +86,7 @@ PRESETS = {
         parallel=2,
         threads_per_run=1,
     ),
-    # The paper's regime: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
+    # A user's fine-tune of a pretrained encoder: the transfer demo preset (the quality preset's corpus, teacher and 3,000 steps,
     # from a syllable-pretrained encoder), five seeds paired across the methods, two runs at a time on one
     # thread each.
     "transfer": BenchPreset(
@@ -106,6 +106,18 @@ PRESETS = {
 }
 
 
+def lm_decoding(preset: demo.DemoPreset, paths: demo.DemoPaths, arpa: str) -> dict:
+    """A run's dev and test decoded with the character language model (weights chosen on dev)."""
+    decoding = demo.decoding_stage(preset, paths, arpa)
+    return {
+        "weights": {name: decoding["weights"][name] for name in ("alpha", "beta", "beam_width")},
+        "dev_cer": decoding["dev"]["lm"]["cer"],
+        "test_cer": decoding["test"]["lm"]["cer"],
+        "test_errors": decoding["test"]["lm"],
+        "speed": decoding["speed"],
+    }
+
+
 def run_once(
     preset: demo.DemoPreset,
     base: demo.DemoPaths,
@@ -113,9 +125,11 @@ def run_once(
     threads: int | None,
     score_in_process: bool = False,
     rescore: bool = False,
+    language_model: str | None = None,
 ) -> dict:
     """Train and evaluate one run (or reuse a completed one: its record as it is, or with its test error
-    split decoded again by the current code when ``rescore``); returns its result record."""
+    split decoded again by the current code when ``rescore``); with `language_model` (an ARPA file) its dev and
+    test are also decoded with it (``result["lm"]``). Returns its result record."""
     paths = demo.DemoPaths(
         root=run_dir,
         corpus=base.corpus,
@@ -132,7 +146,9 @@ def run_once(
         result = json.loads(result_file.read_text(encoding="utf-8"))
         if rescore:
             result["test_errors"] = demo.error_split_stage(paths, "test")
-            result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        if language_model and (rescore or "lm" not in result):
+            result["lm"] = lm_decoding(preset, paths, language_model)
+        result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
     train_seconds = time.perf_counter() - start
     errors = demo.error_split_stage(paths, "test")
@@ -154,6 +170,8 @@ def run_once(
         "test_errors": errors,
         "model_dir": str(paths.model),
     }
+    if language_model:
+        result["lm"] = lm_decoding(preset, paths, language_model)
     result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -192,6 +210,26 @@ def paired_difference(runs: list[dict], method: str, baseline: str, metric: str 
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(seeds), "per_seed": differences.tolist()}
 
 
+ERROR_METRICS = ("homophone_cer", "other_cer", "tone_cer")
+
+
+def with_lm_decoded_runs(runs: list[dict]) -> list[dict]:
+    """`runs` with their test error split as top-level ``test_<metric>`` values, plus, for each run decoded with
+    the language model, a record of that decoding as method ``<alignment>+lm`` (same seed): what
+    :func:`paired_difference` pairs, e.g. ``none+lm`` against ``none``."""
+    flat = []
+    for run in runs:
+        errors = {
+            f"test_{name}": run["test_errors"][name] for name in ERROR_METRICS if name in run.get("test_errors", {})
+        }
+        flat.append({**run, **errors})
+        if "lm" in run:
+            lm = run["lm"]
+            errors = {f"test_{name}": lm["test_errors"][name] for name in ERROR_METRICS}
+            flat.append({"alignment": f"{run['alignment']}+lm", "seed": run["seed"], **errors, **lm})
+    return flat
+
+
 def summarise(runs: list[dict], target_cer: float | None) -> dict:
     """Per-method dev/test CER mean +- std, mean curves, and steps to reach the target CER.
 
@@ -225,6 +263,18 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
         }
         for method, baseline in (("tot", "none"), ("tot", "ot"), ("ot", "none"))
     }
+    flat = with_lm_decoded_runs(runs)
+    decoded = sorted({run["alignment"] for run in runs if "lm" in run})
+    metrics = ("test_cer", "dev_cer", *(f"test_{name}" for name in ERROR_METRICS))
+    for method in decoded:
+        lm_runs = [run for run in flat if run["alignment"] == f"{method}+lm"]
+        summary["methods"][method]["with_lm"] = {
+            metric: _mean_std([run[metric] for run in lm_runs]) for metric in metrics
+        }
+        # The positive control: the same models, decoded with the LM instead of greedily.
+        summary["paired_differences"][f"{METHODS[method]} with LM - greedy"] = {
+            metric: paired_difference(flat, f"{method}+lm", method, metric) for metric in metrics
+        }
     return summary
 
 
@@ -289,6 +339,11 @@ def main(argv=None) -> dict:
         help="Decode the test set of runs already finished again (the error split of the current code).",
     )
     parser.add_argument(
+        "--lm",
+        action="store_true",
+        help="Decode every run's dev and test also with the character n-gram LM of the teacher's text (weights on dev).",
+    )
+    parser.add_argument(
         "--label", default="default", help="Name of this variant; its runs go to <work_dir>/<preset>/<label>."
     )
     args = parser.parse_args(argv)
@@ -313,6 +368,7 @@ def main(argv=None) -> dict:
     corpus = demo.synthesize_stage(preset, base)
     teacher = demo.teacher_stage(preset, base)
     encoder = demo.encoder_stage(preset, base)
+    language_model = demo.language_model_stage(preset, base)["arpa"] if args.lm else None
 
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in args.methods]
     runs: list[dict] = []
@@ -360,6 +416,7 @@ def main(argv=None) -> dict:
             teacher=preset.teacher,
             train={**preset.train, **overrides, "alignment": method, "seed": seed},
             encoder=preset.encoder,
+            lm=preset.lm,
         )
         result = run_once(
             run_preset,
@@ -368,6 +425,7 @@ def main(argv=None) -> dict:
             bench.threads_per_run,
             bench.score_in_process,
             rescore=args.rescore,
+            language_model=language_model,
         )
         with lock:
             runs.append(result)
@@ -396,12 +454,13 @@ def main(argv=None) -> dict:
                 f"other {method['test_other_cer']['mean']:.4f}"
             )
     for name, metrics in report["summary"]["paired_differences"].items():
-        if metrics["test_cer"] is not None:
-            difference = metrics["test_cer"]
-            print(
-                f"{name}: test CER {difference['mean']:+.4f}, 95 % CI [{difference['ci95'][0]:+.4f}, "
-                f"{difference['ci95'][1]:+.4f}] (n = {difference['n']} paired seeds)"
-            )
+        for metric in ("test_cer", "test_homophone_cer"):
+            difference = metrics.get(metric)
+            if difference is not None:
+                print(
+                    f"{name}: {metric} {difference['mean']:+.4f}, 95 % CI [{difference['ci95'][0]:+.4f}, "
+                    f"{difference['ci95'][1]:+.4f}] (n = {difference['n']} paired seeds)"
+                )
     return report
 
 

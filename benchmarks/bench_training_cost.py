@@ -238,7 +238,8 @@ class StageTimer:
         """``(iterations, largest marginal error)`` of each recorded Sinkhorn call (solved again with
         ``log=True``, untimed)."""
         with torch.no_grad():
-            logs = [function(*args, **kwargs, log=True)[1] for function, args, kwargs in self.sinkhorn_calls]
+            # The model may already ask for the log (it does, for its convergence warning).
+            logs = [function(*args, **{**kwargs, "log": True})[1] for function, args, kwargs in self.sinkhorn_calls]
         return [(log["n_iter"], log["marginal_error"].max().item()) for log in logs]
 
     @contextlib.contextmanager
@@ -278,9 +279,10 @@ def added_stages(model: TOTCAKTForCTC, hidden_states, frame_mask, batch: dict, b
             )
         else:
             tokens, token_mask = batch["teacher_hidden_states"], batch["teacher_token_mask"]
-        ot, align, _ = model._alignment(hidden_states, frame_mask, tokens, token_mask)
+        losses = model._alignment(model.adapter(hidden_states), frame_mask, tokens, token_mask)
     with timer.stage("alignment backward"):
-        (model.config.ot_loss_weight * ot + model.config.align_loss_weight * align).backward()
+        weights = model.config
+        (weights.ot_loss_weight * losses["ot_loss"] + weights.align_loss_weight * losses["align_loss"]).backward()
     return {name: timer.seconds.get(name, 0.0) for name in PROFILE_STAGES}, timer.sinkhorn_logs()
 
 

@@ -1,6 +1,6 @@
 """TOT-CAKT: temporal-order-preserving optimal-transport knowledge transfer for CTC speech recognition."""
 
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCTC
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoProcessor
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .feature_extraction_tot_cakt import TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor
@@ -13,6 +13,7 @@ from .modeling_tot_cakt import (
     load_teacher,
 )
 from .processing_tot_cakt import create_processor, create_tokenizer
+from .processing_tot_cakt_lm import TOTCAKTProcessorWithLM
 from .tot import tot_sinkhorn
 
 # Local use: the Auto classes know the model without trust_remote_code.
@@ -25,12 +26,14 @@ AutoModelForCTC.register(TOTCAKTConfig, TOTCAKTForCTC)
 # never stands for one of them.
 for feature_extractor_class in (TOTCAKTFeatureExtractor, TOTCAKTLogMelFeatureExtractor):
     AutoFeatureExtractor.register(feature_extractor_class, feature_extractor_class)
+AutoProcessor.register(TOTCAKTProcessorWithLM, TOTCAKTProcessorWithLM)  # found by the name in processor_config.json
 # Saved folders carry `auto_map` and the code files, for processes where this package is absent.
 TOTCAKTConfig.register_for_auto_class()
 TOTCAKTModel.register_for_auto_class("AutoModel")
 TOTCAKTForCTC.register_for_auto_class("AutoModelForCTC")
 TOTCAKTFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 TOTCAKTLogMelFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+TOTCAKTProcessorWithLM.register_for_auto_class("AutoProcessor")
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,7 @@ __all__ = [
     "TOTCAKTModelOutput",
     "TOTCAKTOutput",
     "TOTCAKTPreTrainedModel",
+    "TOTCAKTProcessorWithLM",
     "create_processor",
     "create_tokenizer",
     "load_teacher",

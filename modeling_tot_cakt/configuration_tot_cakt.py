@@ -10,6 +10,10 @@ from .tot import GRAD_MODES
 
 ALIGNMENT_MODES = ("tot", "ot", "none")
 CTC_REDUCTIONS = ("mean", "sum")
+# What the CTC head reads: the encoder's frames, or those frames mapped by the adapter into the teacher's space.
+CTC_INPUTS = ("encoder", "adapter")
+# "mlp": LayerNorm and `adapter_num_layers` linear layers; "linear": a single projection.
+ADAPTER_TYPES = ("mlp", "linear")
 
 # Audio encoders whose base model maps `input_values`/`input_features` to frame features and
 # exposes `_get_feature_vector_attention_mask` (all wav2vec-style models in transformers).
@@ -61,8 +65,10 @@ def _encoder_config(value: dict | PreTrainedConfig | None) -> PreTrainedConfig:
 class TOTCAKTConfig(PreTrainedConfig):
     r"""
     Configuration of a [`TOTCAKTForCTC`]: a wav2vec-style acoustic encoder with a CTC head and, for
-    training only, an adapter plus a temporal-order-preserving optimal-transport (TOT) alignment to a
-    frozen pretrained language model (the *teacher*).
+    training, an adapter plus a temporal-order-preserving optimal-transport (TOT) alignment to a
+    frozen pretrained language model (the *teacher*). The CTC head reads the encoder's frames
+    (`ctc_input="encoder"`), or the adapter's output, the features that the alignment shapes
+    (`ctc_input="adapter"`); either way the teacher is needed for training only.
 
     Args:
         encoder_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -82,7 +88,13 @@ class TOTCAKTConfig(PreTrainedConfig):
         ctc_zero_infinity (`bool`, defaults to `True`):
             Zero infinite CTC losses (more labels than frames) instead of propagating `inf`.
         final_dropout (`float`, defaults to 0.0):
-            Dropout on encoder features before the CTC head.
+            Dropout on the encoder's features before the CTC head and the adapter.
+        ctc_input (`str`, defaults to `"encoder"`):
+            What the CTC head reads: `"encoder"`, the encoder's frames (the adapter is a training-only side
+            branch), or `"adapter"`, the adapted features, i.e. the frames mapped into the teacher's feature space
+            that the alignment shapes. With `"adapter"` the adapter is part of the recogniser: its weights are
+            saved with the model, the head's input size is `teacher_hidden_size`, and inference still needs no
+            teacher. `"adapter"` with `alignment="none"` is the CTC-only baseline of the same architecture.
         teacher_name_or_path (`str`, defaults to `"bert-base-chinese"`):
             Frozen BERT-like language model (Hub id or local folder) used during training only.
         teacher_hidden_size (`int`, defaults to 768):
@@ -91,15 +103,19 @@ class TOTCAKTConfig(PreTrainedConfig):
             Which of the teacher's `hidden_states` gives the token features that the frames are aligned
             to: `0` is the embedding output, `k` the output of layer `k`, negative values count from the
             end (`-1`, the last layer, is `last_hidden_state`).
+        adapter_type (`str`, defaults to `"mlp"`):
+            `"mlp"`: a LayerNorm followed by `adapter_num_layers` linear layers (GELU and dropout between them);
+            `"linear"`: a single linear projection from the encoder's to the teacher's feature size, without
+            normalisation (`adapter_hidden_size`, `adapter_num_layers` and `adapter_dropout` are then unused).
         adapter_hidden_size (`int`, defaults to 512):
-            Width of the adapter's hidden layers.
+            Width of the hidden layers of the `"mlp"` adapter.
         adapter_num_layers (`int`, defaults to 2):
-            Number of linear layers of the adapter (1 = a single projection).
+            Number of linear layers of the `"mlp"` adapter (1 = LayerNorm and one projection).
         adapter_dropout (`float`, defaults to 0.1):
-            Dropout inside the adapter.
+            Dropout inside the `"mlp"` adapter.
         alignment (`str`, defaults to `"tot"`):
             `"tot"` (TOT-CAKT), `"ot"` (plain entropic OT, the OT-CAKT baseline) or `"none"`
-            (CTC-only baseline: no adapter, no teacher).
+            (CTC-only baseline: no teacher, and no adapter unless `ctc_input="adapter"`).
         tot_lambda1 (`float`, defaults to 1.0):
             Weight of the local order reward `S_ij = lambda1 / ((u_i - v_j)^2 + 1)`.
         tot_lambda2 (`float`, defaults to 0.1):
@@ -130,9 +146,11 @@ class TOTCAKTConfig(PreTrainedConfig):
     ctc_loss_reduction: str = "mean"
     ctc_zero_infinity: bool = True
     final_dropout: float = 0.0
+    ctc_input: str = "encoder"
     teacher_name_or_path: str = "bert-base-chinese"
     teacher_hidden_size: int = 768
     teacher_layer: int = -1
+    adapter_type: str = "mlp"
     adapter_hidden_size: int = 512
     adapter_num_layers: int = 2
     adapter_dropout: float = 0.1
@@ -172,6 +190,8 @@ class TOTCAKTConfig(PreTrainedConfig):
             f"one of {CTC_REDUCTIONS}",
             self.ctc_loss_reduction,
         )
+        _check(self.ctc_input in CTC_INPUTS, "ctc_input", f"one of {CTC_INPUTS}", self.ctc_input)
+        _check(self.adapter_type in ADAPTER_TYPES, "adapter_type", f"one of {ADAPTER_TYPES}", self.adapter_type)
         for name in ("final_dropout", "adapter_dropout"):
             value = getattr(self, name)
             _check(_is_number(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
@@ -236,6 +256,16 @@ class TOTCAKTConfig(PreTrainedConfig):
         return self.alignment != "none"
 
     @property
+    def has_adapter(self) -> bool:
+        """Whether the model has the adapter: for the alignment, or because the CTC head reads its output."""
+        return self.uses_teacher or self.ctc_input == "adapter"
+
+    @property
+    def ctc_input_size(self) -> int:
+        """Size of the features the CTC head reads: the teacher's feature size when it reads the adapter."""
+        return self.teacher_hidden_size if self.ctc_input == "adapter" else self.hidden_size
+
+    @property
     def hidden_size(self) -> int:
         """Size of the encoder's output features (after its optional frame-rate adapter)."""
         enc = self.encoder_config
@@ -249,6 +279,15 @@ class TOTCAKTConfig(PreTrainedConfig):
         # when it has one, else the width of its transformer layers.
         enc = self.encoder_config
         setattr(enc, "output_hidden_size" if getattr(enc, "add_adapter", False) else "hidden_size", value)
+
+    def to_dict(self) -> dict:
+        """
+        [`~PreTrainedConfig.to_dict`] with `hidden_size` as a key, as transformers' configurations write it (it is
+        a property over `encoder_config`, not an attribute); loading it sets the same value in `encoder_config`.
+        """
+        output = super().to_dict()
+        output["hidden_size"] = self.hidden_size
+        return output
 
 
 __all__ = ["TOTCAKTConfig"]

@@ -60,14 +60,27 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
             A folder without tokenizer files still loads a 5-token BERT tokenizer that reads every
             character as [UNK]; that, and ids beyond the embedding table, are refused.
     """
+    # transformers reports every checkpoint key the encoder does not use (a masked-LM head, `cls.*`) and every one
+    # it lacks (the pooler, unused here) in a table; the teacher's are checked here and only a real gap is said.
+    report_logger = logging.get_logger("transformers.modeling_utils")
+    level = report_logger.level
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        teacher = AutoModel.from_pretrained(name_or_path, **hub_kwargs)
+        report_logger.setLevel(logging.ERROR)
+        teacher, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} "
             f"{teacher_loading_advice(name_or_path)}"
         ) from err
+    finally:
+        report_logger.setLevel(level)
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("pooler."))
+    if missing:
+        raise ValueError(
+            f"The teacher checkpoint at teacher_name_or_path='{name_or_path}' lacks {len(missing)} weights its "
+            f"encoder needs ({', '.join(missing[:3])}, ...): they would be random. Give a complete checkpoint."
+        )
     # A checkpoint's embedding table may have a few padding rows more than its tokenizer has tokens, never
     # fewer; a tokenizer with less than half as many tokens is not the one the teacher was trained with.
     embeddings = teacher.get_input_embeddings().num_embeddings
@@ -194,7 +207,7 @@ class TOTCAKTModelOutput(ModelOutput):
             Frame features of the acoustic encoder's last layer (after its frame-rate adapter, if any).
         adapted_features (`torch.FloatTensor` of shape `(batch_size, frames, teacher_hidden_size)`, *optional*):
             `last_hidden_state` mapped into the teacher's feature space by the adapter, returned when
-            `output_adapted_features=True` and the configuration uses a teacher.
+            `output_adapted_features=True` and the model has an adapter (a teacher, or `ctc_input="adapter"`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The encoder's embedding output and each layer's output, each `(batch_size, frames, encoder hidden size)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
@@ -244,10 +257,16 @@ class TOTCAKTOutput(ModelOutput):
 
 
 class TOTCAKTAdapter(nn.Module):
-    """Maps acoustic frames `(B, N, hidden_size)` into the teacher's space `(B, N, teacher_hidden_size)`."""
+    """
+    Maps acoustic frames `(B, N, hidden_size)` into the teacher's space `(B, N, teacher_hidden_size)`:
+    `config.adapter_type="mlp"`, a LayerNorm and `adapter_num_layers` linear layers, or `"linear"`, one projection.
+    """
 
     def __init__(self, config: TOTCAKTConfig):
         super().__init__()
+        if config.adapter_type == "linear":
+            self.layers = nn.Sequential(nn.Linear(config.hidden_size, config.teacher_hidden_size))
+            return
         layers: list[nn.Module] = [nn.LayerNorm(config.hidden_size)]
         width = config.hidden_size
         for _ in range(config.adapter_num_layers - 1):
@@ -329,8 +348,9 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
 class TOTCAKTModel(TOTCAKTPreTrainedModel):
     """
     The bare TOT-CAKT model: the acoustic encoder (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-BERT, ...)
-    and, when the configuration uses a teacher, the adapter that maps its frames into the teacher's feature
-    space. It outputs frame features, as [`Wav2Vec2Model`] does; [`TOTCAKTForCTC`] adds the CTC head and losses.
+    and, when the configuration uses a teacher or its CTC head reads the adapted features, the adapter that maps
+    its frames into the teacher's feature space. It outputs frame features, as [`Wav2Vec2Model`] does;
+    [`TOTCAKTForCTC`] adds the CTC head and losses.
     """
 
     def __init__(self, config: TOTCAKTConfig):
@@ -338,7 +358,7 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
         self.encoder = AutoModel.from_config(config.encoder_config)
         # The pipeline feeds the feature extractor's output under this name.
         self.main_input_name = self.encoder.main_input_name
-        self.adapter = TOTCAKTAdapter(config) if config.uses_teacher else None
+        self.adapter = TOTCAKTAdapter(config) if config.has_adapter else None
         self.post_init()
 
     def freeze_feature_encoder(self) -> None:
@@ -417,7 +437,7 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
                 The name the log-mel feature extractors give `input_values`.
             output_adapted_features (`bool`, *optional*, defaults to `False`):
                 Also return the frames mapped into the teacher's feature space (needs a configuration with
-                a teacher, i.e. `alignment` other than `"none"`).
+                an adapter: `alignment` other than `"none"`, or `ctc_input="adapter"`).
             output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
                 As in transformers' models; when None, the configuration's values are used.
 
@@ -435,7 +455,8 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
             raise ValueError(f"Pass the audio features as input_values (or {self.main_input_name}).")
         if output_adapted_features and self.adapter is None:
             raise ValueError(
-                'output_adapted_features=True needs the adapter, which a configuration with alignment="none" has not.'
+                'output_adapted_features=True needs the adapter, which a configuration with alignment="none" and '
+                'ctc_input="encoder" has not.'
             )
         if not torch.compiler.is_compiling():
             self.check_inputs(input_values, attention_mask)
@@ -465,7 +486,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
     """
     [`TOTCAKTModel`] with a CTC head. During training the base model's adapter and a TOT alignment head
     couple encoder frames to the token features of a frozen teacher language model, so that
-    `L = w_ctc * L_ctc + w_ot * <T*, C> + w_align * mean_j (1 - cos(â_j, l_j))`.
+    `L = w_ctc * L_ctc + w_ot * <T*, C> + w_align * mean_j (1 - cos(â_j, l_j))`. The CTC head reads the
+    encoder's frames (`config.ctc_input="encoder"`) or the adapter's output (`"adapter"`), the very features the
+    alignment acts on; the adapter is then part of the recogniser and saved with it.
 
     The teacher is attached with [`~TOTCAKTForCTC.attach_teacher`]; it is not a registered submodule,
     so it is never saved with the model, never handed to the optimiser and never needed at inference.
@@ -477,7 +500,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # The pipeline feeds the feature extractor's output under this name.
         self.main_input_name = self.tot_cakt.main_input_name
         self.dropout = nn.Dropout(config.final_dropout)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = nn.Linear(config.ctc_input_size, config.vocab_size)
         self.__dict__["_teacher"] = None  # plain attribute: kept out of state_dict and parameters()
         self.post_init()
 
@@ -488,7 +511,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     @property
     def adapter(self) -> TOTCAKTAdapter | None:
-        """The adapter into the teacher's feature space (`self.tot_cakt.adapter`), None without a teacher."""
+        """The adapter into the teacher's feature space (`self.tot_cakt.adapter`), None when the model has none."""
         return self.tot_cakt.adapter
 
     # ------------------------------------------------------------------ construction helpers
@@ -521,7 +544,10 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         if config is None:
             config = TOTCAKTConfig(encoder_config=encoder.config, **config_kwargs)
         else:
-            config = TOTCAKTConfig.from_dict({**config.to_dict(), "encoder_config": encoder.config.to_dict()})
+            fields = config.to_dict()
+            # `hidden_size` is the old encoder's: the checkpoint's configuration sets it.
+            del fields["hidden_size"]
+            config = TOTCAKTConfig.from_dict({**fields, "encoder_config": encoder.config.to_dict()})
         model = cls(config)
         model.encoder.load_state_dict(encoder.state_dict())
         return model
@@ -679,16 +705,16 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     def _alignment(
         self,
-        hidden_states: torch.Tensor,
+        adapted: torch.Tensor,
         frame_mask: torch.BoolTensor,
         tokens: torch.Tensor,
         token_mask: torch.BoolTensor,
     ) -> dict[str, torch.Tensor]:
         """
-        The alignment terms of adapted frames against teacher token features: `ot_loss`, `align_loss`,
-        `coupling` and the solver's `solver_marginal_error` and `solver_iterations`.
+        The alignment terms of adapted frames `(B, N, teacher_hidden_size)` against teacher token features:
+        `ot_loss`, `align_loss`, `coupling` and the solver's `solver_marginal_error` and `solver_iterations`.
         """
-        adapted = self.adapter(hidden_states).float()
+        adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
         plain = self.config.alignment == "ot"
         coupling, solver = tot_sinkhorn(
@@ -721,7 +747,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
 
     def _losses(
         self,
-        hidden_states: torch.Tensor,
+        adapted: torch.Tensor | None,
         logits: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.LongTensor | None,
@@ -729,22 +755,22 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """
         The loss fields of [`TOTCAKTOutput`] that the inputs allow: `ctc_loss` with `labels`; `ot_loss`,
-        `align_loss`, `coupling` and the solver diagnostics with teacher features; `loss` =
-        `w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` with `labels` (the alignment terms only with teacher
-        features).
+        `align_loss`, `coupling` and the solver diagnostics with teacher features (aligning the `adapted`
+        frames); `loss` = `w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` with `labels` (the alignment terms only
+        with teacher features).
         """
         if labels is None and teacher is None:
             return {}
-        batch_size, frames = hidden_states.shape[:2]
+        batch_size, frames = logits.shape[:2]
         frame_mask = (
             self.frame_mask(frames, attention_mask)
             if attention_mask is not None
-            else torch.ones(batch_size, frames, dtype=torch.bool, device=hidden_states.device)
+            else torch.ones(batch_size, frames, dtype=torch.bool, device=logits.device)
         )
         fields = {}
         if teacher is not None:
-            tokens, token_mask = (t.to(hidden_states.device) for t in teacher)
-            fields.update(self._alignment(hidden_states, frame_mask, tokens, token_mask))
+            tokens, token_mask = (t.to(logits.device) for t in teacher)
+            fields.update(self._alignment(adapted, frame_mask, tokens, token_mask))
         if labels is not None:
             fields["ctc_loss"] = self._ctc_loss(logits, frame_mask.sum(-1), labels)
             fields["loss"] = self.config.ctc_loss_weight * fields["ctc_loss"]
@@ -796,7 +822,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 As in transformers' models; when None, the configuration's values are used.
 
         The alignment losses are computed when teacher features are available and `alignment` is not
-        `"none"`; inference needs neither text nor teacher.
+        `"none"`; inference needs neither text nor teacher. The CTC head reads the encoder's frames, or with
+        `config.ctc_input="adapter"` the adapter's output, which the alignment acts on too.
 
         Returns:
             [`TOTCAKTOutput`] (or a tuple when `return_dict=False`).
@@ -811,8 +838,6 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             return_dict=True,
         )
         hidden_states = self.dropout(outputs.last_hidden_state)
-        logits = self.lm_head(hidden_states)
-
         teacher = self._resolve_teacher_features(
             hidden_states.shape[0],
             teacher_input_ids,
@@ -820,7 +845,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             teacher_hidden_states,
             teacher_token_mask,
         )
-        losses = self._losses(hidden_states, logits, attention_mask, labels, teacher)
+        reads_adapter = self.config.ctc_input == "adapter"
+        # The adapter runs once: its output feeds the alignment and, with ctc_input="adapter", the CTC head.
+        adapted = self.adapter(hidden_states) if reads_adapter or teacher is not None else None
+        logits = self.lm_head(adapted if reads_adapter else hidden_states)
+        losses = self._losses(adapted, logits, attention_mask, labels, teacher)
         if not output_coupling:
             losses.pop("coupling", None)
         output = TOTCAKTOutput(

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from modeling_tot_cakt.training import audio
 from modeling_tot_cakt.training.audio import (
     AudioDecodingError,
     decode_audio,
@@ -106,3 +107,64 @@ def test_in_memory_integer_arrays_decode_like_the_file(tmp_path):
     np.testing.assert_array_equal(load_audio({"array": stereo, "sampling_rate": rate}, 16000), from_array)
     with pytest.raises(AudioDecodingError, match="needs its 'sampling_rate'"):
         load_audio({"array": integers}, 16000)
+
+
+# ------------------------------------------------------------------- clips whose contents are absurd
+def test_huge_finite_float_samples_are_refused_and_integer_scale_is_not(tmp_path):
+    # Samples of 1e30 are finite, but the extractors' squares overflow: zero or NaN features.
+    clip = tone(300, 0.5, 16000)
+    sf.write(tmp_path / "huge.wav", clip * 1e30, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodingError, match=r"huge\.wav has samples of magnitude 5e\+29, where audio lies"):
+        load_audio(tmp_path / "huge.wav", 16000)
+    with pytest.raises(AudioDecodingError, match=r"<audio array> has samples of magnitude 5e\+06"):
+        load_audio({"array": clip * 1e7, "sampling_rate": 16000}, 16000)
+    # A float file written at 16-bit integer scale is loud, not broken: it is kept as it is.
+    sf.write(tmp_path / "int_scale.wav", clip * 2**15, 16000, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(tmp_path / "int_scale.wav", 16000), clip * 2**15)
+
+
+def with_sampling_rate(wav: bytes, rate: int) -> bytes:
+    """A canonical WAV's bytes with the sampling rate of its `fmt ` chunk (bytes 24-27) replaced."""
+    return wav[:24] + rate.to_bytes(4, "little") + wav[28:]
+
+
+@pytest.mark.parametrize("rate", [1, 999, 768_001, 2**31 - 1])
+def test_a_header_with_an_absurd_sampling_rate_is_refused_before_resampling(tmp_path, rate):
+    path = tmp_path / "a.wav"
+    sf.write(path, tone(300, 0.1, 16000), 16000, subtype="PCM_16")
+    path.write_bytes(with_sampling_rate(path.read_bytes(), rate))
+    assert sf.info(path).samplerate == rate
+    with pytest.raises(AudioDecodingError, match=rf"a\.wav claims a sampling rate of {rate} Hz, outside 1000-768000"):
+        load_audio(path, 16000)
+    with pytest.raises(AudioDecodingError, match=rf"claims a sampling rate of {rate} Hz"):
+        load_audio({"array": tone(300, 0.1, 16000), "sampling_rate": rate}, 16000)
+    # The ends of the range are sampling rates like any other.
+    path.write_bytes(with_sampling_rate(path.read_bytes(), 1000))
+    assert len(load_audio(path, 16000)) == 16 * 1600
+
+
+def test_a_header_claiming_more_frames_than_the_file_holds_is_not_believed(tmp_path):
+    path = tmp_path / "claims.flac"
+    sf.write(path, tone(300, 1.0, 16000), 16000)
+    data = bytearray(path.read_bytes())
+    # STREAMINFO's total-samples field is the low 36 bits of bytes 21-25: claim 2**36 - 1 frames.
+    field = int.from_bytes(data[21:26], "big") | (2**36 - 1)
+    data[21:26] = field.to_bytes(5, "big")
+    path.write_bytes(bytes(data))
+    assert sf.info(path).frames == 2**36 - 1  # 256 GiB of float32, for a file of about 30 kB
+    # Decoding goes block by block, never allocating what the header claims (that is a MemoryError);
+    # libsndfile then stumbles at the end of the real data, which names the file.
+    with pytest.raises(AudioDecodingError, match=r"Cannot decode audio .*claims\.flac"):
+        load_audio(path, 16000)
+
+
+def test_a_file_that_decodes_to_far_more_than_its_size_is_refused(tmp_path, monkeypatch):
+    # 10 s of digital silence compress to a few hundred bytes of FLAC: hundreds of samples per byte.
+    sf.write(tmp_path / "bomb.flac", np.zeros(160_000, dtype=np.float32), 16000)
+    size = (tmp_path / "bomb.flac").stat().st_size
+    assert 160_000 / size > 64
+    monkeypatch.setattr(audio, "BLOCK_FRAMES", 1024)  # so that the limit is set by the file's size
+    with pytest.raises(
+        AudioDecodingError, match=rf"bomb\.flac decodes to more than 64 samples per byte of its {size}"
+    ):
+        load_audio(tmp_path / "bomb.flac", 16000)

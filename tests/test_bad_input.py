@@ -233,8 +233,12 @@ def test_missing_or_broken_teacher_folders_are_named(tiny_teacher, tmp_path):
     assert len(tokenizer) == teacher.config.vocab_size
 
 
-def test_continuing_with_a_teacher_of_another_hidden_size_is_refused(tiny_teacher, tmp_path):
-    make_model(teacher_dir=tiny_teacher).save_pretrained(tmp_path / "saved")
+@pytest.mark.parametrize(
+    "saved", [{}, {"alignment": "none", "ctc_input": "adapter"}], ids=["tot", "ctc-only-with-adapter-head"]
+)
+def test_continuing_with_a_teacher_of_another_hidden_size_is_refused(saved, tiny_teacher, tmp_path):
+    """Also for a CTC-only model whose head reads an adapter: the adapter it saved maps to its teacher size."""
+    make_model(teacher_dir=tiny_teacher, **saved).save_pretrained(tmp_path / "saved")
     wider = tmp_path / "wider_teacher"
     shutil.copytree(tiny_teacher, wider)
     BertModel(BertConfig.from_pretrained(tiny_teacher, hidden_size=48)).save_pretrained(wider)
@@ -243,7 +247,7 @@ def test_continuing_with_a_teacher_of_another_hidden_size_is_refused(tiny_teache
             vocab_size=15,
             pad_token_id=0,
             model_name_or_path=str(tmp_path / "saved"),
-            config_overrides={"teacher_name_or_path": str(wider)},
+            config_overrides={"teacher_name_or_path": str(wider), "alignment": "tot"},
         )
 
 

@@ -102,3 +102,21 @@ def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeyp
     assert decoded == [(run_dir / "model", "test")]
     assert rescored == {**record, "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
     assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == rescored
+
+
+def test_lm_decoded_runs_are_paired_with_the_same_models_decoded_greedily():
+    def errors(homophone):
+        return {"homophone_cer": homophone, "other_cer": 0.3, "tone_cer": 0.02}
+
+    runs = []
+    for seed, (greedy, with_lm) in enumerate([(0.10, 0.04), (0.08, 0.05), (0.12, 0.05)]):
+        lm = {"dev_cer": 0.3, "test_cer": 0.3 + with_lm, "test_errors": errors(with_lm)}
+        runs.append({**run("none", seed, 0.5, 0.3 + greedy, []), "test_errors": errors(greedy), "lm": lm})
+    runs.append({**run("tot", 0, 0.5, 0.4, []), "test_errors": errors(0.1)})  # not LM-decoded: no LM pair
+    summary = bench_quality.summarise(runs, target_cer=None)
+    control = summary["paired_differences"]["CTC only with LM - greedy"]
+    assert control["test_homophone_cer"]["per_seed"] == pytest.approx([-0.06, -0.03, -0.07])
+    assert control["test_cer"]["mean"] == pytest.approx(-0.16 / 3)
+    assert control["test_homophone_cer"]["ci95"][1] < 0  # this control moves
+    assert summary["methods"]["none"]["with_lm"]["test_homophone_cer"]["mean"] == pytest.approx(0.14 / 3)
+    assert "TOT-CAKT with LM - greedy" not in summary["paired_differences"]

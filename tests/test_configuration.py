@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from tiny_models import TINY_WAV2VEC2_BERT
 from transformers import AutoConfig, HubertConfig, Wav2Vec2BertConfig, Wav2Vec2Config
@@ -53,6 +55,8 @@ def test_log_mel_encoder_with_frame_rate_reduction():
         ("ot_loss_weight", -0.5, "ot_loss_weight"),
         ("align_loss_weight", float("inf"), "align_loss_weight"),
         ("adapter_num_layers", 0, "adapter_num_layers"),
+        ("ctc_input", "teacher", r"ctc_input must be one of \('encoder', 'adapter'\), got 'teacher'"),
+        ("adapter_type", "conv", r"adapter_type must be one of \('mlp', 'linear'\), got 'conv'"),
         ("adapter_dropout", 1.0, "adapter_dropout must be in"),
         ("teacher_hidden_size", 0, "teacher_hidden_size"),
         ("encoder_config", {"hidden_size": 8}, "model_type"),
@@ -79,7 +83,24 @@ def test_hidden_size_can_be_passed_and_lives_in_the_encoder_config(encoder, fiel
     config.hidden_size = 48
     assert getattr(config.encoder_config, field) == 48
     config.save_pretrained(tmp_path)
-    assert TOTCAKTConfig.from_pretrained(tmp_path).hidden_size == 48
+    # Written as a key, as transformers' configurations write it, and read back into the encoder configuration.
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 48
+    loaded = TOTCAKTConfig.from_pretrained(tmp_path)
+    assert loaded.hidden_size == 48 and getattr(loaded.encoder_config, field) == 48
+
+
+def test_ctc_input_and_adapter_type_default_to_the_encoder_and_the_mlp_and_round_trip(tmp_path):
+    config = TOTCAKTConfig()
+    assert (config.ctc_input, config.adapter_type) == ("encoder", "mlp")
+    assert config.has_adapter and config.ctc_input_size == config.hidden_size == 768
+    TOTCAKTConfig(
+        alignment="none", ctc_input="adapter", adapter_type="linear", teacher_hidden_size=24
+    ).save_pretrained(tmp_path)
+    loaded = TOTCAKTConfig.from_pretrained(tmp_path)
+    assert (loaded.ctc_input, loaded.adapter_type) == ("adapter", "linear")
+    # The CTC-only baseline has no adapter unless its head reads one; the head then reads the teacher's size.
+    assert loaded.has_adapter and loaded.ctc_input_size == 24
+    assert not TOTCAKTConfig(alignment="none").has_adapter
 
 
 def test_teacher_layer_defaults_to_the_last_and_round_trips(tmp_path):

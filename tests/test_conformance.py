@@ -1,6 +1,7 @@
 """transformers' own common model and configuration tests (`ModelTesterMixin`, `ConfigTester`, from the
 sdist of the installed transformers version; see `transformers_common`), run on `TOTCAKTModel` and
-`TOTCAKTForCTC` over a tiny wav2vec2 and a tiny Wav2Vec2-BERT encoder.
+`TOTCAKTForCTC` over a tiny wav2vec2 and a tiny Wav2Vec2-BERT encoder, with the CTC head on the encoder's frames
+and (over wav2vec2) on the adapted features.
 
 Every skip mirrors one of transformers' own `Wav2Vec2ModelTest` / `Wav2Vec2BertModelTest` skips, with its
 reason; export and fullgraph compilation, which the sdist's common tests do not cover, are tested here.
@@ -28,9 +29,10 @@ TEACHER_HIDDEN = 24
 class TOTCAKTModelTester:
     """Configurations and inputs for the common tests, as transformers' `Wav2Vec2ModelTester` makes them."""
 
-    def __init__(self, parent, encoder: dict, batch_size: int = 3, seq_length: int = 1024):
+    def __init__(self, parent, encoder: dict, batch_size: int = 3, seq_length: int = 1024, **config_kwargs):
         self.parent = parent
         self.encoder = dict(encoder)
+        self.config_kwargs = config_kwargs
         self.batch_size = batch_size
         self.is_training = False
         self.hidden_size = encoder["hidden_size"]
@@ -55,6 +57,7 @@ class TOTCAKTModelTester:
             teacher_name_or_path="tiny-teacher",
             teacher_hidden_size=TEACHER_HIDDEN,
             adapter_hidden_size=16,
+            **self.config_kwargs,
         )
 
     def prepare_config_and_inputs(self):
@@ -86,10 +89,12 @@ class TOTCAKTCommonTests(ModelTesterMixin):
     all_model_classes = (TOTCAKTForCTC, TOTCAKTModel)
     _is_composite = True  # the encoder has its own sub-configuration (`encoder_config`)
     encoder: dict = {}
+    config_kwargs: dict = {}
 
     def setUp(self):
-        self.model_tester = TOTCAKTModelTester(self, self.encoder)
-        self.config_tester = ConfigTester(self, config_class=TOTCAKTConfig, has_text_modality=False)
+        self.model_tester = TOTCAKTModelTester(self, self.encoder, **self.config_kwargs)
+        # transformers' own call, as in `Wav2Vec2ModelTest`: `hidden_size` must round-trip as a key of the JSON.
+        self.config_tester = ConfigTester(self, config_class=TOTCAKTConfig, hidden_size=37)
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -123,15 +128,28 @@ class TOTCAKTWav2Vec2BertConformanceTest(TOTCAKTCommonTests, unittest.TestCase):
     encoder = TINY_WAV2VEC2_BERT
 
 
+class TOTCAKTAdapterHeadConformanceTest(TOTCAKTCommonTests, unittest.TestCase):
+    """The CTC head on the adapted features, the adapter then being part of the saved model."""
+
+    encoder = TINY_WAV2VEC2
+    config_kwargs = {"ctc_input": "adapter"}
+
+
 @pytest.mark.parametrize(
-    "encoder, shape", [(TINY_WAV2VEC2, (2, 4000)), (TINY_WAV2VEC2_BERT, (2, 40, 160))], ids=["wav2vec2", "w2v-bert"]
+    "encoder, shape, config_kwargs",
+    [
+        (TINY_WAV2VEC2, (2, 4000), {}),
+        (TINY_WAV2VEC2_BERT, (2, 40, 160), {}),
+        (TINY_WAV2VEC2, (2, 4000), {"ctc_input": "adapter"}),
+    ],
+    ids=["wav2vec2", "w2v-bert", "adapter-head"],
 )
-def test_export_and_fullgraph_compile_match_eager(encoder, shape):
+def test_export_and_fullgraph_compile_match_eager(encoder, shape, config_kwargs):
     """Inference traces as one graph, as for the stock models: no graph break under `torch.compile`, and
     `torch.compile(fullgraph=True)` and `torch.export` give the eager logits. (The `"eager"` compile backend:
     graph capture, where data-dependent branches fail, is what is tested, not code generation.)"""
     torch.manual_seed(0)
-    model = TOTCAKTForCTC(TOTCAKTModelTester(None, encoder).get_config()).eval()
+    model = TOTCAKTForCTC(TOTCAKTModelTester(None, encoder, **config_kwargs).get_config()).eval()
     attention_mask = torch.ones(shape[:2], dtype=torch.long)
     attention_mask[1, shape[1] // 2 :] = 0
     inputs = {model.main_input_name: torch.randn(shape), "attention_mask": attention_mask}

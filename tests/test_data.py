@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -206,3 +207,173 @@ def test_audio_folder_without_metadata_explains_the_torchcodec_limit(tmp_path):
     sf.write(tmp_path / "a.wav", synthesize("你好", np.random.default_rng(0)), SAMPLING_RATE)
     with pytest.raises(ValueError, match="needs torchcodec .* CSV/JSONL manifest"):
         load_speech_split("train", dataset_name=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------- manifests read with a schema
+def write_manifest(tmp_path, name: str, content: str) -> str:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "value, described",
+    [
+        ("true", "the boolean true"),
+        ("1.5", "the number 1.5"),
+        ("NaN", "the number NaN"),
+        ("null", "null"),
+        ('{"zh": "中"}', "a JSON object"),
+        ('["中"]', "a JSON array"),
+    ],
+)
+def test_a_json_transcript_that_is_not_a_string_names_file_row_and_column(tmp_path, value, described):
+    path = write_manifest(
+        tmp_path, "m.jsonl", f'{{"audio": "a.wav", "text": "中国"}}\n\n{{"audio": "b.wav", "text": {value}}}\n'
+    )
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=rf"m\.jsonl, row 2 \(line 3\): column 'text' holds {described}, but"):
+            load_manifest(path, streaming=streaming, cache_dir=str(tmp_path / "cache"))
+
+
+def test_json_transcripts_are_read_verbatim_next_to_integers(tmp_path):
+    # An integer is read as the digits it is written with; no other row is re-interpreted.
+    # U+2028 and U+0085 are allowed inside a JSON string, and a CRLF line end is a line end.
+    rows = '{"audio": "a.wav", "text": "中\u2028国\u0085"}\r\n{"audio": "b.wav", "text": 2024}\n'
+    path = write_manifest(tmp_path, "m.jsonl", rows)
+    assert load_manifest(path, cache_dir=str(tmp_path / "cache"))["text"] == ["中\u2028国\u0085", "2024"]
+    array = write_manifest(tmp_path, "m.json", '[{"audio": "a.wav", "text": "二〇二四"}, {"audio": null, "text": 7}]')
+    dataset = load_manifest(array, cache_dir=str(tmp_path / "cache"))
+    assert dataset["text"] == ["二〇二四", "7"] and dataset["audio"] == [str(tmp_path / "a.wav"), None]
+    for content, message in [
+        ('{"audio": "a.wav", "text": "x"}\n{"audio": "a.wav"}\n', r"row 2 \(line 2\) has no 'text' field"),
+        ('{"audio": "a.wav", "text": "x", "text": "y"}\n', r"row 1 \(line 1\) .*\['text'\] appear more than once"),
+        ('{"audio": "a.wav", "text": "x"}\n{"audio": "b.wav", \n', r"row 2 \(line 2\) is not a valid JSON object"),
+        ('["a.wav", "x"]\n', r"bad\.jsonl, row 1 is the string 'a.wav', not a JSON object"),
+        ('[1, 2]\n{"audio": "a.wav", "text": "x"}\n', r"bad\.jsonl is not valid JSON"),
+        ('{"audio": 3, "text": "x"}\n', r"row 1 \(line 1\): column 'audio' holds .* must be a JSON string"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_manifest(write_manifest(tmp_path, "bad.jsonl", content), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_tsv_transcript_starting_with_a_quote_stays_one_row(tmp_path):
+    path = write_manifest(tmp_path, "m.tsv", 'audio\ttext\na.wav\t"你好\nb.wav\t中国"\nc.wav\t"引号"里\n')
+    dataset = load_manifest(path, cache_dir=str(tmp_path / "cache"))
+    assert dataset["text"] == ['"你好', '中国"', '"引号"里']
+    assert dataset["audio"] == [str(tmp_path / name) for name in ("a.wav", "b.wav", "c.wav")]
+    with pytest.raises(ValueError, match=r"m2\.tsv, row 2 \(line 3\): 3 cells where the header has 2 .*one tab"):
+        load_manifest(write_manifest(tmp_path, "m2.tsv", "audio\ttext\na.wav\t好\nb.wav\t你\t好\n"))
+
+
+def test_a_csv_row_with_the_wrong_number_of_cells_names_file_and_row(tmp_path):
+    # A byte-order mark and CRLF line ends are read as nothing and as line ends.
+    # Cells that a type-guessing reader would turn into numbers, NaN or booleans stay the text they are.
+    content = (
+        '\ufeffaudio,text\r\na.wav,"你好,中国"\r\n\r\nb.wav,"他说""好"""\r\nc.wav,0110\r\nd.wav,NA\r\ne.wav,True\r\n'
+    )
+    good = write_manifest(tmp_path, "good.csv", content)
+    texts = ["你好,中国", '他说"好"', "0110", "NA", "True"]
+    assert load_manifest(good, cache_dir=str(tmp_path / "cache"))["text"] == texts
+    for content, message in [
+        ("audio,text\na.wav,好\nb.wav,你,好\n", r"bad\.csv, row 2 \(line 3\): 3 cells where the header has 2"),
+        ("audio,text,speaker\na.wav,好\n", r"bad\.csv, row 1 \(line 2\): 2 cells where the header has 3"),
+        ('audio,text\na.wav,"你好\nb.wav,中国\n', r"bad\.csv, row 1 \(line 2\): unexpected end of data; quote"),
+        ('audio,text\na.wav,"你"好\n', r"bad\.csv, row 1 \(line 2\): ',' expected after '\"'"),
+        ("audio,text,text\na.wav,好,好\n", r"bad\.csv has 2 columns named 'text'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_manifest(write_manifest(tmp_path, "bad.csv", content))
+
+
+def test_an_error_from_datasets_while_storing_a_manifest_names_it(tmp_path, monkeypatch):
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,好\n")
+
+    def failing(*args, **kwargs):
+        raise pa.ArrowInvalid("offset overflow")
+
+    monkeypatch.setattr(Dataset, "from_generator", failing)
+    with pytest.raises(ValueError, match=r"Manifest .*m\.csv could not be stored as a dataset: offset overflow"):
+        load_manifest(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_what_normalisation_removes_is_counted_and_logged(tmp_path, caplog):
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,二〇二四年 好！\nb.wav,中国\nc.wav,你 好 ！\n")
+    with caplog.at_level(logging.INFO, logger="modeling_tot_cakt.training.data"):
+        dataset = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+    assert dataset["text"] == ["二〇二四年好", "中国", "你好"]
+    assert "removed_characters" not in dataset.column_names
+    assert (
+        "train: normalisation removed 5 characters from 2 of 3 transcripts: ' ' U+0020 x3, '!' U+0021 x2."
+        in caplog.text
+    )
+
+
+# --------------------------------------------------------------------------- clips that are bad rows
+def test_absurd_clips_are_skipped_counted_and_named(speech_corpus, tmp_path, caplog):
+    processor = create_processor(write_vocab(tmp_path), encoder_config=dict(TINY_WAV2VEC2_BERT))
+    good = speech_corpus.root / "test" / "utt000.wav"
+    clip, rate = sf.read(good, dtype="float32")
+    sf.write(tmp_path / "huge.wav", clip * 1e30, rate, subtype="FLOAT")
+    sf.write(tmp_path / "rate.wav", clip, rate, subtype="PCM_16")
+    wav = (tmp_path / "rate.wav").read_bytes()
+    (tmp_path / "rate.wav").write_bytes(wav[:24] + (1).to_bytes(4, "little") + wav[28:])  # 1 Hz
+    # 480 samples make one stacked log-mel frame, which the extractor normalises to NaN.
+    sf.write(tmp_path / "one_frame.wav", clip[:480], rate)
+    rows = [(good, "你好"), ("huge.wav", "你好"), ("rate.wav", "你好"), ("one_frame.wav", "你好")]
+    path = write_manifest(tmp_path, "m.csv", "audio,text\n" + "".join(f"{a},{t}\n" for a, t in rows))
+    raw = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
+        prepared = featurize_split(
+            raw, "train", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+        )
+    assert len(prepared) == 1 and np.isfinite(np.asarray(prepared[0]["input_features"])).all()
+    assert "train: skipped 3 of 4 rows (2 unreadable audio, 1 non-finite features)" in caplog.text
+    assert "huge.wav has samples of magnitude" in caplog.text
+    assert "rate.wav claims a sampling rate of 1 Hz" in caplog.text
+    assert "one_frame.wav: the feature extractor gives NaN or Inf" in caplog.text
+
+
+# ------------------------------------------------------------------------ caches that follow the files
+def test_a_wav_fixed_or_replaced_in_place_is_featurised_again(speech_corpus, processor, tmp_path, caplog):
+    good, other = speech_corpus.root / "test" / "utt000.wav", speech_corpus.root / "test" / "utt001.wav"
+    (tmp_path / "a.wav").write_bytes(b"not a wav file at all")  # fixed later
+    shutil.copy(good, tmp_path / "b.wav")  # replaced later by another clip of the same size
+    path = write_manifest(tmp_path, "m.csv", "audio,text\na.wav,你好\nb.wav,中国\n")
+    raw = normalize_split(load_manifest(path, cache_dir=str(tmp_path / "cache")), "train")
+
+    def prepare():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="modeling_tot_cakt.training"):
+            return featurize_split(
+                raw, "train", feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer
+            )
+
+    first = prepare()
+    assert first["text"] == ["中国"] and "1 unreadable audio" in caplog.text
+    assert prepare().cache_files == first.cache_files and "changed" not in caplog.text  # nothing changed: cached
+
+    shutil.copy(other, tmp_path / "a.wav")
+    fixed = prepare()
+    assert fixed["text"] == ["你好", "中国"] and "unreadable" not in caplog.text
+    assert (
+        f"train: 1 audio files changed (size or modification time) since the split was last prepared: {tmp_path / 'a.wav'}."
+        in caplog.text
+    )
+    assert "it is decoded and featurised again" in caplog.text
+
+    clip, rate = sf.read(good, dtype="int16")
+    sf.write(tmp_path / "b.wav", -clip, rate, subtype="PCM_16")  # the same size, other samples
+    os.utime(tmp_path / "b.wav", ns=(1, 1))
+    replaced = prepare().with_format("numpy")
+    assert (
+        f"changed (size or modification time) since the split was last prepared: {tmp_path / 'b.wav'}." in caplog.text
+    )
+    np.testing.assert_allclose(replaced[1]["input_values"], -fixed.with_format("numpy")[1]["input_values"], atol=1e-3)
+
+
+def test_an_error_from_datasets_reading_a_data_folder_names_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"audio": "a.wav", "text": "x"}\n{"audio": "b.wav", \n')
+    with pytest.raises(ValueError, match=r"datasets could not read '.*data' \(split 'train'\): JSON parse error"):
+        load_speech_split("train", dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))

@@ -74,22 +74,36 @@ def test_demo_report_transcriptions_and_plot(tiny_demo):
     preset, work_dir, report = tiny_demo
     paths = demo.DemoPaths.create(work_dir, preset)
     assert json.loads(paths.report.read_text(encoding="utf-8")) == report
-    assert report["preset"] == "tiny" and report["reused"] == {"corpus": False, "teacher": False, "model": False}
+    assert report["preset"] == "tiny"
+    assert report["reused"] == {"corpus": False, "teacher": False, "language_model": False, "model": False}
     assert report["evaluation"]["dev"]["utterances"] == 3 and report["evaluation"]["test"]["utterances"] == 3
     # The greedy transcripts behind the homophone/other split score train_hf.py's evaluation CER; batches
     # padded differently may move one arg-max of this 2-step model (measured: 46 vs 45 edits), no more.
     errors = report["test_errors"]
     reference_chars = sum(len(record["text"]) for record in read_manifest(paths.corpus / "test.jsonl"))
     assert errors["reference_chars"] == reference_chars
-    assert abs(errors["cer"] - report["cer"]["test"]) * reference_chars <= 1 + 1e-9
+    assert report["cer"]["test"] == errors["cer"]
+    evaluation = demo.evaluate_stage(preset, paths, echo=False)  # train_hf.py's evaluation of the same model
+    assert abs(errors["cer"] - evaluation["test"]["cer"]) * reference_chars <= 1 + 1e-9
     assert errors["homophone_cer"] + errors["other_cer"] == pytest.approx(errors["cer"])
     assert report["training"]["steps"] == 2
+    # Greedy and LM decodings of the same test set, the LM's weights chosen on dev among the grid.
+    lm_errors = report["test_errors_lm"]
+    assert lm_errors["reference_chars"] == reference_chars
+    assert lm_errors["homophone_cer"] + lm_errors["other_cer"] == pytest.approx(lm_errors["cer"])
+    weights = report["decoding"]["weights"]
+    assert len(weights["grid"]) == len(demo.LM_DEFAULTS["alphas"]) * len(demo.LM_DEFAULTS["betas"])
+    assert weights["cer"] == min(point["cer"] for point in weights["grid"])
+    assert report["decoding"]["dev"]["lm"]["cer"] == pytest.approx(weights["cer"], abs=1e-5)
+    attrs = json.loads((paths.model / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (weights["alpha"], weights["beta"])
+    assert report["language_model"]["sentences"] > 0 and report["language_model"]["order"] == 4
     assert set(report["timings_seconds"]) == {
         "synthesis",
         "teacher",
         "training",
-        "evaluation",
-        "error split",
+        "language model",
+        "decoding",
         "transcription",
         "couplings",
         "total",
@@ -299,3 +313,16 @@ def test_transcripts_do_not_depend_on_the_batch(tiny_demo):
     one_by_one = demo.transcribe_manifest(paths.model, records, batch_size=1)
     assert demo.transcribe_manifest(paths.model, records, batch_size=12) == one_by_one
     assert demo.transcribe_manifest(paths.model, records[::-1], batch_size=5) == one_by_one[::-1]
+
+
+def test_training_budget_leaves_time_for_the_stages_after_training():
+    # Reference speed: what is left after 100 s, less the 180 s after training.
+    assert demo.training_budget(1200, 100, None) == 1200 - 100 - demo.AFTER_TRAINING_SECONDS
+    # A machine that built corpus and teacher 2.5x slower keeps 2.5x as much for the stages after training.
+    slow = demo.training_budget(1200, 100, 2.5 * demo.REFERENCE_STAGE_SECONDS)
+    assert slow == 1200 - 100 - 2.5 * demo.AFTER_TRAINING_SECONDS
+    # A faster machine is not given less reserve than the reference one, and training never gets less than the minimum.
+    assert (
+        demo.training_budget(1200, 100, 0.5 * demo.REFERENCE_STAGE_SECONDS) == 1200 - 100 - demo.AFTER_TRAINING_SECONDS
+    )
+    assert demo.training_budget(300, 290, None) == demo.MIN_TRAINING_SECONDS

@@ -24,8 +24,8 @@ from modeling_tot_cakt.training.model_card import (
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "README_TEMPLATE.md"
 
 
-def render(tmp_path, alignment="tot", **kwargs):
-    config = make_model(alignment=alignment).config
+def render(tmp_path, alignment="tot", config_kwargs=None, **kwargs):
+    config = make_model(alignment=alignment, **(config_kwargs or {})).config
     args = TrainingArguments(
         output_dir=str(tmp_path),
         learning_rate=3e-4,
@@ -117,6 +117,23 @@ def test_baseline_card_does_not_claim_a_teacher(tmp_path):
     assert "CTC-only baseline" in card.text and "trained without a teacher" in card.text
     assert "bert-base-chinese" not in card.text and "tot_lambda1" not in card.text
     assert "teacher_model" not in card.data.to_dict()
+
+
+def test_card_says_what_the_ctc_head_reads_and_describes_the_adapter(tmp_path):
+    text = render(tmp_path).text
+    assert "An adapter (a LayerNorm and 2 linear layers of width 16 with GELU, from 32 to 24 features)" in text
+    assert "the CTC head reads the encoder's frames, and the adapter serves training\nonly" in text
+    assert "| ctc_input | encoder |" in text and "| adapter_type | mlp |" in text
+    adapted = render(tmp_path, config_kwargs={"ctc_input": "adapter", "adapter_type": "linear"}).text
+    assert (
+        "At inference the model is the encoder, the adapter (one linear projection from 32 to 24 features) and the "
+        "CTC head, which reads the\nadapter's output" in adapted
+    )
+    assert "the CTC head reads these adapted features" in adapted and "Wav2Vec2ForCTC" not in adapted
+    assert "| ctc_input | adapter |" in adapted and "| adapter_type | linear |" in adapted
+    baseline = render(tmp_path, alignment="none", config_kwargs={"ctc_input": "adapter"}).text
+    assert "without a teacher. Its CTC head reads the output of an adapter (a LayerNorm and 2 linear" in baseline
+    assert "adapter_type" not in render(tmp_path, alignment="none").text
 
 
 def test_ot_baseline_is_named(tmp_path):

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import (
     CHARACTERS,
+    TEACHER_HIDDEN,
     TINY_HUBERT,
     TINY_WAV2VEC2,
     TINY_WAV2VEC2_BERT,
@@ -147,6 +148,59 @@ def test_save_load_round_trip_identical_logits_and_no_teacher_weights(teacher_di
             )
 
 
+@pytest.mark.parametrize("adapter_type", ["mlp", "linear"])
+def test_ctc_head_can_read_the_adapted_features(adapter_type, tmp_path):
+    """With ctc_input="adapter" the logits are the head applied to the adapter's output, and the CTC loss alone
+    trains the adapter. The teacher's size is the encoder's here, so a head reading the encoder would run too."""
+    torch.manual_seed(0)
+    model = make_model(ctc_input="adapter", adapter_type=adapter_type, teacher_hidden_size=32).eval()
+    batch = batch_for(model, tmp_path)
+    with torch.no_grad():
+        frames = model.tot_cakt(**batch["inputs"]).last_hidden_state
+        logits = model(**batch["inputs"]).logits
+    torch.testing.assert_close(logits, model.lm_head(model.adapter(frames)), rtol=0, atol=0)
+    assert (logits - model.lm_head(frames)).abs().max() > 0.1
+    model.train()
+    model(**batch["inputs"], labels=batch["labels"]).loss.backward()
+    assert model.adapter.layers[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("alignment", ["tot", "none"])
+def test_saved_adapted_model_ships_the_adapter_and_no_teacher(alignment, teacher_dir, tmp_path):
+    """A model whose head reads the adapter saves the adapter (also as a CTC-only baseline, which has no teacher)
+    and nothing of the teacher, and reloads and runs once the teacher is gone."""
+    teacher = shutil.copytree(teacher_dir, tmp_path / "teacher")
+    model = make_model(alignment=alignment, teacher_dir=teacher, ctc_input="adapter").eval()
+    model.attach_teacher()
+    batch = batch_for(model, tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(teacher)
+    shapes = {key: tuple(value.shape) for key, value in load_file(tmp_path / "saved" / "model.safetensors").items()}
+    assert set(shapes) == set(model.state_dict())
+    assert {".".join(key.split(".")[:2]) for key in shapes} == {
+        "tot_cakt.encoder",
+        "tot_cakt.adapter",
+        "lm_head.weight",
+        "lm_head.bias",
+    }
+    assert shapes["lm_head.weight"] == (len(CHARACTERS) + 3, TEACHER_HIDDEN)
+    with torch.no_grad():
+        expected = model(**batch["inputs"]).logits
+        for loader in (TOTCAKTForCTC, AutoModelForCTC):
+            reloaded, info = loader.from_pretrained(tmp_path / "saved", output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"] and reloaded.teacher is None
+            torch.testing.assert_close(reloaded.eval()(**batch["inputs"]).logits, expected, rtol=0, atol=0)
+
+
+def test_linear_adapter_is_one_projection():
+    adapter = make_model(adapter_type="linear").adapter
+    assert [name for name, _ in adapter.named_parameters()] == ["layers.0.weight", "layers.0.bias"]
+    weight, bias = adapter.layers[0].weight, adapter.layers[0].bias
+    assert weight.shape == (TEACHER_HIDDEN, 32)
+    frames = torch.randn(2, 5, 32)
+    torch.testing.assert_close(adapter(frames), frames @ weight.T + bias)
+
+
 def save_with_legacy_names(model, folder):
     """Save `model`, then rename its weights as folders were written before the base model existed."""
     model.save_pretrained(folder)
@@ -201,6 +255,10 @@ def test_encoder_from_pretrained_checkpoint(tmp_path):
         torch.testing.assert_close(model.encoder.state_dict()[name], tensor)
     with pytest.raises(ValueError, match="acoustic encoder"):
         TOTCAKTForCTC.from_encoder_pretrained(str(tmp_path / "missing"), vocab_size=15)
+    # A given configuration (here of a 768-wide default encoder) takes the checkpoint's encoder and its size.
+    config = TOTCAKTConfig(vocab_size=15, ctc_input="adapter", teacher_hidden_size=TEACHER_HIDDEN)
+    model = TOTCAKTForCTC.from_encoder_pretrained(str(tmp_path / "w2v"), config)
+    assert model.config.hidden_size == 32 and model.adapter.layers[0].normalized_shape == (32,)
 
 
 def test_teacher_errors_are_clear(teacher_dir, tmp_path):

@@ -94,7 +94,14 @@ def saved_model(request, tmp_path):
     """A tiny trained-for-nothing model + processor saved with save_pretrained, and a reference forward pass."""
     torch.manual_seed(0)
     encoder = TINY_WAV2VEC2_BERT if request.param == "wav2vec2-bert" else None
-    model = make_model(encoder).eval()
+    return save_with_reference(make_model(encoder).eval(), tmp_path)
+
+
+def save_with_reference(model, tmp_path):
+    """
+    Save `model` and its processor in `tmp_path/saved`, with a clip and the model's inputs, logits and features on it:
+    `(folder, wav, reference.npz, expected transcript)`.
+    """
     # Bias the head so that the untrained model emits characters, not only blanks.
     with torch.no_grad():
         model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
@@ -166,6 +173,19 @@ def test_fresh_process_loads_folder_and_transcribes(saved_model, tmp_path):
     name = EXTRACTOR[json.loads((folder / "config.json").read_text())["encoder_config"]["model_type"]]
     assert out["extractors"] == {use: [name, "transformers_modules"] for use in ("pipeline", "processor", "auto")}
     assert out["pcm_feature_diff"] == 0.0 and out["pcm_text"] == expected
+
+
+def test_fresh_process_runs_a_model_whose_ctc_head_reads_the_adapter(tmp_path):
+    """The adapted-features variant ships its adapter: the remote code rebuilds it from config.json and gives the
+    same logits and transcript, with no teacher anywhere (the config names a folder that does not exist)."""
+    torch.manual_seed(0)
+    model = make_model(teacher_dir=tmp_path / "no-such-teacher", ctc_input="adapter").eval()
+    folder, wav, reference, expected = save_with_reference(model, tmp_path)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = run_fresh(folder, wav, reference, env, tmp_path)
+    assert out["class"] == "TOTCAKTForCTC" and out["package_modules"] == [] and out["remote_modules"]
+    assert out["max_logit_diff"] < 1e-5 and out["max_feature_diff"] < 1e-5
+    assert out["text"] == expected and expected
 
 
 def test_fresh_process_loads_a_folder_saved_with_a_stock_feature_extractor(saved_model, tmp_path):

@@ -22,6 +22,7 @@ from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_proc
 from transformers import (
     AutoModelForCTC,
     AutoProcessor,
+    HfArgumentParser,
     SeamlessM4TFeatureExtractor,
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
@@ -327,6 +328,30 @@ def test_build_model_from_a_pretrained_encoder_or_a_saved_model(tiny_teacher, tm
         torch.testing.assert_close(again.state_dict()[name], tensor)
     with pytest.raises(ValueError, match="at most one of"):
         build_model(vocab_size=9, pad_token_id=0, model_name_or_path="a", encoder_config={"model_type": "wav2vec2"})
+
+
+def test_adapter_flags_build_the_model_and_a_continued_model_keeps_its_architecture(tiny_teacher, tmp_path):
+    (args,) = HfArgumentParser(train_hf.TOTCAKTArguments).parse_args_into_dataclasses(
+        ["--ctc_input", "adapter", "--adapter_type", "linear", "--teacher_name_or_path", str(tiny_teacher)]
+    )
+    model = build_model(
+        vocab_size=9, pad_token_id=0, encoder_config=TINY_WAV2VEC2, config_overrides=args.config_overrides()
+    )
+    assert (model.config.ctc_input, model.config.adapter_type, model.config.teacher_hidden_size) == (
+        "adapter",
+        "linear",
+        24,
+    )
+    assert [type(layer) for layer in model.adapter.layers] == [torch.nn.Linear] and model.lm_head.in_features == 24
+    model.save_pretrained(tmp_path / "saved")
+    saved = {"vocab_size": 9, "pad_token_id": 0, "model_name_or_path": str(tmp_path / "saved")}
+    for name, value in (("ctc_input", "encoder"), ("adapter_type", "mlp")):
+        with pytest.raises(ValueError, match=rf"{name}='{value}' \(--{name}\) differs from the model being continued"):
+            build_model(**saved, config_overrides={name: value})
+    # The saved values may be repeated, and a linear adapter has no hidden layers to resize.
+    again = build_model(**saved, config_overrides={"ctc_input": "adapter", "adapter_num_layers": 3})
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor)
 
 
 @pytest.mark.parametrize(

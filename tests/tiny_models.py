@@ -81,15 +81,13 @@ def make_teacher(directory: Path) -> Path:
 
 
 def make_model(encoder_config: dict | None = None, alignment: str = "tot", teacher_dir: Path | None = None, **kwargs):
-    """A tiny TOT-CAKT model over the test vocabulary (15 symbols)."""
+    """A tiny TOT-CAKT model over the test vocabulary (15 symbols); `kwargs` set or override config fields."""
     config = TOTCAKTConfig(
         encoder_config=dict(encoder_config or TINY_WAV2VEC2),
         vocab_size=len(CHARACTERS) + 3,
         teacher_name_or_path=str(teacher_dir) if teacher_dir else "bert-base-chinese",
-        teacher_hidden_size=TEACHER_HIDDEN,
-        adapter_hidden_size=16,
         alignment=alignment,
-        **kwargs,
+        **{"teacher_hidden_size": TEACHER_HIDDEN, "adapter_hidden_size": 16, **kwargs},
     )
     return TOTCAKTForCTC(config)
 

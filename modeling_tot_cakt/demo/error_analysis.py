@@ -29,6 +29,12 @@ def dictionary_readings(char: str) -> frozenset[str]:
     return frozenset(readings)
 
 
+def spoken_syllables(text: str) -> list[str]:
+    """The toned syllable pypinyin reads each character of `text` as, in context (``TONE3``, neutral tone ``5``);
+    a character that is not Han stands for itself. For transcripts without the speaker's own pinyin."""
+    return [item[0] for item in pinyin(text, style=Style.TONE3, neutral_tone_with_five=True, errors=list)]
+
+
 def _toneless(syllable: str) -> str:
     """``shi4`` -> ``shi``."""
     return syllable.rstrip("012345")

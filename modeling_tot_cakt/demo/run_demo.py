@@ -11,7 +11,10 @@
    (:mod:`modeling_tot_cakt.demo.encoder_pretraining`); training then starts from it;
 3. ``model/``: TOT-CAKT trained by ``train_hf.py`` (run as a subprocess on an argument file, so
    the demo trains exactly as a user of the script does);
-4. ``evaluation/``: dev and test CER from ``train_hf.py`` in evaluation-only mode on the saved model;
+4. ``language_model/``: a character 4-gram model estimated by KenLM's ``lmplz`` on the teacher's text (dev/test
+   sentences held out); dev and test are decoded greedily (the CER ``train_hf.py``'s evaluation reports) and
+   with a beam search over the language model, whose weight and bonus are chosen on dev; the model folder
+   gets the language model, so the pipeline decodes with it;
 5. three test clips transcribed by ``pipeline("automatic-speech-recognition", trust_remote_code=True)``;
 6. ``couplings.png``: the TOT coupling next to the plain-OT coupling of one test utterance, both
    computed by :func:`~modeling_tot_cakt.tot.tot_sinkhorn` on the trained model's adapted frames
@@ -20,8 +23,9 @@
 
 Caching: the corpus and the teacher are rebuilt only when their settings change (their own caches).
 Training is skipped when ``model/`` holds a model trained to completion with the very same
-``train_hf.py`` arguments, unless ``--retrain`` is given; evaluation, transcription and the plot
-always run on the saved model. Featurised datasets and teacher features are cached in
+``train_hf.py`` arguments, unless ``--retrain`` is given; decoding, transcription and the plot
+always run on the saved model. ``--time_budget_minutes`` (``make demo``: 20) stops training when its share of
+the budget is spent (:func:`training_budget`). Featurised datasets and teacher features are cached in
 ``<work_dir>/cache`` and shared between presets.
 
 A preset is a YAML file with the sections ``synthesis`` (:class:`SynthesisConfig` fields),
@@ -51,19 +55,30 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
+from ..training.language_model import decode_and_score, estimate_character_lm, greedy_transcripts, manifest_logits
 from ..training.transcripts import normalize_transcript
-from .build_cache import settings_hash
+from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
 from .error_analysis import split_errors
-from .synthesis import SPLITS, CorpusSummary, SynthesisConfig, char_readings, read_manifest, synthesize_corpus
-from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher
+from .synthesis import (
+    SPLITS,
+    CorpusSummary,
+    SynthesisConfig,
+    char_readings,
+    heldout_sentences,
+    read_manifest,
+    synthesize_corpus,
+)
+from .teacher_pretraining import TeacherConfig, TeacherSummary, build_teacher, training_texts
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PRESETS = ("quick", "full", "transfer")
-PRESET_SECTIONS = ("synthesis", "teacher", "encoder", "train")
+PRESET_SECTIONS = ("synthesis", "teacher", "encoder", "train", "lm")
 ENCODER_SECTIONS = ("synthesis", "train")
 ENCODER_FORMAT_VERSION = 1
 """Bumped whenever what an encoder section builds changes, so old pretrained encoders are rebuilt."""
+LM_DEFAULTS = {"order": 4, "beam_width": 32, "alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "betas": [0.0, 1.0, 2.0]}
+"""The ``lm`` section's settings: n-gram order, beam width, and the dev grid of LM weights and bonuses."""
 DEMO_TRAIN_ARGS = (
     "output_dir",
     "train_manifest",
@@ -97,6 +112,11 @@ EVALUATION_ARGS_FROM_PRESET = (
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_hf.py"
 DEMO_REPORT_FILE = "demo_report.json"
 COUPLINGS_FILE = "couplings.png"
+# Measured on a 2-core machine of the reference speed (docs/DEMO.md): the quick preset's corpus and teacher
+# built from scratch, and the stages after its training (evaluation, decoding, transcription, couplings).
+REFERENCE_STAGE_SECONDS = 300.0
+AFTER_TRAINING_SECONDS = 180.0
+MIN_TRAINING_SECONDS = 60.0
 TRAINED_MARKER = "demo_train_args.yaml"
 """Written into ``model/`` after a complete training run: the arguments it was trained with."""
 
@@ -113,6 +133,7 @@ class DemoPreset:
         teacher: :class:`TeacherConfig` fields (``output_dir`` and ``corpus_dir`` excluded).
         train: ``train_hf.py`` arguments (:data:`DEMO_TRAIN_ARGS` excluded).
         encoder: ``{"synthesis": ..., "train": ...}`` of the pretrained encoder; empty: train from scratch.
+        lm: the character language model's settings (:data:`LM_DEFAULTS` fields).
     """
 
     name: str
@@ -121,6 +142,7 @@ class DemoPreset:
     teacher: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
+    lm: dict = field(default_factory=dict)
 
     def encoder_key(self) -> str:
         """Hash of what determines the pretrained encoder: its section and the character-level
@@ -155,6 +177,9 @@ def load_preset(name_or_path: str | os.PathLike) -> DemoPreset:
         unknown = sorted(set(content.get(section) or {}) - names)
         if unknown:
             raise ValueError(f"{path}: unknown {section} settings {unknown}; allowed: {sorted(names)}.")
+    unknown = sorted(set(content.get("lm") or {}) - set(LM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown lm settings {unknown}; allowed: {sorted(LM_DEFAULTS)}.")
     owned = sorted(set(content.get("train") or {}) & set(DEMO_TRAIN_ARGS))
     if owned:
         raise ValueError(f"{path}: the train section must not set {owned}; the demo sets these itself.")
@@ -177,6 +202,7 @@ def load_preset(name_or_path: str | os.PathLike) -> DemoPreset:
         teacher=dict(content.get("teacher") or {}),
         train=dict(content.get("train") or {}),
         encoder=encoder,
+        lm=dict(content.get("lm") or {}),
     )
 
 
@@ -217,6 +243,7 @@ class DemoPaths:
 
     evaluation = property(lambda self: self.root / "evaluation")
     logs = property(lambda self: self.root / "logs")
+    language_model_dir = property(lambda self: self.root / "language_model")
     report = property(lambda self: self.root / DEMO_REPORT_FILE)
     couplings_png = property(lambda self: self.root / COUPLINGS_FILE)
 
@@ -381,10 +408,18 @@ def is_trained(paths: DemoPaths, arguments: dict) -> bool:
     return yaml.safe_load(marker.read_text(encoding="utf-8")) == arguments
 
 
-def train_stage(preset: DemoPreset, paths: DemoPaths, retrain: bool = False, **script_options) -> bool:
+def train_stage(
+    preset: DemoPreset,
+    paths: DemoPaths,
+    retrain: bool = False,
+    max_train_seconds: float | None = None,
+    **script_options,
+) -> bool:
     """Train with ``train_hf.py`` unless an identical completed run is there.
 
-    ``script_options`` go to :func:`run_train_script` (``echo``, ``environment``).
+    ``max_train_seconds`` is the training's wall-clock budget (``train_hf.py --max_train_seconds``); a model
+    trained to the end of its budget counts as trained with the preset's arguments. ``script_options`` go to
+    :func:`run_train_script` (``echo``, ``environment``).
 
     Returns:
         True when the saved model was reused.
@@ -393,7 +428,10 @@ def train_stage(preset: DemoPreset, paths: DemoPaths, retrain: bool = False, **s
     if not retrain and is_trained(paths, arguments):
         return True
     (paths.model / TRAINED_MARKER).unlink(missing_ok=True)
-    run_train_script(arguments, paths.root / "train_args.yaml", paths.logs / "train.log", **script_options)
+    budget = {} if max_train_seconds is None else {"max_train_seconds": round(max_train_seconds)}
+    run_train_script(
+        {**arguments, **budget}, paths.root / "train_args.yaml", paths.logs / "train.log", **script_options
+    )
     (paths.model / TRAINED_MARKER).write_text(
         yaml.safe_dump(arguments, allow_unicode=True, sort_keys=True), encoding="utf-8"
     )
@@ -492,60 +530,111 @@ def transcribe_clips(model_dir: Path, records: Sequence[dict]) -> list[dict]:
     return transcriptions
 
 
-@torch.no_grad()
-@torch.no_grad()
 def transcribe_manifest(model_dir: Path, records: Sequence[dict], batch_size: int = 32) -> list[str]:
-    """Greedy CTC transcripts of manifest records with the saved model, in record order.
+    """Greedy CTC transcripts of manifest records with the saved model, in record order, without spaces.
 
-    Each clip is featurised on its own, as ``train_hf.py`` featurises its rows, and batches of similar
-    length are padded from those features (``feature_extractor.pad``, as the training collator does):
-    the log-mel extractor, given a padded batch of waveforms, marks a stacked frame valid when its second
-    10 ms frame is, so a clip would get a partly padded extra frame and a transcript that depends on its
-    batch. As in ``train_hf.py``'s evaluation, the frames of the padding are left out of the arg-max path
-    and ``[UNK]`` counts as one character. Each transcript is the processor's decoding with its spaces
-    removed, as the CER metric compares them.
+    As in ``train_hf.py``'s evaluation, the frames of the padding are left out of the arg-max path and
+    ``[UNK]`` counts as one character; each clip is featurised on its own, so that its transcript does not
+    depend on its batch (:func:`~modeling_tot_cakt.training.language_model.manifest_logits`).
     """
+    model, processor = load_model_and_processor(model_dir)
+    logits = manifest_logits(model, processor, [record["audio"] for record in records], batch_size)
+    return greedy_transcripts(processor.tokenizer, logits)
+
+
+def load_model_and_processor(model_dir: Path):
+    """The saved CTC model (in eval mode) and its processor."""
     from transformers import AutoProcessor
 
     from ..modeling_tot_cakt import TOTCAKTForCTC
-    from ..training.trainer import CTCCharacterErrorRate
 
-    model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    extractor = processor.feature_extractor
-    rate = extractor.sampling_rate
-    features = [
-        {name: values[0] for name, values in extractor(load_audio(record["audio"], rate), sampling_rate=rate).items()}
-        for record in records
-    ]
-    input_name = extractor.model_input_names[0]
-    order = sorted(range(len(features)), key=lambda index: len(features[index][input_name]))
-    transcripts: list[str] = [""] * len(features)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        inputs = extractor.pad(
-            [{input_name: features[index][input_name]} for index in chunk],
-            return_tensors="pt",
-            return_attention_mask=True,
-        )
-        ids = model(**inputs).logits.argmax(-1)
-        valid = model.frame_mask(ids.shape[1], inputs["attention_mask"])
-        ids = ids.masked_fill(~valid, processor.tokenizer.pad_token_id)
-        for index, text in zip(chunk, processor.batch_decode(ids), strict=True):
-            unknown = CTCCharacterErrorRate.UNKNOWN_CHARACTER
-            transcripts[index] = text.replace(processor.tokenizer.unk_token, unknown).replace(" ", "")
-    return transcripts
+    return TOTCAKTForCTC.from_pretrained(model_dir).eval(), AutoProcessor.from_pretrained(model_dir)
 
 
 def error_split_stage(paths: DemoPaths, split: str = "test") -> dict:
     """CER of the saved model on ``split``, split into homophone substitutions and other errors
     (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`, with the corpus' own readings)."""
+    records, readings = corpus_records_and_readings(paths)
+    hypotheses = transcribe_manifest(paths.model, records[split])
+    return {"split": split, **error_split(records[split], hypotheses, readings)}
+
+
+def corpus_records_and_readings(paths: DemoPaths) -> tuple[dict[str, list[dict]], dict]:
+    """The corpus' manifest records per split, and the readings its synthesiser gave each character."""
     records = {name: read_manifest(paths.corpus / f"{name}.jsonl") for name in SPLITS}
     readings = char_readings((record["text"], record["pinyin"].split()) for name in SPLITS for record in records[name])
-    references = [normalize_transcript(record["text"]) for record in records[split]]
-    hypotheses = transcribe_manifest(paths.model, records[split])
-    syllables = [record["pinyin"].split() for record in records[split]]
-    return {"split": split, **split_errors(references, hypotheses, syllables, readings).as_dict()}
+    return records, readings
+
+
+def error_split(records: Sequence[dict], hypotheses: Sequence[str], readings: dict) -> dict:
+    """:func:`~modeling_tot_cakt.demo.error_analysis.split_errors` of `hypotheses` against `records`."""
+    references = [normalize_transcript(record["text"]) for record in records]
+    syllables = [record["pinyin"].split() for record in records]
+    return split_errors(references, hypotheses, syllables, readings).as_dict()
+
+
+def language_model_stage(preset: DemoPreset, paths: DemoPaths) -> dict:
+    """
+    Estimate (or reuse) the character n-gram model of ``paths.language_model_dir``: KenLM's ``lmplz`` on the
+    teacher's text (the four sources, every dev/test sentence held out), of the preset's ``lm.order``.
+    """
+    settings = {**LM_DEFAULTS, **preset.lm}
+    heldout = heldout_sentences(paths.corpus)
+    key = settings_hash({"teacher": preset.teacher, "order": settings["order"], "heldout": lines_digest(heldout)})
+    arpa = paths.language_model_dir / f"chars-{settings['order']}gram-{key}.arpa"
+    report_file = arpa.with_suffix(".json")
+    if arpa.is_file() and report_file.is_file():
+        return {**json.loads(report_file.read_text(encoding="utf-8")), "reused": True}
+    start = time.perf_counter()
+    teacher = TeacherConfig(output_dir=str(paths.teacher), corpus_dir=str(paths.corpus), **preset.teacher)
+    texts, excluded = training_texts(teacher, heldout)
+    estimate_character_lm(texts, arpa, order=settings["order"])
+    report = {
+        "arpa": str(arpa),
+        "order": settings["order"],
+        "sentences": len(texts),
+        "characters": sum(map(len, texts)),
+        "excluded_overlapping_heldout": excluded,
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return {**report, "reused": False}
+
+
+def decoding_stage(preset: DemoPreset, paths: DemoPaths, arpa: str | os.PathLike) -> dict:
+    """
+    Decode dev and test greedily and with the character language model `arpa`, whose weight and bonus are chosen
+    on dev by the preset's grid, and split the errors of each (with the corpus' own pinyin). The model folder gets
+    the language model (its ``alphabet.json`` and ``language_model/``), so that the pipeline decodes with it from
+    then on.
+
+    Returns:
+        ``{"weights": {alpha, beta, cer, beam_width, grid}, "dev"/"test": {"greedy": split, "lm": split},
+        "speed": greedy and LM decoding seconds of the test set, side by side}``.
+    """
+    settings = {**LM_DEFAULTS, **preset.lm}
+    records, readings = corpus_records_and_readings(paths)
+    model, processor = load_model_and_processor(paths.model)
+    splits = ("dev", "test")
+    scored = decode_and_score(
+        processor,
+        paths.model,
+        arpa,
+        logits={
+            split: manifest_logits(model, processor, [record["audio"] for record in records[split]])
+            for split in splits
+        },
+        references={split: [record["text"] for record in records[split]] for split in splits},
+        tune_split="dev",
+        syllables={split: [record["pinyin"].split() for record in records[split]] for split in splits},
+        readings=readings,
+        beam_width=settings["beam_width"],
+        alphas=settings["alphas"],
+        betas=settings["betas"],
+    )
+    for split in splits:
+        scored[split]["utterances"] = len(records[split])
+    return scored
 
 
 # --------------------------------------------------------------------------------------- couplings
@@ -731,10 +820,30 @@ def _teacher_stats(teacher: TeacherSummary) -> dict:
     return {name: teacher.report.get(name) for name in names}
 
 
+def training_budget(time_budget_seconds: float, elapsed: float, fresh_stage_seconds: float | None) -> float:
+    """
+    Seconds of training that keep the demo within `time_budget_seconds` after `elapsed` seconds: what is left,
+    less the stages after training (:data:`AFTER_TRAINING_SECONDS`, measured on a machine of the reference speed),
+    scaled by how much slower than the reference this machine built the corpus and the teacher
+    (`fresh_stage_seconds`, None when both were reused: then the reference speed is assumed), and never less than
+    :data:`MIN_TRAINING_SECONDS`.
+    """
+    slowness = 1.0 if fresh_stage_seconds is None else max(1.0, fresh_stage_seconds / REFERENCE_STAGE_SECONDS)
+    left = time_budget_seconds - elapsed - AFTER_TRAINING_SECONDS * slowness
+    return max(left, MIN_TRAINING_SECONDS)
+
+
 def run_demo(
-    preset: DemoPreset, work_dir: str | os.PathLike, retrain: bool = False, num_transcriptions: int = 3
+    preset: DemoPreset,
+    work_dir: str | os.PathLike,
+    retrain: bool = False,
+    num_transcriptions: int = 3,
+    time_budget_seconds: float | None = None,
 ) -> dict:
-    """Run every stage (see the module docstring) and write ``demo_report.json``; returns the report."""
+    """Run every stage (see the module docstring) and write ``demo_report.json``; returns the report.
+
+    With `time_budget_seconds`, training stops when its share of the budget is spent (:func:`training_budget`).
+    """
     paths = DemoPaths.create(work_dir, preset)
     paths.root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -750,9 +859,18 @@ def run_demo(
     corpus = timed("synthesis", synthesize_stage, preset, paths)
     teacher = timed("teacher", teacher_stage, preset, paths)
     encoder = timed("encoder pretraining", encoder_stage, preset, paths) if preset.encoder else None
-    model_reused = timed("training", train_stage, preset, paths, retrain)
-    evaluation = timed("evaluation", evaluate_stage, preset, paths)
-    errors = timed("error split", error_split_stage, paths, "test")
+    language_model = timed("language model", language_model_stage, preset, paths)
+    max_train_seconds = None
+    if time_budget_seconds is not None:
+        fresh = [timings[stage] for stage, built in (("synthesis", corpus), ("teacher", teacher)) if not built.reused]
+        fresh_seconds = sum(fresh) if len(fresh) == 2 else None
+        max_train_seconds = training_budget(time_budget_seconds, time.perf_counter() - started, fresh_seconds)
+    model_reused = timed("training", train_stage, preset, paths, retrain, max_train_seconds)
+    decoding = timed("decoding", decoding_stage, preset, paths, language_model["arpa"])
+    evaluation = {
+        split: {"cer": decoding[split]["greedy"]["cer"], "utterances": decoding[split]["utterances"]}
+        for split in ("dev", "test")
+    }
     test_records = read_manifest(corpus.manifests["test"])
     transcriptions = timed("transcription", transcribe_clips, paths.model, test_records[:num_transcriptions])
     couplings = timed("couplings", coupling_stage, paths, test_records[0])
@@ -767,21 +885,35 @@ def run_demo(
             "corpus": corpus.reused,
             "teacher": teacher.reused,
             **({"encoder": encoder["reused"]} if encoder else {}),
+            "language_model": language_model["reused"],
             "model": model_reused,
         },
         "timings_seconds": timings,
+        "time_budget_seconds": time_budget_seconds,
+        "max_train_seconds": max_train_seconds,
         "cer": {split: evaluation[split]["cer"] for split in ("dev", "test")},
         "evaluation": evaluation,
         "training": training_summary(paths.model),
         "corpus": _corpus_stats(corpus),
         "teacher": _teacher_stats(teacher),
         "pretrained_encoder": encoder,
-        "test_errors": errors,
+        "language_model": language_model,
+        "test_errors": decoding["test"]["greedy"],
+        "test_errors_lm": decoding["test"]["lm"],
+        "decoding": decoding,
         "transcriptions": transcriptions,
         "couplings": couplings,
     }
     paths.report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _error_line(name: str, errors: dict) -> str:
+    return (
+        f"{name} CER {errors['cer']:.3f}: homophone substitutions {errors['homophone_cer']:.3f}, "
+        f"other errors {errors['other_cer']:.3f} (of which the spoken syllable in another tone "
+        f"{errors.get('tone_cer', 0.0):.3f})"
+    )
 
 
 def format_summary(report: dict) -> str:
@@ -790,11 +922,21 @@ def format_summary(report: dict) -> str:
         "",
         f"=== TOT-CAKT demo ({report['preset']}) ===",
         f"dev CER  {report['cer']['dev']:.3f}  ({report['evaluation']['dev']['utterances']} utterances)",
-        f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances): "
-        f"homophone substitutions {report['test_errors']['homophone_cer']:.3f}, "
-        f"other errors {report['test_errors']['other_cer']:.3f} "
-        f"(of which the spoken syllable in another tone {report['test_errors'].get('tone_cer', 0.0):.3f})",
-        f"trained {report['training']['steps']} steps; teacher held-out masked-token accuracy "
+        f"test CER {report['cer']['test']:.3f}  ({report['evaluation']['test']['utterances']} utterances)",
+        _error_line("  greedy decoding:        test", report["test_errors"]),
+        _error_line("  with the character LM: test", report["test_errors_lm"]),
+        f"  LM: {report['language_model']['order']}-gram on {report['language_model']['sentences']} sentences of "
+        f"the teacher's text; weight {report['decoding']['weights']['alpha']}, bonus "
+        f"{report['decoding']['weights']['beta']} chosen on dev (dev CER {report['decoding']['dev']['greedy']['cer']:.3f}"
+        f" greedy, {report['decoding']['dev']['lm']['cer']:.3f} with the LM); beam {report['decoding']['speed']['beam_width']}, "
+        f"{report['decoding']['speed']['lm_over_greedy']}x the greedy decoding time",
+        f"trained {report['training']['steps']} steps"
+        + (
+            f" (training budget {report['max_train_seconds']:.0f} s of the demo's {report['time_budget_seconds']:.0f})"
+            if report.get("max_train_seconds")
+            else ""
+        )
+        + "; teacher held-out masked-token accuracy "
         f"{report['teacher']['heldout_masked_token_accuracy']:.3f}"
         + (
             f", homophone choice {choice['accuracy']:.3f} (most-frequent baseline "
@@ -841,9 +983,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--num_transcriptions", type=int, default=3, help="Test clips to transcribe with the pipeline."
     )
+    parser.add_argument(
+        "--time_budget_minutes",
+        type=float,
+        default=None,
+        help="Finish within this many minutes: training stops when its share is spent (default: no budget).",
+    )
     args = parser.parse_args(argv)
     report = run_demo(
-        load_preset(args.preset), args.work_dir, retrain=args.retrain, num_transcriptions=args.num_transcriptions
+        load_preset(args.preset),
+        args.work_dir,
+        retrain=args.retrain,
+        num_transcriptions=args.num_transcriptions,
+        time_budget_seconds=None if args.time_budget_minutes is None else 60 * args.time_budget_minutes,
     )
     print(format_summary(report))
     return report

@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
+import json
 import logging
 import os
 from collections import Counter
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from datasets import (
     Audio,
     Dataset,
@@ -46,8 +48,9 @@ from datasets.exceptions import DatasetGenerationError
 
 from ..processing_tot_cakt import vocabulary_from_characters
 from .audio import AudioDecodingError, load_audio
+from .audio_identity import audio_keyed_fingerprint
 from .saved_files import write_json_atomically
-from .transcripts import normalize_transcript
+from .transcripts import split_transcript
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ AUDIO_COLUMN = "audio"
 TEXT_COLUMN = "text"
 LENGTH_COLUMN = "input_length"
 LABELS_COLUMN = "labels"
+REMOVED_COLUMN = "removed_characters"
 SKIP_REASON_COLUMN = "skip_reason"
 SKIP_DETAIL_COLUMN = "skip_detail"
 
@@ -191,13 +195,186 @@ def _check_columns(columns: Iterable[str], required: dict[str, str], where: str)
             raise ValueError(f"{where} has no column '{column}' (set --{flag}); its columns are {columns}.")
 
 
-def _manifest_row(example: dict, base_dir: str) -> dict:
-    path, text = example[AUDIO_COLUMN], example[TEXT_COLUMN]
-    if path and not os.path.isabs(path):
-        path = os.path.join(base_dir, path)
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)  # a JSON manifest may hold a transcript such as 110 as a number
-    return {AUDIO_COLUMN: path, TEXT_COLUMN: text}
+class ManifestError(ValueError):
+    """A manifest that cannot be read as it stands; the message names the file, row and column."""
+
+
+class _JsonInteger(str):
+    """The literal text of a JSON integer (`json.loads(parse_int=...)`), told apart from a JSON string."""
+
+
+class _JsonFloat(str):
+    """The literal text of a JSON number with a fraction or an exponent."""
+
+
+def _json_value_kind(value) -> str:
+    """How a parsed JSON value is described in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (_JsonInteger, _JsonFloat)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r:.80}"
+    return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+
+
+def _json_cell(value, column: str, where: str, *, is_text: bool) -> str | None:
+    """
+    One cell of a JSON manifest as the string the schema declares. A transcript is a JSON string, or an
+    integer read as its literal digits (`110` -> `"110"`, the way it is written, so nothing is re-interpreted);
+    an audio path is a string, or null for a row without audio (skipped and counted later). Anything else is
+    ambiguous and refused.
+    """
+    numbers = (_JsonFloat,) if is_text else (_JsonFloat, _JsonInteger)
+    if isinstance(value, str) and not isinstance(value, numbers):
+        return str(value)
+    if value is None and not is_text:
+        return None
+    expected = "a JSON string (or an integer)" if is_text else "a JSON string (or null for a row without audio)"
+    raise ManifestError(
+        f"{where}: column '{column}' holds {_json_value_kind(value)}, but it must be {expected}; "
+        f'write it in quotes, e.g. "{column}": "...".'
+    )
+
+
+def _reject_duplicate_keys(pairs: list[tuple]) -> dict:
+    keys = [key for key, _ in pairs]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise ManifestError(f"the key(s) {duplicated} appear more than once in one row")
+    return dict(pairs)
+
+
+def _parse_json(text: str):
+    # Numbers keep their literal text, and NaN / Infinity (which Python's json accepts) count as numbers.
+    return json.loads(
+        text,
+        parse_int=_JsonInteger,
+        parse_float=_JsonFloat,
+        parse_constant=_JsonFloat,
+        object_pairs_hook=_reject_duplicate_keys,
+    )
+
+
+def _json_records(manifest_path: str) -> Iterator[tuple[str, object]]:
+    """`(where, record)` for each row of a JSON Lines file, or of a `.json` file holding one array of rows."""
+    with open(manifest_path, encoding="utf-8-sig") as handle:
+        content = handle.read()
+    if content.lstrip().startswith("["):  # one JSON document: an array of row objects
+        try:
+            records = _parse_json(content)
+        except (json.JSONDecodeError, ManifestError) as err:
+            raise ManifestError(f"Manifest {manifest_path} is not valid JSON: {err}.") from err
+        for index, record in enumerate(records, start=1):
+            yield f"Manifest {manifest_path}, row {index}", record
+        return
+    row = 0
+    # Split on "\n" only: `splitlines` would also cut at U+2028 or U+0085, which a JSON string may hold.
+    for line_number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        where = f"Manifest {manifest_path}, row {row} (line {line_number})"
+        try:
+            yield where, _parse_json(line)
+        except (json.JSONDecodeError, ManifestError) as err:
+            raise ManifestError(f"{where} is not a valid JSON object: {err}. Each line must hold one row.") from err
+
+
+def _read_json_manifest(manifest_path: str, audio_column: str, text_column: str) -> list[dict]:
+    rows = []
+    for where, record in _json_records(manifest_path):
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where} is {_json_value_kind(record)}, not a JSON object with named columns.")
+        if not rows:  # the first row names the columns, as a CSV header does
+            _check_columns(
+                record,
+                {"audio_column_name": audio_column, "text_column_name": text_column},
+                f"Manifest {manifest_path}",
+            )
+        for column in (audio_column, text_column):
+            if column not in record:
+                raise ManifestError(f"{where} has no '{column}' field (its fields are {sorted(record)}).")
+        rows.append(
+            {
+                AUDIO_COLUMN: _json_cell(record[audio_column], audio_column, where, is_text=False),
+                TEXT_COLUMN: _json_cell(record[text_column], text_column, where, is_text=True),
+            }
+        )
+    return rows
+
+
+def _delimited_records(manifest_path: str, dialect: dict, fix: str) -> Iterator[tuple[str, list[str]]]:
+    """`(where, cells)` for the header and then each non-blank row of a CSV/TSV file; a quoting error names its row."""
+    with open(manifest_path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, **dialect)
+        row = 0
+        while True:
+            first_line = reader.line_num + 1  # a quoted cell may span lines: name the row by its first
+            where = f"Manifest {manifest_path}, row {row} (line {first_line})" if row else f"Manifest {manifest_path}"
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise ManifestError(f"{where}: {err}; {fix}.") from err
+            if row and not any(cell.strip() for cell in cells):
+                continue  # a blank line
+            yield where, cells
+            row += 1
+
+
+def _read_delimited_manifest(manifest_path: str, audio_column: str, text_column: str) -> list[dict]:
+    """
+    Rows of a CSV (RFC 4180 quoting, strict) or TSV manifest. A TSV has no quoting at all: a transcript may
+    start with `"` and stays one cell of one row. A row whose number of cells differs from the header's (an
+    unquoted comma in a CSV transcript, a missing tab) is an error naming its row, not a cut transcript.
+    """
+    if manifest_path.lower().endswith(".tsv"):
+        dialect, fix = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}, "separate the cells with one tab each"
+    else:
+        dialect, fix = {"delimiter": ",", "strict": True}, 'quote a cell that holds a comma or a quote ("a,b")'
+    records = _delimited_records(manifest_path, dialect, fix)
+    _, header = next(records, ("", []))
+    where = f"Manifest {manifest_path}"
+    _check_columns(header, {"audio_column_name": audio_column, "text_column_name": text_column}, where)
+    for column in (audio_column, text_column):
+        if header.count(column) > 1:
+            raise ManifestError(f"{where} has {header.count(column)} columns named '{column}' in its header.")
+    audio_index, text_index = header.index(audio_column), header.index(text_column)
+    rows = []
+    for where, cells in records:
+        if len(cells) != len(header):
+            raise ManifestError(
+                f"{where}: {len(cells)} cells where the header has {len(header)} ({cells!r:.200}); {fix}."
+            )
+        rows.append({AUDIO_COLUMN: cells[audio_index], TEXT_COLUMN: cells[text_index]})
+    return rows
+
+
+def read_manifest_rows(manifest_path: str, audio_column_name: str, text_column_name: str) -> list[dict]:
+    """
+    Read a manifest's rows with a declared schema: `{"audio": str | None, "text": str}`, transcripts
+    verbatim, audio paths resolved against the manifest's folder.
+
+    Raises:
+        ManifestError: a row that cannot be read unambiguously (wrong number of cells, bad quoting, a
+            transcript that is not a string, invalid JSON), naming the file, row and column.
+        EmptySplitError: the manifest lists no utterance.
+    """
+    is_json = MANIFEST_FORMATS[os.path.splitext(manifest_path)[1].lower()] == "json"
+    read = _read_json_manifest if is_json else _read_delimited_manifest
+    rows = read(manifest_path, audio_column_name, text_column_name)
+    if not rows:
+        why = "it holds no row" if is_json else "it has no row below its header"
+        raise EmptySplitError(f"Manifest {manifest_path} lists no utterances ({why}).")
+    base_dir = os.path.dirname(os.path.abspath(manifest_path))
+    for row in rows:
+        if row[AUDIO_COLUMN] and not os.path.isabs(row[AUDIO_COLUMN]):
+            row[AUDIO_COLUMN] = os.path.join(base_dir, row[AUDIO_COLUMN])
+    return rows
 
 
 def load_manifest(
@@ -209,7 +386,7 @@ def load_manifest(
     cache_dir: str | None = None,
 ) -> SpeechDataset:
     """
-    Load a CSV/TSV or JSON Lines manifest with one utterance per row.
+    Load a CSV/TSV or JSON Lines manifest with one utterance per row (see [`read_manifest_rows`]).
 
     Args:
         manifest_path: `.csv`, `.tsv`, `.json` or `.jsonl` file.
@@ -225,45 +402,11 @@ def load_manifest(
     if not os.path.isfile(manifest_path):
         raise ValueError(f"Manifest not found: {manifest_path}")
     check_utf8(manifest_path, "Manifest")
-    required = {"audio_column_name": audio_column_name, "text_column_name": text_column_name}
-    kwargs: dict = {}
-    if MANIFEST_FORMATS[extension] == "csv":
-        delimiter = "\t" if extension == ".tsv" else ","
-        with open(manifest_path, encoding="utf-8", newline="") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            header, first_row = next(reader, []), next(reader, None)
-        if first_row is None:
-            raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it has no row below its header).")
-        _check_columns(header, required, f"Manifest {manifest_path}")
-        # Read only the two columns, both as strings: transcripts such as "110" must not become ints,
-        # and an empty cell must stay "" (reported as an empty transcript) rather than NaN.
-        kwargs = {
-            "sep": delimiter,
-            "usecols": [audio_column_name, text_column_name],
-            "keep_default_na": False,
-            "features": Features({audio_column_name: Value("string"), text_column_name: Value("string")}),
-        }
-    else:
-        with open(manifest_path, encoding="utf-8") as handle:
-            if not any(line.strip() for line in handle):
-                raise EmptySplitError(f"Manifest {manifest_path} lists no utterances (it is empty).")
-    dataset = load_dataset(
-        MANIFEST_FORMATS[extension],
-        data_files=os.path.abspath(manifest_path),
-        split="train",
-        streaming=streaming,
-        cache_dir=cache_dir,
-        **kwargs,
-    )
-    if dataset.column_names is not None:  # a streamed JSON manifest knows its columns from the first rows
-        _check_columns(dataset.column_names, required, f"Manifest {manifest_path}")
-    dataset = _canonical_columns(dataset, audio_column_name, text_column_name)
-    base_dir = os.path.dirname(os.path.abspath(manifest_path))
-    return dataset.map(
-        _manifest_row,
-        fn_kwargs={"base_dir": base_dir},
-        features=Features({AUDIO_COLUMN: Value("string"), TEXT_COLUMN: Value("string")}),
-    )
+    rows = read_manifest_rows(manifest_path, audio_column_name, text_column_name)
+    try:
+        return _from_rows(rows, streaming, cache_dir)
+    except (pa.ArrowException, DatasetGenerationError) as err:
+        raise ValueError(f"Manifest {manifest_path} could not be stored as a dataset: {err}") from err
 
 
 def is_audiofolder(path: str) -> bool:
@@ -354,7 +497,14 @@ def load_hub_split(
             )
         except (ImportError, DatasetGenerationError) as err:
             if "torchcodec" not in f"{err} {err.__cause__}":
-                raise
+                if isinstance(err, ImportError):
+                    raise
+                # datasets says only "An error occurred while generating the dataset"; the reason is its cause.
+                raise ValueError(
+                    f"datasets could not read '{dataset_name}' (split '{split}'): {err.__cause__ or err}. Fix that "
+                    "data file, or describe the files with a CSV/JSONL manifest (--train_manifest/--eval_manifest), "
+                    "whose errors name the file, row and column."
+                ) from err
             raise ValueError(
                 f"datasets needs torchcodec to build '{dataset_name}' from audio files. Install torchcodec (and "
                 "FFmpeg), or describe the files with a CSV/JSONL manifest (--train_manifest/--eval_manifest)."
@@ -425,20 +575,62 @@ def normalize_text_example(example: dict, do_lower_case: bool = True) -> dict:
     """
     Normalise `example["text"]` (see [`normalize_transcript`]) and mark rows without usable text.
 
-    Returns `{"text", "skip_reason", "skip_detail"}`; `skip_reason` is `""` for a good row.
+    Returns `{"text", "removed_characters", "skip_reason", "skip_detail"}`: `removed_characters` holds what
+    normalisation dropped (see [`split_transcript`]); `skip_reason` is `""` for a good row.
     """
     raw = example[TEXT_COLUMN]
     if not isinstance(raw, str) or not raw.strip():
-        return {TEXT_COLUMN: "", SKIP_REASON_COLUMN: "empty transcript", SKIP_DETAIL_COLUMN: _describe(example)}
-    text = normalize_transcript(raw, do_lower_case=do_lower_case)
-    if not text:
-        detail = f"{_describe(example)}: {raw[:80]!r}"
         return {
             TEXT_COLUMN: "",
-            SKIP_REASON_COLUMN: "transcript empty after normalisation",
-            SKIP_DETAIL_COLUMN: detail,
+            REMOVED_COLUMN: "",
+            SKIP_REASON_COLUMN: "empty transcript",
+            SKIP_DETAIL_COLUMN: _describe(example),
         }
-    return {TEXT_COLUMN: text, SKIP_REASON_COLUMN: "", SKIP_DETAIL_COLUMN: ""}
+    text, removed = split_transcript(raw, do_lower_case=do_lower_case)
+    if not text:
+        return {
+            TEXT_COLUMN: "",
+            REMOVED_COLUMN: removed,
+            SKIP_REASON_COLUMN: "transcript empty after normalisation",
+            SKIP_DETAIL_COLUMN: f"{_describe(example)}: {raw[:80]!r}",
+        }
+    return {TEXT_COLUMN: text, REMOVED_COLUMN: removed, SKIP_REASON_COLUMN: "", SKIP_DETAIL_COLUMN: ""}
+
+
+def _character_name(char: str) -> str:
+    """`'，' U+FF0C` style: the character and its code point, so that whitespace and controls show."""
+    return f"{char!r} U+{ord(char):04X}"
+
+
+def report_removed_characters(removed: Iterable[str], split_name: str, shown: int = 20) -> Counter:
+    """
+    Count the characters normalisation removed from a split's transcripts (the `removed_characters` column)
+    and log them, most frequent first: `train: normalisation removed 7 characters from 3 of 4 transcripts:
+    ' ' U+0020 x4, ',' U+002C x2, '%' U+0025 x1`.
+
+    Returns the counts per character.
+    """
+    counts: Counter = Counter()
+    transcripts = touched = 0
+    for characters in removed:
+        transcripts += 1
+        touched += bool(characters)
+        counts.update(characters)
+    if not counts:
+        logger.info("%s: normalisation removed no character from the %d transcripts.", split_name, transcripts)
+        return counts
+    listed = ", ".join(f"{_character_name(char)} x{count}" for char, count in counts.most_common(shown))
+    more = f" and {len(counts) - shown} more kinds" if len(counts) > shown else ""
+    logger.info(
+        "%s: normalisation removed %d characters from %d of %d transcripts: %s%s.",
+        split_name,
+        sum(counts.values()),
+        touched,
+        transcripts,
+        listed,
+        more,
+    )
+    return counts
 
 
 def _describe(example: dict) -> str:
@@ -523,9 +715,11 @@ def prepare_speech_example(
         return skipped("audio too short", f"{_describe(example)}: {length} samples")
     if max_input_length is not None and length >= max_input_length:
         return skipped("audio too long", f"{_describe(example)}: {length} samples")
-    inputs = feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate)
+    features = np.asarray(feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate)[input_name][0])
+    if not np.all(np.isfinite(features)):  # would make the loss NaN at the same step on every rerun
+        return skipped("non-finite features", f"{_describe(example)}: the feature extractor gives NaN or Inf")
     return {
-        input_name: inputs[input_name][0],
+        input_name: features,
         LABELS_COLUMN: tokenizer(example[TEXT_COLUMN]).input_ids,
         LENGTH_COLUMN: length,
         TEXT_COLUMN: example[TEXT_COLUMN],
@@ -601,13 +795,21 @@ def normalize_split(
 ) -> SpeechDataset:
     """
     Normalise the `text` column of a loaded split and mark rows without usable text (they are
-    dropped, and counted, together with bad audio by [`featurize_split`]).
+    dropped, and counted, together with bad audio by [`featurize_split`]). The characters normalisation
+    removed are counted and logged ([`report_removed_characters`]); a streamed split is not read ahead
+    to count them.
     """
-    return dataset.map(
+    dataset = dataset.map(
         normalize_text_example,
         fn_kwargs={"do_lower_case": do_lower_case},
         **_map_kwargs(dataset, num_proc, load_from_cache_file, f"normalise {split_name} transcripts"),
     )
+    if not isinstance(dataset, Dataset):
+        return dataset.remove_columns([REMOVED_COLUMN])
+    if REMOVED_COLUMN not in dataset.column_names:  # an empty split: `map` never ran the function
+        return dataset
+    report_removed_characters(dataset[REMOVED_COLUMN], split_name)
+    return dataset.remove_columns([REMOVED_COLUMN])
 
 
 def featurize_split(
@@ -626,18 +828,23 @@ def featurize_split(
     the rows that cannot be used.
 
     Returns a dataset with the extractor's input column, `labels`, `input_length` and `text`.
+
+    The cache of this step follows the audio files' size and modification time as well as the rows
+    ([`audio_keyed_fingerprint`]): a file fixed or replaced in place is decoded again, and the log names it.
     """
+    fn_kwargs = {
+        "feature_extractor": feature_extractor,
+        "tokenizer": tokenizer,
+        "min_input_length": min_input_length,
+        "max_input_length": max_input_length,
+    }
+    features = speech_features(feature_extractor)
+    map_kwargs = _map_kwargs(dataset, num_proc, load_from_cache_file, f"decode and featurise {split_name} audio")
+    if isinstance(dataset, Dataset):
+        transform = [prepare_speech_example, fn_kwargs, features]
+        map_kwargs["new_fingerprint"] = audio_keyed_fingerprint(dataset, AUDIO_COLUMN, transform, split_name)
     dataset = dataset.map(
-        prepare_speech_example,
-        fn_kwargs={
-            "feature_extractor": feature_extractor,
-            "tokenizer": tokenizer,
-            "min_input_length": min_input_length,
-            "max_input_length": max_input_length,
-        },
-        remove_columns=[AUDIO_COLUMN],
-        features=speech_features(feature_extractor),
-        **_map_kwargs(dataset, num_proc, load_from_cache_file, f"decode and featurise {split_name} audio"),
+        prepare_speech_example, fn_kwargs=fn_kwargs, remove_columns=[AUDIO_COLUMN], features=features, **map_kwargs
     )
     return remove_skip_columns(drop_bad_rows(dataset, split_name, num_proc=num_proc))
 
@@ -720,11 +927,14 @@ __all__ = [
     "load_hub_split",
     "load_manifest",
     "load_speech_split",
+    "ManifestError",
+    "read_manifest_rows",
     "normalize_split",
     "normalize_text_example",
     "prepare_speech_example",
     "read_aishell_transcripts",
     "remove_skip_columns",
+    "report_removed_characters",
     "speech_features",
     "write_vocabulary",
 ]

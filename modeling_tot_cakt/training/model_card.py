@@ -108,6 +108,21 @@ def cer_result(
     )
 
 
+def describe_adapter(config: TOTCAKTConfig) -> str | None:
+    """The adapter in words, for the card (None when the model has none)."""
+    if not config.has_adapter:
+        return None
+    sizes = f"from {config.hidden_size} to {config.teacher_hidden_size} features"
+    if config.adapter_type == "linear":
+        return f"one linear projection {sizes}"
+    if config.adapter_num_layers == 1:
+        return f"a LayerNorm and one linear layer {sizes}"
+    return (
+        f"a LayerNorm and {config.adapter_num_layers} linear layers of width {config.adapter_hidden_size} with GELU, "
+        f"{sizes}"
+    )
+
+
 def render_model_card(
     template_path: str | os.PathLike,
     config: TOTCAKTConfig,
@@ -168,6 +183,7 @@ def render_model_card(
         encoder_is_local=encoder_name_or_path is not None and not is_hub_id(encoder_name_or_path),
         results=results or [],
         config=config,
+        adapter=describe_adapter(config),
         dataset_description=dataset_description or "not recorded",
         hyperparameters=hyperparameters or {},
         sampling_rate=sampling_rate,
@@ -178,7 +194,8 @@ def render_model_card(
 def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> dict:
     """
     The rows of the card's hyper-parameter table, from `transformers.TrainingArguments`, the number of
-    optimisation steps done, and the model configuration (encoder SpecAugment, alignment method).
+    optimisation steps done, and the model configuration (encoder SpecAugment, alignment method, what the CTC
+    head reads, the adapter).
     """
     encoder = config.encoder_config
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -198,6 +215,8 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
         "mask_time_prob": getattr(encoder, "mask_time_prob", None),
         "layerdrop": getattr(encoder, "layerdrop", None),
         "alignment": config.alignment,
+        "ctc_input": config.ctc_input,
+        "adapter_type": config.adapter_type if config.has_adapter else None,
     }
     if config.uses_teacher:
         method = (
@@ -252,6 +271,7 @@ __all__ = [
     "CARD_TAGS",
     "TrainingData",
     "cer_result",
+    "describe_adapter",
     "describe_training_data",
     "is_hub_id",
     "public_config",

@@ -46,6 +46,7 @@ from .saved_files import (
     write_file_manifest,
     write_json_atomically,
 )
+from .time_budget import TrainingTimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,26 @@ def _given(values: dict | None) -> dict:
     return {key: value for key, value in (values or {}).items() if value is not None}
 
 
+def check_saved_architecture(saved: TOTCAKTConfig, overrides: dict, model_name_or_path: str) -> None:
+    """
+    Refuse `overrides` that change the shape of weights a saved model has (where its CTC head reads, its adapter):
+    continuing it would load them into another architecture, which transformers refuses for other sizes and
+    which is silently wrong for equal ones (a head trained on the encoder's frames reading the adapter's).
+    """
+    shaping = ["ctc_input"]
+    if saved.has_adapter:
+        shaping.append("adapter_type")
+        if saved.adapter_type == "mlp":
+            shaping += ["adapter_hidden_size", "adapter_num_layers"]
+    for name in shaping:
+        if name in overrides and overrides[name] != getattr(saved, name):
+            raise ValueError(
+                f"{name}={overrides[name]!r} (--{name}) differs from the model being continued: {model_name_or_path} "
+                f"has {name}={getattr(saved, name)!r} and its saved weights are built for it. Leave --{name} out to "
+                "continue that model, or start a new one (--encoder_name_or_path or --encoder_config)."
+            )
+
+
 def build_model(
     *,
     vocab_size: int,
@@ -105,7 +126,8 @@ def build_model(
     """
     Create the model to train, in one of three ways:
 
-    - `model_name_or_path`: continue from a saved TOT-CAKT model (its vocabulary must be the one in use);
+    - `model_name_or_path`: continue from a saved TOT-CAKT model (its vocabulary must be the one in use, and
+      `config_overrides` may not reshape its weights: see [`check_saved_architecture`]);
     - `encoder_name_or_path`: a new model whose encoder starts from a wav2vec2 / HuBERT / WavLM /
       data2vec-audio / Wav2Vec2-BERT checkpoint;
     - otherwise: a new model with a randomly initialised encoder built from `encoder_config`
@@ -126,8 +148,9 @@ def build_model(
     saved_adapter_size = None  # output size of a saved model's adapter, which the teacher must match
     if model_name_or_path is not None:
         config = TOTCAKTConfig.from_pretrained(model_name_or_path, **hub_kwargs)
+        check_saved_architecture(config, config_overrides, model_name_or_path)
         config.encoder_config.update(encoder_overrides)
-        saved_adapter_size = config.teacher_hidden_size if config.uses_teacher else None
+        saved_adapter_size = config.teacher_hidden_size if config.has_adapter else None
     else:
         # With `encoder_name_or_path`, `from_encoder_pretrained` replaces this encoder configuration
         # by the checkpoint's (and applies the overrides there).
@@ -274,6 +297,13 @@ class TOTCAKTTrainingArguments(TrainingArguments):
         default="group_by_length",
         metadata={"help": "random, sequential, group_by_length (batches of similar duration) or batch_rebalance."},
     )
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of the training in seconds: stop at the first step boundary after it "
+            "(evaluating and saving as at the end of training); --max_steps still caps the steps."
+        },
+    )
     hub_teacher_id: str | None = field(
         default=None,
         metadata={
@@ -388,6 +418,8 @@ class TOTCAKTTrainer(Trainer):
         self.nonfinite_loss_batches = 0
         self.gradient_guard = NonFiniteGradientGuard()
         self.add_callback(self.gradient_guard)
+        if getattr(self.args, "max_train_seconds", None) is not None:  # TOTCAKTTrainingArguments only
+            self.add_callback(TrainingTimeBudget(self.args.max_train_seconds))
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
