@@ -104,8 +104,9 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 
 def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
     """
-    What is wrong with the `config.json` of the saved model `name_or_path` (it does not parse, or `config_class`
-    refuses it), or None when it loads or is not there at all (transformers' own message then says so).
+    What is wrong with the `config.json` of the saved model `name_or_path` (it does not parse, `config_class`
+    refuses it, or it lacks the `encoder_config` every saved one has), or None when it loads or is not there at
+    all (transformers' own message then says so).
     """
     where = f"'{name_or_path}'"
     try:
@@ -122,6 +123,11 @@ def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
             f"The config.json of {where} is not a valid TOT-CAKT configuration ({reason}): it was damaged or edited. "
             f"{RESTORE_ADVICE}"
         )
+    if "encoder_config" not in config_dict:  # saved configurations always have it; without it a default is built
+        return (
+            f"The config.json of {where} has no encoder_config (the acoustic encoder's configuration): it was damaged "
+            f"or edited. {RESTORE_ADVICE}"
+        )
     return None
 
 
@@ -132,8 +138,8 @@ def damaged_folder_problem(config_class, name_or_path, error: Exception, kwargs:
 
     - a weights file that safetensors cannot read (cut off by an interrupted copy or download);
     - a `config.json` that does not parse or is not a TOT-CAKT configuration ([`config_file_problem`]);
-    - weights whose shapes do not fit `config.json` (an edited or foreign configuration, e.g. one without
-      `encoder_config`, whose default encoder is of another size).
+    - weights whose shapes do not fit `config.json` (an edited or foreign configuration, e.g. another
+      `vocab_size`).
     """
     where = f"'{name_or_path}'"
     if type(error).__name__ == "SafetensorError":
@@ -148,8 +154,7 @@ def damaged_folder_problem(config_class, name_or_path, error: Exception, kwargs:
     given = kwargs.get("config")
     if given is not None and comparable(given) != comparable(config_class.from_dict(config_dict)):
         return None  # the caller's configuration, not the folder's, does not fit the weights
-    missing = [key for key in ("encoder_config", "vocab_size") if key not in config_dict]
-    lacking = f" (it has no {' and no '.join(missing)})" if missing else ""
+    lacking = "" if "vocab_size" in config_dict else " (it has no vocab_size)"
     return (
         f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}; "
         "the load report above lists them. config.json was damaged, edited or belongs to another model. "

@@ -91,10 +91,15 @@ DAMAGES = {
     "unknown encoder type": (config_with("encoder_config", {"model_type": "nope"}), NOT_A_CONFIG, True),
     "config without encoder_config": (
         config_without("encoder_config"),
-        NOT_FITTING + " (it has no encoder_config)",
+        "The config.json of '{folder}' has no encoder_config (the acoustic encoder's configuration)",
         False,
     ),
-    # The base model has no CTC head: its weights fit, the vocabulary does not.
+    "config without vocab_size": (
+        config_without("vocab_size"),
+        NOT_FITTING + " (it has no vocab_size)|{folder}/vocab.json has 15 symbols but the model's config.json says",
+        False,
+    ),
+    # The base model has no CTC head: its weights fit, the vocabulary does not (here and above).
     "config with another vocab_size": (
         config_with("vocab_size", 20),
         NOT_FITTING + "|{folder}/vocab.json has 15 symbols but the model's config.json says vocab_size=20",
@@ -149,15 +154,22 @@ def test_the_pipeline_names_a_vocabulary_that_does_not_fit_the_weights(folder):
         pipeline("automatic-speech-recognition", model=str(folder), trust_remote_code=True)
 
 
-def test_an_intact_folder_loads_and_check_saved_model_returns_its_configuration(folder):
-    assert check_saved_model(str(folder)).vocab_size == 15
+def test_an_intact_folder_passes_the_checks_and_loads(folder):
+    check_saved_model(str(folder))  # raises nothing
     assert TOTCAKTForCTC.from_pretrained(folder).config.vocab_size == 15
     (folder / "vocab.json").unlink()  # a model without its processor has no vocabulary to check
     assert TOTCAKTForCTC.from_pretrained(folder).lm_head.out_features == 15
 
 
 @pytest.mark.parametrize(
-    "damage", ["config is a list", "vocab.json with an extra symbol", "vocab.json cut off", "config cut off"]
+    "damage",
+    [
+        "config is a list",
+        "config without encoder_config",
+        "vocab.json with an extra symbol",
+        "vocab.json cut off",
+        "config cut off",
+    ],
 )
 def test_check_saved_model_names_the_file_that_does_not_fit(folder, damage):
     change, message, _ = DAMAGES[damage]

@@ -28,7 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from ..configuration_tot_cakt import TOTCAKTConfig
 from ..modeling_tot_cakt import (  # load_teacher: re-exported
@@ -186,23 +186,24 @@ def build_model(
     return model
 
 
-def check_saved_model(name_or_path: str, **hub_kwargs) -> TOTCAKTConfig:
+def check_saved_model(name_or_path: str, **hub_kwargs) -> None:
     """
-    The configuration of a saved TOT-CAKT model or checkpoint (Hub id or folder), once the files that must agree
-    are checked: its `config.json` loads, and its `vocab.json` has `vocab_size` symbols (see
-    [`vocabulary_problem`]), so that the processor and the model loaded from it fit each other.
+    Check the files of a saved TOT-CAKT model or checkpoint (Hub id or folder) that must agree before its processor
+    and weights are loaded: its `config.json` loads, and its `vocab.json` has `vocab_size` symbols (see
+    [`vocabulary_problem`]). A folder without `config.json` (a processor alone) has nothing to check.
 
     Raises:
         ValueError: naming the damaged or inconsistent file and what to do.
     """
+    options = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    if cached_file(name_or_path, CONFIG_NAME, **options, **hub_kwargs) is None:
+        return
     problem = config_file_problem(TOTCAKTConfig, name_or_path, hub_kwargs)
+    if problem is None:
+        vocab_size = TOTCAKTConfig.from_pretrained(name_or_path, **hub_kwargs).vocab_size
+        problem = vocabulary_problem(name_or_path, vocab_size, hub_kwargs)
     if problem is not None:
         raise ValueError(problem)
-    config = TOTCAKTConfig.from_pretrained(name_or_path, **hub_kwargs)
-    problem = vocabulary_problem(name_or_path, config.vocab_size, hub_kwargs)
-    if problem is not None:
-        raise ValueError(problem)
-    return config
 
 
 def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds: float = 1.0) -> int:
