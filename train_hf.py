@@ -644,6 +644,21 @@ def finished_training_state(
     return state if state.global_step >= training_args.max_steps else None
 
 
+def finished_model_checkpoint(
+    resume_checkpoint: str, finished: TrainerState, training_args: TOTCAKTTrainingArguments
+) -> str:
+    """
+    The checkpoint whose weights a finished run saved: with --load_best_model_at_end the best one (the Trainer
+    loaded it at the end of training), when it is still complete; else the last one.
+    """
+    best = finished.best_model_checkpoint if training_args.load_best_model_at_end else None
+    if best is None:
+        return resume_checkpoint
+    # Where the state says, or next to the resumed checkpoint (an output_dir given by another path, or moved).
+    candidates = (best, os.path.join(os.path.dirname(resume_checkpoint), os.path.basename(best)))
+    return next((path for path in candidates if checkpoint_problem(path) is None), resume_checkpoint)
+
+
 def train_and_evaluate(
     trainer: TOTCAKTTrainer,
     vectorized_datasets: dict,
@@ -657,10 +672,12 @@ def train_and_evaluate(
         finished = finished_training_state(resume_checkpoint, training_args)
         if finished is not None:
             # The Trainer would train one step past --max_steps when the last epoch is not whole.
+            weights = finished_model_checkpoint(resume_checkpoint, finished, training_args)
             logger.info(
-                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, its weights kept."
+                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, the weights of "
+                f"{weights} kept."
             )
-            trainer._load_from_checkpoint(resume_checkpoint)
+            trainer._load_from_checkpoint(weights)
             trainer.state = finished
             metrics = None  # save_final takes those of the run that trained
         train_samples = None if data_args.streaming else len(vectorized_datasets["train"])

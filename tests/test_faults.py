@@ -617,3 +617,22 @@ def test_weights_left_without_state_and_metrics_are_completed_by_the_rerun(
     assert set(recovered) == {"epoch", "train_loss", "train_samples"}  # the run time is lost with the killed run
     assert (recovered["epoch"], recovered["train_samples"]) == (complete["epoch"], complete["train_samples"])
     assert json.loads((out / "all_results.json").read_text()) == recovered
+
+
+def test_running_a_finished_command_again_keeps_the_best_model(speech_corpus, tiny_teacher, tmp_path):
+    """With --load_best_model_at_end the saved model is the best checkpoint's; the same command run again (training
+    finished) saves that model again, not the last checkpoint's weights."""
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--dataset_name", speech_corpus.root]
+    args += ["--alignment", "none", "--do_train", "--do_eval", "--eval_split_name", "test", "--max_steps", 3]
+    args += ["--eval_strategy", "steps", "--eval_steps", 1, "--save_steps", 1, "--load_best_model_at_end"]
+    # The highest evaluation loss as "best": the first checkpoint, as the loss goes down.
+    args += ["--metric_for_best_model", "loss", "--greater_is_better", "true"]
+    run_training(*args)
+    best = json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert best is not None and Path(best).name != "checkpoint-3"  # the test needs a best model other than the last
+    saved = load_file(out / "model.safetensors")
+    run_training(*args)
+    for name, tensor in load_file(Path(best) / "model.safetensors").items():
+        torch.testing.assert_close(load_file(out / "model.safetensors")[name], tensor, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
