@@ -30,7 +30,6 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import is_main_process
 
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import (
@@ -468,7 +467,7 @@ def load_processor(
     with training_args.main_process_first(desc="vocabulary"):
         # A vocab.json left by a run stopped before its first checkpoint is rebuilt from the data too.
         starting_afresh = data_args.overwrite_output_dir or (training_args.do_train and resume_checkpoint is None)
-        if starting_afresh and is_main_process(training_args.local_rank) and os.path.isfile(vocab_file):
+        if starting_afresh and training_args.local_process_index == 0 and os.path.isfile(vocab_file):
             os.remove(vocab_file)
         if not os.path.isfile(vocab_file):
             if model_args.tokenizer_name_or_path is not None:
