@@ -61,7 +61,7 @@ def test_iterates_equal_pots_on_each_padded_sample(alpha, lambda2, max_outer):
     for b in range(coupling.shape[0]):
         expected, _ = pot_fgw(*unpadded(costs, masks, b), alpha, lambda2, max_outer, tol=0.0)
         ours = coupling[b][masks[0][b]][:, masks[1][b]].numpy()
-        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-11)
 
 
 def test_converged_objective_equals_pots_fgw_distance():
@@ -71,7 +71,7 @@ def test_converged_objective_equals_pots_fgw_distance():
     assert bool(log["converged"].all()) and log["n_outer"] < 500
     for b in range(3):
         _, pot_log = pot_fgw(*unpadded(costs, masks, b), 0.6, 0.1, 1000, tol=1e-12)
-        assert abs(float(log["objective"][b]) - float(pot_log["fgw_dist"])) < 1e-9
+        assert abs(float(log["objective"][b]) - float(pot_log["fgw_dist"])) < 1e-11
 
 
 @pytest.mark.parametrize("lambda1,sigma", [(1.0, 1.0), (0.0, 2.0), (1.0, None)])
@@ -87,7 +87,7 @@ def test_temporal_prior_with_gw_equals_pot_on_the_equivalent_node_cost(lambda1, 
         cost, source_cost, target_cost = unpadded(costs, masks, b)
         shifted = cost + (opw_effective_cost(cost, lambda1, lambda2, sigma) - cost) / (1 - alpha)
         expected, _ = pot_fgw(shifted, source_cost, target_cost, alpha, lambda2, 5, tol=0.0)
-        np.testing.assert_allclose(coupling[b][masks[0][b]][:, masks[1][b]].numpy(), expected, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(coupling[b][masks[0][b]][:, masks[1][b]].numpy(), expected, rtol=0, atol=1e-11)
 
 
 def test_alpha_zero_is_exactly_the_plain_and_the_tot_coupling():
@@ -161,7 +161,7 @@ def test_extreme_alpha_and_regularisation_give_finite_plans_with_the_marginals(a
         coupling = fused_gw_sinkhorn(*costs, *masks, alpha=alpha, lambda2=lambda2, max_outer=20, max_iter=3000)
     assert torch.isfinite(coupling).all()
     columns = masks[1].double() / masks[1].sum(dim=1, keepdim=True)
-    torch.testing.assert_close(coupling.sum(dim=1), columns, rtol=0, atol=1e-10)
+    torch.testing.assert_close(coupling.sum(dim=1), columns, rtol=0, atol=1e-11)
     torch.testing.assert_close(coupling.sum(dim=(1, 2)), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-3)
     if lambda2 > 1:  # nearly the independent plan mu nu^T
         rows = masks[0].double() / masks[0].sum(dim=1, keepdim=True)
