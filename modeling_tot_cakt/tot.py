@@ -1025,6 +1025,8 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
             f"{name} must be a floating-point torch.Tensor of shape {(batch, length, length)}, got {got}."
         )
     _check_same_device(mask, "the masks and cost", intra, name)
+    if intra.numel() == 0:
+        return
     pairs = mask[:, :, None] & mask[:, None, :]
     with torch.no_grad():
         size = intra.detach().masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
@@ -1277,7 +1279,7 @@ def fused_gw_sinkhorn(
     # Padded edges become 0, so that whatever they hold never reaches a product.
     source_cost = source_cost.to(dtype).masked_fill(~(row_mask[:, :, None] & row_mask[:, None, :]), 0.0)
     target_cost = target_cost.to(dtype).masked_fill(~(col_mask[:, :, None] & col_mask[:, None, :]), 0.0)
-    if alpha == 0:  # the linearised cost is C itself: one solve is exact
+    if alpha == 0 or cost.numel() == 0:  # the linearised cost is C itself (or nothing): one solve is exact
         coupling, inner = tot_sinkhorn(cost, source_mask, target_mask, log=True, **solve)
         return _fused_gw_result(coupling, inner, [], (cost, source_cost, target_cost), alpha, tolerances, warn, log)
 

@@ -209,3 +209,19 @@ def test_warm_start_of_the_wrong_shape_is_refused():
     (cost, _, _), masks = graph_problem(seed=0)
     with pytest.raises(ValueError, match=r"warm_start must be the potentials \(f, g\)"):
         tot_sinkhorn(cost, *masks, warm_start=(torch.zeros(4, 15), torch.zeros(4, 5)))
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 1), (1, 4), (6, 1), (0, 3)])
+def test_single_frame_or_token_empty_and_fully_padded_samples(n_rows, n_cols):
+    generator = torch.Generator().manual_seed(0)
+    frames, tokens = torch.randn(3, n_rows, 4, generator=generator), torch.randn(3, n_cols, 4, generator=generator)
+    source_mask, target_mask = torch.ones(3, n_rows, dtype=torch.bool), torch.ones(3, n_cols, dtype=torch.bool)
+    target_mask[1] = False  # no valid token: nothing to transport
+    costs = cosine_cost(frames, tokens), cosine_cost(frames, frames), cosine_cost(tokens, tokens)
+    coupling, log = fused_gw_sinkhorn(*costs, source_mask, target_mask, alpha=0.5, log=True)
+    assert torch.all(coupling[1] == 0) and torch.isfinite(log["objective"]).all()
+    expected_mass = torch.tensor([1.0, 0.0, 1.0]) if n_rows > 0 else torch.zeros(3)
+    torch.testing.assert_close(coupling.sum(dim=(1, 2)), expected_mass)
+    torch.testing.assert_close(
+        fused_gw_loss(coupling, *costs, 0.5), log["objective"][[0, 2]].mean() if n_rows else torch.tensor(0.0)
+    )
