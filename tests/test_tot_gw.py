@@ -225,3 +225,9 @@ def test_single_frame_or_token_empty_and_fully_padded_samples(n_rows, n_cols):
     torch.testing.assert_close(
         fused_gw_loss(coupling, *costs, 0.5), log["objective"][[0, 2]].mean() if n_rows else torch.tensor(0.0)
     )
+
+
+def test_an_empty_batch_gives_an_empty_plan():
+    cost, source_cost, target_cost = torch.zeros(0, 5, 3), torch.zeros(0, 5, 5), torch.zeros(0, 3, 3)
+    coupling, log = fused_gw_sinkhorn(cost, source_cost, target_cost, alpha=0.5, log=True)
+    assert coupling.shape == (0, 5, 3) and log["objective"].shape == (0,)
