@@ -11,7 +11,15 @@ import pytest
 import torch
 from tiny_models import TEACHER_HIDDEN, TINY_HUBERT, TINY_WAV2VEC2, TINY_WAVLM, make_model
 
-from modeling_tot_cakt.tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
+from modeling_tot_cakt.tot import (
+    align_loss,
+    barycentric_transport,
+    cosine_cost,
+    fused_gw_loss,
+    fused_gw_sinkhorn,
+    ot_loss,
+    tot_sinkhorn,
+)
 
 # Two utterances of different lengths; the second is zero-padded to the first.
 SAMPLES = (8000, 5000)
@@ -111,24 +119,42 @@ def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling():
 # Non-default values for every solver field of the configuration; each set makes one of `tot_max_iter`
 # (tol 0: exactly max_iter iterations) and `tot_tol` (a loose tol stops early) decide where Sinkhorn stops.
 SOLVER_SETTINGS = {
-    "max_iter": dict(tot_lambda1=0.7, tot_lambda2=0.03, tot_sigma=2.5, uot_tau=0.3, tot_max_iter=3, tot_tol=0.0),
-    "tol": dict(tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, uot_tau=5.0, tot_max_iter=500, tot_tol=0.05),
+    "max_iter": dict(
+        tot_lambda1=0.7,
+        tot_lambda2=0.03,
+        tot_sigma=2.5,
+        uot_tau=0.3,
+        gmot_alpha=0.3,
+        gmot_max_outer=2,
+        tot_max_iter=3,
+        tot_tol=0.0,
+    ),
+    "tol": dict(
+        tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, uot_tau=5.0, gmot_alpha=0.8, tot_max_iter=500, tot_tol=0.05
+    ),
 }
-# The mode each mode is told apart from: the one that differs only in the prior and reward, or in the marginals.
-OTHER_MODE = {"tot": "ot", "ot": "tot", "uot": "ot", "tot_uot": "tot"}
+# The mode each mode is told apart from: the one that differs only in the prior and reward, in the marginals,
+# or in the Gromov-Wasserstein term.
+OTHER_MODE = {"tot": "ot", "ot": "tot", "uot": "ot", "tot_uot": "tot", "gmot": "ot", "tot_gmot": "tot"}
+GMOT_MODES = ("gmot", "tot_gmot")
 
 
-def solve(cost, frame_mask, token_mask, config, alignment, **overrides):
-    """The public solver with the settings the configuration asks for in `alignment` mode."""
-    plain = alignment in ("ot", "uot")
+def solve(cost, frame_mask, token_mask, config, alignment, edges=None, **overrides):
+    """The public solver with the settings the configuration asks for in `alignment` mode (`edges`: the
+    intra-modal costs of the graph-matching modes)."""
+    plain = alignment in ("ot", "uot", "gmot")
     settings = dict(
         lambda1=0.0 if plain else config.tot_lambda1,
         lambda2=config.tot_lambda2,
         sigma=None if plain else config.tot_sigma,
-        tau=config.uot_tau if alignment in ("uot", "tot_uot") else None,
         max_iter=config.tot_max_iter,
         tol=config.tot_tol,
     )
+    if alignment in GMOT_MODES:
+        settings = {"alpha": config.gmot_alpha, **settings, **overrides}
+        settings = {"max_outer": config.gmot_max_outer, "outer_tol": settings["tol"], **settings}
+        return fused_gw_sinkhorn(cost, *edges, frame_mask, token_mask, **settings, warn=False)
+    settings["tau"] = config.uot_tau if alignment in ("uot", "tot_uot") else None
     return tot_sinkhorn(cost, frame_mask, token_mask, **{**settings, **overrides}, warn=False)
 
 
@@ -138,7 +164,7 @@ def assert_differs(actual, other, what):
 
 
 @pytest.mark.parametrize("settings", SOLVER_SETTINGS.values(), ids=SOLVER_SETTINGS.keys())
-@pytest.mark.parametrize("alignment", ["tot", "ot", "uot", "tot_uot"])
+@pytest.mark.parametrize("alignment", ["tot", "ot", "uot", "tot_uot", "gmot", "tot_gmot"])
 def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alignment, settings):
     torch.manual_seed(0)
     weights = dict(ctc_loss_weight=0.7, ot_loss_weight=0.2, align_loss_weight=0.45)
@@ -152,32 +178,35 @@ def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alig
     token_mask = batch["teacher_token_mask"]
     tokens = batch["teacher_hidden_states"]
     cost = cosine_cost(adapted, tokens)
+    edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
 
-    expected = solve(cost, frame_mask, token_mask, config, alignment)
+    def configured(mode=alignment, **overrides):
+        return solve(cost, frame_mask, token_mask, config, mode, edges, **overrides)
+
+    expected = configured()
     torch.testing.assert_close(output.coupling, expected, rtol=1e-5, atol=1e-9)
     # The same check tells the modes and the stopping rules apart.
-    assert_differs(
-        output.coupling,
-        solve(cost, frame_mask, token_mask, config, OTHER_MODE[alignment]),
-        f"the {OTHER_MODE[alignment]} mode",
-    )
+    assert_differs(output.coupling, configured(OTHER_MODE[alignment]), f"the {OTHER_MODE[alignment]} mode")
     if config.tot_tol == 0:
-        assert_differs(
-            output.coupling, solve(cost, frame_mask, token_mask, config, alignment, max_iter=50), "50 iterations"
-        )
+        assert_differs(output.coupling, configured(max_iter=50), "50 iterations")
     else:
-        assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tol=1e-4), "tol 1e-4")
+        assert_differs(output.coupling, configured(tol=1e-4), "tol 1e-4")
     if alignment in ("uot", "tot_uot"):
-        assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tau=1.0), "tau=1.0")
-    if alignment in ("tot", "tot_uot"):
-        for field, value in (("lambda1", 1.0), ("lambda2", 0.1), ("sigma", 1.0)):
+        assert_differs(output.coupling, configured(tau=1.0), "tau=1.0")
+    if alignment in GMOT_MODES:
+        assert_differs(output.coupling, configured(alpha=0.5), "alpha=0.5")
+        if config.tot_tol == 0:
             assert_differs(
-                output.coupling,
-                solve(cost, frame_mask, token_mask, config, alignment, **{field: value}),
-                f"{field}={value}",
+                output.coupling, configured(max_outer=config.gmot_max_outer + 1), "one more outer iteration"
             )
+    if alignment in ("tot", "tot_uot", "tot_gmot"):
+        for field, value in (("lambda1", 1.0), ("lambda2", 0.1), ("sigma", 1.0)):
+            assert_differs(output.coupling, configured(**{field: value}), f"{field}={value}")
 
-    expected_ot = ot_loss(expected, cost)
+    if alignment in GMOT_MODES:
+        expected_ot = fused_gw_loss(expected, cost, *edges, config.gmot_alpha)
+    else:
+        expected_ot = ot_loss(expected, cost)
     expected_align = align_loss(barycentric_transport(expected, adapted, token_mask), tokens, token_mask)
     torch.testing.assert_close(output.ot_loss, expected_ot, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(output.align_loss, expected_align, rtol=1e-5, atol=1e-7)
