@@ -80,7 +80,7 @@ def run_and_capture_adapted(model, **inputs):
 
 
 @ENCODERS
-@pytest.mark.parametrize("alignment", ["tot", "ot"])
+@pytest.mark.parametrize("alignment", ["tot", "ot", "gmot"])
 def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginals(alignment, encoder):
     torch.manual_seed(0)
     model = make_model(encoder, alignment=alignment, tot_sigma=3.0, tot_max_iter=3000, tot_tol=1e-6).eval()
@@ -100,10 +100,12 @@ def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginal
         torch.testing.assert_close(columns[b, :m_valid], torch.full((m_valid,), 1 / m_valid), rtol=1e-4, atol=0)
 
 
-def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling():
+@pytest.mark.parametrize("alignment", ["tot", "tot_gmot"])
+def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling(alignment):
     """Padding changes nothing: each utterance's coupling in the batch equals the one it gets alone."""
     torch.manual_seed(0)
-    model = make_model(tot_tol=0.0, tot_max_iter=30).eval()  # a fixed number of iterations in both runs
+    # A fixed number of iterations in both runs.
+    model = make_model(alignment=alignment, tot_tol=0.0, tot_max_iter=30, gmot_max_outer=4).eval()
     batch = padded_batch()
     with torch.no_grad():
         together = model(**batch, output_coupling=True).coupling
