@@ -615,6 +615,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
         plain = self.config.alignment in ("ot", "uot", "gmot")  # no order reward, no temporal prior
+        unbalanced = self.config.alignment in ("uot", "tot_uot")
         settings = dict(
             lambda1=0.0 if plain else self.config.tot_lambda1,
             lambda2=self.config.tot_lambda2,
@@ -629,23 +630,29 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
         # the trainer's loss scaling skips, as before.
         finite = dict(nan=1.0, posinf=2.0, neginf=0.0)
+        finite_cost = cost.nan_to_num(**finite)
         if self.config.alignment in ("gmot", "tot_gmot"):  # edges: cosine distances within each modality
             edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
+            finite_edges = [edge.nan_to_num(**finite) for edge in edges]
             coupling, solver = fused_gw_sinkhorn(
-                cost.nan_to_num(**finite),
-                *(edge.nan_to_num(**finite) for edge in edges),
+                finite_cost,
+                *finite_edges,
                 frame_mask,
                 token_mask,
                 alpha=self.config.gmot_alpha,
                 max_outer=self.config.gmot_max_outer,
-                outer_tol=self.config.tot_tol,
+                outer_tol=settings["tol"],
                 **settings,
             )
             transport_cost = fused_gw_loss(coupling, cost, *edges, self.config.gmot_alpha)
         else:
-            unbalanced = self.config.alignment in ("uot", "tot_uot")
-            tau = self.config.uot_tau if unbalanced else None
-            coupling, solver = tot_sinkhorn(cost.nan_to_num(**finite), frame_mask, token_mask, tau=tau, **settings)
+            coupling, solver = tot_sinkhorn(
+                finite_cost,
+                frame_mask,
+                token_mask,
+                tau=self.config.uot_tau if unbalanced else None,
+                **settings,
+            )
             transport_cost = ot_loss(coupling, cost)
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
             outer = (

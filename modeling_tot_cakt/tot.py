@@ -1032,10 +1032,10 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
         size = intra.detach().masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
         skew = (intra.detach() - intra.detach().transpose(1, 2)).masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
         sizes, skews = torch.stack([size, skew]).tolist()
-    bad = [b for b, value in enumerate(sizes) if not math.isfinite(value)]
-    if bad:
+    broken = [b for b, value in enumerate(sizes) if not math.isfinite(value)]
+    if broken:
         raise ValueError(
-            f"{name} holds NaN or infinite values on valid pairs of sample(s) {_first(bad)} (batch indices): fix the "
+            f"{name} holds NaN or infinite values on valid pairs of sample(s) {_first(broken)} (batch indices): fix the "
             "features that gave it, or mark those positions invalid in the masks (padded pairs are ignored)."
         )
     asymmetric = [b for b, (value, gap) in enumerate(zip(sizes, skews)) if gap > 1e-6 * max(value, 1.0)]
