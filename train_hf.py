@@ -77,7 +77,8 @@ from modeling_tot_cakt.training.trainer import (
     TOTCAKTTrainer,
     TOTCAKTTrainingArguments,
     build_model,
-    is_complete_checkpoint,
+    check_saved_model,
+    checkpoint_problem,
     last_complete_checkpoint,
     load_teacher,
     parse_encoder_config,
@@ -396,10 +397,11 @@ def find_checkpoint_to_resume(data_args: DataTrainingArguments, training_args: T
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
     resume = training_args.resume_from_checkpoint
-    if resume is not None and not is_complete_checkpoint(resume):
+    problem = checkpoint_problem(resume) if resume is not None else None
+    if problem is not None:
         raise ValueError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint (it needs trainer_state.json and "
-            "model.safetensors; a run stopped while saving leaves them out). Pass an earlier checkpoint."
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint: {problem}. A run stopped while "
+            "saving leaves such a folder; pass an earlier checkpoint."
         )
     return resume or last_checkpoint
 
@@ -459,12 +461,14 @@ def load_processor(
     """
     vocab_file = os.path.join(training_args.output_dir, "vocab.json")
     if resume_checkpoint is not None and os.path.isfile(os.path.join(resume_checkpoint, "vocab.json")):
+        check_saved_model(resume_checkpoint)  # its vocab.json must fit the weights about to be loaded
         processor = upgrade_feature_extractor(AutoProcessor.from_pretrained(resume_checkpoint))
         if training_args.should_save:  # output_dir keeps the vocabulary the weights were trained with
             write_vocabulary(processor.tokenizer.get_vocab(), vocab_file)
         logger.info(f"Vocabulary of the resumed checkpoint {resume_checkpoint}.")
         return processor
     if model_args.model_name_or_path is not None:
+        check_saved_model(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token)
         return upgrade_feature_extractor(
             AutoProcessor.from_pretrained(
                 model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
@@ -656,6 +660,21 @@ def finished_training_state(
     return state if state.global_step >= training_args.max_steps else None
 
 
+def finished_model_checkpoint(
+    resume_checkpoint: str, finished: TrainerState, training_args: TOTCAKTTrainingArguments
+) -> str:
+    """
+    The checkpoint whose weights a finished run saved: with --load_best_model_at_end the best one (the Trainer
+    loaded it at the end of training), when it is still complete; else the last one.
+    """
+    best = finished.best_model_checkpoint if training_args.load_best_model_at_end else None
+    if best is None:
+        return resume_checkpoint
+    # Where the state says, or next to the resumed checkpoint (an output_dir given by another path, or moved).
+    candidates = (best, os.path.join(os.path.dirname(resume_checkpoint), os.path.basename(best)))
+    return next((path for path in candidates if checkpoint_problem(path) is None), resume_checkpoint)
+
+
 def train_and_evaluate(
     trainer: TOTCAKTTrainer,
     vectorized_datasets: dict,
@@ -669,25 +688,26 @@ def train_and_evaluate(
         finished = finished_training_state(resume_checkpoint, training_args)
         if finished is not None:
             # The Trainer would train one step past --max_steps when the last epoch is not whole.
+            weights = finished_model_checkpoint(resume_checkpoint, finished, training_args)
             logger.info(
-                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, its weights kept."
+                f"{resume_checkpoint} holds step {finished.global_step}: training is finished, the weights of "
+                f"{weights} kept."
             )
-            trainer._load_from_checkpoint(resume_checkpoint)
+            trainer._load_from_checkpoint(weights)
             trainer.state = finished
-        else:
-            train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-        trainer.save_model()  # model (with auto_map and its code files) and processor, ready for pipeline()
+            metrics = None  # save_final takes those of the run that trained
+        train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
+        if finished is None:
+            metrics = trainer.train(resume_from_checkpoint=resume_checkpoint).metrics
+            if train_samples is not None:
+                metrics["train_samples"] = train_samples
+            trainer.log_metrics("train", metrics)
+        # The model (with auto_map and its code files, ready for pipeline()), processor, state and metrics.
+        trainer.save_final(metrics, train_samples=train_samples)
         set_aside = os.path.join(training_args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
         if training_args.should_save and os.path.isdir(set_aside):
             shutil.rmtree(set_aside)  # of no use once the run has finished, and not to be uploaded
             logger.info(f"Removed {set_aside}: checkpoints that an interrupted run left half-written.")
-        if finished is None:
-            metrics = train_result.metrics
-            if not data_args.streaming:
-                metrics["train_samples"] = len(vectorized_datasets["train"])
-            trainer.log_metrics("train", metrics)
-            trainer.save_metrics("train", metrics)
-            trainer.save_state()
     for name in ("eval", "test"):
         if name in vectorized_datasets:
             logger.info(f"*** {name} ***")

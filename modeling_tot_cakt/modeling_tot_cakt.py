@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import ModelOutput, logging
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2CTCTokenizer
+from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import (
@@ -104,6 +104,115 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
             "tokenizer.json) are missing or belong to another model."
         )
     return teacher, tokenizer
+
+
+# What to do about a saved folder with a damaged file: the end of every such message.
+RESTORE_ADVICE = (
+    "Copy the folder again from where it was saved, download it again (from_pretrained(..., force_download=True)), "
+    "or load an earlier checkpoint."
+)
+# Loading options that say where a folder's files are, passed on when its configuration is read again.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
+    """
+    What is wrong with the `config.json` of the saved model `name_or_path` (it does not parse, `config_class`
+    refuses it, or it lacks the `encoder_config` every saved one has), or None when it loads or is not there at
+    all (transformers' own message then says so).
+    """
+    where = f"'{name_or_path}'"
+    try:
+        config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+        config_class.from_dict(config_dict)
+    except OSError as error:
+        if "valid JSON" not in str(error):
+            return None
+        return f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
+    except Exception as error:  # whatever the configuration class refuses
+        reason = f"{type(error).__name__}: {error}"
+        reason = reason if len(reason) <= 200 else f"{reason[:200]}..."
+        return (
+            f"The config.json of {where} is not a valid TOT-CAKT configuration ({reason}): it was damaged or edited. "
+            f"{RESTORE_ADVICE}"
+        )
+    if "encoder_config" not in config_dict:  # saved configurations always have it; without it a default is built
+        return (
+            f"The config.json of {where} has no encoder_config (the acoustic encoder's configuration): it was damaged "
+            f"or edited. {RESTORE_ADVICE}"
+        )
+    return None
+
+
+def damaged_folder_problem(config_class, name_or_path, error: Exception, kwargs: dict) -> str | None:
+    """
+    The file of the saved model `name_or_path` that explains why loading it raised `error`, and what to do,
+    or None when its files do not explain it (the error is then the one to show):
+
+    - a weights file that safetensors cannot read (cut off by an interrupted copy or download);
+    - a `config.json` that does not parse or is not a TOT-CAKT configuration ([`config_file_problem`]);
+    - weights whose shapes do not fit `config.json` (an edited or foreign configuration, e.g. another
+      `vocab_size`).
+    """
+    where = f"'{name_or_path}'"
+    if type(error).__name__ == "SafetensorError":
+        return (
+            f"The weights of {where} cannot be read: its model.safetensors (or a shard its "
+            f"model.safetensors.index.json names) is cut off or damaged ({error}). {RESTORE_ADVICE}"
+        )
+    problem = config_file_problem(config_class, name_or_path, kwargs)
+    if problem is not None or not (isinstance(error, RuntimeError) and "mismatched" in str(error)):
+        return problem
+    config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+    given = kwargs.get("config")
+    if given is not None and comparable(given) != comparable(config_class.from_dict(config_dict)):
+        return None  # the caller's configuration, not the folder's, does not fit the weights
+    lacking = "" if "vocab_size" in config_dict else " (it has no vocab_size)"
+    return (
+        f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}; "
+        "the load report above lists them. config.json was damaged, edited or belongs to another model. "
+        f"{RESTORE_ADVICE}"
+    )
+
+
+def comparable(config) -> dict:
+    """A configuration's fields without those that say where and with which version it was saved."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else {}
+    return {key: value for key, value in fields.items() if key not in ("_name_or_path", "transformers_version")}
+
+
+def hub_options(kwargs: dict) -> dict:
+    """The `from_pretrained` options among `kwargs` that say where a saved model's files are."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
+def vocabulary_problem(name_or_path, vocab_size: int, kwargs: dict) -> str | None:
+    """
+    What is wrong with the CTC vocabulary (`vocab.json`) saved next to a model, or None: it must load and have
+    `vocab_size` symbols, one per output of the CTC head; a folder without `vocab.json` has nothing to check.
+    """
+    hub_kwargs = hub_options(kwargs)
+    vocab_file = cached_file(
+        name_or_path,
+        "vocab.json",
+        _raise_exceptions_for_gated_repo=False,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if vocab_file is None:
+        return None
+    try:
+        size = len(Wav2Vec2CTCTokenizer.from_pretrained(name_or_path, **hub_kwargs))
+    except (OSError, ValueError, TypeError) as err:
+        return f"{vocab_file} cannot be read as the model's CTC vocabulary ({err}). {RESTORE_ADVICE}"
+    if size != vocab_size:
+        return (
+            f"{vocab_file} has {size} symbols but the model's config.json says vocab_size={vocab_size}: the vocabulary "
+            "and the weights come from different models (or one was edited), so the ids would decode to the wrong "
+            f"characters. Put back the vocab.json saved with these weights. {RESTORE_ADVICE}"
+        )
+    return None
 
 
 @dataclass
@@ -206,16 +315,28 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         r"""
         [`~PreTrainedModel.from_pretrained`], refusing a plain acoustic-encoder checkpoint (e.g. a `Wav2Vec2Model`
-        or `Wav2Vec2ForCTC` folder), whose weights would otherwise be ignored and the encoder left random.
+        or `Wav2Vec2ForCTC` folder), whose weights would otherwise be ignored and the encoder left random, and a
+        damaged folder with an error that names the file and what to do: a cut-off `model.safetensors`, a
+        `config.json` that is not a TOT-CAKT configuration or does not fit the weights, a `vocab.json` whose
+        size is not the configuration's `vocab_size` ([`damaged_folder_problem`], [`vocabulary_problem`]).
 
         Folders written before the base model existed (weights named `encoder.*`, `adapter.*`, `lm_head.*`)
         load as they are: their `encoder.*`/`adapter.*` weights are those of [`TOTCAKTModel`], and transformers
         adds the `tot_cakt.` prefix of the base model when loading them into [`TOTCAKTForCTC`].
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except Exception as err:  # re-raised as it is unless the folder's files explain it
+            damage = damaged_folder_problem(cls.config_class, pretrained_model_name_or_path, err, kwargs)
+            if damage is None:
+                raise
+            raise ValueError(damage) from err
+        vocabulary = vocabulary_problem(pretrained_model_name_or_path, model.config.vocab_size, kwargs)
+        if vocabulary is not None:
+            raise ValueError(vocabulary)
         encoder = model.base_model.encoder
         prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
         encoder_keys = {f"{prefix}encoder.{name}" for name, _ in encoder.named_parameters()}

@@ -19,16 +19,19 @@ import pytest
 import torch
 from conftest import TRAINING_ENCODER
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train_hf import common_args, run_training
 from tiny_models import make_model, make_processor, one_step_trainer
 from transformers import AutoModelForCTC
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from modeling_tot_cakt.training.output_lock import LOCK_FILE, OutputDirectoryLockedError
+from modeling_tot_cakt.training.saved_files import FILE_MANIFEST, write_file_manifest
 from modeling_tot_cakt.training.trainer import (
+    FINAL_SAVE_DIR,
     INCOMPLETE_CHECKPOINTS_DIR,
     EpochSeededLengthGroupedSampler,
+    checkpoint_problem,
     is_complete_checkpoint,
     last_complete_checkpoint,
 )
@@ -207,11 +210,16 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint(speech_corpus, tin
 
 
 def make_checkpoint(path: Path, *, state: str | None = None, weights: bool = True) -> Path:
+    """A checkpoint folder as a Trainer writes it (weights, optimizer, scheduler, RNG states, trainer state), or a
+    part of one: without its trainer_state.json when `state` is None, without its weights unless `weights`."""
     path.mkdir(parents=True)
+    if weights:
+        save_file({"lm_head.weight": torch.arange(6.0).reshape(2, 3)}, path / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.ones(3)}}}, path / "optimizer.pt")
+    torch.save({"last_epoch": 1}, path / "scheduler.pt")
+    torch.save({"python": 1}, path / "rng_state.pth")
     if state is not None:
         (path / "trainer_state.json").write_text(state)
-    if weights:
-        (path / "model.safetensors").write_bytes(b"weights")
     return path
 
 
@@ -242,7 +250,7 @@ def test_last_complete_checkpoint_skips_and_sets_aside_unfinished_folders(tmp_pa
         "checkpoint-4",
     ]
     assert not (tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-10" / "trainer_state.json").exists()  # replaced
-    assert caplog.text.count("is incomplete (the run was stopped while saving it)") == 3
+    assert caplog.text.count("is incomplete or damaged, it is not resumed from") == 3
     empty = tmp_path / "empty"
     empty.mkdir()
     assert last_complete_checkpoint(empty) is None
@@ -260,6 +268,21 @@ def test_an_unfinished_checkpoint_given_to_resume_from_is_refused(speech_corpus,
             "--resume_from_checkpoint",
             half_written,
         )
+
+
+def test_a_checkpoint_with_a_cut_off_optimizer_given_to_resume_from_is_refused_naming_the_file(
+    speech_corpus, tmp_path
+):
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-7", state=json.dumps({"global_step": 7}))
+    write_file_manifest(checkpoint)
+    cut_off(checkpoint / "optimizer.pt")
+    with pytest.raises(
+        ValueError, match=rf"checkpoint-7 is not a complete checkpoint: {checkpoint / 'optimizer.pt'} has "
+    ):
+        run_training(
+            "--output_dir", tmp_path / "out", "--dataset_name", speech_corpus.root, "--do_train",
+            "--resume_from_checkpoint", checkpoint,
+        )  # fmt: skip
 
 
 def test_nonfinite_gradients_with_a_finite_loss_skip_the_update(tmp_path, caplog):
@@ -463,3 +486,153 @@ def test_running_a_finished_command_again_trains_no_further(speech_corpus, tiny_
     assert f"{out / 'checkpoint-3'} holds step 3: training is finished" in caplog.text
     for name, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)
+
+
+def cut_off(path: Path, keep: float = 0.5) -> None:
+    """Keep the first `keep` share of a file's bytes, as a kill or a full disk in the middle of writing it does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors", "trainer_state.json")
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["with-manifest", "earlier-version"])
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_checkpoint_with_a_file_cut_off_is_not_resumed_from(tmp_path, caplog, name, manifest):
+    """Every file of a checkpoint must be whole: a cut-off optimizer.pt, scheduler, RNG state, weights or state sends
+    the resume to the previous checkpoint, with a warning naming the file; with or without the manifest that
+    TOTCAKTTrainer writes last (checkpoints of earlier versions have none)."""
+    state = json.dumps({"global_step": 1, "log_history": [{"loss": 1.0, "step": 1}] * 20})
+    for step in (1, 2):
+        make_checkpoint(tmp_path / f"checkpoint-{step}", state=state)
+        if manifest:
+            write_file_manifest(tmp_path / f"checkpoint-{step}")
+    newest = tmp_path / "checkpoint-2"
+    assert checkpoint_problem(newest) is None
+    cut_off(newest / name)
+    assert str(newest / name) in checkpoint_problem(newest)
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.trainer"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert f"{newest} is incomplete or damaged, it is not resumed from: {newest / name}" in caplog.text
+    assert (tmp_path / INCOMPLETE_CHECKPOINTS_DIR / "checkpoint-2" / name).is_file()
+
+
+def test_a_file_missing_from_a_checkpoint_its_manifest_lists_makes_it_incomplete(tmp_path):
+    """transformers resumes without an optimizer state when optimizer.pt is missing: the manifest says it was written."""
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-1", state=json.dumps({"global_step": 1}))
+    write_file_manifest(checkpoint)
+    assert json.loads((checkpoint / FILE_MANIFEST).read_text())["files"]["optimizer.pt"] > 0
+    (checkpoint / "optimizer.pt").unlink()
+    problem = checkpoint_problem(checkpoint)
+    assert problem.startswith(f"{checkpoint / 'optimizer.pt'} is missing (the save recorded it with ")
+    (checkpoint / "optimizer.pt").write_bytes(b"")
+    assert f"{checkpoint / 'optimizer.pt'} has 0 bytes but" in checkpoint_problem(checkpoint)
+
+
+def resume_args(out: Path, corpus: Path, teacher: Path, cache: Path, max_steps: int) -> list:
+    args = [*common_args(out, teacher, cache), "--dataset_name", corpus, "--alignment", "none", "--do_train"]
+    return [*args, "--max_steps", max_steps, "--save_steps", 1]
+
+
+def test_a_truncated_optimizer_state_sends_the_rerun_to_the_previous_checkpoint(
+    speech_corpus, tiny_teacher, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    run_training(*resume_args(out, speech_corpus.root, tiny_teacher, tmp_path / "cache", 3))
+    for step in (1, 2, 3):  # every checkpoint lists its files, each with its size
+        listed = json.loads((out / f"checkpoint-{step}" / FILE_MANIFEST).read_text())["files"]
+        assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors", "trainer_state.json"} <= set(
+            listed
+        )
+        assert listed == {
+            path.name: path.stat().st_size
+            for path in (out / f"checkpoint-{step}").iterdir()
+            if path.name != FILE_MANIFEST
+        }
+    cut_off(out / "checkpoint-3" / "optimizer.pt")
+    with caplog.at_level(logging.INFO):
+        run_training(*resume_args(out, speech_corpus.root, tiny_teacher, tmp_path / "cache", 4))
+    assert f"{out / 'checkpoint-3'} is incomplete or damaged, it is not resumed from: {out / 'checkpoint-3'}" in (
+        caplog.text
+    )
+    assert "optimizer.pt" in caplog.text and f"resuming training at {out / 'checkpoint-2'}" in caplog.text
+    assert train_state_steps(out) == [1, 2, 3, 4]  # steps 3 and 4 trained again from checkpoint-2
+    assert checkpoint_problem(out / "checkpoint-4") is None
+
+
+def test_a_kill_during_the_final_save_is_completed_by_the_rerun(speech_corpus, tiny_teacher, tmp_path, monkeypatch):
+    """The final model, trainer state and train metrics are staged and moved together: killed while moving them,
+    output_dir never holds the new weights without the state and metrics, and the same command run again moves
+    the rest, with the train metrics (run time included) of the run that trained."""
+    out = tmp_path / "out"
+    args = resume_args(out, speech_corpus.root, tiny_teacher, tmp_path / "cache", 3)
+    moved, replace = [], os.replace
+
+    def killed_while_moving(source, target):
+        if Path(source).parent.name == FINAL_SAVE_DIR and Path(target).parent.name != FINAL_SAVE_DIR:
+            if len(moved) == 2:
+                raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+            moved.append(Path(target).name)
+        replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_while_moving)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(*args)
+    assert moved == ["all_results.json", "train_results.json"]  # state and metrics go first, weights last
+    assert not (out / "model.safetensors").exists() and (out / FINAL_SAVE_DIR / "model.safetensors").is_file()
+    staged_metrics = json.loads((out / "train_results.json").read_text())
+    assert staged_metrics["train_samples"] == 24 and "train_runtime" in staged_metrics
+
+    run_training(*args)
+    assert not (out / FINAL_SAVE_DIR).exists()
+    assert json.loads((out / "train_results.json").read_text()) == staged_metrics
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    final = load_file(out / "model.safetensors")
+    for name, tensor in load_file(out / "checkpoint-3" / "model.safetensors").items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_weights_left_without_state_and_metrics_are_completed_by_the_rerun(
+    speech_corpus, tiny_teacher, tmp_path, caplog
+):
+    """A run killed after its last checkpoint and before its train metrics were saved (as earlier versions left
+    it: the weights without trainer_state.json, train_results.json, all_results.json): the rerun writes them,
+    the metrics recovered from the trainer state and said to be."""
+    out = tmp_path / "out"
+    args = resume_args(out, speech_corpus.root, tiny_teacher, tmp_path / "cache", 3)
+    run_training(*args)
+    complete = json.loads((out / "train_results.json").read_text())
+    for name in ("trainer_state.json", "train_results.json", "all_results.json"):
+        (out / name).unlink()
+    with caplog.at_level(logging.WARNING):
+        run_training(*args)
+    assert "was stopped before it saved its train metrics" in caplog.text
+    recovered = json.loads((out / "train_results.json").read_text())
+    losses = logged_losses(out)
+    assert sorted(losses) == [1, 2, 3]
+    assert recovered["train_loss"] == pytest.approx(sum(losses.values()) / 3, rel=1e-9)
+    assert recovered["train_loss"] == pytest.approx(complete["train_loss"], abs=1e-4)  # logged losses are rounded
+    assert set(recovered) == {"epoch", "train_loss", "train_samples"}  # the run time is lost with the killed run
+    assert (recovered["epoch"], recovered["train_samples"]) == (complete["epoch"], complete["train_samples"])
+    assert json.loads((out / "all_results.json").read_text()) == recovered
+
+
+def test_running_a_finished_command_again_keeps_the_best_model(speech_corpus, tiny_teacher, tmp_path):
+    """With --load_best_model_at_end the saved model is the best checkpoint's; the same command run again (training
+    finished) saves that model again, not the last checkpoint's weights."""
+    out = tmp_path / "out"
+    args = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--dataset_name", speech_corpus.root]
+    args += ["--alignment", "none", "--do_train", "--do_eval", "--eval_split_name", "test", "--max_steps", 3]
+    args += ["--eval_strategy", "steps", "--eval_steps", 1, "--save_steps", 1, "--load_best_model_at_end"]
+    # The highest evaluation loss as "best": the first checkpoint, as the loss goes down.
+    args += ["--metric_for_best_model", "loss", "--greater_is_better", "true"]
+    run_training(*args)
+    best = json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert best is not None and Path(best).name != "checkpoint-3"  # the test needs a best model other than the last
+    saved = load_file(out / "model.safetensors")
+    run_training(*args)
+    for name, tensor in load_file(Path(best) / "model.safetensors").items():
+        torch.testing.assert_close(load_file(out / "model.safetensors")[name], tensor, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)

@@ -540,3 +540,63 @@ def test_a_diverged_step_gives_nan_alignment_losses_not_an_error(teacher_dir, tm
         )
     assert torch.isnan(out.ot_loss) and torch.isnan(out.align_loss) and torch.isnan(out.loss)
     assert torch.isfinite(out.ctc_loss)
+
+
+def test_the_frozen_teacher_makes_its_targets_in_eval_mode(teacher_dir, tmp_path):
+    """Dropout is off in the teacher whatever mode it was handed over in and whatever mode the student is put in
+    (the Trainer calls model.train()): its token features are those of the teacher in eval mode, every time."""
+    teacher = AutoModel.from_pretrained(teacher_dir, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    teacher.train()  # as a teacher built or fine-tuned in the same process may be
+    batch = batch_for(make_model(TINY_WAV2VEC2, "tot", teacher_dir), tmp_path)
+    ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+    with torch.no_grad():
+        reference = copy.deepcopy(teacher).eval()(input_ids=ids, attention_mask=mask).last_hidden_state[:, 1:]
+    model = make_model(TINY_WAV2VEC2, "tot", teacher_dir)
+    model.attach_teacher(teacher)
+    model.train()
+    for _ in range(2):
+        features, token_mask = model.teacher_token_features(ids, mask)
+        torch.testing.assert_close(features * token_mask[..., None], reference * token_mask[..., None])
+    assert not model.teacher.training
+
+
+def test_the_non_convergence_warning_fires_when_any_sample_of_the_batch_did_not_converge(
+    teacher_dir, tmp_path, caplog, monkeypatch
+):
+    """One sample whose plan did not converge is enough for the warning, whichever it is; the largest marginal
+    error of the batch is reported. The solver's per-sample verdict is set by hand around the real solver."""
+    import modeling_tot_cakt.modeling_tot_cakt as modeling
+
+    solve = modeling.tot_sinkhorn
+
+    def run(converged: list[bool], errors: list[float]) -> str:
+        def verdict(*args, **kwargs):
+            coupling, solver = solve(*args, **kwargs)
+            return coupling, {
+                **solver,
+                "converged": torch.tensor(converged),
+                "marginal_error": torch.tensor(errors),
+            }
+
+        monkeypatch.setattr(modeling, "tot_sinkhorn", verdict)
+        logging.Logger.warning_once.cache_clear()  # transformers' warning_once: once per message and process
+        model = make_model(TINY_WAV2VEC2, "tot", teacher_dir, tot_max_iter=7)
+        model.attach_teacher()
+        batch = batch_for(model, tmp_path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            model(
+                **batch["inputs"],
+                labels=batch["labels"],
+                teacher_input_ids=batch["teacher_input_ids"],
+                teacher_attention_mask=batch["teacher_attention_mask"],
+            )
+        return caplog.text
+
+    assert "did not converge" not in run([True, True], [1e-6, 2e-6])
+    for converged, errors, largest in (
+        ([True, False], [1e-6, 0.25], "2.50e-01"),
+        ([False, True], [0.125, 1e-6], "1.25e-01"),
+    ):
+        text = run(converged, errors)
+        assert f"did not converge in tot_max_iter=7 iterations (largest marginal error {largest}" in text, text

@@ -18,8 +18,8 @@ CODE_FILES = {"configuration_tot_cakt.py", "feature_extraction_tot_cakt.py", "mo
 EXTRACTOR = {"wav2vec2": "TOTCAKTFeatureExtractor", "wav2vec2-bert": "TOTCAKTLogMelFeatureExtractor"}
 STOCK_EXTRACTOR = {"wav2vec2": "Wav2Vec2FeatureExtractor", "wav2vec2-bert": "SeamlessM4TFeatureExtractor"}
 
-# Runs in a fresh interpreter: makes `modeling_tot_cakt` unimportable, then loads and transcribes.
-FRESH_PROCESS = textwrap.dedent(
+# The start of a script for a fresh interpreter: makes `modeling_tot_cakt` unimportable.
+BLOCK_PACKAGE = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
@@ -35,7 +35,11 @@ FRESH_PROCESS = textwrap.dedent(
         raise SystemExit("the package is still importable")
     except ModuleNotFoundError:
         pass
-
+    """
+)
+# Runs in a fresh interpreter without the package: loads and transcribes.
+FRESH_PROCESS = BLOCK_PACKAGE + textwrap.dedent(
+    """
     import numpy as np, soundfile as sf, torch
     from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoProcessor, pipeline
 

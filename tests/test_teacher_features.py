@@ -4,8 +4,10 @@ import shutil
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_train_hf import train_hf
 from tiny_models import make_model
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel, RobertaConfig
 
@@ -48,6 +50,9 @@ def test_fingerprint_tracks_weights_config_tokenizer_and_layout(teacher, tiny_te
     assert teacher_fingerprint(model, more_tokens, str(tiny_teacher)) != base
     cased = AutoTokenizer.from_pretrained(tiny_teacher, do_lower_case=False)
     assert teacher_fingerprint(model, cased, str(tiny_teacher)) != base
+    # The tokenizer's limit cuts long transcripts, so it shapes their features too.
+    shorter = AutoTokenizer.from_pretrained(tiny_teacher, model_max_length=8)
+    assert teacher_fingerprint(model, shorter, str(tiny_teacher)) != base
 
 
 def test_feature_layout_names_the_teacher_layer_only_when_it_is_not_the_last():
@@ -184,3 +189,26 @@ def test_teacher_max_length_is_the_position_table_whatever_the_tokenizer_says(ti
     encoded = tokenize_for_teacher(tokenizer, ["你好中国" * 5], 16)
     assert len(encoded["input_ids"][0]) == 16 and encoded["input_ids"][0][-1] == tokenizer.sep_token_id
     assert count_truncated_transcripts(tokenizer, ["你好中国" * 5, "你好", "你好中国" * 4], 16) == 2
+
+
+@pytest.mark.parametrize(
+    "layout", [{"teacher_layer": 0}, {"teacher_strip_special_tokens": False}], ids=["embeddings", "with-cls-sep"]
+)
+def test_train_hf_keys_its_feature_cache_by_the_models_feature_layout(tiny_teacher, tmp_path, layout):
+    """train_hf.py's cache of a model that reads another teacher layer (or keeps [CLS]/[SEP]) is another cache:
+    same teacher and transcripts, other features."""
+
+    def cache_for(**config):
+        model = make_model(teacher_dir=tiny_teacher, alignment="tot", **config)
+        model_args = train_hf.ModelArguments()
+        method_args = train_hf.TOTCAKTArguments(cache_teacher_features=True, teacher_cache_dir=str(tmp_path / "cache"))
+        training_args = train_hf.TOTCAKTTrainingArguments(
+            output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none"
+        )
+        texts = Dataset.from_dict({"text": ["你好", "中国人大"]})
+        teacher = train_hf.prepare_teacher(model, model_args, method_args, training_args, {"train": texts}, False)
+        return teacher.cache
+
+    default, other = cache_for(), cache_for(**layout)
+    assert other.fingerprint != default.fingerprint and other.directory != default.directory
+    assert not torch.equal(default.load("你好"), other.load("你好")[: default.load("你好").shape[0]])

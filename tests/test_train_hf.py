@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 import yaml
 from conftest import TRAINING_ENCODER
+from datasets import Dataset
 from huggingface_hub import metadata_load
 from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, one_step_trainer
 from transformers import (
@@ -509,3 +510,83 @@ def test_the_unbalanced_and_graph_matching_alignment_flags_reach_the_model_confi
     monkeypatch.setattr(sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), "--alignment", "gw"])
     with pytest.raises(SystemExit):
         train_hf.parse_arguments()
+
+
+def test_evaluation_during_training_reads_the_eval_split_never_the_test_split(speech_corpus, tiny_teacher, tmp_path):
+    """The audiofolder's `test` folder is the eval split here and its `train` folder the test split: the evaluation
+    the Trainer runs during training has the loss of the eval split, which is scored again at the end."""
+    out = tmp_path / "out"
+    run_training(
+        *common_args(out, tiny_teacher, tmp_path / "cache"),
+        "--dataset_name",
+        speech_corpus.root,
+        "--eval_split_name",
+        "test",
+        "--test_split_name",
+        "train",
+        "--alignment",
+        "none",
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--max_steps",
+        2,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        2,
+        "--save_steps",
+        2,
+    )
+    state, _ = train_logs(out)
+    (during,) = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    after = json.loads((out / "eval_results.json").read_text())
+    test = json.loads((out / "test_results.json").read_text())
+    assert (after["eval_samples"], test["test_samples"]) == (6, 24)
+    assert during["step"] == 2 and during["eval_loss"] == pytest.approx(after["eval_loss"], rel=1e-6)
+    assert test["test_loss"] != pytest.approx(after["eval_loss"], rel=1e-3)
+
+
+def test_the_best_checkpoint_is_the_one_with_the_lowest_cer(tmp_path):
+    """With --load_best_model_at_end and nothing else said, a lower CER is better, whatever the loss does."""
+    argv = ["train_hf.py", "--output_dir", str(tmp_path), "--load_best_model_at_end", "--eval_strategy", "steps"]
+    argv += ["--save_strategy", "steps", "--report_to", "none", "--use_cpu"]
+    with mock.patch.object(sys, "argv", argv):
+        *_, training_args = train_hf.parse_arguments()
+    evaluation_set = Dataset.from_dict({"text": ["你好"]})  # the Trainer wants one with --eval_strategy steps
+    trainer = train_hf.TOTCAKTTrainer(
+        model=make_model(alignment="none"), args=training_args, eval_dataset=evaluation_set
+    )
+    evaluations = [  # (metrics, whether they are the best so far)
+        ({"eval_cer": 0.5, "eval_loss": 3.0}, True),
+        ({"eval_cer": 0.7, "eval_loss": 1.0}, False),  # a lower loss, a higher CER
+        ({"eval_cer": 0.3, "eval_loss": 5.0}, True),
+        ({"eval_cer": 0.4, "eval_loss": 0.5}, False),
+    ]
+    for step, (metrics, best) in enumerate(evaluations, start=1):
+        trainer.state.global_step = step
+        assert trainer._determine_best_metric(metrics, trial=None) is best, metrics
+    assert (trainer.state.best_metric, trainer.state.best_global_step) == (0.3, 3)
+
+
+def test_max_duration_in_seconds_removes_the_longer_clips(speech_corpus, tmp_path):
+    model = make_model(alignment="none")
+    processor = make_processor(tmp_path, model)
+    raw = {
+        "eval": train_hf.normalize_split(
+            train_hf.load_speech_split("eval", manifest=str(speech_corpus.eval_manifest), cache_dir=str(tmp_path)),
+            "eval",
+        )
+    }
+    lengths = sorted(len(sf.read(path)[0]) for path in raw["eval"]["audio"])
+    keep = next(k for k in range(2, len(lengths)) if lengths[k - 1] < lengths[k])  # a gap between two clips
+    training_args = train_hf.TOTCAKTTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+
+    def kept(seconds: float) -> list[int]:
+        data_args = train_hf.DataTrainingArguments(max_duration_in_seconds=seconds, overwrite_cache=True)
+        featurized = train_hf.featurize_datasets(raw, model, processor, data_args, training_args)
+        return sorted(featurized["eval"]["input_length"])
+
+    limit = (lengths[keep - 1] + lengths[keep]) / 2 / 16000
+    assert kept(limit) == lengths[:keep]
+    assert kept(lengths[-1] / 16000 + 0.01) == lengths

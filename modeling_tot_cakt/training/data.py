@@ -49,6 +49,7 @@ from datasets.exceptions import DatasetGenerationError
 from ..processing_tot_cakt import vocabulary_from_characters
 from .audio import AudioDecodingError, load_audio
 from .audio_identity import audio_keyed_fingerprint
+from .saved_files import write_json_atomically
 from .transcripts import split_transcript
 
 logger = logging.getLogger(__name__)
@@ -864,11 +865,8 @@ def build_vocabulary(texts: Iterable[str]) -> dict[str, int]:
 def write_vocabulary(vocab: dict[str, int], path: str) -> None:
     """Write `vocab` as the `vocab.json` a `Wav2Vec2CTCTokenizer` reads."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Written to a temporary file and renamed, so that a run killed meanwhile leaves no half-written vocabulary.
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(vocab, handle, ensure_ascii=False, indent=0)
-    os.replace(temporary, path)
+    # A run killed meanwhile leaves no half-written vocabulary, at most `vocab.json.<pid>.tmp`.
+    write_json_atomically(path, vocab, ensure_ascii=False, indent=0)
 
 
 @dataclass

@@ -4,6 +4,7 @@ losses and gradients, and the choice of the checkpoint to resume from."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,12 +25,27 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from ..configuration_tot_cakt import TOTCAKTConfig
-from ..modeling_tot_cakt import TOTCAKTForCTC, load_teacher, teacher_loading_advice  # load_teacher: re-exported
+from ..modeling_tot_cakt import (  # load_teacher: re-exported
+    TOTCAKTForCTC,
+    config_file_problem,
+    load_teacher,
+    teacher_loading_advice,
+    vocabulary_problem,
+)
+from .saved_files import (
+    FILE_MANIFEST,
+    folder_problem,
+    json_problem,
+    read_file_manifest,
+    write_file_manifest,
+    write_json_atomically,
+)
 from .time_budget import TrainingTimeBudget
 
 logger = logging.getLogger(__name__)
@@ -39,6 +55,12 @@ CER_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metr
 LOGGED_OUTPUTS = ("ctc_loss", "ot_loss", "align_loss", "solver_marginal_error", "solver_iterations")
 # Sub-folder of output_dir where checkpoints that a killed run left half-written are moved.
 INCOMPLETE_CHECKPOINTS_DIR = "incomplete_checkpoints"
+# Sub-folder of output_dir where the final model, trainer state and train metrics are written before they
+# are moved into output_dir together (see `TOTCAKTTrainer.save_final`).
+FINAL_SAVE_DIR = "final_save.tmp"
+# Files of the final save moved into output_dir first: a kill while moving leaves the state and metrics
+# without the new weights, never the new weights without them.
+FINAL_SAVE_FIRST = (TRAINER_STATE_NAME, "train_results.json", "all_results.json")
 
 
 # ------------------------------------------------------------------------------------ model set-up
@@ -162,6 +184,26 @@ def build_model(
     else:
         model = TOTCAKTForCTC(config)
     return model
+
+
+def check_saved_model(name_or_path: str, **hub_kwargs) -> None:
+    """
+    Check the files of a saved TOT-CAKT model or checkpoint (Hub id or folder) that must agree before its processor
+    and weights are loaded: its `config.json` loads, and its `vocab.json` has `vocab_size` symbols (see
+    [`vocabulary_problem`]). A folder without `config.json` (a processor alone) has nothing to check.
+
+    Raises:
+        ValueError: naming the damaged or inconsistent file and what to do.
+    """
+    options = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    if cached_file(name_or_path, CONFIG_NAME, **options, **hub_kwargs) is None:
+        return
+    problem = config_file_problem(TOTCAKTConfig, name_or_path, hub_kwargs)
+    if problem is None:
+        vocab_size = TOTCAKTConfig.from_pretrained(name_or_path, **hub_kwargs).vocab_size
+        problem = vocabulary_problem(name_or_path, vocab_size, hub_kwargs)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds: float = 1.0) -> int:
@@ -446,22 +488,168 @@ class TOTCAKTTrainer(Trainer):
             predicted_ids = predicted_ids.masked_fill(~frame_mask.to(predicted_ids.device), -100)
         return loss, predicted_ids, labels
 
+    # ------------------------------------------------------------------------------------------- saving
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Every process has written its own files (rng_state_<rank>.pth) before they are listed.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            write_file_manifest(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+
+    def save_state(self) -> None:
+        """`Trainer.save_state`, written atomically: a kill leaves the previous `trainer_state.json`, never half of one."""
+        if self.args.should_save:
+            write_trainer_state(self.state, os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """`Trainer.save_metrics`, written atomically; an `all_results.json` cut off by a kill is written anew."""
+        if self.is_world_process_zero():
+            write_metrics(self.args.output_dir, split, metrics, combined=combined)
+
+    def save_final(self, train_metrics: dict | None, train_samples: int | None = None) -> None:
+        """
+        Save the model (with its processor and code files), `trainer_state.json` and the train metrics
+        (`train_results.json`, `all_results.json`) to output_dir as one unit: all are written to
+        `output_dir/final_save.tmp`, its files are listed ([`write_file_manifest`]), then moved into
+        output_dir (the state and metrics before the weights) and the folder removed. A run killed meanwhile
+        never leaves new weights without their state and metrics, and the next run completes the save.
+
+        Args:
+            train_metrics: what `train()` returned; None when this run trained nothing because its last
+                checkpoint held the final step. The train metrics are then those of the earlier run's save
+                (in `final_save.tmp` or output_dir) or, when it was killed before writing them, recovered from
+                the trainer state's logs (with a warning: its run time is lost).
+            train_samples: the number of training rows, added to the metrics as `train_samples`.
+        """
+        output_dir = self.args.output_dir
+        staging = os.path.join(output_dir, FINAL_SAVE_DIR)
+        if self.args.should_save:
+            if train_metrics is None:
+                train_metrics = earlier_train_metrics(staging, output_dir) or recovered_train_metrics(self.state)
+            if os.path.isdir(staging):
+                shutil.rmtree(staging)
+        self.save_model(staging)  # on every process: a sharded model is gathered by all of them
+        if self.args.should_save:
+            if train_samples is not None:
+                train_metrics = {**train_metrics, "train_samples": train_samples}
+            write_trainer_state(self.state, os.path.join(staging, TRAINER_STATE_NAME))
+            write_metrics(staging, "train", train_metrics, combined=False)
+            write_json_atomically(
+                os.path.join(staging, "all_results.json"),
+                {**readable_json(os.path.join(output_dir, "all_results.json")), **train_metrics},
+                indent=4,
+                sort_keys=True,
+            )
+            write_file_manifest(staging)
+            move_final_save(staging, output_dir)
+        self.accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------- saved files
+def write_trainer_state(state: TrainerState, path: str) -> None:
+    """`TrainerState.save_to_json`, through a temporary file and a rename."""
+    write_json_atomically(path, dataclasses.asdict(state), indent=2, sort_keys=True)
+
+
+def readable_json(path: str) -> dict:
+    """The JSON object in `path`; an empty dict when there is none, or when it is damaged (with a warning)."""
+    if not os.path.isfile(path):
+        return {}
+    problem = json_problem(path)
+    if problem:
+        logger.warning("%s; it is written anew.", problem)
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        value = json.load(handle)
+    return value if isinstance(value, dict) else {}
+
+
+def write_metrics(folder: str, split: str, metrics: dict, combined: bool = True) -> None:
+    """`<split>_results.json` (and, when `combined`, `all_results.json` updated with `metrics`) in `folder`."""
+    write_json_atomically(os.path.join(folder, f"{split}_results.json"), metrics, indent=4, sort_keys=True)
+    if combined:
+        path = os.path.join(folder, "all_results.json")
+        write_json_atomically(path, {**readable_json(path), **metrics}, indent=4, sort_keys=True)
+
+
+def earlier_train_metrics(staging: str, output_dir: str) -> dict | None:
+    """The train metrics an earlier run saved: in its complete staged final save, else in output_dir."""
+    for folder in (staging, output_dir):
+        path = os.path.join(folder, "train_results.json")
+        staged_and_complete = folder != staging or (
+            read_file_manifest(staging) is not None and folder_problem(staging) is None
+        )
+        if staged_and_complete and os.path.isfile(path) and json_problem(path) is None:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+    return None
+
+
+def recovered_train_metrics(state: TrainerState) -> dict:
+    """
+    Train metrics recovered from a trainer state whose run was killed before saving them: `epoch` and
+    `train_loss` (the mean of the logged per-interval losses, weighted by their steps).
+    """
+    logger.warning(
+        "The run that trained to step %d was stopped before it saved its train metrics: train_results.json gets "
+        "those its trainer state keeps (epoch, train_loss from the logged losses), not its run time.",
+        state.global_step,
+    )
+    metrics = {"epoch": state.epoch}
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    if previous:
+        metrics["train_loss"] = total / previous
+    return metrics
+
+
+def move_final_save(staging: str, output_dir: str) -> None:
+    """Move the staged final save's files into `output_dir` (state and metrics first, weights last), then remove it."""
+
+    def order(name: str) -> int:
+        if name in FINAL_SAVE_FIRST:
+            return 0
+        return 2 if name.startswith("model.safetensors") or name.endswith(".safetensors") else 1
+
+    names = [name for name in os.listdir(staging) if os.path.isfile(os.path.join(staging, name))]
+    for name in sorted(names, key=lambda name: (order(name), name)):
+        if name != FILE_MANIFEST:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    shutil.rmtree(staging)
+
 
 # ---------------------------------------------------------------------------------------- resuming
-def is_complete_checkpoint(checkpoint: str | os.PathLike) -> bool:
+CHECKPOINT_REQUIRED_FILES = ((TRAINER_STATE_NAME,), (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     """
-    Whether the Trainer finished writing the checkpoint folder `checkpoint`. It writes the weights,
-    optimizer, scheduler and RNG states first and `trainer_state.json` last, without a temporary
-    folder, so a run killed while saving leaves a folder without a readable `trainer_state.json`
-    (or, killed earlier, without the safetensors weights).
+    Why the checkpoint folder `checkpoint` cannot be resumed from, or None when it was completely written.
+
+    [`TOTCAKTTrainer`] records every file of a checkpoint with its size ([`write_file_manifest`]) as the last
+    step of saving it; a file missing or of another size means the save was interrupted or the file damaged
+    since. Every file is also checked by its format (a cut-off `optimizer.pt` lacks its zip directory, a
+    cut-off `model.safetensors` the bytes its header describes), which covers checkpoints written without
+    a manifest (by an earlier version, or by a run stopped between its last file and the manifest).
+    `trainer_state.json` and the weights must be there.
     """
-    try:
+    if not os.path.isdir(checkpoint):
+        return f"{checkpoint} is not a folder"
+    problem = folder_problem(checkpoint, required=CHECKPOINT_REQUIRED_FILES)
+    if problem is None:
         with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
-            state = json.load(handle)
-    except (OSError, ValueError):
-        return False
-    weights = (os.path.join(checkpoint, name) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
-    return isinstance(state, dict) and any(os.path.isfile(path) for path in weights)
+            if not isinstance(json.load(handle), dict):
+                problem = f"{os.path.join(checkpoint, TRAINER_STATE_NAME)} holds no trainer state"
+    return problem
+
+
+def is_complete_checkpoint(checkpoint: str | os.PathLike) -> bool:
+    """Whether the checkpoint folder `checkpoint` was completely written (see [`checkpoint_problem`])."""
+    return checkpoint_problem(checkpoint) is None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike, set_aside_incomplete: bool = True) -> str | None:
@@ -473,7 +661,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, set_aside_incomplete
     Args:
         output_dir: the training output folder.
         set_aside_incomplete: move incomplete checkpoint folders to
-            `output_dir/incomplete_checkpoints/` (with a warning), so that the Trainer neither loads
+            `output_dir/incomplete_checkpoints/` (with a warning that says why), so that the Trainer neither loads
             them nor writes a new checkpoint over their stale files. Only the process that saves
             checkpoints should do so.
 
@@ -489,18 +677,18 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, set_aside_incomplete
             steps[os.path.join(output_dir, name)] = int(match.group(1))
     last = None
     for checkpoint in sorted(steps, key=steps.get):
-        if is_complete_checkpoint(checkpoint):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
             last = checkpoint
-        elif set_aside_incomplete:
+            continue
+        if set_aside_incomplete:
             target = os.path.join(output_dir, INCOMPLETE_CHECKPOINTS_DIR, os.path.basename(checkpoint))
             if os.path.isdir(target):
                 shutil.rmtree(target)  # an older incomplete copy of the same step
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(checkpoint, target)
             logger.warning(
-                "%s is incomplete (the run was stopped while saving it): moved to %s, it is not resumed from.",
-                checkpoint,
-                target,
+                "%s is incomplete or damaged, it is not resumed from: %s. Moved to %s.", checkpoint, problem, target
             )
     return last
 
@@ -509,6 +697,7 @@ __all__ = [
     "CER_METRIC_PATH",
     "CTCCharacterErrorRate",
     "EpochSeededLengthGroupedSampler",
+    "FINAL_SAVE_DIR",
     "INCOMPLETE_CHECKPOINTS_DIR",
     "LOGGED_OUTPUTS",
     "LoggedOutputMeter",
@@ -516,6 +705,8 @@ __all__ = [
     "TOTCAKTTrainer",
     "TOTCAKTTrainingArguments",
     "build_model",
+    "check_saved_model",
+    "checkpoint_problem",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "load_cer_metric",

@@ -47,6 +47,9 @@ SOLVER = "modeling_tot_cakt/tot.py"
 TRAINER = "modeling_tot_cakt/training/trainer.py"
 COLLATOR = "modeling_tot_cakt/training/collator.py"
 CER = "modeling_tot_cakt/training/metrics/cer/cer.py"
+DATA = "modeling_tot_cakt/training/data.py"
+TEACHER_FEATURES = "modeling_tot_cakt/training/teacher_features.py"
+SAVED_FILES = "modeling_tot_cakt/training/saved_files.py"
 SCRIPT = "train_hf.py"
 
 WIRING = ("tests/test_model_wiring.py",)
@@ -54,6 +57,8 @@ MODELING = ("tests/test_modeling.py",)
 EVALUATION = ("tests/test_evaluation.py",)
 SOLVER_TESTS = ("tests/test_tot.py", "tests/test_tot_properties.py", "tests/test_tot_solver.py")
 RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
+TRAIN = ("tests/test_train_hf.py",)
+FEATURE_CACHE = ("tests/test_teacher_features.py",)
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,137 @@ MUTANTS = (
         "train_hf.py ignores the last checkpoint and retrains from step 1",
         select="resume or checkpoint",
         slow=True,
+    ),
+    Mutant(
+        "eval-during-training-reads-test-split",
+        SCRIPT,
+        r"eval_dataset=vectorized_datasets\.get\(\"eval\"\)",
+        'eval_dataset=vectorized_datasets.get("test")',
+        TRAIN,
+        "the evaluation during training (and the best checkpoint) reads the test split",
+        select="never_the_test",
+    ),
+    Mutant(
+        "eval-split-loaded-by-test-flags",
+        SCRIPT,
+        r"splits\[\"eval\"\] = \(data_args\.eval_split_name, data_args\.eval_manifest",
+        'splits["eval"] = (data_args.test_split_name, data_args.test_manifest',
+        TRAIN,
+        "the eval split is loaded from --test_split_name / --test_manifest",
+        select="never_the_test",
+    ),
+    Mutant(
+        "best-checkpoint-highest-cer",
+        TRAINER,
+        r"(greater_is_better: bool \| None = field\(default=)False",
+        r"\1None",
+        TRAIN,
+        "greater_is_better is left to transformers, which takes a higher CER as better",
+        select="lowest_cer",
+    ),
+    Mutant(
+        "best-checkpoint-by-loss",
+        TRAINER,
+        r"(metric_for_best_model: str \| None = field\(\s*default=)\"cer\"",
+        r'\1"loss"',
+        TRAIN,
+        "the best checkpoint is the one with the lowest loss, not the lowest CER",
+        select="lowest_cer",
+    ),
+    Mutant(
+        "max-duration-not-passed",
+        SCRIPT,
+        r"max_input_length=int\(data_args\.max_duration_in_seconds \* feature_extractor\.sampling_rate\)",
+        "max_input_length=None",
+        TRAIN,
+        "--max_duration_in_seconds removes nothing",
+        select="max_duration",
+    ),
+    Mutant(
+        "max-duration-filter-off",
+        DATA,
+        r"if max_input_length is not None and length >= max_input_length:",
+        "if False:",
+        ("tests/test_data.py", "tests/test_train_hf.py"),
+        "clips longer than the maximum duration are kept",
+        select="duration",
+    ),
+    Mutant(
+        "teacher-targets-in-train-mode",
+        MODEL,
+        r"teacher\.eval\(\)",
+        "teacher.train()",
+        MODELING,
+        "the frozen teacher makes its token features with dropout on",
+        select="eval_mode",
+    ),
+    Mutant(
+        "nonconvergence-warning-needs-every-sample",
+        MODEL,
+        r"solver\[\"converged\"\]\.all\(\)",
+        'solver["converged"].any()',
+        MODELING,
+        "the non-convergence warning fires only when no sample of the batch converged",
+        select="any_sample",
+    ),
+    Mutant(
+        "feature-cache-key-without-tokenizer-limit",
+        TEACHER_FEATURES,
+        r"\n\s*\"model_max_length\": tokenizer\.model_max_length,",
+        "",
+        FEATURE_CACHE,
+        "the teacher-feature cache key ignores the tokenizer's model_max_length, which cuts long transcripts",
+    ),
+    Mutant(
+        "feature-cache-key-without-weights",
+        TEACHER_FEATURES,
+        r"\n\s*\"weights\": _weights_digest\(teacher\),",
+        "",
+        FEATURE_CACHE,
+        "the teacher-feature cache key ignores the teacher's weights",
+    ),
+    Mutant(
+        "feature-cache-key-without-tokenization",
+        TEACHER_FEATURES,
+        r"\n\s*\"tokenization\": _tokenizer_identity\(tokenizer\),",
+        "",
+        FEATURE_CACHE,
+        "the teacher-feature cache key ignores the tokenizer's vocabulary and normalisation",
+    ),
+    Mutant(
+        "feature-cache-key-without-layout-in-train-hf",
+        SCRIPT,
+        r"\n\s*feature_layout=teacher_feature_layout\(model\.config\),",
+        "",
+        FEATURE_CACHE,
+        "train_hf.py keys its feature cache without the teacher layer / special-token setting",
+    ),
+    Mutant(
+        "checkpoint-manifest-not-written",
+        TRAINER,
+        r"write_file_manifest\(os\.path\.join\(run_dir,",
+        "(lambda folder: None)(os.path.join(run_dir,",
+        RESUME,
+        "checkpoints are saved without the list of their files and sizes",
+        select="truncated_optimizer or missing_from",
+    ),
+    Mutant(
+        "checkpoint-file-formats-unchecked",
+        SAVED_FILES,
+        r"problem = file_problem\(path\)\n",
+        "problem = None\n",
+        RESUME,
+        "a cut-off file of a checkpoint without a manifest (an earlier version's) is resumed from",
+        select="cut_off",
+    ),
+    Mutant(
+        "final-save-weights-first",
+        TRAINER,
+        r"if name in FINAL_SAVE_FIRST:\n(\s*)return 0",
+        r"if name in FINAL_SAVE_FIRST:\n\1return 3",
+        RESUME,
+        "the final save moves the weights into output_dir before the trainer state and metrics",
+        select="final_save",
     ),
     Mutant(
         "loss-components-not-reduced-across-processes",
