@@ -264,12 +264,14 @@ def test_ctc_loss_uses_each_utterances_valid_frames(encoder, alignment, config):
         torch.testing.assert_close(output.loss, output.ctc_loss)
 
 
+@pytest.mark.parametrize("alignment", ["tot", "gmot"])
 @pytest.mark.parametrize("grad", ["envelope", "autodiff"])
-def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad):
+def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad, alignment):
     """The gradients of `ot_loss` and `align_loss` with respect to the adapter's weights are those of the
-    public losses computed on the adapted frames (the coupling detached in "envelope" mode)."""
+    public losses computed on the adapted frames (the coupling detached in "envelope" mode; in the
+    graph-matching mode through the frames' edge costs too)."""
     torch.manual_seed(0)
-    model = make_model(tot_grad=grad, tot_max_iter=20).eval()
+    model = make_model(alignment=alignment, tot_grad=grad, tot_max_iter=20, gmot_max_outer=3).eval()
     batch = padded_batch()
     captured = []
     handle = adapter_of(model).register_forward_hook(lambda module, args, output: captured.append(output))
@@ -281,8 +283,12 @@ def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad
     frame_mask = expected_frame_mask(adapted.shape[1])
     tokens, token_mask = batch["teacher_hidden_states"], batch["teacher_token_mask"]
     cost = cosine_cost(adapted, tokens)
-    coupling = solve(cost, frame_mask, token_mask, model.config, "tot", grad=grad)
-    expected_ot = ot_loss(coupling, cost)
+    edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
+    coupling = solve(cost, frame_mask, token_mask, model.config, alignment, edges, grad=grad)
+    if alignment == "gmot":
+        expected_ot = fused_gw_loss(coupling, cost, *edges, model.config.gmot_alpha)
+    else:
+        expected_ot = ot_loss(coupling, cost)
     expected_align = align_loss(barycentric_transport(coupling, adapted, token_mask), tokens, token_mask)
     weights = list(adapter_of(model).parameters())
     for name, loss, reference in (("ot", output.ot_loss, expected_ot), ("align", output.align_loss, expected_align)):
