@@ -7,6 +7,10 @@ public solver, losses and `torch.nn.functional.ctc_loss`."""
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+
 import pytest
 import torch
 from tiny_models import TEACHER_HIDDEN, TINY_HUBERT, TINY_WAV2VEC2, TINY_WAVLM, make_model
@@ -297,3 +301,19 @@ def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad
         assert any(g.abs().max() > 0 for g in want)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=f"{name} loss gradient")
+
+
+def test_graph_matching_warns_once_when_its_outer_iterations_stop_short_and_survives_nan_features(caplog):
+    torch.manual_seed(0)
+    batch = padded_batch()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        make_model(alignment="gmot").eval()(**batch)
+        assert "did not converge" not in caplog.text
+        make_model(alignment="gmot", gmot_max_outer=1).eval()(**batch)
+    assert re.search(r"did not converge .* plan change [0-9.e+-]+ after 1 outer iterations", caplog.text)
+
+    model = make_model(alignment="gmot").eval()
+    next(adapter_of(model).parameters()).data.fill_(math.nan)  # a diverged step: NaN frames
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isnan(output.ot_loss)  # the trainer's loss scaling skips it; the solver raised nothing
