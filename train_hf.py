@@ -185,7 +185,8 @@ class TOTCAKTArguments:
         default=None,
         metadata={
             "help": "tot (TOT-CAKT), ot (plain OT: OT-CAKT), uot (unbalanced OT), tot_uot (TOT with unbalanced "
-            "marginals) or none (CTC only).",
+            "marginals), gmot (graph-matching OT: fused Gromov-Wasserstein), tot_gmot (TOT with the "
+            "Gromov-Wasserstein term) or none (CTC only).",
             "choices": ALIGNMENT_MODES,
         },
     )
@@ -217,6 +218,14 @@ class TOTCAKTArguments:
     tot_sigma: float | None = field(default=None, metadata={"help": "Width of the temporal (diagonal) prior."})
     uot_tau: float | None = field(
         default=None, metadata={"help": "Weight of the marginal penalties in the uot and tot_uot alignments."}
+    )
+    gmot_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Weight in [0, 1] of the Gromov-Wasserstein term in the gmot and tot_gmot alignments."},
+    )
+    gmot_max_outer: int | None = field(
+        default=None,
+        metadata={"help": "Maximum outer (linearisation) iterations of the gmot and tot_gmot alignments."},
     )
     tot_max_iter: int | None = field(default=None, metadata={"help": "Maximum Sinkhorn iterations."})
     tot_tol: float | None = field(default=None, metadata={"help": "Sinkhorn stopping tolerance on the marginals."})

@@ -18,7 +18,15 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_tot_cakt import TOTCAKTConfig
-from .tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
+from .tot import (
+    align_loss,
+    barycentric_transport,
+    cosine_cost,
+    fused_gw_loss,
+    fused_gw_sinkhorn,
+    ot_loss,
+    tot_sinkhorn,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -242,7 +250,8 @@ class TOTCAKTOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, frames, vocab_size)`):
             CTC logits (before softmax).
         ctc_loss (`torch.FloatTensor` of shape `()`, *optional*): CTC loss.
-        ot_loss (`torch.FloatTensor` of shape `()`, *optional*): transport cost `<T*, C>`, batch mean.
+        ot_loss (`torch.FloatTensor` of shape `()`, *optional*): transport cost `<T*, C>`, batch mean (in the
+            `"gmot"` modes the fused Gromov-Wasserstein objective `(1 - alpha) <T*, C> + alpha GW(T*)`).
         align_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Mean cosine distance between transported acoustics and teacher token features.
         coupling (`torch.FloatTensor` of shape `(batch_size, frames, tokens)`, *optional*):
@@ -726,36 +735,61 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         """
         adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
-        plain = self.config.alignment in ("ot", "uot")  # no order reward, no temporal prior
+        plain = self.config.alignment in ("ot", "uot", "gmot")  # no order reward, no temporal prior
         unbalanced = self.config.alignment in ("uot", "tot_uot")
-        # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
-        # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
-        # the trainer's loss scaling skips, as before.
-        finite_cost = cost.nan_to_num(nan=1.0, posinf=2.0, neginf=0.0)
-        coupling, solver = tot_sinkhorn(
-            finite_cost,
-            frame_mask,
-            token_mask,
+        settings = dict(
             lambda1=0.0 if plain else self.config.tot_lambda1,
             lambda2=self.config.tot_lambda2,
             sigma=None if plain else self.config.tot_sigma,
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
-            tau=self.config.uot_tau if unbalanced else None,
             log=True,
             warn=False,  # warned below, once, in the configuration's terms
         )
+        # A diverged step (e.g. a float16 overflow in the encoder) gives NaN features. The solver refuses a
+        # NaN cost, so it gets a finite stand-in; the losses below use the real cost and come out NaN, which
+        # the trainer's loss scaling skips, as before.
+        finite = dict(nan=1.0, posinf=2.0, neginf=0.0)
+        finite_cost = cost.nan_to_num(**finite)
+        if self.config.alignment in ("gmot", "tot_gmot"):  # edges: cosine distances within each modality
+            edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
+            finite_edges = [edge.nan_to_num(**finite) for edge in edges]
+            coupling, solver = fused_gw_sinkhorn(
+                finite_cost,
+                *finite_edges,
+                frame_mask,
+                token_mask,
+                alpha=self.config.gmot_alpha,
+                max_outer=self.config.gmot_max_outer,
+                outer_tol=settings["tol"],
+                **settings,
+            )
+            transport_cost = fused_gw_loss(coupling, cost, *edges, self.config.gmot_alpha)
+        else:
+            coupling, solver = tot_sinkhorn(
+                finite_cost,
+                frame_mask,
+                token_mask,
+                tau=self.config.uot_tau if unbalanced else None,
+                **settings,
+            )
+            transport_cost = ot_loss(coupling, cost)
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
+            outer = (
+                f", plan change {float(solver['plan_change'].max()):.2e} after {solver['n_outer']} outer iterations"
+                if "plan_change" in solver
+                else ""
+            )
             logger.warning_once(
                 f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
-                f"marginal error {float(solver['marginal_error'].max()):.2e}, tot_tol={self.config.tot_tol}); the "
+                f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
                 "envelope gradient is exact only at the optimum. Raise tot_max_iter (training logs "
                 "solver_marginal_error and solver_iterations)."
             )
         transported = barycentric_transport(coupling, adapted, token_mask)
         return {
-            "ot_loss": ot_loss(coupling, cost),
+            "ot_loss": transport_cost,
             "align_loss": align_loss(transported, tokens, token_mask),
             "coupling": coupling,
             "solver_marginal_error": solver["marginal_error"].detach().max(),

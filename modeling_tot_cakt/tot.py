@@ -7,6 +7,8 @@ Pure functions (torch only) used by TOT-CAKT's alignment head:
   prior ``log P`` and the local order reward ``S`` of order-preserving Wasserstein [1];
 - :func:`tot_sinkhorn` -- the TOT coupling, a batched, masked, over-relaxed and stabilised
   Sinkhorn solver, also with unbalanced (KL-relaxed) marginals;
+- :func:`fused_gw_sinkhorn`, :func:`fused_gw_loss` -- graph-matching OT: the entropic fused
+  Gromov-Wasserstein coupling over intra-modal edge costs [8, 9, 10], on the same solver;
 - :func:`barycentric_transport`, :func:`ot_loss`, :func:`align_loss` -- the transport of acoustic
   features onto token positions and the two alignment losses of TOT-CAKT [2].
 
@@ -41,6 +43,12 @@ References
    transport problems. SIAM J. Sci. Comput. 41(3), A1443-A1481.
 .. [7] Chizat, L., Peyré, G., Schmitzer, B., & Vialard, F.-X. (2018). Scaling algorithms for
    unbalanced optimal transport problems. Mathematics of Computation 87(314), 2563-2609.
+.. [8] Vayer, T., Chapel, L., Flamary, R., Tavenard, R., & Courty, N. (2019). Optimal transport for
+   structured data with application on graphs. ICML 2019.
+.. [9] Peyré, G., Cuturi, M., & Solomon, J. (2016). Gromov-Wasserstein averaging of kernel and
+   distance matrices. ICML 2016.
+.. [10] GM-OT: graph-matching optimal transport for cross-modal knowledge transfer in ASR, the
+   fused Gromov-Wasserstein follow-up of [2]. Interspeech 2025, arXiv:2505.13079.
 """
 
 import math
@@ -434,6 +442,7 @@ def tot_sinkhorn(
     log: bool = False,
     tau: float | None = None,
     warn: bool = True,
+    warm_start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     r"""Temporal-order-preserving optimal transport coupling (TOT), batched and masked.
 
@@ -553,7 +562,10 @@ def tot_sinkhorn(
         - ``"relaxation"`` (tensor (B,)): the over-relaxation weight ``omega`` of each sample;
         - ``"log_domain"`` (bool): whether the log-domain fallback ran;
         - ``"mass"`` (tensor (B,)): the plan's total mass (1 up to ``marginal_error`` when
-          balanced, what the relaxation kept when unbalanced).
+          balanced, what the relaxation kept when unbalanced);
+        - ``"potentials"`` (tuple of tensors (B, N), (B, M)): ``(f, g)`` with
+          ``T = exp(log K + f + g)`` on the valid pairs (``log K`` with the constant ``-lambda1 /
+          lambda2`` of the balanced kernel), 0 on padding; ``warm_start`` takes them back.
     tau : float or None, optional
         Weight of the KL penalties on the marginals, > 0, or ``None`` (default) for the balanced
         problem, TOT itself. Works with and without the order reward and the temporal prior
@@ -564,6 +576,11 @@ def tot_sinkhorn(
         within ``max_iter``, as POT's ``warn=True``. Default True; a caller that reports
         non-convergence itself (the model does, once, in its configuration's terms) passes False.
         Nothing is warned with ``tol = 0``, which asks for exactly ``max_iter`` iterations.
+    warm_start : tuple of two torch.Tensor, shapes (B, N) and (B, M), optional
+        Potentials ``(f, g)`` to start the iterations from, as returned in ``log["potentials"]`` by
+        an earlier call with the same masks, ``lambda1``, ``sigma`` and ``tau`` (e.g. on a nearby
+        cost, as in the outer iterations of :func:`fused_gw_sinkhorn`). Default: zeros. The
+        solution is the same; only the number of iterations changes.
 
     Returns
     -------
@@ -651,6 +668,8 @@ def tot_sinkhorn(
     if tau is not None:
         _check_positive(tau, "tau (None for balanced marginals)")
     rho = 0.0 if tau is None else lambda2 / tau
+    if warm_start is not None:
+        _check_warm_start(warm_start, batch, n_rows, n_cols, cost.device)
 
     # A sample with no valid token (frame) has no valid frame (token) either: nothing to transport.
     row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
@@ -670,7 +689,7 @@ def tot_sinkhorn(
             with torch.no_grad():
                 _check_cost_values(cost, row_mask[:, :, None] & col_mask[:, None, :], lambda1, lambda2, sigma)
             log_kernel = _log_kernel(cost, row_mask, col_mask, lambda1, lambda2, sigma, unbalanced=tau is not None)
-            coupling, (f, g), info = _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho)
+            coupling, (f, g), info = _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho, warm_start)
     if warn and tol > 0 and info["worst"] >= tol:
         _warn_not_converged(info["converged"], info["worst"], max_iter, tol)
     if not log:
@@ -688,7 +707,29 @@ def tot_sinkhorn(
         "relaxation": info["relaxation"],
         "log_domain": info["log_domain"],
         "mass": coupling.detach().sum(dim=(1, 2)),
+        "potentials": (f, g),
     }
+
+
+def _check_warm_start(warm_start, batch: int, n_rows: int, n_cols: int, device) -> None:
+    """Refuse warm-start potentials that are not two finite tensors of shapes (B, N), (B, M) on ``device``."""
+    shapes = ((batch, n_rows), (batch, n_cols))
+    pair = isinstance(warm_start, (tuple, list)) and len(warm_start) == 2
+    if not (
+        pair
+        and all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in warm_start)
+        and tuple(tuple(p.shape) for p in warm_start) == shapes
+    ):
+        got = [getattr(p, "shape", type(p).__name__) for p in warm_start] if pair else type(warm_start).__name__
+        raise ValueError(
+            f"warm_start must be the potentials (f, g) of log['potentials']: floating tensors of shapes {shapes}, "
+            f"got {got}."
+        )
+    for potential, name in zip(warm_start, ("f", "g")):
+        if potential.device != torch.device(device):
+            raise ValueError(f"warm_start's {name} is on device {potential.device} but cost is on {device}.")
+    if not bool(torch.isfinite(torch.cat([p.detach().flatten() for p in warm_start])).all()):
+        raise ValueError("warm_start holds NaN or infinite potentials: pass log['potentials'] of a finite solve.")
 
 
 def _warn_not_converged(converged: torch.Tensor, worst: float, max_iter: int, tol: float) -> None:
@@ -887,11 +928,11 @@ def _adapted_relaxation(omega, error, previous, best, steps, adapt):
     return torch.where((error > 10 * best)[:, None], 1.0, omega)
 
 
-def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
+def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0, init=None):
     """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
 
     The schedule is described in the Notes of :func:`tot_sinkhorn`. ``rho = lambda2 / tau`` relaxes
-    the marginals (0: balanced). Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
+    the marginals (0: balanced); ``init`` is ``(f, g)`` to start from (zeros when None). Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
     potentials ``(f, g)`` that give it, and a dict: ``n_iter`` (iterations run), ``relaxation``
     (the weights in use at the end, (B,)), ``converged`` (whether each sample passed the stopping
     test, (B,)), ``log_domain`` (whether the log-domain fallback ran) and ``worst`` (the largest
@@ -903,6 +944,8 @@ def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
     mu, nu = _uniform(row_mask, dtype), _uniform(col_mask, dtype)
     masks, pads = (row_mask, col_mask), ((~row_mask).to(dtype), (~col_mask).to(dtype))
     f, g = torch.zeros_like(mu), torch.zeros_like(nu)  # potentials absorbed into the kernel
+    if init is not None:  # a warm start; padded potentials stay 0
+        f, g = init[0].to(dtype).masked_fill(~row_mask, 0.0), init[1].to(dtype).masked_fill(~col_mask, 0.0)
     u, v = torch.ones_like(mu), torch.ones_like(nu)  # scalings on top of them
     kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
     log_kernel_t = None  # built when the log domain takes over
@@ -960,6 +1003,343 @@ def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0):
     relaxation = omega[:, 0] if omega is not None else torch.ones_like(log_mu[:, 0])
     info = dict(n_iter=n_iter, relaxation=relaxation, converged=error < tol, log_domain=kernel is None, worst=worst)
     return coupling, (f, g), info
+
+
+def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, mask: torch.Tensor) -> None:
+    """Refuse an intra-modal cost that is not a floating (B, L, L) tensor, or not finite and symmetric on valid pairs.
+
+    One reduction and one host sync: per sample, the largest ``|D|`` and ``|D - D^T|`` over valid pairs.
+    """
+    if (
+        not isinstance(intra, torch.Tensor)
+        or not intra.is_floating_point()
+        or tuple(intra.shape)
+        != (
+            batch,
+            length,
+            length,
+        )
+    ):
+        got = f"shape {tuple(intra.shape)}, dtype {intra.dtype}" if isinstance(intra, torch.Tensor) else type(intra)
+        raise ValueError(
+            f"{name} must be a floating-point torch.Tensor of shape {(batch, length, length)}, got {got}."
+        )
+    _check_same_device(mask, "the masks and cost", intra, name)
+    if intra.numel() == 0:
+        return
+    pairs = mask[:, :, None] & mask[:, None, :]
+    with torch.no_grad():
+        size = intra.detach().masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
+        skew = (intra.detach() - intra.detach().transpose(1, 2)).masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
+        sizes, skews = torch.stack([size, skew]).tolist()
+    broken = [b for b, value in enumerate(sizes) if not math.isfinite(value)]
+    if broken:
+        raise ValueError(
+            f"{name} holds NaN or infinite values on valid pairs of sample(s) {_first(broken)} (batch indices): fix the "
+            "features that gave it, or mark those positions invalid in the masks (padded pairs are ignored)."
+        )
+    asymmetric = [b for b, (value, gap) in enumerate(zip(sizes, skews)) if gap > 1e-6 * max(value, 1.0)]
+    if asymmetric:
+        raise ValueError(
+            f"{name} is not symmetric on the valid pairs of sample(s) {_first(asymmetric)} (batch indices; largest "
+            f"|D - D^T| = {max(skews):.3g}): the linearised Gromov-Wasserstein term assumes symmetric intra-modal "
+            "costs such as cosine_cost(x, x); pass (D + D^T) / 2."
+        )
+
+
+def _gw_tensor_product(source_cost, target_cost, coupling, row_weights, col_weights) -> torch.Tensor:
+    r"""``L(D_A, D_L) (x) T`` (B, N, M) of the square loss, by Peyré et al.'s decomposition [9, Prop. 1].
+
+    .. math::
+        (\mathcal{L} \otimes T)_{ij} = \sum_{kl} (D^A_{ik} - D^L_{jl})^2 T_{kl}
+        = (D_A^{\odot 2} p)_i + (D_L^{\odot 2} q)_j - 2 (D_A T D_L^\top)_{ij}
+
+    with ``p = T 1``, ``q = T^T 1`` (here ``row_weights`` (B, N), ``col_weights`` (B, M)); POT's
+    ``ot.gromov.tensor_product(*init_matrix(D_A, D_L, p, q), T)``. Three batched products, ``O(N^2 M + N M^2)``.
+    """
+    rows = torch.bmm(source_cost.square(), row_weights[:, :, None])  # (B, N, 1)
+    cols = torch.bmm(target_cost.square(), col_weights[:, :, None]).transpose(1, 2)  # (B, 1, M)
+    return rows + cols - 2 * torch.bmm(torch.bmm(source_cost, coupling), target_cost.transpose(1, 2))
+
+
+def fused_gw_loss(
+    coupling: torch.Tensor,
+    cost: torch.Tensor,
+    source_cost: torch.Tensor,
+    target_cost: torch.Tensor,
+    alpha: float = 0.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Fused Gromov-Wasserstein objective of a coupling (square loss) [8, 9].
+
+    .. math::
+        L_{fgw} = (1 - \alpha) \langle T, C \rangle
+                  + \alpha \sum_{i,j,k,l} (D^A_{ik} - D^L_{jl})^2 \, T_{ij} T_{kl}
+
+    computed as ``(1 - alpha) <T, C> + alpha <L(D_A, D_L) (x) T, T>`` with the marginals of ``T``
+    itself, so it is the quadruple sum exactly, whatever the marginal error (POT's ``fgw_dist`` of
+    ``ot.gromov.entropic_fused_gromov_wasserstein(..., log=True)``, which uses ``p`` and ``q``,
+    agrees when ``T`` has them). With an ``"envelope"`` coupling (detached) the gradient reaches
+    ``C``, ``D_A`` and ``D_L`` with ``T`` fixed: by the envelope theorem the gradient of the
+    optimal value at a stationary plan. ``alpha = 0`` is :func:`ot_loss`.
+
+    Parameters
+    ----------
+    coupling : torch.Tensor, shape (B, N, M)
+        Coupling from :func:`fused_gw_sinkhorn` (0 on padding).
+    cost : torch.Tensor, shape (B, N, M)
+        Node cost ``C`` (e.g. ``cosine_cost(h, z)``).
+    source_cost, target_cost : torch.Tensor, shapes (B, N, N) and (B, M, M)
+        Intra-modal edge costs ``D_A``, ``D_L`` (e.g. ``cosine_cost(h, h)``), finite everywhere.
+    alpha : float, optional
+        Weight of the Gromov-Wasserstein term, in [0, 1]. Default 0.5.
+    reduction : {"mean", "none"}, optional
+        As in :func:`ot_loss`: mean over the samples with a non-zero coupling, or one value per sample.
+
+    Returns
+    -------
+    loss : torch.Tensor, shape () or (B,)
+        float32 for half-precision inputs, else the promoted dtype of the inputs.
+    """
+    _check_alpha(alpha)
+    batch, n_rows, n_cols = coupling.shape if coupling.dim() == 3 else (None, None, None)
+    if (
+        coupling.dim() != 3
+        or tuple(source_cost.shape) != (batch, n_rows, n_rows)
+        or tuple(target_cost.shape) != (batch, n_cols, n_cols)
+    ):
+        raise ValueError(
+            "coupling, source_cost and target_cost must have shapes (B, N, M), (B, N, N) and (B, M, M), got "
+            f"{tuple(coupling.shape)}, {tuple(source_cost.shape)} and {tuple(target_cost.shape)}."
+        )
+    linear = ot_loss(coupling, cost, reduction="none")
+    dtype = linear.dtype
+    _check_same_device(coupling, "coupling", source_cost, "source_cost")
+    _check_same_device(coupling, "coupling", target_cost, "target_cost")
+    with _no_autocast(coupling.device):
+        plan, source_cost, target_cost = coupling.to(dtype), source_cost.to(dtype), target_cost.to(dtype)
+        product = _gw_tensor_product(source_cost, target_cost, plan, plan.sum(dim=2), plan.sum(dim=1))
+        per_sample = (1 - alpha) * linear + alpha * (product * plan).sum(dim=(1, 2))
+    if reduction == "none":
+        return per_sample
+    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
+
+
+def _check_alpha(alpha) -> None:
+    """Raise a ValueError unless ``alpha`` is a real number in [0, 1]."""
+    _check_positive(alpha, "alpha", allow_zero=True)
+    if alpha > 1:
+        raise ValueError(f"alpha must lie in [0, 1] (0: plain OT, 1: pure Gromov-Wasserstein), got {alpha!r}.")
+
+
+def fused_gw_sinkhorn(
+    cost: torch.Tensor,
+    source_cost: torch.Tensor,
+    target_cost: torch.Tensor,
+    source_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    lambda1: float = 0.0,
+    lambda2: float = 0.1,
+    sigma: float | None = None,
+    max_outer: int = 50,
+    outer_tol: float = 1e-4,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    grad: str = "envelope",
+    log: bool = False,
+    warn: bool = True,
+):
+    r"""Entropic fused Gromov-Wasserstein coupling (GM-OT), batched and masked.
+
+    Graph-matching OT [10] treats the frames and the tokens as two graphs: node cost
+    ``C_ij = 1 - cos(h_i, z_j)``, edge costs ``D^A_ik = 1 - cos(h_i, h_k)`` and
+    ``D^L_jl = 1 - cos(z_j, z_l)`` (:func:`cosine_cost`). For every sample it seeks
+
+    .. math::
+        T^* \in \mathop{\arg\min}_{T \in \Pi(\mu, \nu)}
+              (1 - \alpha) \langle T, C \rangle
+              + \alpha \sum_{i,j,k,l} (D^A_{ik} - D^L_{jl})^2 T_{ij} T_{kl}
+              - \langle T, S \rangle + \lambda_2 \, \mathrm{KL}(T \| P)
+
+    the fused Gromov-Wasserstein problem [8] (square loss) with entropic regularisation, uniform
+    marginals over the valid frames and tokens, and optionally TOT's order reward ``S`` and
+    temporal prior ``P`` (``lambda1``, ``sigma``; by default 0 and None: plain GM-OT, where
+    ``KL(T || 1)`` is the negative entropy up to a constant).
+
+    The problem is not convex. As POT's ``ot.gromov.entropic_fused_gromov_wasserstein`` (solver
+    ``"PGD"``) [9], each outer iteration linearises the quadratic term at the current plan and
+    solves the resulting entropic OT problem (mirror descent with step ``1 / lambda2``):
+
+    .. math::
+        T^{(k+1)} = \mathrm{TOT}\big((1 - \alpha) C + \alpha \, \nabla_T GW(T^{(k)})\big), \qquad
+        \nabla_T GW(T) = 2 \big( (D_A^{\odot 2} \mu) \mathbf{1}^\top + \mathbf{1} (D_L^{\odot 2} \nu)^\top
+                         - 2 D_A T D_L^\top \big)
+
+    from ``T^{(0)} = mu nu^T``, where TOT is :func:`tot_sinkhorn` with the same ``lambda1``,
+    ``lambda2``, ``sigma`` (POT: ``ot.sinkhorn(mu, nu, tens, epsilon)`` with ``epsilon =
+    lambda2`` and ``tens`` the linearised cost; the factor 2 is POT's ``gwggrad``, the true
+    gradient). The gradient takes three batched matrix products, no loop over the batch. Each
+    inner solve starts from the previous one's potentials (``warm_start``). The iterations stop
+    after ``max_outer`` or once the L1 change of every sample's plan, ``||T^(k+1) - T^(k)||_1``,
+    is below ``outer_tol`` (POT tests the Frobenius norm every tenth iteration instead).
+    ``alpha = 0`` is one call of :func:`tot_sinkhorn` on ``C``, the plain (or TOT) alignment.
+
+    Parameters
+    ----------
+    cost : torch.Tensor, shape (B, N, M)
+        Node cost ``C`` between frames and tokens.
+    source_cost : torch.Tensor, shape (B, N, N)
+        Edge cost ``D_A`` between frames, symmetric (e.g. ``cosine_cost(h, h)``).
+    target_cost : torch.Tensor, shape (B, M, M)
+        Edge cost ``D_L`` between tokens, symmetric (e.g. ``cosine_cost(z, z)``).
+    source_mask, target_mask : torch.BoolTensor, shapes (B, N) and (B, M), optional
+        Valid frames and tokens, as in :func:`tot_sinkhorn`. Padded entries of the three costs are ignored.
+    alpha : float, optional
+        Weight of the Gromov-Wasserstein term in [0, 1]: 0 is plain OT, 1 pure GW. Default 0.5.
+    lambda1, lambda2, sigma : optional
+        Order reward, entropic temperature and temporal prior, as in :func:`tot_sinkhorn`.
+        Default 0, 0.1, None (no reward, no prior).
+    max_outer : int, optional
+        Maximum number of outer (linearisation) iterations, >= 1. Default 50.
+    outer_tol : float, optional
+        Stopping threshold on the L1 change of the plan between outer iterations (total mass 1),
+        >= 0; 0 runs exactly ``max_outer`` iterations. Default 1e-4.
+    max_iter, tol : optional
+        Of each inner :func:`tot_sinkhorn` solve.
+    grad : {"envelope", "autodiff"}, optional
+        ``"envelope"`` (default): the returned coupling is detached; :func:`fused_gw_loss` then
+        backpropagates into the costs with the plan fixed (the envelope gradient at a
+        stationary plan), and no graph is kept through the iterations. ``"autodiff"``: through
+        all outer and inner iterations (memory grows with both).
+    log : bool, optional
+        Also return a dict:
+
+        - ``"n_outer"`` (int): outer iterations run;
+        - ``"plan_change"`` (tensor (B,)): each sample's L1 change of the plan in the last one;
+        - ``"plan_changes"`` (list of float): the largest change over the batch, per outer iteration;
+        - ``"converged"`` (bool tensor (B,)): whether ``plan_change < outer_tol`` (all True for
+          ``alpha = 0``, whose one iteration is exact) and the last inner solve converged;
+        - ``"objective"`` (tensor (B,)): :func:`fused_gw_loss` of the returned plan (without the
+          reward and entropy terms; POT's ``fgw_dist``);
+        - ``"n_iter"`` (int): inner Sinkhorn iterations, summed over the outer ones;
+        - ``"marginal_error"`` (tensor (B,)): that of the last inner solve.
+    warn : bool, optional
+        Warn once (``UserWarning``) when the outer iterations or an inner solve stopped above
+        their tolerance. Default True.
+
+    Returns
+    -------
+    coupling : torch.Tensor, shape (B, N, M)
+        ``T*``, with the marginals of :func:`tot_sinkhorn`; exactly 0 on padding. float32 for
+        half-precision costs, else the cost's dtype.
+    log : dict
+        Only if ``log`` is True, see above.
+
+    Raises
+    ------
+    ValueError
+        For what :func:`tot_sinkhorn` refuses (on ``C`` and on each linearised cost), an
+        ``alpha`` outside [0, 1], ``max_outer`` not an integer >= 1, a negative ``outer_tol``,
+        and edge costs of the wrong shape or device, or NaN, infinite or not symmetric on valid
+        pairs (one host sync each).
+
+    Notes
+    -----
+    Memory: besides :func:`tot_sinkhorn`'s, the edge costs (B, N, N) and (B, M, M) and a few
+    (B, N, M) products; ``N = 1000`` frames cost ``8 B`` MB per (B, N, N) tensor in float64.
+
+    Examples
+    --------
+    >>> h, z = torch.randn(2, 40, 8), torch.randn(2, 6, 8)
+    >>> coupling = fused_gw_sinkhorn(cosine_cost(h, z), cosine_cost(h, h), cosine_cost(z, z), alpha=0.5)
+    >>> coupling.shape
+    torch.Size([2, 40, 6])
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3:
+        raise ValueError(f"cost must be a torch.Tensor of shape (B, N, M), got {getattr(cost, 'shape', type(cost))}.")
+    batch, n_rows, n_cols = cost.shape
+    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
+    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
+    _check_alpha(alpha)
+    if not isinstance(max_outer, int) or isinstance(max_outer, bool) or max_outer < 1:
+        raise ValueError(f"max_outer must be an integer >= 1, got {max_outer!r}.")
+    _check_positive(outer_tol, "outer_tol", allow_zero=True)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
+    # As in tot_sinkhorn: a sample with no valid token (frame) has nothing to transport.
+    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
+    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
+    _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
+    _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
+    solve = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=max_iter, tol=tol, grad=grad, warn=False)
+    tolerances = (outer_tol, tol)
+    dtype = _working_dtype(cost.dtype)
+    # Padded edges become 0, so that whatever they hold never reaches a product.
+    source_cost = source_cost.to(dtype).masked_fill(~(row_mask[:, :, None] & row_mask[:, None, :]), 0.0)
+    target_cost = target_cost.to(dtype).masked_fill(~(col_mask[:, :, None] & col_mask[:, None, :]), 0.0)
+    if alpha == 0 or cost.numel() == 0:  # the linearised cost is C itself (or nothing): one solve is exact
+        coupling, inner = tot_sinkhorn(cost, source_mask, target_mask, log=True, **solve)
+        return _fused_gw_result(coupling, inner, [], (cost, source_cost, target_cost), alpha, tolerances, warn, log)
+
+    autograd = torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled())
+    with _no_autocast(cost.device), autograd:
+        cost = cost.to(dtype)
+        pairs = row_mask[:, :, None] & col_mask[:, None, :]
+        mu, nu = _uniform(row_mask, dtype), _uniform(col_mask, dtype)
+        coupling = mu[:, :, None] * nu[:, None, :]  # mu nu^T, 0 on padding
+        node_cost = (1 - alpha) * cost.masked_fill(~pairs, 0.0)
+        changes, potentials, n_iter = [], None, 0
+        for _ in range(max_outer):
+            gradient = 2 * _gw_tensor_product(source_cost, target_cost, coupling, mu, nu)
+            new, inner = tot_sinkhorn(
+                node_cost + alpha * gradient, source_mask, target_mask, log=True, warm_start=potentials, **solve
+            )
+            potentials, n_iter = inner["potentials"], n_iter + inner["n_iter"]
+            change = (new - coupling).detach().abs().sum(dim=(1, 2))
+            coupling = new
+            changes.append(float(change.max()))  # the outer iteration's one host sync
+            if changes[-1] < outer_tol:
+                break
+    inner["n_iter"], inner["plan_change"] = n_iter, change
+    return _fused_gw_result(coupling, inner, changes, (cost, source_cost, target_cost), alpha, tolerances, warn, log)
+
+
+def _fused_gw_result(coupling, inner, changes, costs, alpha, tolerances, warn, log):
+    """Warn about non-convergence and assemble :func:`fused_gw_sinkhorn`'s return value.
+
+    ``inner`` is the last inner solve's ``log``, ``changes`` the outer iterations' largest plan
+    changes (empty for ``alpha = 0``), ``costs`` ``(C, D_A, D_L)`` and ``tolerances`` ``(outer_tol, tol)``.
+    """
+    (outer_tol, tol), change = tolerances, inner.get("plan_change", torch.zeros_like(inner["marginal_error"]))
+    outer_done = change < outer_tol if changes else torch.ones_like(inner["converged"])
+    converged = inner["converged"] & outer_done
+    failed_outer, failed_inner = (
+        outer_tol > 0 and not bool(outer_done.all()),
+        tol > 0 and not bool(inner["converged"].all()),
+    )
+    if warn and (failed_outer or failed_inner):
+        failed = (~converged).nonzero().flatten().tolist()
+        warnings.warn(
+            f"fused_gw_sinkhorn stopped above tolerance for {len(failed)} of {converged.numel()} samples (batch "
+            f"indices {_first(failed)}; last plan change {max(changes, default=0.0):.2e}, outer_tol={outer_tol}): "
+            "raise max_outer (or max_iter for the inner solves), or lambda2; log=True gives each sample's change.",
+            stacklevel=3,
+        )
+    if not log:
+        return coupling
+    with torch.no_grad():
+        objective = fused_gw_loss(coupling, *costs, alpha, reduction="none")
+    return coupling, {
+        "n_outer": max(len(changes), 1),
+        "plan_change": change,
+        "plan_changes": changes,
+        "converged": converged,
+        "objective": objective,
+        "n_iter": inner["n_iter"],
+        "marginal_error": inner["marginal_error"],
+    }
 
 
 def barycentric_transport(

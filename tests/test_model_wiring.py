@@ -7,11 +7,23 @@ public solver, losses and `torch.nn.functional.ctc_loss`."""
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+
 import pytest
 import torch
 from tiny_models import TEACHER_HIDDEN, TINY_HUBERT, TINY_WAV2VEC2, TINY_WAVLM, make_model
 
-from modeling_tot_cakt.tot import align_loss, barycentric_transport, cosine_cost, ot_loss, tot_sinkhorn
+from modeling_tot_cakt.tot import (
+    align_loss,
+    barycentric_transport,
+    cosine_cost,
+    fused_gw_loss,
+    fused_gw_sinkhorn,
+    ot_loss,
+    tot_sinkhorn,
+)
 
 # Two utterances of different lengths; the second is zero-padded to the first.
 SAMPLES = (8000, 5000)
@@ -72,7 +84,7 @@ def run_and_capture_adapted(model, **inputs):
 
 
 @ENCODERS
-@pytest.mark.parametrize("alignment", ["tot", "ot"])
+@pytest.mark.parametrize("alignment", ["tot", "ot", "gmot"])
 def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginals(alignment, encoder):
     torch.manual_seed(0)
     model = make_model(encoder, alignment=alignment, tot_sigma=3.0, tot_max_iter=3000, tot_tol=1e-6).eval()
@@ -92,10 +104,12 @@ def test_padded_frames_and_tokens_get_no_mass_and_valid_ones_keep_their_marginal
         torch.testing.assert_close(columns[b, :m_valid], torch.full((m_valid,), 1 / m_valid), rtol=1e-4, atol=0)
 
 
-def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling():
+@pytest.mark.parametrize("alignment", ["tot", "tot_gmot"])
+def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling(alignment):
     """Padding changes nothing: each utterance's coupling in the batch equals the one it gets alone."""
     torch.manual_seed(0)
-    model = make_model(tot_tol=0.0, tot_max_iter=30).eval()  # a fixed number of iterations in both runs
+    # A fixed number of iterations in both runs.
+    model = make_model(alignment=alignment, tot_tol=0.0, tot_max_iter=30, gmot_max_outer=4).eval()
     batch = padded_batch()
     with torch.no_grad():
         together = model(**batch, output_coupling=True).coupling
@@ -111,24 +125,42 @@ def test_coupling_of_a_padded_batch_is_each_utterances_own_coupling():
 # Non-default values for every solver field of the configuration; each set makes one of `tot_max_iter`
 # (tol 0: exactly max_iter iterations) and `tot_tol` (a loose tol stops early) decide where Sinkhorn stops.
 SOLVER_SETTINGS = {
-    "max_iter": dict(tot_lambda1=0.7, tot_lambda2=0.03, tot_sigma=2.5, uot_tau=0.3, tot_max_iter=3, tot_tol=0.0),
-    "tol": dict(tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, uot_tau=5.0, tot_max_iter=500, tot_tol=0.05),
+    "max_iter": dict(
+        tot_lambda1=0.7,
+        tot_lambda2=0.03,
+        tot_sigma=2.5,
+        uot_tau=0.3,
+        gmot_alpha=0.3,
+        gmot_max_outer=2,
+        tot_max_iter=3,
+        tot_tol=0.0,
+    ),
+    "tol": dict(
+        tot_lambda1=2.0, tot_lambda2=0.02, tot_sigma=0.8, uot_tau=5.0, gmot_alpha=0.8, tot_max_iter=500, tot_tol=0.05
+    ),
 }
-# The mode each mode is told apart from: the one that differs only in the prior and reward, or in the marginals.
-OTHER_MODE = {"tot": "ot", "ot": "tot", "uot": "ot", "tot_uot": "tot"}
+# The mode each mode is told apart from: the one that differs only in the prior and reward, in the marginals,
+# or in the Gromov-Wasserstein term.
+OTHER_MODE = {"tot": "ot", "ot": "tot", "uot": "ot", "tot_uot": "tot", "gmot": "ot", "tot_gmot": "tot"}
+GMOT_MODES = ("gmot", "tot_gmot")
 
 
-def solve(cost, frame_mask, token_mask, config, alignment, **overrides):
-    """The public solver with the settings the configuration asks for in `alignment` mode."""
-    plain = alignment in ("ot", "uot")
+def solve(cost, frame_mask, token_mask, config, alignment, edges=None, **overrides):
+    """The public solver with the settings the configuration asks for in `alignment` mode (`edges`: the
+    intra-modal costs of the graph-matching modes)."""
+    plain = alignment in ("ot", "uot", "gmot")
     settings = dict(
         lambda1=0.0 if plain else config.tot_lambda1,
         lambda2=config.tot_lambda2,
         sigma=None if plain else config.tot_sigma,
-        tau=config.uot_tau if alignment in ("uot", "tot_uot") else None,
         max_iter=config.tot_max_iter,
         tol=config.tot_tol,
     )
+    if alignment in GMOT_MODES:
+        settings = {"alpha": config.gmot_alpha, **settings, **overrides}
+        settings = {"max_outer": config.gmot_max_outer, "outer_tol": settings["tol"], **settings}
+        return fused_gw_sinkhorn(cost, *edges, frame_mask, token_mask, **settings, warn=False)
+    settings["tau"] = config.uot_tau if alignment in ("uot", "tot_uot") else None
     return tot_sinkhorn(cost, frame_mask, token_mask, **{**settings, **overrides}, warn=False)
 
 
@@ -138,7 +170,7 @@ def assert_differs(actual, other, what):
 
 
 @pytest.mark.parametrize("settings", SOLVER_SETTINGS.values(), ids=SOLVER_SETTINGS.keys())
-@pytest.mark.parametrize("alignment", ["tot", "ot", "uot", "tot_uot"])
+@pytest.mark.parametrize("alignment", ["tot", "ot", "uot", "tot_uot", "gmot", "tot_gmot"])
 def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alignment, settings):
     torch.manual_seed(0)
     weights = dict(ctc_loss_weight=0.7, ot_loss_weight=0.2, align_loss_weight=0.45)
@@ -152,32 +184,35 @@ def test_the_configured_solver_and_weights_make_the_coupling_and_the_losses(alig
     token_mask = batch["teacher_token_mask"]
     tokens = batch["teacher_hidden_states"]
     cost = cosine_cost(adapted, tokens)
+    edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
 
-    expected = solve(cost, frame_mask, token_mask, config, alignment)
+    def configured(mode=alignment, **overrides):
+        return solve(cost, frame_mask, token_mask, config, mode, edges, **overrides)
+
+    expected = configured()
     torch.testing.assert_close(output.coupling, expected, rtol=1e-5, atol=1e-9)
     # The same check tells the modes and the stopping rules apart.
-    assert_differs(
-        output.coupling,
-        solve(cost, frame_mask, token_mask, config, OTHER_MODE[alignment]),
-        f"the {OTHER_MODE[alignment]} mode",
-    )
+    assert_differs(output.coupling, configured(OTHER_MODE[alignment]), f"the {OTHER_MODE[alignment]} mode")
     if config.tot_tol == 0:
-        assert_differs(
-            output.coupling, solve(cost, frame_mask, token_mask, config, alignment, max_iter=50), "50 iterations"
-        )
+        assert_differs(output.coupling, configured(max_iter=50), "50 iterations")
     else:
-        assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tol=1e-4), "tol 1e-4")
+        assert_differs(output.coupling, configured(tol=1e-4), "tol 1e-4")
     if alignment in ("uot", "tot_uot"):
-        assert_differs(output.coupling, solve(cost, frame_mask, token_mask, config, alignment, tau=1.0), "tau=1.0")
-    if alignment in ("tot", "tot_uot"):
-        for field, value in (("lambda1", 1.0), ("lambda2", 0.1), ("sigma", 1.0)):
+        assert_differs(output.coupling, configured(tau=1.0), "tau=1.0")
+    if alignment in GMOT_MODES:
+        assert_differs(output.coupling, configured(alpha=0.5), "alpha=0.5")
+        if config.tot_tol == 0:
             assert_differs(
-                output.coupling,
-                solve(cost, frame_mask, token_mask, config, alignment, **{field: value}),
-                f"{field}={value}",
+                output.coupling, configured(max_outer=config.gmot_max_outer + 1), "one more outer iteration"
             )
+    if alignment in ("tot", "tot_uot", "tot_gmot"):
+        for field, value in (("lambda1", 1.0), ("lambda2", 0.1), ("sigma", 1.0)):
+            assert_differs(output.coupling, configured(**{field: value}), f"{field}={value}")
 
-    expected_ot = ot_loss(expected, cost)
+    if alignment in GMOT_MODES:
+        expected_ot = fused_gw_loss(expected, cost, *edges, config.gmot_alpha)
+    else:
+        expected_ot = ot_loss(expected, cost)
     expected_align = align_loss(barycentric_transport(expected, adapted, token_mask), tokens, token_mask)
     torch.testing.assert_close(output.ot_loss, expected_ot, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(output.align_loss, expected_align, rtol=1e-5, atol=1e-7)
@@ -233,12 +268,14 @@ def test_ctc_loss_uses_each_utterances_valid_frames(encoder, alignment, config):
         torch.testing.assert_close(output.loss, output.ctc_loss)
 
 
+@pytest.mark.parametrize("alignment", ["tot", "gmot"])
 @pytest.mark.parametrize("grad", ["envelope", "autodiff"])
-def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad):
+def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad, alignment):
     """The gradients of `ot_loss` and `align_loss` with respect to the adapter's weights are those of the
-    public losses computed on the adapted frames (the coupling detached in "envelope" mode)."""
+    public losses computed on the adapted frames (the coupling detached in "envelope" mode; in the
+    graph-matching mode through the frames' edge costs too)."""
     torch.manual_seed(0)
-    model = make_model(tot_grad=grad, tot_max_iter=20).eval()
+    model = make_model(alignment=alignment, tot_grad=grad, tot_max_iter=20, gmot_max_outer=3).eval()
     batch = padded_batch()
     captured = []
     handle = adapter_of(model).register_forward_hook(lambda module, args, output: captured.append(output))
@@ -250,8 +287,12 @@ def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad
     frame_mask = expected_frame_mask(adapted.shape[1])
     tokens, token_mask = batch["teacher_hidden_states"], batch["teacher_token_mask"]
     cost = cosine_cost(adapted, tokens)
-    coupling = solve(cost, frame_mask, token_mask, model.config, "tot", grad=grad)
-    expected_ot = ot_loss(coupling, cost)
+    edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
+    coupling = solve(cost, frame_mask, token_mask, model.config, alignment, edges, grad=grad)
+    if alignment == "gmot":
+        expected_ot = fused_gw_loss(coupling, cost, *edges, model.config.gmot_alpha)
+    else:
+        expected_ot = ot_loss(coupling, cost)
     expected_align = align_loss(barycentric_transport(coupling, adapted, token_mask), tokens, token_mask)
     weights = list(adapter_of(model).parameters())
     for name, loss, reference in (("ot", output.ot_loss, expected_ot), ("align", output.align_loss, expected_align)):
@@ -260,3 +301,19 @@ def test_alignment_losses_backpropagate_into_the_adapter_like_the_reference(grad
         assert any(g.abs().max() > 0 for g in want)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=f"{name} loss gradient")
+
+
+def test_graph_matching_warns_once_when_its_outer_iterations_stop_short_and_survives_nan_features(caplog):
+    torch.manual_seed(0)
+    batch = padded_batch()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        make_model(alignment="gmot").eval()(**batch)
+        assert "did not converge" not in caplog.text
+        make_model(alignment="gmot", gmot_max_outer=1).eval()(**batch)
+    assert re.search(r"did not converge .* plan change [0-9.e+-]+ after 1 outer iterations", caplog.text)
+
+    model = make_model(alignment="gmot").eval()
+    next(adapter_of(model).parameters()).data.fill_(math.nan)  # a diverged step: NaN frames
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isnan(output.ot_loss)  # the trainer's loss scaling skips it; the solver raised nothing

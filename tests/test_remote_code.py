@@ -291,3 +291,17 @@ def test_nothing_in_the_repository_unpickles():
                     assert keywords.get("weights_only") == "True", (path, node.lineno, function)
                 if function in ("np.load", "numpy.load"):
                     assert keywords.get("allow_pickle", "False") == "False", (path, node.lineno)
+
+
+def test_fresh_process_loads_a_graph_matching_model_and_transcribes(tmp_path):
+    """A model trained with alignment="tot_gmot" keeps its graph-matching fields in config.json, and the remote
+    code (whose configuration checks them) loads it where the package is not installed and transcribes."""
+    torch.manual_seed(0)
+    model = make_model(alignment="tot_gmot", gmot_alpha=0.3, gmot_max_outer=7).eval()
+    folder, wav, reference, expected = save_with_reference(model, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["alignment"], config["gmot_alpha"], config["gmot_max_outer"]) == ("tot_gmot", 0.3, 7)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = run_fresh(folder, wav, reference, env, tmp_path)
+    assert out["class"] == "TOTCAKTForCTC" and out["package_modules"] == [] and out["remote_modules"]
+    assert out["max_logit_diff"] < 1e-5 and out["text"] == expected and expected

@@ -482,13 +482,31 @@ def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
     assert trainer.model_accepts_loss_kwargs is False
 
 
-def test_the_unbalanced_alignment_flags_reach_the_model_configuration(monkeypatch, tmp_path):
+def test_the_unbalanced_and_graph_matching_alignment_flags_reach_the_model_configuration(monkeypatch, tmp_path):
     monkeypatch.setattr(
         sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), "--alignment", "tot_uot", "--uot_tau", "0.25"]
     )
     _, method_args, _, _ = train_hf.parse_arguments()
     config = TOTCAKTConfig(**{k: v for k, v in method_args.config_overrides().items() if v is not None})
     assert (config.alignment, config.uot_tau) == ("tot_uot", 0.25)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_hf.py",
+            "--output_dir",
+            str(tmp_path),
+            "--alignment",
+            "gmot",
+            "--gmot_alpha",
+            "0.7",
+            "--gmot_max_outer",
+            "7",
+        ],
+    )
+    _, method_args, _, _ = train_hf.parse_arguments()
+    config = TOTCAKTConfig(**{k: v for k, v in method_args.config_overrides().items() if v is not None})
+    assert (config.alignment, config.gmot_alpha, config.gmot_max_outer) == ("gmot", 0.7, 7)
     monkeypatch.setattr(sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), "--alignment", "gw"])
     with pytest.raises(SystemExit):
         train_hf.parse_arguments()

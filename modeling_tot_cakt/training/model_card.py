@@ -231,6 +231,8 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
         rows.update({name: getattr(config, name) for name in method})
         if config.alignment in ("uot", "tot_uot"):  # the unbalanced modes' marginal relaxation
             rows["uot_tau"] = config.uot_tau
+        if config.alignment in ("gmot", "tot_gmot"):  # the graph-matching modes' Gromov-Wasserstein weight
+            rows.update(gmot_alpha=config.gmot_alpha, gmot_max_outer=config.gmot_max_outer)
     return {name: value for name, value in rows.items() if value is not None}
 
 

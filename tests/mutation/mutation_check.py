@@ -56,6 +56,7 @@ WIRING = ("tests/test_model_wiring.py",)
 MODELING = ("tests/test_modeling.py",)
 EVALUATION = ("tests/test_evaluation.py",)
 SOLVER_TESTS = ("tests/test_tot.py", "tests/test_tot_properties.py", "tests/test_tot_solver.py")
+GW_TESTS = ("tests/test_tot_gw.py",)
 RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
 TRAIN = ("tests/test_train_hf.py",)
 FEATURE_CACHE = ("tests/test_teacher_features.py",)
@@ -104,10 +105,60 @@ MUTANTS = (
     Mutant(
         "ot-mode-runs-tot",
         MODEL,
-        r"alignment\s+in\s+\(\"ot\",\s*\"uot\"\)",
-        'alignment in ("plain-ot", "plain-uot")',
+        r"alignment\s+in\s+\(\"ot\",\s*\"uot\",\s*\"gmot\"\)",
+        'alignment in ("plain-ot", "plain-uot", "plain-gmot")',
         WIRING,
-        'alignment="ot" silently runs TOT (and "uot" TOT with unbalanced marginals)',
+        'alignment="ot" silently runs TOT (and "uot" / "gmot" TOT with unbalanced marginals / the GW term)',
+    ),
+    Mutant(
+        "gmot-modes-run-plain-transport",
+        MODEL,
+        r"if self\.config\.alignment in \(\"gmot\", \"tot_gmot\"\):",
+        "if False:",
+        WIRING,
+        'alignment="gmot" / "tot_gmot" silently solve without the Gromov-Wasserstein term',
+    ),
+    Mutant(
+        "gmot-alpha-not-configurable",
+        MODEL,
+        r"alpha=self\.config\.gmot_alpha",
+        "alpha=0.5",
+        WIRING,
+        "config.gmot_alpha never reaches the solver (its default is used)",
+    ),
+    Mutant(
+        "gmot-max-outer-not-configurable",
+        MODEL,
+        r"max_outer=self\.config\.gmot_max_outer",
+        "max_outer=50",
+        WIRING,
+        "config.gmot_max_outer never reaches the solver (its default is used)",
+    ),
+    Mutant(
+        "gmot-loss-is-the-transport-cost",
+        MODEL,
+        r"fused_gw_loss\(coupling, cost, \*edges, self\.config\.gmot_alpha\)",
+        "ot_loss(coupling, cost)",
+        WIRING,
+        'alignment="gmot" reports and trains on <T, C> instead of the fused Gromov-Wasserstein objective',
+    ),
+    Mutant(
+        "gmot-edges-detached-from-adapter",
+        MODEL,
+        r"cosine_cost\(adapted, adapted\)",
+        "cosine_cost(adapted.detach(), adapted.detach())",
+        WIRING,
+        "the frames' edge costs carry no gradient into the adapter",
+        select="backpropagate",
+    ),
+    Mutant(
+        "gmot-solver-without-frame-mask",
+        MODEL,
+        r"(\*finite_edges,\s*)frame_mask",
+        r"\1None",
+        WIRING,
+        "the graph-matching modes pass no frame mask to the solver: padded frames receive transport mass",
+        select="padded",
     ),
     Mutant(
         "unbalanced-modes-run-balanced",
@@ -176,8 +227,8 @@ MUTANTS = (
     Mutant(
         "cost-detached-from-adapter",
         MODEL,
-        r"cosine_cost\((\w+),",
-        r"cosine_cost(\1.detach(),",
+        r"cost = cosine_cost\((\w+),",
+        r"cost = cosine_cost(\1.detach(),",
         WIRING + MODELING,
         "the transport cost carries no gradient into the adapter",
     ),
@@ -389,6 +440,71 @@ MUTANTS = (
         r"\1",
         SOLVER_TESTS,
         "the barycentric map forgets the 1/nu_j factor",
+    ),
+    # ---------------------------------------------------------------- graph-matching (fused Gromov-Wasserstein) solver
+    Mutant(
+        "gw-gradient-without-factor-two",
+        SOLVER,
+        r"gradient = 2 \* _gw_tensor_product\(",
+        "gradient = _gw_tensor_product(",
+        GW_TESTS,
+        "the linearised Gromov-Wasserstein cost is half the gradient (Peyre et al.'s Prop. 2 without its factor 2)",
+    ),
+    Mutant(
+        "gw-cross-term-halved",
+        SOLVER,
+        r"return rows \+ cols - 2 \* torch\.bmm\(",
+        "return rows + cols - torch.bmm(",
+        GW_TESTS,
+        "the cross term -2 D_A T D_L^T of the square loss loses its factor 2",
+    ),
+    Mutant(
+        "gw-loss-without-target-edges",
+        SOLVER,
+        r"return rows \+ cols -",
+        "return rows -",
+        GW_TESTS,
+        "the target edges' constant term is dropped: the plan is unchanged, the objective is wrong",
+    ),
+    Mutant(
+        "gw-starts-from-an-empty-plan",
+        SOLVER,
+        r"coupling = mu\[:, :, None\] \* nu\[:, None, :\]",
+        "coupling = torch.zeros_like(mu[:, :, None] * nu[:, None, :])",
+        GW_TESTS,
+        "the outer iterations start from 0 instead of mu nu^T",
+    ),
+    Mutant(
+        "gw-warm-start-ignored",
+        SOLVER,
+        r"if init is not None:",
+        "if False:",
+        GW_TESTS,
+        "tot_sinkhorn ignores warm_start: every inner solve starts from zero potentials",
+    ),
+    Mutant(
+        "gw-outer-iterations-never-stop",
+        SOLVER,
+        r"if changes\[-1\] < outer_tol:",
+        "if False:",
+        GW_TESTS,
+        "the outer iterations ignore outer_tol and always run max_outer times",
+    ),
+    Mutant(
+        "gw-padded-edges-kept",
+        SOLVER,
+        r"source_cost = source_cost\.to\(dtype\)\.masked_fill\([^\n]*\)",
+        "source_cost = source_cost.to(dtype)",
+        GW_TESTS,
+        "padded frame edges reach the products: a NaN there turns the whole plan NaN",
+    ),
+    Mutant(
+        "gw-asymmetric-edges-accepted",
+        SOLVER,
+        r"if gap > 1e-6 \* max\(value, 1\.0\)",
+        "if gap > 1e6 * max(value, 1.0)",
+        GW_TESTS,
+        "edge costs that are not symmetric are solved with the symmetric gradient, without a word",
     ),
     # ---------------------------------------------------------------- training loop
     Mutant(
