@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 from pyctcdecode import Alphabet, BeamSearchDecoderCTC, LanguageModel
-from tiny_models import make_model, make_processor, write_wav
+from tiny_models import make_model, save_emitting_model, write_wav
 
 from modeling_tot_cakt import TOTCAKTForCTC
 from modeling_tot_cakt.processing_tot_cakt import (
@@ -211,14 +211,7 @@ def folder_with_lm(tmp_path_factory):
     """A tiny model whose head favours characters over blanks, saved, with a character LM attached."""
     tmp_path = tmp_path_factory.mktemp("lm_folder")
     torch.manual_seed(0)
-    model = make_model().eval()
-    with torch.no_grad():
-        model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
-        model.lm_head.bias[0] = -5
-    processor = make_processor(tmp_path, model)
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    processor, folder = save_emitting_model(make_model().eval(), tmp_path)
     characters = list(processor.tokenizer.get_vocab())[3:]
     rng = np.random.default_rng(0)
     texts = ["".join(rng.choice(characters, size=6)) for _ in range(50)]

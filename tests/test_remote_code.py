@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny_models import TINY_WAV2VEC2_BERT, make_model, make_processor, write_wav
+from tiny_models import TINY_WAV2VEC2_BERT, make_model, save_emitting_model, write_wav
 
 CODE_FILES = {"configuration_tot_cakt.py", "feature_extraction_tot_cakt.py", "modeling_tot_cakt.py", "tot.py"}
 EXTRACTOR = {"wav2vec2": "TOTCAKTFeatureExtractor", "wav2vec2-bert": "TOTCAKTLogMelFeatureExtractor"}
@@ -102,14 +102,7 @@ def save_with_reference(model, tmp_path):
     Save `model` and its processor in `tmp_path/saved`, with a clip and the model's inputs, logits and features on it:
     `(folder, wav, reference.npz, expected transcript)`.
     """
-    # Bias the head so that the untrained model emits characters, not only blanks.
-    with torch.no_grad():
-        model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
-        model.lm_head.bias[0] = -5
-    processor = make_processor(tmp_path, model)
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    processor, folder = save_emitting_model(model, tmp_path)
     wav = write_wav(tmp_path / "clip.wav", seconds=1.5)
     audio, rate = sf.read(wav, dtype="float32")
     inputs = processor(audio=audio, sampling_rate=rate, return_tensors="pt")

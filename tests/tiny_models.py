@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from datasets import Dataset
 from transformers import BertConfig, BertModel, BertTokenizer, TrainingArguments
 
@@ -124,3 +125,18 @@ def one_step_trainer(model: TOTCAKTForCTC, processor, rows: list[dict], output_d
         train_dataset=Dataset.from_list(rows),
         data_collator=DataCollatorCTCWithTeacher(processor),
     )
+
+
+def save_emitting_model(model: TOTCAKTForCTC, directory: Path):
+    """
+    Bias `model`'s head so that, untrained, it emits characters rather than only blanks, and save it with its
+    processor in `directory/saved`. Returns `(processor, folder)`.
+    """
+    with torch.no_grad():
+        model.lm_head.bias.copy_(torch.linspace(-1, 1, model.config.vocab_size))
+        model.lm_head.bias[0] = -5
+    processor = make_processor(directory, model)
+    folder = Path(directory) / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return processor, folder
