@@ -358,6 +358,8 @@ def check_arguments(
                 f"--language_model {model_args.language_model} is not a file: give an ARPA character model "
                 "(python -m modeling_tot_cakt.training.language_model estimate --text ... --output ...)."
             )
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every epoch
     # The model card and upload are done here, once, after training: keep the Trainer from pushing on its own.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     training_args.remove_unused_columns = False  # the collator needs the transcript column
