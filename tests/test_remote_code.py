@@ -222,8 +222,12 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
 
 
 # What the files copied for trust_remote_code may import: no network, subprocess or file-system modules
-# (numpy comes with transformers).
-ALLOWED_IMPORTS = {"__future__", "contextlib", "dataclasses", "math", "typing", "numpy", "torch", "transformers"}
+# (numpy comes with transformers); of `os`, only the read-only `sysconf` (the solver's physical-memory check).
+ALLOWED_IMPORTS = {
+    *("__future__", "contextlib", "dataclasses", "math", "numbers", "os", "typing", "warnings"),
+    *("numpy", "torch", "transformers"),
+}
+ALLOWED_OS_NAMES = {"sysconf"}
 FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}
 FORBIDDEN_CALLS = {"torch.load", "torch.hub.load", "torch.save"}
 
@@ -244,10 +248,15 @@ def test_copied_code_files_import_only_torch_and_transformers(saved_model):
                     assert f"{node.module}.py" in CODE_FILES, (path.name, node.module)
                     continue
                 roots = {node.module.split(".")[0]}
+                if node.module == "os":
+                    assert {alias.name for alias in node.names} <= ALLOWED_OS_NAMES, (path.name, node.lineno)
             elif isinstance(node, ast.Call):
                 if isinstance(node.func, ast.Name):
                     assert node.func.id not in FORBIDDEN_BUILTINS, (path.name, node.lineno, node.func.id)
                 assert ast.unparse(node.func) not in FORBIDDEN_CALLS, (path.name, node.lineno)
+                continue
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os":
+                assert node.attr in ALLOWED_OS_NAMES, (path.name, node.lineno, f"os.{node.attr}")
                 continue
             else:
                 continue
