@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,64 @@ from modeling_tot_cakt.demo import run_demo as demo
 from modeling_tot_cakt.demo.synthesis import TEST_TRACKS, corpus_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"none": "CTC only", "ot": "OT-CAKT", "tot": "TOT-CAKT"}
+METHODS = {
+    "none": "CTC only",
+    "ot": "OT-CAKT",
+    "tot": "TOT-CAKT",
+    "tot_adapter": "TOT-CAKT, CTC head on the adapter",
+    "tot_untrained": "TOT-CAKT, untrained teacher",
+    "uot": "UOT-CAKT",
+    "gmot": "GM-OT-CAKT",
+}
+"""The compared methods: a key (``--methods``, the run folders) and its name in the report."""
+
+VARIANTS = {
+    "tot_adapter": ({"alignment": "tot", "ctc_input": "adapter"}, "trained"),
+    "tot_untrained": ({"alignment": "tot"}, "untrained"),
+}
+"""Methods that are not an ``--alignment`` alone: their ``train_hf.py`` settings and teacher (``"trained"``, the
+preset's, or ``"untrained"``, the same architecture and vocabulary randomly initialised)."""
+
+COMPARISONS = (
+    ("tot", "none"),
+    ("tot", "ot"),
+    ("ot", "none"),
+    ("tot_adapter", "none"),
+    ("tot_adapter", "tot"),
+    ("tot_untrained", "none"),
+    ("tot", "tot_untrained"),
+    ("uot", "none"),
+    ("uot", "tot"),
+    ("gmot", "none"),
+    ("gmot", "tot"),
+)
+"""The paired differences reported (method, baseline), each where either side has runs."""
+
+
+def method_settings(method: str) -> tuple[dict, str]:
+    """``(train_hf.py settings, teacher kind)`` of `method`."""
+    return VARIANTS.get(method, ({"alignment": method}, "trained"))
+
+
+def method_of(run: dict) -> str:
+    """The method key of a run record (records written before variants existed name only their alignment)."""
+    return run.get("method", run["alignment"])
+
+
+def untrained_teacher(trained: Path, target: Path, seed: int = 0) -> Path:
+    """A randomly initialised copy of the teacher in `trained` (same configuration and tokenizer), saved in
+    `target` (reused when there): the ablation that tells knowledge from a per-character target."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(trained))  # what training loads of the teacher
+    target.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(trained).save_pretrained(target)
+    model.save_pretrained(target)
+    return target
 
 
 @dataclass
@@ -68,6 +125,7 @@ class BenchPreset:
         demo_preset: the demo preset whose corpus, teacher and training arguments are used.
         train_overrides: ``train_hf.py`` arguments changed for the benchmark (steps, evaluation).
         seeds: training seeds per method.
+        methods: the methods run by default (keys of :data:`METHODS`).
         parallel: runs at a time.
         threads_per_run: ``OMP_NUM_THREADS`` of each run (None: torch's default).
         score_in_process: score dev and test by greedy decoding in this process
@@ -78,6 +136,7 @@ class BenchPreset:
     demo_preset: str
     train_overrides: dict = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = ("none", "ot", "tot")
     parallel: int = 1
     threads_per_run: int | None = None
     score_in_process: bool = False
@@ -112,6 +171,7 @@ PRESETS = {
         demo_preset="knowledge",
         train_overrides={"disable_tqdm": True},
         seeds=(0, 1, 2, 3, 4),
+        methods=("none", "ot", "tot", "tot_adapter", "tot_untrained"),
         parallel=2,
         threads_per_run=1,
         score_in_process=True,
@@ -164,10 +224,12 @@ def run_once(
     score_in_process: bool = False,
     rescore: bool = False,
     language_model: str | None = None,
+    method: str | None = None,
 ) -> dict:
     """Train and evaluate one run (or reuse a completed one: its record as it is, or with its test error
     split decoded again by the current code when ``rescore``); with `language_model` (an ARPA file) its dev and
-    test are also decoded with it (``result["lm"]``). Returns its result record."""
+    test are also decoded with it (``result["lm"]``). `method` (a key of :data:`METHODS`; default: the
+    alignment) names the run in its record. Returns its result record."""
     paths = demo.DemoPaths(
         root=run_dir,
         corpus=base.corpus,
@@ -182,6 +244,7 @@ def run_once(
     reused = demo.train_stage(preset, paths, echo=False, environment=environment)
     if reused and result_file.is_file():
         result = json.loads(result_file.read_text(encoding="utf-8"))
+        result.setdefault("method", method or result["alignment"])
         if rescore:
             result.update(greedy_scores(paths))
         if language_model and (rescore or "lm" not in result):
@@ -196,6 +259,7 @@ def run_once(
         evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
     summary = demo.training_summary(paths.model)
     result = {
+        "method": method or preset.train["alignment"],
         "alignment": preset.train["alignment"],
         "seed": preset.train["seed"],
         "dev_cer": evaluation["dev"]["cer"],
@@ -236,7 +300,7 @@ def paired_difference(runs: list[dict], method: str, baseline: str, metric: str 
         ``{"mean", "ci95": [low, high], "n", "per_seed"}``; None with fewer than two common seeds.
     """
     values = {
-        name: {run["seed"]: run[metric] for run in runs if run["alignment"] == name} for name in (method, baseline)
+        name: {run["seed"]: run[metric] for run in runs if method_of(run) == name} for name in (method, baseline)
     }
     seeds = sorted(set(values[method]) & set(values[baseline]))
     if len(seeds) < 2:
@@ -275,7 +339,15 @@ def with_lm_decoded_runs(runs: list[dict]) -> list[dict]:
         flat.append({**run, **flat_errors(run)})
         if "lm" in run:
             lm = run["lm"]
-            flat.append({"alignment": f"{run['alignment']}+lm", "seed": run["seed"], **flat_errors(lm), **lm})
+            flat.append(
+                {
+                    "alignment": run["alignment"],
+                    "method": f"{method_of(run)}+lm",
+                    "seed": run["seed"],
+                    **flat_errors(lm),
+                    **lm,
+                }
+            )
     return flat
 
 
@@ -291,7 +363,7 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
     The default target is the mean final dev CER of CTC-only: how many steps each method needs
     to get where the baseline ends.
     """
-    by_method = {method: [run for run in runs if run["alignment"] == method] for method in METHODS}
+    by_method = {method: [run for run in runs if method_of(run) == method] for method in METHODS}
     if target_cer is None and by_method["none"]:
         target_cer = float(np.mean([run["dev_cer"] for run in by_method["none"]]))
     summary = {"target_dev_cer": target_cer, "methods": {}}
@@ -307,22 +379,23 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
             "steps_to_target": reached,
             "runs_reaching_target": sum(step is not None for step in reached),
         }
-        flat_runs = [run for run in flat if run["alignment"] == method]
+        flat_runs = [run for run in flat if method_of(run) == method]
         for metric in common_metrics(flat_runs, TRACK_METRICS):
             summary["methods"][method][metric] = _mean_std([run[metric] for run in flat_runs])
     summary["paired_differences"] = {
         f"{METHODS[method]} - {METHODS[baseline]}": {
             metric: paired_difference(flat, method, baseline, metric)
             for metric in common_metrics(
-                [run for run in flat if run["alignment"] in (method, baseline)],
+                [run for run in flat if method_of(run) in (method, baseline)],
                 ("test_cer", "dev_cer", *TRACK_METRICS),
             )
         }
-        for method, baseline in (("tot", "none"), ("tot", "ot"), ("ot", "none"))
+        for method, baseline in COMPARISONS
+        if by_method[method] and by_method[baseline]
     }
-    decoded = sorted({run["alignment"] for run in runs if "lm" in run})
+    decoded = sorted({method_of(run) for run in runs if "lm" in run})
     for method in decoded:
-        lm_runs = [run for run in flat if run["alignment"] == f"{method}+lm"]
+        lm_runs = [run for run in flat if method_of(run) == f"{method}+lm"]
         metrics = common_metrics(lm_runs, ("test_cer", "dev_cer", *TRACK_METRICS))
         summary["methods"][method]["with_lm"] = {
             metric: _mean_std([run[metric] for run in lm_runs]) for metric in metrics
@@ -331,7 +404,24 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
         summary["paired_differences"][f"{METHODS[method]} with LM - greedy"] = {
             metric: paired_difference(flat, f"{method}+lm", method, metric) for metric in metrics
         }
+    summary["control_share"] = control_share(summary)
     return summary
+
+
+def control_share(summary: dict) -> dict:
+    """How much of the positive control's homophone gain each method reaches, per test track: the mean paired
+    change of homophone substitutions of the method against CTC-only, divided by that of CTC-only decoded with the
+    LM against greedy (1: as much as the LM, 0: none, negative: more homophone substitutions than CTC-only)."""
+    control = summary["paired_differences"].get(f"{METHODS['none']} with LM - greedy", {})
+    shares = {}
+    for method in METHODS:
+        difference = summary["paired_differences"].get(f"{METHODS[method]} - {METHODS['none']}", {})
+        for track in TEST_TRACKS:
+            metric = f"{track}_homophone_cer"
+            gain, reached = control.get(metric), difference.get(metric)
+            if gain and reached and gain["mean"] != 0:
+                shares.setdefault(method, {})[track] = reached["mean"] / gain["mean"]
+    return shares
 
 
 def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
@@ -343,7 +433,7 @@ def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
 
     figure, axis = pyplot.subplots(figsize=(7, 4.5))
     for index, method in enumerate(METHODS):
-        method_runs = [run for run in runs if run["alignment"] == method and run["dev_cer_by_step"]]
+        method_runs = [run for run in runs if method_of(run) == method and run["dev_cer_by_step"]]
         if not method_runs:
             continue
         colour = f"C{index}"
@@ -379,7 +469,9 @@ def main(argv=None) -> dict:
         "--demo_preset", help="Use this demo preset (a name or a YAML file) instead of the benchmark preset's own."
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="Override the preset's seeds.")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="The methods to run (default: the preset's)."
+    )
     parser.add_argument("--max_steps", type=int, help="Override the preset's number of steps.")
     parser.add_argument("--target_cer", type=float, help="Dev CER for steps_to_target (default: CTC-only's final).")
     parser.add_argument(
@@ -425,8 +517,12 @@ def main(argv=None) -> dict:
     teacher = demo.teacher_stage(preset, base)
     encoder = demo.encoder_stage(preset, base)
     language_model = demo.language_model_stage(preset, base)["arpa"] if args.lm else None
+    methods = args.methods or list(bench.methods)
+    untrained = None
+    if any(method_settings(method)[1] == "untrained" for method in methods):
+        untrained = untrained_teacher(base.teacher, base.root / "teacher_untrained")
 
-    jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in args.methods]
+    jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in methods]
     runs: list[dict] = []
     lock = threading.Lock()
     output, plot = Path(args.output), Path(args.plot)
@@ -458,7 +554,7 @@ def main(argv=None) -> dict:
             "runs_planned": len(jobs),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "summary": summary,
-            "runs": sorted(runs, key=lambda run: (run["alignment"], run["seed"])),
+            "runs": sorted(runs, key=lambda run: (method_of(run), run["seed"])),
         }
         output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if runs:
@@ -466,23 +562,25 @@ def main(argv=None) -> dict:
         return report
 
     def job(method: str, seed: int) -> None:
+        settings, teacher_kind = method_settings(method)
         run_preset = demo.DemoPreset(
             name=preset.name,
             source=preset.source,
             synthesis=preset.synthesis,
             teacher=preset.teacher,
-            train={**preset.train, **overrides, "alignment": method, "seed": seed},
+            train={**preset.train, **overrides, **settings, "seed": seed},
             encoder=preset.encoder,
             lm=preset.lm,
         )
         result = run_once(
             run_preset,
-            base,
+            base if teacher_kind == "trained" else replace(base, teacher=untrained),
             runs_dir / f"{method}-seed{seed}",
             bench.threads_per_run,
             bench.score_in_process,
             rescore=args.rescore,
             language_model=language_model,
+            method=method,
         )
         with lock:
             runs.append(result)

@@ -78,7 +78,7 @@ def test_summary_reports_the_error_split_and_paired_differences():
     paired = summary["paired_differences"]["TOT-CAKT - CTC only"]
     assert paired["test_cer"]["per_seed"] == pytest.approx([-0.2, 0.1])
     assert paired["dev_cer"]["mean"] == pytest.approx(-0.05)
-    assert summary["paired_differences"]["TOT-CAKT - OT-CAKT"]["test_cer"] is None
+    assert "TOT-CAKT - OT-CAKT" not in summary["paired_differences"]  # no OT-CAKT runs: nothing to pair
 
 
 def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeypatch):
@@ -97,10 +97,11 @@ def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeyp
         root=tmp_path, corpus=tmp_path, teacher=tmp_path, model=tmp_path, cache=tmp_path
     )
     preset = bench_quality.demo.DemoPreset(name="quick", source=tmp_path, synthesis={}, teacher={}, train={})
-    assert bench_quality.run_once(preset, base, run_dir, threads=None) == record and decoded == []
+    reused = bench_quality.run_once(preset, base, run_dir, threads=None)
+    assert reused == {**record, "method": "tot"} and decoded == []  # an older record is named by its alignment
     rescored = bench_quality.run_once(preset, base, run_dir, threads=None, rescore=True)
     assert decoded == [(run_dir / "model", "test")]
-    assert rescored == {**record, "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
+    assert rescored == {**record, "method": "tot", "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
     assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == rescored
 
 
@@ -190,3 +191,56 @@ def test_summary_pairs_the_methods_and_decodings_on_every_test_track():
     assert control["test_homophone_cer"]["per_seed"] == pytest.approx([-0.1, -0.1])
     # Runs of a corpus without the second track have no scores of it.
     assert not any("seen_voices" in metric for metric in bench_quality.summarise(RUNS, None)["methods"]["none"])
+
+
+def test_variants_are_paired_by_their_method_not_their_alignment():
+    def errors(homophone):
+        return {"homophone_cer": homophone, "other_cer": 0.3, "tone_cer": 0.02}
+
+    runs = []
+    for seed, (ctc, tot, adapter, untrained, with_lm) in enumerate(
+        [(0.10, 0.09, 0.07, 0.11, 0.05), (0.12, 0.10, 0.08, 0.10, 0.04)]
+    ):
+        for method, homophone in (("none", ctc), ("tot", tot), ("tot_adapter", adapter), ("tot_untrained", untrained)):
+            alignment = bench_quality.method_settings(method)[0]["alignment"]
+            record = {
+                **run(alignment, seed, 0.5, 0.3 + homophone, []),
+                "method": method,
+                "test_errors": errors(homophone),
+            }
+            if method == "none":
+                record["lm"] = {"dev_cer": 0.4, "test_cer": 0.3 + with_lm, "test_errors": errors(with_lm)}
+            runs.append(record)
+    summary = bench_quality.summarise(runs, target_cer=None)
+    assert summary["methods"]["tot"]["test_cer"]["mean"] == pytest.approx(0.395)  # not mixed with the variants
+    assert summary["methods"]["tot_adapter"]["test_homophone_cer"]["mean"] == pytest.approx(0.075)
+    adapter = summary["paired_differences"]["TOT-CAKT, CTC head on the adapter - TOT-CAKT"]
+    assert adapter["test_homophone_cer"]["per_seed"] == pytest.approx([-0.02, -0.02])
+    untrained = summary["paired_differences"]["TOT-CAKT - TOT-CAKT, untrained teacher"]
+    assert untrained["test_homophone_cer"]["per_seed"] == pytest.approx([-0.02, 0.0])
+    # The control gains 0.065 on average; TOT-CAKT 0.015, the adapted head 0.035, the untrained teacher 0.005.
+    shares = summary["control_share"]
+    assert shares["tot"]["test"] == pytest.approx(0.015 / 0.065)
+    assert shares["tot_adapter"]["test"] == pytest.approx(0.035 / 0.065)
+    assert shares["tot_untrained"]["test"] == pytest.approx(0.005 / 0.065)
+    assert "none" not in shares
+
+
+def test_the_untrained_teacher_has_the_teachers_architecture_and_vocabulary_and_new_weights(tmp_path):
+    import torch
+    from tiny_models import make_teacher
+    from transformers import AutoModel, AutoTokenizer
+
+    trained = make_teacher(tmp_path / "teacher")
+    target = bench_quality.untrained_teacher(trained, tmp_path / "untrained", seed=0)
+    original, random = AutoModel.from_pretrained(trained), AutoModel.from_pretrained(target)
+    ignored = {"_name_or_path": "", "architectures": None}
+    assert random.config.to_dict() | ignored == original.config.to_dict() | ignored
+    assert AutoTokenizer.from_pretrained(target).get_vocab() == AutoTokenizer.from_pretrained(trained).get_vocab()
+    weights, new = original.state_dict(), random.state_dict()
+    assert weights.keys() == new.keys()
+    assert not torch.equal(weights["embeddings.word_embeddings.weight"], new["embeddings.word_embeddings.weight"])
+    again = bench_quality.untrained_teacher(trained, tmp_path / "again", seed=0)
+    assert torch.equal(
+        AutoModel.from_pretrained(again).embeddings.word_embeddings.weight, random.embeddings.word_embeddings.weight
+    )
