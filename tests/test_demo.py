@@ -378,3 +378,38 @@ def test_text_only_plans_the_corpus_without_making_anything(tmp_path, monkeypatc
     }
     assert "test_seen_voices: 0.500 of 8 characters have a homophone" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["demo_plan.yaml"]  # no corpus, no work folder
+
+
+@pytest.mark.parametrize("alignment", ["gmot", "tot_uot"])
+def test_the_coupling_picture_adds_the_trained_modes_own_plan(tmp_path, alignment):
+    import torch
+    from tiny_models import CHARACTERS, make_model, make_teacher, save_emitting_model
+
+    teacher = make_teacher(tmp_path / "teacher")
+    torch.manual_seed(0)
+    model = make_model(alignment=alignment, teacher_dir=teacher, gmot_alpha=0.0, uot_tau=1e6)
+    _, folder = save_emitting_model(model, tmp_path)
+    waveform = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    text = CHARACTERS[:4]
+    models = demo.AlignmentModels(folder, teacher)
+    couplings = models.couplings(waveform, text)
+    name, plan = couplings.trained
+    assert name == alignment and plan.shape == couplings.tot.shape
+    # GM-OT with alpha = 0 is plain OT; TOT with unbalanced marginals of a huge tau is TOT.
+    expected = couplings.plain if alignment == "gmot" else couplings.tot
+    np.testing.assert_allclose(plan, expected, atol=1e-6)
+    # With the configuration's own settings changed, the panel changes with them: it is that mode's plan.
+    model.config.update({"gmot_alpha": 0.5, "uot_tau": 0.05})
+    model.save_pretrained(folder)
+    changed = demo.AlignmentModels(folder, teacher).couplings(waveform, text).trained[1]
+    assert np.abs(changed - expected).max() > 1e-3
+    record = {
+        "id": "u0",
+        "pinyin": " ".join(["a1"] * len(text)),
+        "char_times": [[0.1 * i, 0.1 * i + 0.1] for i in range(4)],
+    }
+    path = tmp_path / "couplings.png"
+    demo.plot_couplings(couplings, record, path)
+    assert [title for title, _ in couplings.panels()] == ["TOT", "plain OT", f"{alignment} (trained mode)"]
+    width, _ = png_size(path)
+    assert width > 1.4 * 990  # three panels where two are 990 pixels wide

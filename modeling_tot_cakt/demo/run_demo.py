@@ -658,11 +658,21 @@ class UtteranceCouplings:
         tot: ``(N, M)`` TOT coupling (the trained model's ``tot_lambda1``, ``tot_lambda2``, ``tot_sigma``).
         plain: ``(N, M)`` plain entropic OT coupling (``lambda1 = 0``, no prior, same ``lambda2``).
         frame_seconds: duration of one encoder frame.
+        trained: for a model trained with another member of the family (``uot``, ``tot_uot``, ``gmot``,
+            ``tot_gmot``), ``(alignment, (N, M) coupling)`` as that mode computes it in training; else None.
     """
 
     tot: np.ndarray
     plain: np.ndarray
     frame_seconds: float
+    trained: tuple[str, np.ndarray] | None = None
+
+    def panels(self) -> list[tuple[str, np.ndarray]]:
+        """``(title, coupling)`` of every coupling drawn: TOT, plain OT, then the trained mode's own if another."""
+        panels = [("TOT", self.tot), ("plain OT", self.plain)]
+        if self.trained is not None:
+            panels.append((f"{self.trained[0]} (trained mode)", self.trained[1]))
+        return panels
 
 
 class AlignmentModels:
@@ -722,10 +732,16 @@ class AlignmentModels:
         tot = tot_sinkhorn(cost, frame_mask, token_mask, lambda1=config.tot_lambda1, sigma=config.tot_sigma, **solve)
         plain = tot_sinkhorn(cost, frame_mask, token_mask, lambda1=0.0, sigma=None, **solve)
         valid = frame_mask[0]
+
+        def utterance(coupling: torch.Tensor) -> np.ndarray:
+            return coupling[0][valid][:, token_mask[0]].numpy()
+
+        trained = None
+        if config.alignment not in ("tot", "ot"):  # the model's own alignment, computed as in training
+            own = self.model._alignment(adapted, frame_mask, tokens, token_mask)["coupling"]
+            trained = (config.alignment, utterance(own))
         return UtteranceCouplings(
-            tot=tot[0][valid][:, token_mask[0]].numpy(),
-            plain=plain[0][valid][:, token_mask[0]].numpy(),
-            frame_seconds=self.frame_seconds,
+            tot=utterance(tot), plain=utterance(plain), frame_seconds=self.frame_seconds, trained=trained
         )
 
 
@@ -752,7 +768,8 @@ def alignment_error_seconds(
 
 
 def plot_couplings(couplings: UtteranceCouplings, record: dict, path: Path) -> None:
-    """Save the TOT and plain-OT couplings side by side (frames down, characters across) as a PNG.
+    """Save the TOT and plain-OT couplings (and the trained mode's, for another member of the family) side by
+    side (frames down, characters across) as a PNG.
 
     The tick labels are the syllables (toneful pinyin), which every font can draw; a white box
     marks the frames of each syllable according to the synthesiser.
@@ -766,8 +783,9 @@ def plot_couplings(couplings: UtteranceCouplings, record: dict, path: Path) -> N
     syllables = record["pinyin"].split()
     frames = couplings.tot.shape[0]
     width = max(9.0, 3.0 + 0.9 * len(syllables))
-    figure, axes = pyplot.subplots(1, 2, figsize=(width, 3.0 + 0.12 * frames), sharey=True)
-    for axis, (title, coupling) in zip(axes, (("TOT", couplings.tot), ("plain OT", couplings.plain))):
+    panels = couplings.panels()
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(width * len(panels) / 2, 3.0 + 0.12 * frames), sharey=True)
+    for axis, (title, coupling) in zip(axes, panels):
         error = alignment_error_seconds(coupling, couplings.frame_seconds, record["char_times"])
         image = axis.imshow(coupling * coupling.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
         for column, (start, end) in enumerate(record["char_times"]):
@@ -803,6 +821,16 @@ def coupling_stage(paths: DemoPaths, record: dict) -> dict:
         ),
         "ot_alignment_error_seconds": round(
             alignment_error_seconds(couplings.plain, couplings.frame_seconds, record["char_times"]), 4
+        ),
+        **(
+            {
+                "trained_alignment": couplings.trained[0],
+                "trained_alignment_error_seconds": round(
+                    alignment_error_seconds(couplings.trained[1], couplings.frame_seconds, record["char_times"]), 4
+                ),
+            }
+            if couplings.trained is not None
+            else {}
         ),
     }
 
