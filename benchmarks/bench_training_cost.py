@@ -7,7 +7,10 @@ weights and see the same batch:
 - ``tot uncached``  TOT-CAKT with the frozen teacher run on ``teacher_input_ids`` every step;
 - ``tot cached``    TOT-CAKT fed precomputed ``teacher_hidden_states`` / ``teacher_token_mask``,
   as ``train_hf.py --cache_teacher_features`` does (padded by ``collator.pad_token_features``);
-- ``ot cached``     OT-CAKT (plain entropic OT in the same place), cached, for reference.
+- ``ot cached``     OT-CAKT (plain entropic OT in the same place), cached, for reference;
+- ``uot cached``    unbalanced OT (``alignment="uot"``, the default ``uot_tau``), cached;
+- ``gmot cached``   GM-OT (fused Gromov-Wasserstein, the default ``gmot_alpha`` and ``gmot_max_outer``), cached:
+  its "Sinkhorn" stage is the whole ``fused_gw_sinkhorn`` (every outer iteration).
 
 Targets: ``tot uncached`` at most 1.25 x ``ctc``, ``tot cached`` at most 1.05 x ``ctc`` (median
 step time), with the Sinkhorn solve run to convergence: ``--tot-max-iter`` (default 1000) and
@@ -70,6 +73,8 @@ VARIANTS = {
     "tot uncached": ("tot", "teacher"),
     "tot cached": ("tot", "cache"),
     "ot cached": ("ot", "cache"),
+    "uot cached": ("uot", "cache"),
+    "gmot cached": ("gmot", "cache"),
 }
 TARGETS = {"tot uncached": 1.25, "tot cached": 1.05}
 BASELINE = "ctc"
@@ -95,6 +100,8 @@ PROFILE_STAGES = (
 PROFILED_FUNCTIONS = {
     "cosine_cost": "cost matrix",
     "tot_sinkhorn": "Sinkhorn",
+    "fused_gw_sinkhorn": "Sinkhorn",
+    "fused_gw_loss": "transport + OT/align losses",
     "barycentric_transport": "transport + OT/align losses",
     "ot_loss": "transport + OT/align losses",
     "align_loss": "transport + OT/align losses",
@@ -252,7 +259,7 @@ class StageTimer:
         namespace = sys.modules[type(model).__module__]
         with contextlib.ExitStack() as patches:
             for function, name in PROFILED_FUNCTIONS.items():
-                wrapped = self.wrap(name, getattr(namespace, function), keep_arguments=function == "tot_sinkhorn")
+                wrapped = self.wrap(name, getattr(namespace, function), keep_arguments=name == "Sinkhorn")
                 patches.enter_context(mock.patch.object(namespace, function, wrapped))
             try:
                 yield self
