@@ -352,3 +352,27 @@ def test_train_hf_language_model_arguments_are_checked_first(speech_corpus, arpa
         run_training(*data, "--language_model", arpa)
     with pytest.raises(ValueError, match="is not a file: give an ARPA character model"):
         run_training(*data, "--do_eval", "--language_model", tmp_path / "missing.arpa")
+
+
+def test_weights_chosen_on_the_built_decoder_are_the_ones_saved_and_the_model_is_built_once(tmp_path, monkeypatch):
+    from modeling_tot_cakt.training import language_model
+
+    torch.manual_seed(0)
+    processor, folder = save_emitting_model(make_model().eval(), tmp_path)
+    characters = list(processor.tokenizer.get_vocab())[3:]
+    texts = ["".join(np.random.default_rng(0).choice(characters, size=6)) for _ in range(20)]
+    arpa = estimate_character_lm(texts, tmp_path / "chars.arpa", order=2)
+    builds = []
+    original = language_model.binary_language_model
+    monkeypatch.setattr(language_model, "binary_language_model", lambda *args: builds.append(args) or original(*args))
+    seen = []
+
+    def choose(with_lm):
+        seen.append(with_lm.decoder._language_model.alpha)  # the decoder is built with the defaults
+        return 1.25, 2.5
+
+    with_lm = language_model.attach_language_model(folder, arpa, choose_weights=choose)
+    assert len(builds) == 1 and seen == [0.5]
+    attrs = json.loads((folder / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (1.25, 2.5)
+    assert (with_lm.decoder._language_model.alpha, with_lm.decoder._language_model.beta) == (1.25, 2.5)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,12 +155,18 @@ def binary_language_model(arpa_path: str | os.PathLike, binary_path: str | os.Pa
 
 
 def attach_language_model(
-    model_dir: str | os.PathLike, arpa_path: str | os.PathLike, alpha: float = 0.5, beta: float = 1.0
+    model_dir: str | os.PathLike,
+    arpa_path: str | os.PathLike,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    choose_weights: Callable[[TOTCAKTProcessorWithLM], tuple[float, float]] | None = None,
 ) -> TOTCAKTProcessorWithLM:
     """
     Save the character model `arpa_path` with weights `alpha`, `beta` into the saved model folder `model_dir`:
     pyctcdecode's ``alphabet.json`` and ``language_model/``, the processor as a [`TOTCAKTProcessorWithLM`] (with
-    its code file and ``auto_map``), and ``custom_pipelines`` in ``config.json``. Returns the processor.
+    its code file and ``auto_map``), and ``custom_pipelines`` in ``config.json``. `choose_weights`, given the
+    processor with the model (weights `alpha`, `beta`), returns the weights to save instead (e.g. chosen on a dev
+    set by :func:`tune_weights`): the decoder is built once and saved once. Returns the processor.
     """
     from transformers import AutoProcessor
 
@@ -170,6 +176,9 @@ def attach_language_model(
         kenlm_file = binary_language_model(arpa_path, Path(scratch) / f"{Path(arpa_path).stem}.bin")
         decoder = build_decoder(processor.tokenizer, kenlm_file, arpa_unigrams(arpa_path), alpha=alpha, beta=beta)
         with_lm = TOTCAKTProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
+        if choose_weights is not None:
+            alpha, beta = choose_weights(with_lm)
+            decoder.reset_params(alpha=alpha, beta=beta)
         language_model_dir = model_dir / decoder._LANGUAGE_MODEL_SERIALIZED_DIRECTORY
         if language_model_dir.is_dir():
             shutil.rmtree(language_model_dir)  # pyctcdecode adds files; an earlier model's would be loaded instead
@@ -306,10 +315,14 @@ def decode_and_score(
     """
     from ..demo.error_analysis import split_errors, spoken_syllables
 
-    with_lm = attach_language_model(model_dir, arpa_path)
-    weights = tune_weights(with_lm, logits[tune_split], references[tune_split], alphas, betas, beam_width)
-    with_lm = attach_language_model(model_dir, arpa_path, alpha=weights["alpha"], beta=weights["beta"])
-    result = {"weights": weights}
+    chosen = {}
+
+    def choose(with_lm):
+        chosen.update(tune_weights(with_lm, logits[tune_split], references[tune_split], alphas, betas, beam_width))
+        return chosen["alpha"], chosen["beta"]
+
+    with_lm = attach_language_model(model_dir, arpa_path, choose_weights=choose)
+    result = {"weights": chosen}
     for split, split_logits in logits.items():
         texts = [normalize_transcript(text) for text in references[split]]
         spoken = syllables[split] if syllables else [spoken_syllables(text) for text in texts]
@@ -351,11 +364,16 @@ def tune_and_attach(
     Returns :func:`tune_weights`' result."""
     from ..modeling_tot_cakt import TOTCAKTForCTC
 
-    processor = attach_language_model(model_dir, arpa_path)
-    model = TOTCAKTForCTC.from_pretrained(model_dir)
-    logits = manifest_logits(model, processor, [record["audio"] for record in dev_records])
-    tuned = tune_weights(processor, logits, [record["text"] for record in dev_records], alphas, betas, beam_width)
-    attach_language_model(model_dir, arpa_path, alpha=tuned["alpha"], beta=tuned["beta"])
+    tuned = {}
+
+    def choose(with_lm):
+        model = TOTCAKTForCTC.from_pretrained(model_dir)
+        logits = manifest_logits(model, with_lm, [record["audio"] for record in dev_records])
+        texts = [record["text"] for record in dev_records]
+        tuned.update(tune_weights(with_lm, logits, texts, alphas, betas, beam_width))
+        return tuned["alpha"], tuned["beta"]
+
+    attach_language_model(model_dir, arpa_path, choose_weights=choose)
     return tuned
 
 
