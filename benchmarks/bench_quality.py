@@ -487,6 +487,11 @@ def main(argv=None) -> dict:
         help="Decode the test set of runs already finished again (the error split of the current code).",
     )
     parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Train and decode nothing: report the runs already finished (e.g. while or after other invocations run).",
+    )
+    parser.add_argument(
         "--lm",
         action="store_true",
         help="Decode every run's dev and test also with the character n-gram LM of the teacher's text (weights on dev).",
@@ -562,6 +567,16 @@ def main(argv=None) -> dict:
         return report
 
     def job(method: str, seed: int) -> None:
+        if args.report_only:
+            result_file = runs_dir / f"{method}-seed{seed}" / "result.json"
+            if not result_file.is_file():
+                print(f"{METHODS[method]} seed {seed}: not finished, left out", flush=True)
+                return
+            result = json.loads(result_file.read_text(encoding="utf-8"))
+            with lock:
+                runs.append({**result, "method": result.get("method", method)})
+                record(report_complete=False)
+            return
         settings, teacher_kind = method_settings(method)
         run_preset = demo.DemoPreset(
             name=preset.name,
@@ -594,7 +609,7 @@ def main(argv=None) -> dict:
     with ThreadPoolExecutor(max_workers=bench.parallel) as pool:
         for future in [pool.submit(job, method, seed) for method, seed in jobs]:
             future.result()
-    report = record(report_complete=True)
+    report = record(report_complete=len(runs) == len(jobs))
     for method in report["summary"]["methods"].values():
         dev, test = method["dev_cer"], method["test_cer"]
         target = report["summary"]["target_dev_cer"]

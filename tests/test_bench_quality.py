@@ -244,3 +244,32 @@ def test_the_untrained_teacher_has_the_teachers_architecture_and_vocabulary_and_
     assert torch.equal(
         AutoModel.from_pretrained(again).embeddings.word_embeddings.weight, random.embeddings.word_embeddings.weight
     )
+
+
+def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    demo = bench_quality.demo
+    preset = demo.DemoPreset(name="knowledge", source=tmp_path, train={"alignment": "tot", "seed": 0})
+    monkeypatch.setattr(demo, "load_preset", lambda name: preset)
+    corpus = SimpleNamespace(num_utterances={"train": 4}, info={"vocabulary_size": 9})
+    monkeypatch.setattr(demo, "synthesize_stage", lambda *args: corpus)
+    monkeypatch.setattr(
+        demo, "teacher_stage", lambda *args: SimpleNamespace(report={"heldout_masked_token_accuracy": 0.2})
+    )
+    monkeypatch.setattr(demo, "encoder_stage", lambda *args: None)
+    monkeypatch.setattr(demo, "train_stage", lambda *args, **kwargs: pytest.fail("report_only trained a run"))
+    runs_dir = tmp_path / "runs" / "knowledge" / "default"
+    for method, seed, cer in (("none", 0, 0.5), ("none", 1, 0.6), ("tot", 0, 0.4)):  # tot seed 1 is not finished
+        (runs_dir / f"{method}-seed{seed}").mkdir(parents=True)
+        result = run(method, seed, cer, cer, [])
+        (runs_dir / f"{method}-seed{seed}" / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    output = tmp_path / "report.json"
+    report = bench_quality.main(
+        ["--preset", "knowledge", "--report_only", "--methods", "none", "tot", "--seeds", "0", "1"]
+        + ["--demo_work_dir", str(tmp_path / "demo"), "--work_dir", str(tmp_path / "runs")]
+        + ["--output", str(output), "--plot", str(tmp_path / "curves.png")]
+    )
+    assert sorted((run["method"], run["seed"]) for run in report["runs"]) == [("none", 0), ("none", 1), ("tot", 0)]
+    assert report["complete"] is False and report["runs_planned"] == 4
+    assert json.loads(output.read_text(encoding="utf-8"))["summary"]["methods"]["none"]["test_cer"]["mean"] == 0.55
