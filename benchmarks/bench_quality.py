@@ -21,7 +21,7 @@ runs at a time on one thread each), ``transfer``
 (a user's fine-tune: the same corpus, teacher, steps and seeds, fine-tuned from the ``transfer`` demo
 preset's syllable-pretrained encoder), ``knowledge`` (the ``knowledge`` demo preset: 2,000 characters, so that
 most test characters have a homophone the model can write, 4,400 training utterances, two test tracks -- the test
-sentences on held-out voices and again on the training voices --, 2,000-step fine-tunes of an encoder pretrained
+sentences on held-out voices and again on the training voices --, 1,000-step fine-tunes of an encoder pretrained
 on toned syllables of other sentences, five seeds, and the ablations: CTC-only, OT-CAKT, TOT-CAKT, TOT-CAKT with
 the CTC head on the adapter, TOT-CAKT with an untrained teacher; ``--methods uot gmot`` adds the alignment family)
 and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU). A corpus with the second test
@@ -167,7 +167,7 @@ PRESETS = {
         score_in_process=True,
     ),
     # The knowledge testbed: the knowledge demo preset (its own corpus with two test tracks, teacher and
-    # syllable-pretrained encoder; 2,000-step fine-tunes), the ablations with five paired seeds, two runs at a
+    # syllable-pretrained encoder; 1,000-step fine-tunes), the ablations with five paired seeds, two runs at a
     # time on one thread each, every test track scored in process.
     "knowledge": BenchPreset(
         demo_preset="knowledge",
