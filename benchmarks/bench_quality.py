@@ -64,6 +64,7 @@ METHODS = {
     "ot": "OT-CAKT",
     "tot": "TOT-CAKT",
     "tot_adapter": "TOT-CAKT, CTC head on the adapter",
+    "tot_linear_adapter": "TOT-CAKT, CTC head on a linear adapter",
     "tot_untrained": "TOT-CAKT, untrained teacher",
     "uot": "UOT-CAKT",
     "gmot": "GM-OT-CAKT",
@@ -72,6 +73,7 @@ METHODS = {
 
 VARIANTS = {
     "tot_adapter": ({"alignment": "tot", "ctc_input": "adapter"}, "trained"),
+    "tot_linear_adapter": ({"alignment": "tot", "ctc_input": "adapter", "adapter_type": "linear"}, "trained"),
     "tot_untrained": ({"alignment": "tot"}, "untrained"),
 }
 """Methods that are not an ``--alignment`` alone: their ``train_hf.py`` settings and teacher (``"trained"``, the
@@ -83,6 +85,8 @@ COMPARISONS = (
     ("ot", "none"),
     ("tot_adapter", "none"),
     ("tot_adapter", "tot"),
+    ("tot_linear_adapter", "none"),
+    ("tot_linear_adapter", "tot"),
     ("tot_untrained", "none"),
     ("tot", "tot_untrained"),
     ("uot", "none"),
