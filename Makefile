@@ -10,7 +10,7 @@ PRESET ?= quick
 DEMO_DIR ?= outputs/demo
 BENCH_DEVICE ?= cpu
 
-.PHONY: install system-deps kenlm lint test demo bench bench-quick bench-quality mutation clean
+.PHONY: install system-deps kenlm lint test demo bench bench-quick bench-quality bench-knowledge mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -85,6 +85,12 @@ bench-quick: install
 bench-quality: install
 	$(PY) benchmarks/bench_quality.py --preset quality --output docs/results/quality.json
 	$(PY) benchmarks/bench_alignment.py --output docs/results/alignment.json
+
+# The knowledge benchmark: eight methods x five seeds of 1,000-step fine-tunes, each decoded greedily and with the
+# character LM (about 70 minutes on 2 cores once its corpus, teacher and pretrained encoder exist; those take 30 more).
+bench-knowledge: install
+	$(PY) benchmarks/bench_quality.py --preset knowledge --lm --output docs/results/knowledge.json \
+		--plot docs/results/knowledge_curves.png
 
 bench: bench-quick bench-quality
 

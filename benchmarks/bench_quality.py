@@ -23,7 +23,8 @@ preset's syllable-pretrained encoder), ``knowledge`` (the ``knowledge`` demo pre
 most test characters have a homophone the model can write, 4,400 training utterances, two test tracks -- the test
 sentences on held-out voices and again on the training voices --, 1,000-step fine-tunes of an encoder pretrained
 on toned syllables of other sentences, five seeds, and the ablations: CTC-only, OT-CAKT, TOT-CAKT, TOT-CAKT with
-the CTC head on the adapter, TOT-CAKT with an untrained teacher; ``--methods uot gmot`` adds the alignment family)
+the CTC head on the adapter (MLP and linear), TOT-CAKT with an untrained teacher, and the alignment family's UOT
+and GM-OT)
 and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU). A corpus with the second test
 track (``test_seen_voices``) has it scored like ``test``: ``test_seen_voices_cer`` and its error split per run,
 per method and in the paired differences (greedily and, with ``--lm``, with the language model).
@@ -177,7 +178,7 @@ PRESETS = {
         demo_preset="knowledge",
         train_overrides={"disable_tqdm": True},
         seeds=(0, 1, 2, 3, 4),
-        methods=("none", "ot", "tot", "tot_adapter", "tot_untrained"),
+        methods=("none", "ot", "tot", "tot_adapter", "tot_linear_adapter", "tot_untrained", "uot", "gmot"),
         parallel=2,
         threads_per_run=1,
         score_in_process=True,
