@@ -78,6 +78,8 @@ demo: install
 # Speed figures (under 30 minutes on 2 CPU cores); results go to docs/results/.
 bench-quick: install
 	$(PY) benchmarks/bench_solver.py --preset quick --device $(BENCH_DEVICE) --out docs/results/solver.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_solver_family.py --preset quick --device $(BENCH_DEVICE) \
+		--out docs/results/solver_family.json
 	$(PY) benchmarks/bench_training_cost.py --preset quick --device $(BENCH_DEVICE) --out docs/results/training_cost.json
 	$(PY) benchmarks/bench_inference.py --preset quick --device $(BENCH_DEVICE) --out docs/results/inference.json
 
