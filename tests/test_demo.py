@@ -402,7 +402,7 @@ def test_the_coupling_picture_adds_the_trained_modes_own_plan(tmp_path, alignmen
     model.config.update({"gmot_alpha": 0.5, "uot_tau": 0.05})
     model.save_pretrained(folder)
     changed = demo.AlignmentModels(folder, teacher).couplings(waveform, text).trained[1]
-    assert np.abs(changed - expected).max() > 1e-3
+    assert np.abs(changed - expected).max() > 0.1 * expected.max()
     record = {
         "id": "u0",
         "pinyin": " ".join(["a1"] * len(text)),

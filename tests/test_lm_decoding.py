@@ -376,3 +376,7 @@ def test_weights_chosen_on_the_built_decoder_are_the_ones_saved_and_the_model_is
     attrs = json.loads((folder / "language_model" / "attrs.json").read_text(encoding="utf-8"))
     assert (attrs["alpha"], attrs["beta"]) == (1.25, 2.5)
     assert (with_lm.decoder._language_model.alpha, with_lm.decoder._language_model.beta) == (1.25, 2.5)
+    # Decoding without explicit weights uses the chosen ones, not those the decoder was built with.
+    logits = np.log(np.full((6, len(processor.tokenizer)), 1e-3, dtype=np.float32))
+    with_lm.decode(logits, beam_width=4)
+    assert (with_lm.decoder._language_model.alpha, with_lm.decoder._language_model.beta) == (1.25, 2.5)

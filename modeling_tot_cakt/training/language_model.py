@@ -179,6 +179,8 @@ def attach_language_model(
         if choose_weights is not None:
             alpha, beta = choose_weights(with_lm)
             decoder.reset_params(alpha=alpha, beta=beta)
+            # A processor decodes with the weights its decoder had when it was made: make it anew.
+            with_lm = TOTCAKTProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
         language_model_dir = model_dir / decoder._LANGUAGE_MODEL_SERIALIZED_DIRECTORY
         if language_model_dir.is_dir():
             shutil.rmtree(language_model_dir)  # pyctcdecode adds files; an earlier model's would be loaded instead
