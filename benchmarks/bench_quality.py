@@ -31,7 +31,8 @@ per method and in the paired differences (greedily and, with ``--lm``, with the 
 ``--override KEY=VALUE`` changes a training argument for all runs (e.g. ``max_train_samples=1388``
 for a quarter of the training transcripts, ``align_loss_weight=1.0``, ``teacher_layer=1``),
 ``--demo_preset`` takes another demo preset (e.g. one with another teacher), and ``--label`` keeps such
-a variant's runs apart.
+a variant's runs apart. ``--report_only`` trains and decodes nothing: it reports the runs already finished, e.g.
+after methods were run by separate invocations.
 
     python benchmarks/bench_quality.py --preset quality
     python benchmarks/bench_quality.py --preset transfer --output docs/results/quality_transfer.json
