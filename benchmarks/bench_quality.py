@@ -532,7 +532,7 @@ def main(argv=None) -> dict:
     language_model = demo.language_model_stage(preset, base)["arpa"] if args.lm else None
     methods = args.methods or list(bench.methods)
     untrained = None
-    if any(method_settings(method)[1] == "untrained" for method in methods):
+    if not args.report_only and any(method_settings(method)[1] == "untrained" for method in methods):
         untrained = untrained_teacher(base.teacher, base.root / "teacher_untrained")
 
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in methods]
