@@ -10,7 +10,13 @@ PRESET ?= quick
 DEMO_DIR ?= outputs/demo
 BENCH_DEVICE ?= cpu
 
-.PHONY: install system-deps kenlm lint test demo bench bench-quick bench-quality bench-knowledge mutation clean
+# The versions `make install` takes: a lock of every package, resolved with uv from pyproject.toml's ranges and
+# tested together (`make lock` refreshes it; `make test-latest` / `make test-oldest` try the ends of the ranges).
+LOCK := requirements/lock.txt
+UV_SPEC ?= uv==0.13.9
+
+.PHONY: install system-deps kenlm lint test test-latest test-oldest drift-venv lock demo bench bench-quick bench-quality \
+	bench-knowledge mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -22,13 +28,43 @@ system-deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
 	else echo "Missing system packages: install $(SYSTEM_PACKAGES) (e.g. sudo apt-get install $(SYSTEM_PACKAGES))"; exit 1; fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,demo,lm]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -c $(LOCK) -e ".[dev,demo,lm]"
 	$(PY) -m pip install --no-deps "pyctcdecode==0.5.0"  # see the lm extra in pyproject.toml
 	touch $@
+
+# Resolve the lock anew from pyproject.toml's ranges (newest releases; torch held at TORCH_SPEC, the build that
+# `make install` takes), for CPython 3.11 on x86-64 Linux. Commit it after `make test` passes with it.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(UV_SPEC)"
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm -c $(VENV)/torch-constraint.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
+
+# The newest releases pyproject.toml allows (test-latest) and its declared minimums (test-oldest), each in a venv
+# of its own, through the tests of what a saved model meets: remote code, LM decoding, conformance, save/load.
+# torch stays at TORCH_SPEC in both (older torch releases on PyPI are multi-GB CUDA builds); KenLM's estimator
+# is the main venv's. Results: docs/TESTING.md.
+DRIFT_TESTS := tests/test_remote_code.py tests/test_lm_decoding.py tests/test_conformance.py tests/test_saved_files.py \
+	tests/test_public_api.py tests/test_processing.py
+test-latest: install
+	$(MAKE) drift-venv DRIFT_VENV=.venv-latest RESOLUTION=highest
+test-oldest: install
+	$(MAKE) drift-venv DRIFT_VENV=.venv-oldest RESOLUTION=lowest-direct
+drift-venv:
+	rm -rf $(DRIFT_VENV) && $(PYTHON) -m venv $(DRIFT_VENV)
+	$(DRIFT_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel "$(UV_SPEC)"
+	echo "$(TORCH_SPEC)" > $(DRIFT_VENV)/torch-constraint.txt
+	$(DRIFT_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm --resolution $(RESOLUTION) \
+		-c $(DRIFT_VENV)/torch-constraint.txt --python-version 3.11 --no-header --quiet -o $(DRIFT_VENV)/resolved.txt
+	$(DRIFT_VENV)/bin/python -m pip install --quiet -r $(DRIFT_VENV)/resolved.txt
+	$(DRIFT_VENV)/bin/python -m pip install --quiet --no-deps -e . "pyctcdecode==0.5.0"
+	$(DRIFT_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|datasets|accelerate|huggingface.hub|tokenizers|numpy|pyctcdecode|kenlm) "
+	KENLM_BIN=$(CURDIR)/$(VENV)/bin $(DRIFT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_TESTS)
 
 # KenLM's estimator (lmplz) and build_binary for the character language models: the kenlm sdist on PyPI holds
 # their sources (the wheel only the query module); they build with CMake and Boost from Debian's packages in
@@ -97,4 +133,4 @@ bench-knowledge: install
 bench: bench-quick bench-quality
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .pytest_cache

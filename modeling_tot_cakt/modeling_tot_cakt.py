@@ -34,6 +34,29 @@ logger = logging.get_logger(__name__)
 LONG_INPUT_FRAMES = 3000
 
 
+def encoder_output_lengths(encoder_config, input_lengths: torch.Tensor) -> torch.Tensor:
+    """
+    The number of frames an encoder outputs for inputs of `input_lengths` samples (raw-waveform encoders: the
+    convolutional feature encoder, then the optional adapter's strided layers) or feature frames (Wav2Vec2-BERT:
+    its optional adapter), from the encoder configuration alone, as the encoders of transformers count them.
+    """
+
+    def convolved(lengths, kernel, stride, padding=0):
+        return torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+
+    lengths = input_lengths
+    if encoder_config.model_type == "wav2vec2-bert":  # log-mel input; its adapter pads to keep "same" frames
+        adapter_kernel = getattr(encoder_config, "adapter_kernel_size", 1)
+    else:
+        for kernel, stride in zip(encoder_config.conv_kernel, encoder_config.conv_stride):
+            lengths = convolved(lengths, kernel, stride)
+        adapter_kernel = 1  # the raw-waveform encoders count their adapter's frames as if of width 1
+    if getattr(encoder_config, "add_adapter", False):
+        for _ in range(encoder_config.num_adapter_layers):
+            lengths = convolved(lengths, adapter_kernel, encoder_config.adapter_stride, adapter_kernel // 2)
+    return lengths
+
+
 def teacher_loading_advice(name_or_path: str) -> str:
     """What to do when no teacher loads from `name_or_path`: the end of every such message."""
     advice = (
@@ -352,9 +375,15 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
             )
         return (model, loading_info) if output_loading_info else model
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """[`~PreTrainedModel.register_for_auto_class`], remembered: a registered class saves its code files too."""
+        super().register_for_auto_class(auto_class)
+        cls.registered_for_remote_code = True
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """[`~PreTrainedModel.save_pretrained`]; the folder's `auto_map` names both Auto classes, whichever model saves."""
-        if self._auto_class is not None:  # registered for remote code: the code files are copied too
+        if getattr(type(self), "registered_for_remote_code", False):
             module = type(self).__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
@@ -382,19 +411,20 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
 
     def freeze_feature_encoder(self) -> None:
         """Stop gradients into the convolutional feature encoder (raw-waveform encoders only)."""
-        feature_extractor = getattr(self.encoder, "feature_extractor", None)
-        if feature_extractor is None or not hasattr(feature_extractor, "_freeze_parameters"):
+        freeze = getattr(self.encoder, "freeze_feature_encoder", None)
+        if freeze is None:
             raise ValueError(
                 f"The {self.config.encoder_config.model_type} encoder has no convolutional feature encoder to freeze."
             )
-        feature_extractor._freeze_parameters()
+        freeze()
 
     def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
         """
         Valid output frames `(B, frames)` for an input `attention_mask` (`(B, samples)` for raw-waveform
         encoders, `(B, feature frames)` for log-mel ones): True where the encoder saw real input.
         """
-        return self.encoder._get_feature_vector_attention_mask(frames, attention_mask).bool()
+        lengths = encoder_output_lengths(self.config.encoder_config, attention_mask.sum(-1))
+        return torch.arange(frames, device=attention_mask.device) < lengths[:, None]
 
     def check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """
@@ -411,7 +441,7 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
         )
         nonfinite = (~torch.isfinite(input_values)).flatten(1).any(1)
         # A log-mel clip of a single frame normalises to NaN: it is too short, not broken.
-        too_short = self.encoder._get_feat_extract_output_lengths(lengths) < 1
+        too_short = encoder_output_lengths(self.config.encoder_config, lengths) < 1
         if input_values.dim() == 3:
             too_short = too_short | (nonfinite & (lengths < 2))
         if bool(too_short.any()):
@@ -426,7 +456,7 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
                 f"{self.main_input_name} contains NaN or Inf values (batch items {nonfinite.nonzero().flatten().tolist()}); "
                 "check the audio files (the data loaders drop such clips and report them)."
             )
-        frames = int(self.encoder._get_feat_extract_output_lengths(lengths).max())
+        frames = int(encoder_output_lengths(self.config.encoder_config, lengths).max())
         if frames > LONG_INPUT_FRAMES:
             heads = self.config.encoder_config.num_attention_heads
             logger.warning_once(

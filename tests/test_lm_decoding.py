@@ -166,7 +166,8 @@ def test_estimator_refuses_empty_text(tmp_path):
         estimate_character_lm(["，。！", ""], tmp_path / "empty.arpa")
 
 
-# Runs in a fresh interpreter that cannot import this package (and, with BLOCK_LM=1, nor pyctcdecode/kenlm).
+# Runs in a fresh interpreter that cannot import this package (and, with BLOCK_LM=1, nor pyctcdecode/kenlm; with
+# WITHOUT_TRANSFORMERS_LM=1 the stock pipeline's pyctcdecode branch, deprecated for v6, fails when reached).
 FRESH_PROCESS = textwrap.dedent(
     """
     import importlib.abc, json, os, sys
@@ -181,7 +182,21 @@ FRESH_PROCESS = textwrap.dedent(
 
     sys.meta_path.insert(0, Block())
     import numpy as np, soundfile as sf, torch
-    from transformers import AutoModelForCTC, AutoProcessor, pipeline
+    from transformers import AutoModelForCTC, AutoProcessor, AutomaticSpeechRecognitionPipeline, pipeline
+
+    if os.environ.get("WITHOUT_TRANSFORMERS_LM"):
+        stock_init, stock_forward = AutomaticSpeechRecognitionPipeline.__init__, AutomaticSpeechRecognitionPipeline._forward
+
+        def init_without_lm(self, *args, decoder=None, **kwargs):
+            assert decoder is None, "a decoder reached the stock pipeline"
+            stock_init(self, *args, **kwargs)
+
+        def forward_without_lm(self, *args, **kwargs):
+            assert self.type != "ctc_with_lm", "the stock pipeline's LM branch ran"
+            return stock_forward(self, *args, **kwargs)
+
+        AutomaticSpeechRecognitionPipeline.__init__ = init_without_lm
+        AutomaticSpeechRecognitionPipeline._forward = forward_without_lm
 
     source, wav = sys.argv[1], sys.argv[2]
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
@@ -270,6 +285,14 @@ def test_fresh_process_decodes_with_the_lm_through_processor_and_pipeline(folder
     assert processor.decode(logits).text == out["text"]
 
 
+def test_the_pipeline_decodes_with_the_lm_where_the_stock_lm_branch_is_gone(folder_with_lm):
+    folder, wav = folder_with_lm
+    out, _ = run_fresh(folder, wav, WITHOUT_TRANSFORMERS_LM="1")
+    assert out["has_decoder"] and out["processor_text"] != out["greedy_text"]
+    assert out["text"] == out["processor_text"]
+    assert "".join(out["chunks"]) == out["text"]
+
+
 def test_without_pyctcdecode_and_kenlm_loading_says_what_to_install_and_decodes_greedily(folder_with_lm):
     folder, wav = folder_with_lm
     out, stderr = run_fresh(folder, wav, BLOCK_LM="1")
@@ -281,7 +304,18 @@ def test_without_pyctcdecode_and_kenlm_loading_says_what_to_install_and_decodes_
 def test_copied_lm_code_file_imports_only_what_decoding_needs(folder_with_lm):
     import ast
 
-    allowed = {"__future__", "dataclasses", "os", "numpy", "transformers", "pyctcdecode", "kenlm"}
+    allowed = {
+        "__future__",
+        "dataclasses",
+        "json",
+        "os",
+        "shutil",
+        "numpy",
+        "transformers",
+        "huggingface_hub",
+        "pyctcdecode",
+        "kenlm",
+    }
     tree = ast.parse((folder_with_lm[0] / "processing_tot_cakt_lm.py").read_text(encoding="utf-8"))
     roots = set()
     for node in ast.walk(tree):
@@ -368,15 +402,15 @@ def test_weights_chosen_on_the_built_decoder_are_the_ones_saved_and_the_model_is
     seen = []
 
     def choose(with_lm):
-        seen.append(with_lm.decoder._language_model.alpha)  # the decoder is built with the defaults
+        seen.append(with_lm.decoder.alpha)  # the decoder is built with the defaults
         return 1.25, 2.5
 
     with_lm = language_model.attach_language_model(folder, arpa, choose_weights=choose)
     assert len(builds) == 1 and seen == [0.5]
     attrs = json.loads((folder / "language_model" / "attrs.json").read_text(encoding="utf-8"))
     assert (attrs["alpha"], attrs["beta"]) == (1.25, 2.5)
-    assert (with_lm.decoder._language_model.alpha, with_lm.decoder._language_model.beta) == (1.25, 2.5)
+    assert (with_lm.decoder.alpha, with_lm.decoder.beta) == (1.25, 2.5)
     # Decoding without explicit weights uses the chosen ones, not those the decoder was built with.
     logits = np.log(np.full((6, len(processor.tokenizer)), 1e-3, dtype=np.float32))
     with_lm.decode(logits, beam_width=4)
-    assert (with_lm.decoder._language_model.alpha, with_lm.decoder._language_model.beta) == (1.25, 2.5)
+    assert (with_lm.decoder.alpha, with_lm.decoder.beta) == (1.25, 2.5)

@@ -178,12 +178,7 @@ def attach_language_model(
         with_lm = TOTCAKTProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
         if choose_weights is not None:
             alpha, beta = choose_weights(with_lm)
-            decoder.reset_params(alpha=alpha, beta=beta)
-            # A processor decodes with the weights its decoder had when it was made: make it anew.
-            with_lm = TOTCAKTProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
-        language_model_dir = model_dir / decoder._LANGUAGE_MODEL_SERIALIZED_DIRECTORY
-        if language_model_dir.is_dir():
-            shutil.rmtree(language_model_dir)  # pyctcdecode adds files; an earlier model's would be loaded instead
+            decoder.set_weights(alpha, beta)
         with_lm.save_pretrained(model_dir)
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -34,6 +34,7 @@ from ..configuration_tot_cakt import TOTCAKTConfig
 from ..modeling_tot_cakt import (  # load_teacher: re-exported
     TOTCAKTForCTC,
     config_file_problem,
+    encoder_output_lengths,
     load_teacher,
     teacher_loading_advice,
     vocabulary_problem,
@@ -232,7 +233,7 @@ def shortest_usable_input(model: TOTCAKTForCTC, feature_extractor, probe_seconds
                 features = np.asarray(feature_extractor(noise[:samples], sampling_rate=rate)[input_name][0])
         except ValueError:  # SeamlessM4T's extractor rejects clips shorter than one analysis window
             return False
-        frames = model.encoder._get_feat_extract_output_lengths(torch.tensor(len(features)))
+        frames = encoder_output_lengths(model.config.encoder_config, torch.tensor(len(features)))
         return bool(np.isfinite(features).all()) and int(frames) >= 1
 
     if not usable(len(noise)):

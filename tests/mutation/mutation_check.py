@@ -97,8 +97,8 @@ MUTANTS = (
     Mutant(
         "frame-mask-all-valid",
         MODEL,
-        r"((?:\w+\.)*_get_feature_vector_attention_mask\(\s*\w+,\s*\w+\s*\)\.bool\(\))",
-        r"(\1 | True)",
+        r"(torch\.arange\(frames, device=attention_mask\.device\) < lengths\[:, None\])",
+        r"(\1) | True",
         WIRING + MODELING,
         "every output frame counts as valid, padded ones included",
     ),
