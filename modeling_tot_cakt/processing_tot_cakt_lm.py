@@ -116,8 +116,15 @@ class CharacterLMDecoder:
         self.unigrams = list(unigrams)
         self.alpha = checked_weight("alpha", alpha, "CharacterLMDecoder")
         self.beta = checked_weight("beta", beta, "CharacterLMDecoder")
+        try:
+            kenlm_model = kenlm.Model(self.kenlm_model_path)
+        except Exception as error:  # kenlm raises OSError, UnicodeDecodeError, ... by what the file holds
+            raise ValueError(
+                f"{self.kenlm_model_path} is not a KenLM model that kenlm can read ({type(error).__name__}: "
+                f"{error}); estimate it again or attach the language model again."
+            ) from error
         self.language_model = pyctcdecode.LanguageModel(
-            kenlm.Model(self.kenlm_model_path), unigrams=self.unigrams, alpha=self.alpha, beta=self.beta
+            kenlm_model, unigrams=self.unigrams, alpha=self.alpha, beta=self.beta
         )
         self.beam_search = pyctcdecode.BeamSearchDecoderCTC(
             pyctcdecode.Alphabet(self.labels, is_bpe=True), self.language_model
@@ -190,6 +197,21 @@ class CharacterLMDecoder:
             return self.beam_search.decode_beams(logits, **beam_kwargs)
         finally:
             self.beam_search.reset_params(alpha=self.alpha, beta=self.beta)
+
+
+def check_alphabet(decoder: CharacterLMDecoder, tokenizer) -> None:
+    """Refuse a decoder whose alphabet is not [`decoder_labels`] of `tokenizer` (another vocabulary, or the same
+    characters in another order: either would decode the wrong characters)."""
+    expected = decoder_labels(tokenizer)
+    if decoder.labels != expected:
+        wrong = next((i for i, pair in enumerate(zip(decoder.labels, expected)) if pair[0] != pair[1]), None)
+        where = f"first difference at token id {wrong}" if wrong is not None else "the lengths differ"
+        raise ValueError(
+            "The decoder's alphabet (alphabet.json) does not match the tokenizer: expected one label per token id "
+            f"in the order of vocab.json ({len(expected)} labels), got {len(decoder.labels)}, {where}. Attach the "
+            "language model again, or rebuild the decoder with "
+            "modeling_tot_cakt.processing_tot_cakt_lm.build_decoder(tokenizer, ...)."
+        )
 
 
 def read_json(handle, path: str) -> dict:
@@ -276,13 +298,7 @@ class TOTCAKTProcessorWithLM(ProcessorMixin):
     def __init__(self, feature_extractor, tokenizer, decoder: CharacterLMDecoder | None = None):
         super().__init__(feature_extractor, tokenizer)
         if decoder is not None:
-            expected = decoder_labels(tokenizer)
-            if decoder.labels != expected:
-                raise ValueError(
-                    "The decoder's alphabet does not match the tokenizer: expected one label per token id in the "
-                    f"order of vocab.json ({len(expected)} labels), got {len(decoder.labels)}. Rebuild "
-                    "the decoder with modeling_tot_cakt.processing_tot_cakt_lm.build_decoder(tokenizer, ...)."
-                )
+            check_alphabet(decoder, tokenizer)
         self.decoder = decoder
 
     @classmethod
@@ -406,6 +422,8 @@ class TOTCAKTSpeechRecognitionPipeline(AutomaticSpeechRecognitionPipeline):
     def __init__(self, *args, decoder=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.decoder = decoder if isinstance(decoder, CharacterLMDecoder) else load_decoder(self.model.name_or_path)
+        if self.decoder is not None:
+            check_alphabet(self.decoder, self.tokenizer)
 
     def _forward(self, model_inputs, return_timestamps=False, **generate_kwargs):
         if self.decoder is None:

@@ -414,3 +414,69 @@ def test_weights_chosen_on_the_built_decoder_are_the_ones_saved_and_the_model_is
     logits = np.log(np.full((6, len(processor.tokenizer)), 1e-3, dtype=np.float32))
     with_lm.decode(logits, beam_width=4)
     assert (with_lm.decoder.alpha, with_lm.decoder.beta) == (1.25, 2.5)
+
+
+def damaged_copy(folder, tmp_path, damage):
+    """A copy of the attached model folder, `damage(copy)` applied."""
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return copy
+
+
+def write_attrs(folder, **attrs):
+    path = folder / "language_model" / "attrs.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **attrs}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda f: next((f / "language_model").glob("*.bin")).write_bytes(b"\x93garbage" * 64), r"\.bin is not a KenLM"),
+        (lambda f: (f / "language_model" / "attrs.json").write_text("{alpha: 1", encoding="utf-8"), r"attrs\.json is not valid JSON"),
+        (lambda f: write_attrs(f, alpha=float("nan")), r"weight alpha must be a finite number, got nan"),
+        (lambda f: write_attrs(f, alpha=float("inf")), r"weight alpha must be a finite number, got inf"),
+        (lambda f: write_attrs(f, beta=-1e400), r"weight beta must be a finite number, got -inf"),
+        (lambda f: write_attrs(f, alpha="0.5"), r"weight alpha must be a finite number, got '0\.5'"),
+        (lambda f: (f / "alphabet.json").write_text('["a"]', encoding="utf-8"), r"alphabet\.json holds a list"),
+    ],
+)  # fmt: skip
+def test_a_damaged_language_model_folder_is_named(folder_with_lm, tmp_path, damage, message):
+    folder = damaged_copy(folder_with_lm[0], tmp_path, damage)
+    with pytest.raises(ValueError, match=message):
+        TOTCAKTProcessorWithLM.from_pretrained(folder)
+
+
+def test_a_permuted_alphabet_is_refused_by_the_processor_and_the_pipeline(folder_with_lm, tmp_path):
+    from transformers import pipeline
+
+    def permute(copy):
+        alphabet = json.loads((copy / "alphabet.json").read_text(encoding="utf-8"))
+        alphabet["labels"][3], alphabet["labels"][4] = alphabet["labels"][4], alphabet["labels"][3]
+        (copy / "alphabet.json").write_text(json.dumps(alphabet, ensure_ascii=False), encoding="utf-8")
+
+    folder = damaged_copy(folder_with_lm[0], tmp_path, permute)
+    with pytest.raises(ValueError, match="does not match the tokenizer.*first difference at token id 3"):
+        TOTCAKTProcessorWithLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="does not match the tokenizer.*first difference at token id 3"):
+        pipeline("automatic-speech-recognition", model=str(folder), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("weights", [{"alpha": float("nan")}, {"alpha": float("inf")}, {"beta": float("-inf")}])
+def test_attach_refuses_non_finite_weights_and_leaves_the_folder_alone(tmp_path, weights):
+    torch.manual_seed(0)
+    processor, folder = save_emitting_model(make_model().eval(), tmp_path)
+    arpa = estimate_character_lm([list(processor.tokenizer.get_vocab())[3] * 4], tmp_path / "chars.arpa", order=2)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        attach_language_model(folder, arpa, **weights)
+    assert not (folder / "language_model").exists() and not (folder / "alphabet.json").exists()
+
+
+def test_attach_refuses_a_language_model_over_other_characters(tmp_path):
+    torch.manual_seed(0)
+    _, folder = save_emitting_model(make_model().eval(), tmp_path)
+    arpa = estimate_character_lm(["abc", "bca", "cab"], tmp_path / "latin.arpa", order=2)
+    with pytest.raises(ValueError, match=r"None of the 3 characters of .*latin\.arpa .* is in the model's vocabulary"):
+        attach_language_model(folder, arpa)

@@ -172,9 +172,17 @@ def attach_language_model(
 
     model_dir = Path(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
+    unigrams = arpa_unigrams(arpa_path)
+    known = set(unigrams) & set(processor.tokenizer.get_vocab())
+    if not known:
+        raise ValueError(
+            f"None of the {len(unigrams)} characters of {arpa_path} (e.g. {', '.join(sorted(unigrams)[:5])}) is in "
+            f"the model's vocabulary ({model_dir}/vocab.json): this language model was estimated on other text. "
+            "Estimate one on Mandarin text written with the model's characters."
+        )
     with tempfile.TemporaryDirectory() as scratch:
         kenlm_file = binary_language_model(arpa_path, Path(scratch) / f"{Path(arpa_path).stem}.bin")
-        decoder = build_decoder(processor.tokenizer, kenlm_file, arpa_unigrams(arpa_path), alpha=alpha, beta=beta)
+        decoder = build_decoder(processor.tokenizer, kenlm_file, unigrams, alpha=alpha, beta=beta)
         with_lm = TOTCAKTProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
         if choose_weights is not None:
             alpha, beta = choose_weights(with_lm)
