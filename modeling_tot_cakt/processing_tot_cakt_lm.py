@@ -94,41 +94,96 @@ def checked_weight(name: str, value, source: str) -> float:
     return float(value)
 
 
+DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's default weight for its own (word) hotwords
+
+
+class CharacterScorer:
+    """
+    What the beam search asks of a language model (pyctcdecode's `AbstractLanguageModel` interface: `order`,
+    `get_start_state`, `score_partial_token`, `score`, `reset_params`): the character n-gram model's score (if
+    there is one) plus a bonus for hotword phrases matched as character *sequences*.
+
+    pyctcdecode's own hotwords match whole space-separated words, and here every character is a word: a phrase
+    such as 北京 would never match, and 北 京 would boost every 北 and every 京 on their own. Here a phrase of
+    `L` characters earns `weight` once it is complete; while a hypothesis ends in its first `k` characters it
+    holds `weight * k / L` (as pyctcdecode scores a partly spelled hotword), which it loses when the next
+    character breaks the match. The state of a hypothesis is `(n-gram state, matches in progress)`.
+    """
+
+    def __init__(self, ngram=None):
+        self.ngram = ngram
+        self.hotwords: tuple[str, ...] = ()
+        self.hotword_weight = 0.0
+
+    @property
+    def order(self) -> int:
+        return 1 if self.ngram is None else self.ngram.order
+
+    def get_start_state(self):
+        return (None if self.ngram is None else self.ngram.get_start_state(), ())
+
+    def score_partial_token(self, partial_token: str) -> float:
+        return 0.0 if self.ngram is None else self.ngram.score_partial_token(partial_token)
+
+    def reset_params(self, **params) -> None:
+        if self.ngram is not None:
+            self.ngram.reset_params(**params)
+
+    def held(self, matches) -> float:
+        """The bonus a hypothesis holds for the hotword prefixes it ends in."""
+        return max((self.hotword_weight * k / len(self.hotwords[h]) for h, k in matches), default=0.0)
+
+    def score(self, prev_state, word: str, is_last_word: bool = False):
+        ngram_state, matches = prev_state
+        score = 0.0
+        if self.ngram is not None:
+            score, ngram_state = self.ngram.score(ngram_state, word, is_last_word=is_last_word)
+        extended = [(h, k + 1) for h, k in matches if self.hotwords[h][k] == word]
+        extended += [(h, 1) for h, phrase in enumerate(self.hotwords) if phrase[0] == word]
+        completed = sum(k == len(self.hotwords[h]) for h, k in extended)
+        in_progress = () if is_last_word else tuple(sorted({(h, k) for h, k in extended if k < len(self.hotwords[h])}))
+        bonus = self.hotword_weight * completed + self.held(in_progress) - self.held(matches)
+        return score + bonus, (ngram_state, in_progress)
+
+
 class CharacterLMDecoder:
     """
     A CTC beam-search decoder with a character n-gram language model: pyctcdecode's `BeamSearchDecoderCTC`
     over [`decoder_labels`], built, saved and loaded through pyctcdecode's and kenlm's public API only, in
     pyctcdecode's folder layout (``alphabet.json``; ``language_model/`` with ``attrs.json``, ``unigrams.txt``
-    and the KenLM file).
+    and the KenLM file). Hotwords are phrases of characters ([`CharacterScorer`]).
 
     Args:
         labels: the alphabet, one label per CTC token id ([`decoder_labels`]).
-        kenlm_model_path: the KenLM model (ARPA or binary) estimated on space-separated characters.
+        kenlm_model_path: the KenLM model (ARPA or binary) estimated on space-separated characters; None for a
+            beam search with hotwords alone (nothing to save).
         unigrams: the characters the model knows.
         alpha: the language model weight.
         beta: the bonus per character.
     """
 
-    def __init__(self, labels, kenlm_model_path: str | os.PathLike, unigrams, alpha: float, beta: float):
+    def __init__(self, labels, kenlm_model_path: str | os.PathLike | None, unigrams=(), alpha=0.5, beta=0.0):
         kenlm, pyctcdecode = decoding_libraries()
         self.labels = list(labels)
-        self.kenlm_model_path = os.fspath(kenlm_model_path)
+        self.kenlm_model_path = None if kenlm_model_path is None else os.fspath(kenlm_model_path)
         self.unigrams = list(unigrams)
         self.alpha = checked_weight("alpha", alpha, "CharacterLMDecoder")
         self.beta = checked_weight("beta", beta, "CharacterLMDecoder")
-        try:
-            kenlm_model = kenlm.Model(self.kenlm_model_path)
-        except Exception as error:  # kenlm raises OSError, UnicodeDecodeError, ... by what the file holds
-            raise ValueError(
-                f"{self.kenlm_model_path} is not a KenLM model that kenlm can read ({type(error).__name__}: "
-                f"{error}); estimate it again or attach the language model again."
-            ) from error
-        self.language_model = pyctcdecode.LanguageModel(
-            kenlm_model, unigrams=self.unigrams, alpha=self.alpha, beta=self.beta
-        )
+        ngram = None
+        if self.kenlm_model_path is not None:
+            try:
+                kenlm_model = kenlm.Model(self.kenlm_model_path)
+            except Exception as error:  # kenlm raises OSError, UnicodeDecodeError, ... by what the file holds
+                raise ValueError(
+                    f"{self.kenlm_model_path} is not a KenLM model that kenlm can read ({type(error).__name__}: "
+                    f"{error}); estimate it again or attach the language model again."
+                ) from error
+            ngram = pyctcdecode.LanguageModel(kenlm_model, unigrams=self.unigrams, alpha=self.alpha, beta=self.beta)
+        self.scorer = CharacterScorer(ngram)
         self.beam_search = pyctcdecode.BeamSearchDecoderCTC(
-            pyctcdecode.Alphabet(self.labels, is_bpe=True), self.language_model
+            pyctcdecode.Alphabet(self.labels, is_bpe=True), self.scorer
         )
+        self.characters = {label[len(WORD_START) :] for label in self.labels if label.startswith(WORD_START)}
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike) -> CharacterLMDecoder:
@@ -165,6 +220,8 @@ class CharacterLMDecoder:
 
     def save_to_dir(self, folder: str | os.PathLike) -> None:
         """Write ``alphabet.json`` and ``language_model/`` (replacing an earlier one) into `folder`."""
+        if self.kenlm_model_path is None:
+            raise ValueError("This decoder has no n-gram model (hotwords alone): there is nothing to save.")
         with open(os.path.join(folder, ALPHABET_FILE), "w", encoding="utf-8") as handle:
             json.dump({"labels": self.labels, "is_bpe": True}, handle, ensure_ascii=False)
         language_model_dir = os.path.join(folder, LANGUAGE_MODEL_DIR)
@@ -183,20 +240,49 @@ class CharacterLMDecoder:
         self.beta = checked_weight("beta", beta, "set_weights")
         self.beam_search.reset_params(alpha=self.alpha, beta=self.beta)
 
-    def decode_beams(self, logits: np.ndarray, alpha: float | None = None, beta: float | None = None, **beam_kwargs):
+    def decode_beams(
+        self,
+        logits: np.ndarray,
+        alpha: float | None = None,
+        beta: float | None = None,
+        hotwords=None,
+        hotword_weight: float = DEFAULT_HOTWORD_WEIGHT,
+        **beam_kwargs,
+    ):
         """
         pyctcdecode's beams `(text, lm_state, word_frames, logit_score, combined_score)`, best first, of one
         utterance's `(frames, vocab)` logits, with weights `alpha`, `beta` for this call only (the decoder's own
-        by default). `beam_kwargs`: `beam_width`, `beam_prune_logp`, `token_min_logp`, `prune_history`.
+        by default) and `hotwords` (phrases of characters; spaces in them are ignored) boosted by
+        `hotword_weight`. `beam_kwargs`: `beam_width`, `beam_prune_logp`, `token_min_logp`, `prune_history`.
         """
         self.beam_search.reset_params(
             alpha=self.alpha if alpha is None else checked_weight("alpha", alpha, "decode"),
             beta=self.beta if beta is None else checked_weight("beta", beta, "decode"),
         )
+        self.scorer.hotwords = self.hotword_phrases(hotwords)
+        self.scorer.hotword_weight = checked_weight("hotword_weight", hotword_weight, "decode")
         try:
             return self.beam_search.decode_beams(logits, **beam_kwargs)
         finally:
             self.beam_search.reset_params(alpha=self.alpha, beta=self.beta)
+            self.scorer.hotwords, self.scorer.hotword_weight = (), 0.0
+
+    def hotword_phrases(self, hotwords) -> tuple[str, ...]:
+        """`hotwords` without spaces, each checked to be written in the decoder's characters."""
+        if hotwords is None:
+            return ()
+        if isinstance(hotwords, str):
+            raise ValueError(f"hotwords must be a list of phrases, got the string {hotwords!r}; pass [{hotwords!r}].")
+        phrases = tuple("".join(str(phrase).split()) for phrase in hotwords)
+        for phrase in phrases:
+            unknown = sorted(set(phrase) - self.characters)
+            if not phrase or unknown:
+                raise ValueError(
+                    f"The hotword {phrase!r} "
+                    + (f"has characters the model cannot write: {unknown}" if unknown else "is empty")
+                    + "; give phrases of characters in the model's vocabulary (vocab.json)."
+                )
+        return phrases
 
 
 def check_alphabet(decoder: CharacterLMDecoder, tokenizer) -> None:
@@ -271,12 +357,16 @@ class CharacterLMDecoderOutput(ModelOutput):
     Args:
         text: the best hypothesis (or one per utterance for `batch_decode`), without spaces.
         logit_score: its acoustic (CTC) log-probability.
-        lm_score: its combined score, acoustic plus weighted language model and insertion bonus.
+        lm_score: its combined score, acoustic plus weighted language model, insertion and hotword bonuses.
+        char_offsets: with `output_char_offsets`, its characters with their first and last logit frame.
+
+    With `n_best` > 1 each field holds a list over the hypotheses (for `batch_decode`: one such list per utterance).
     """
 
     text: str | list[str] | None = None
     logit_score: float | list[float] | None = None
     lm_score: float | list[float] | None = None
+    char_offsets: list[dict] | list[list[dict]] | None = None
 
 
 class TOTCAKTProcessorWithLM(ProcessorMixin):
@@ -351,12 +441,20 @@ class TOTCAKTProcessorWithLM(ProcessorMixin):
         beta: float | None = None,
         beam_prune_logp: float | None = None,
         token_min_logp: float | None = None,
+        hotwords=None,
+        hotword_weight: float = DEFAULT_HOTWORD_WEIGHT,
+        n_best: int = 1,
+        output_char_offsets: bool = False,
     ) -> CharacterLMDecoderOutput:
         """
         Beam-search transcript of one utterance's `(frames, vocab)` CTC logits (padding frames removed).
 
         `alpha` (LM weight) and `beta` (bonus per character) default to the saved ones (``language_model/
-        attrs.json``); `beam_width` to pyctcdecode's default (100).
+        attrs.json``); `beam_width` to pyctcdecode's default (100). `hotwords` are phrases of characters boosted
+        as sequences by `hotword_weight` ([`CharacterScorer`]); where the folder has no language model they are
+        decoded by a beam search of their own. With `n_best` > 1 each field is a list over the `n_best` best
+        hypotheses (fewer where the beam holds fewer). `output_char_offsets` adds each hypothesis' characters with
+        their first and last logit frame, as `{"char", "start_offset", "end_offset"}`.
         """
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 2 or logits.shape[-1] != len(self.tokenizer):
@@ -364,36 +462,91 @@ class TOTCAKTProcessorWithLM(ProcessorMixin):
                 f"decode takes the (frames, vocab={len(self.tokenizer)}) logits of one utterance, got shape "
                 f"{logits.shape}; use batch_decode for a batch."
             )
-        if self.decoder is None:
-            ids = logits.argmax(-1)
-            text = join_characters(self.tokenizer.decode(ids))
-            return CharacterLMDecoderOutput(text=text, logit_score=None, lm_score=None)
+        if not isinstance(n_best, int) or n_best < 1:
+            raise ValueError(f"n_best must be a positive integer, got {n_best!r}.")
+        decoder = self.decoder if self.decoder is not None or not hotwords else self.hotword_decoder()
+        if decoder is None:
+            return self.greedy_output(logits, n_best, output_char_offsets)
         defaults = decoding_libraries()[1].constants
-        text, _, _, logit_score, combined_score = self.decoder.decode_beams(
+        beams = decoder.decode_beams(
             logits,
             alpha=alpha,
             beta=beta,
+            hotwords=hotwords,
+            hotword_weight=hotword_weight,
             beam_width=defaults.DEFAULT_BEAM_WIDTH if beam_width is None else beam_width,
             beam_prune_logp=defaults.DEFAULT_PRUNE_LOGP if beam_prune_logp is None else beam_prune_logp,
             token_min_logp=defaults.DEFAULT_MIN_TOKEN_LOGP if token_min_logp is None else token_min_logp,
-        )[0]
-        return CharacterLMDecoderOutput(text=join_characters(text), logit_score=logit_score, lm_score=combined_score)
+        )[:n_best]
+        fields = {
+            "text": [join_characters(text) for text, *_ in beams],
+            "logit_score": [beam[3] for beam in beams],
+            "lm_score": [beam[4] for beam in beams],
+        }
+        if output_char_offsets:
+            fields["char_offsets"] = [
+                [{"char": char, "start_offset": start, "end_offset": end} for char, (start, end) in beam[2]]
+                for beam in beams
+            ]
+        return CharacterLMDecoderOutput(**{name: value if n_best > 1 else value[0] for name, value in fields.items()})
 
-    def batch_decode(self, logits, frame_lengths=None, **decode_kwargs) -> CharacterLMDecoderOutput:
+    def greedy_output(self, logits: np.ndarray, n_best: int, output_char_offsets: bool) -> CharacterLMDecoderOutput:
+        """The arg-max transcript, in [`decode`]'s form (its one hypothesis; no scores)."""
+        decoded = self.tokenizer.decode(logits.argmax(-1), output_char_offsets=output_char_offsets)
+        fields = {"text": join_characters(decoded if not output_char_offsets else decoded["text"])}
+        if output_char_offsets:
+            fields["char_offsets"] = [item for item in decoded["char_offsets"] if item["char"].strip()]
+        return CharacterLMDecoderOutput(**{name: value if n_best == 1 else [value] for name, value in fields.items()})
+
+    def hotword_decoder(self) -> CharacterLMDecoder | None:
+        """A beam search with hotwords and no n-gram model (built once), or None where pyctcdecode is missing."""
+        if "hotwords_only" not in self.__dict__:
+            try:
+                self.hotwords_only = CharacterLMDecoder(decoder_labels(self.tokenizer), None)
+            except ImportError as error:
+                logger.warning(f"Hotwords need the beam search, but {error} Decoding is greedy.")
+                self.hotwords_only = None
+        return self.hotwords_only
+
+    def batch_decode(
+        self, logits, frame_lengths=None, num_processes: int | None = None, **decode_kwargs
+    ) -> CharacterLMDecoderOutput:
         """
         [`decode`] of each utterance of `(batch, frames, vocab)` logits; `frame_lengths` (one per utterance) cuts
-        off padding frames (without it every frame counts).
+        off padding frames (without it every frame counts). `num_processes` > 1 decodes in that many forked
+        processes (POSIX), with the same transcripts as one.
         """
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 3:
             raise ValueError(f"batch_decode takes (batch, frames, vocab) logits, got shape {logits.shape}.")
         lengths = [logits.shape[1]] * len(logits) if frame_lengths is None else [int(n) for n in frame_lengths]
-        outputs = [self.decode(utterance[:length], **decode_kwargs) for utterance, length in zip(logits, lengths)]
-        return CharacterLMDecoderOutput(
-            text=[output.text for output in outputs],
-            logit_score=[output.logit_score for output in outputs],
-            lm_score=[output.lm_score for output in outputs],
-        )
+        utterances = [utterance[:length] for utterance, length in zip(logits, lengths)]
+        if num_processes is not None and num_processes > 1:
+            outputs = decode_in_processes(self, utterances, num_processes, decode_kwargs)
+        else:
+            outputs = [self.decode(utterance, **decode_kwargs) for utterance in utterances]
+        return CharacterLMDecoderOutput(**{name: [output[name] for output in outputs] for name in outputs[0]})
+
+
+# The processor that forked decoding processes use: a KenLM model cannot be pickled, a forked process inherits it.
+FORKED_PROCESSOR = None
+
+
+def decode_in_processes(processor, utterances, num_processes: int, decode_kwargs: dict) -> list:
+    """[`TOTCAKTProcessorWithLM.decode`] of each utterance in `num_processes` forked processes, in order."""
+    import multiprocessing
+
+    global FORKED_PROCESSOR
+    FORKED_PROCESSOR = processor
+    try:
+        with multiprocessing.get_context("fork").Pool(num_processes) as pool:
+            return pool.starmap(decode_forked, [(utterance, decode_kwargs) for utterance in utterances])
+    finally:
+        FORKED_PROCESSOR = None
+
+
+def decode_forked(logits: np.ndarray, decode_kwargs: dict):
+    return FORKED_PROCESSOR.decode(logits, **decode_kwargs)
 
 
 def logits_stride(stride, ratio: float):

@@ -131,11 +131,84 @@ def test_characters_are_scored_as_the_beam_grows(tokenizer, arpa):
     assert per_utterance.decode(logits, beam_width=2).startswith("工司")
 
 
+def test_a_hotword_phrase_wins_in_a_narrow_beam_only_with_the_hotword(tokenizer, arpa):
+    """工 is heard better than 公 and the LM weight is 0: only the phrase 公司, boosted as a sequence, turns it."""
+    logits = frames(tokenizer, *HOMOPHONE)
+    processor = lm_processor(tokenizer, arpa)
+    assert processor.decode(logits, alpha=0.0, beam_width=2).text == "工司"
+    assert processor.decode(logits, alpha=0.0, beam_width=2, hotwords=["公司"]).text == "公司"
+    assert processor.decode(logits, alpha=0.0, beam_width=2, hotwords=["公 司"]).text == "公司"  # spaces ignored
+    assert processor.decode(logits, alpha=0.0, beam_width=2, hotwords=["公司"], hotword_weight=0.0).text == "工司"
+    # Without an n-gram model in the processor the hotwords get a beam search of their own.
+    plain = TOTCAKTProcessorWithLM(create_feature_extractor(), tokenizer, None)
+    assert plain.decode(logits).text == "工司"
+    assert plain.decode(logits, hotwords=["公司"], beam_width=2).text == "公司"
+
+
+def test_a_hotwords_characters_elsewhere_are_not_boosted(tokenizer, arpa):
+    """公 followed by 人, not 司: the phrase 公司 is not there, and 公 alone earns nothing (pyctcdecode's word
+    hotwords would boost every 公 of "公 司")."""
+    logits = frames(tokenizer, {"工": 0.55, "公": 0.45}, BLANK, {"人": 1.0}, BLANK)
+    processor = lm_processor(tokenizer, arpa)
+    without = processor.decode(logits, alpha=0.0, beam_width=4)
+    with_hotword = processor.decode(logits, alpha=0.0, beam_width=4, hotwords=["公司"])
+    assert without.text == with_hotword.text == "工人"
+    assert with_hotword.lm_score == pytest.approx(without.lm_score)
+
+
+def test_the_completed_phrase_earns_the_weight_and_a_broken_prefix_nothing(tokenizer, arpa):
+    """The score a hypothesis ends with: +weight per completed phrase, no trace of a prefix that broke off."""
+    processor = lm_processor(tokenizer, arpa)
+    logits = frames(tokenizer, {"公": 1.0}, BLANK, {"司": 1.0}, BLANK, {"公": 1.0}, BLANK, {"人": 1.0})
+    plain = processor.decode(logits, alpha=0.0, beam_width=4)
+    boosted = processor.decode(logits, alpha=0.0, beam_width=4, hotwords=["公司"], hotword_weight=3.0)
+    assert plain.text == boosted.text == "公司公人"
+    assert boosted.lm_score - plain.lm_score == pytest.approx(3.0)
+
+
+def test_hotwords_the_model_cannot_write_are_refused(tokenizer, arpa):
+    processor = lm_processor(tokenizer, arpa)
+    logits = frames(tokenizer, *HOMOPHONE)
+    with pytest.raises(ValueError, match=r"The hotword '北京' has characters the model cannot write: \['京', '北'\]"):
+        processor.decode(logits, hotwords=["北京"])
+    with pytest.raises(ValueError, match="must be a list of phrases"):
+        processor.decode(logits, hotwords="公司")
+
+
+def test_n_best_hypotheses_with_scores_and_character_offsets(tokenizer, arpa):
+    logits = frames(tokenizer, *HOMOPHONE)
+    processor = lm_processor(tokenizer, arpa)
+    best = processor.decode(logits, beam_width=8, output_char_offsets=True)
+    assert best.text == "公司"
+    assert best.char_offsets == [
+        {"char": "公", "start_offset": 0, "end_offset": 1},
+        {"char": "司", "start_offset": 2, "end_offset": 3},
+    ]
+    listed = processor.decode(logits, beam_width=8, n_best=3, output_char_offsets=True)
+    # The beam prunes the rest (every other character is 1e-4 likely): two hypotheses, best first.
+    assert listed.text == ["公司", "工司"] and listed.lm_score[0] > listed.lm_score[1]
+    assert (listed.lm_score[0], listed.logit_score[0]) == (best.lm_score, best.logit_score)
+    # The homophone is heard better (higher acoustic score) and loses on the language model.
+    assert listed.logit_score[1] > listed.logit_score[0]
+    assert [item["char"] for item in listed.char_offsets[1]] == ["工", "司"]
+
+
+def test_decoding_in_processes_gives_the_transcripts_of_one(tokenizer, arpa):
+    rng = np.random.default_rng(0)
+    batch = np.log(rng.dirichlet(np.full(len(tokenizer), 0.3), size=(6, 12))).astype(np.float32)
+    processor = lm_processor(tokenizer, arpa)
+    lengths = [12, 7, 12, 3, 9, 12]
+    one = processor.batch_decode(batch, frame_lengths=lengths, beam_width=8, hotwords=["公司"])
+    forked = processor.batch_decode(batch, frame_lengths=lengths, beam_width=8, hotwords=["公司"], num_processes=2)
+    assert forked.text == one.text and forked.lm_score == one.lm_score
+    assert one.text[3] == processor.decode(batch[3, :3], beam_width=8, hotwords=["公司"]).text
+
+
 def test_decoder_alphabet_must_match_the_tokenizer(tokenizer, arpa, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(vocabulary_from_characters("公工司人"), ensure_ascii=False), encoding="utf-8")
     decoder = build_decoder(create_tokenizer(other), arpa, arpa_unigrams(arpa), alpha=0.5, beta=0.0)
-    with pytest.raises(ValueError, match="alphabet does not match the tokenizer"):
+    with pytest.raises(ValueError, match=r"alphabet \(alphabet.json\) does not match the tokenizer"):
         TOTCAKTProcessorWithLM(create_feature_extractor(), tokenizer, decoder)
 
 
@@ -293,6 +366,34 @@ def test_the_pipeline_decodes_with_the_lm_where_the_stock_lm_branch_is_gone(fold
     assert "".join(out["chunks"]) == out["text"]
 
 
+def test_a_clips_lm_transcript_does_not_depend_on_its_batch_and_hotwords_reach_the_pipeline(folder_with_lm, tmp_path):
+    from transformers import pipeline
+
+    folder = folder_with_lm[0]
+    asr = pipeline("automatic-speech-recognition", model=str(folder), trust_remote_code=True)
+    clips = [
+        sf.read(write_wav(tmp_path / f"{i}.wav", seconds, seed=i))[0] for i, seconds in enumerate((0.6, 1.5, 1.0))
+    ]
+    clips = [{"raw": clip.astype(np.float32), "sampling_rate": 16000} for clip in clips]
+    alone = [asr(dict(clip))["text"] for clip in clips]
+    batched = [output["text"] for output in asr([dict(clip) for clip in clips], batch_size=3)]
+    assert batched == alone and len(set(alone)) == 3
+    # The same transcript as the processor's beam search on the clip's own logits.
+    processor = TOTCAKTProcessorWithLM.from_pretrained(folder)
+    model = TOTCAKTForCTC.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**processor(audio=clips[0]["raw"], sampling_rate=16000, return_tensors="pt")).logits[0].numpy()
+    assert alone[0] == processor.decode(logits).text
+    # decoder_kwargs reach the beam search: a hotword made of the clip's characters in another order wins.
+    target = alone[1][::-1]
+    boosted = asr(dict(clips[1]), decoder_kwargs={"hotwords": [target], "hotword_weight": 1000.0, "beam_width": 64})
+    assert boosted["text"] == processor.decode(
+        model(**processor(audio=clips[1]["raw"], sampling_rate=16000, return_tensors="pt")).logits[0].detach().numpy(),
+        hotwords=[target], hotword_weight=1000.0, beam_width=64,
+    ).text  # fmt: skip
+    assert boosted["text"] != alone[1]
+
+
 def test_without_pyctcdecode_and_kenlm_loading_says_what_to_install_and_decodes_greedily(folder_with_lm):
     folder, wav = folder_with_lm
     out, stderr = run_fresh(folder, wav, BLOCK_LM="1")
@@ -308,6 +409,7 @@ def test_copied_lm_code_file_imports_only_what_decoding_needs(folder_with_lm):
         "__future__",
         "dataclasses",
         "json",
+        "multiprocessing",
         "os",
         "shutil",
         "numpy",
