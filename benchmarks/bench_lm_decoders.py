@@ -67,8 +67,8 @@ class FlashlightDecoder:
 
         options = LexiconFreeDecoderOptions(
             beam_size=self.beam_width,
-            beam_size_token=len(self.tokens),
-            beam_threshold=25.0,
+            beam_size_token=min(self.beam_width, len(self.tokens)),  # the tokens tried a frame, like the beam
+            beam_threshold=25.0,  # drop hypotheses this far below the best, as pyctcdecode's beam_prune_logp -10
             lm_weight=alpha,
             sil_score=0.0,
             log_add=False,
