@@ -696,8 +696,9 @@ class AlignmentModels:
                 f"{model_dir} was trained with alignment='none': it has no adapter, so there are no couplings to show."
             )
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        teacher, self.teacher_tokenizer = load_teacher(str(teacher_dir))
-        self.model.attach_teacher(teacher)
+        config = self.model.config
+        teacher, self.teacher_tokenizer = load_teacher(str(teacher_dir), masked_lm=config.uses_teacher_predictions)
+        self.model.attach_teacher(teacher, self.teacher_tokenizer, ctc_tokenizer=self.processor.tokenizer)
 
     @property
     def frame_seconds(self) -> float:
