@@ -567,11 +567,12 @@ def prepare_teacher(
     training_args: TOTCAKTTrainingArguments,
     raw_datasets: dict,
     streaming: bool,
-    ctc_tokenizer: PreTrainedTokenizerBase,
+    ctc_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TeacherInputs:
     """
     Attach the teacher for on-the-fly features, or fill the cache of its features and detach it. Counts
     the transcripts longer than the teacher's position table: the teacher reads their beginning only.
+    The model's `ctc_tokenizer` maps the teacher's predictions into the CTC vocabulary (`kd_loss_weight > 0`).
     """
     if not model.config.uses_teacher:
         return TeacherInputs()

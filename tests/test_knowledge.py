@@ -137,6 +137,19 @@ def test_distillation_reaches_the_encoder_and_is_the_plans_loss(mlm_teacher, tmp
     assert torch.equal(ids[1, 1], top.indices)
 
 
+def test_the_distillation_does_not_move_the_plan(mlm_teacher, tmp_path):
+    """Even with the plan differentiable (`tot_grad="autodiff"`), `kd_loss` reaches the adapter, which only shapes
+    the plan, with no gradient: the plan says where the predictions go, it is not fitted to them."""
+    weights = dict(kd_loss_weight=1.0, ctc_loss_weight=0.0, ot_loss_weight=0.0, align_loss_weight=0.0)
+    model = make_model(tot_grad="autodiff", **weights)
+    processor = make_processor(tmp_path, model)
+    teacher, tokenizer = load_teacher(str(mlm_teacher), masked_lm=True)
+    model.attach_teacher(teacher, tokenizer, ctc_tokenizer=processor.tokenizer)
+    model(**batch_for(model, processor, tokenizer)).loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.adapter.parameters())
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_a_saved_distilling_model_holds_no_teacher_tensors(mlm_teacher, tmp_path):
     model = make_model(kd_loss_weight=1.0)
     processor = make_processor(tmp_path, model)
