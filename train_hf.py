@@ -254,6 +254,13 @@ class TOTCAKTArguments:
     kd_top_k: int | None = field(
         default=None, metadata={"help": "Most probable teacher tokens per position kept for the distillation."}
     )
+    align_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder states the adapter maps for the alignment: -1 its output (what the CTC head reads), "
+            "0 its embedding output, k the output of layer k."
+        },
+    )
     cache_teacher_features: bool = field(
         default=False,
         metadata={"help": "Run the teacher once per transcript before training and train on its cached features."},

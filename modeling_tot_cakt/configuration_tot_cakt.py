@@ -167,6 +167,12 @@ class TOTCAKTConfig(PreTrainedConfig):
             non-blank symbols. 0 (the default) turns it off; above 0 the teacher needs its masked-LM head.
         kd_top_k (`int`, defaults to 8):
             How many of the teacher's most probable tokens per position are kept (and cached) for `kd_loss`.
+        align_layer (`int`, defaults to -1):
+            Which of the encoder's states the adapter maps for the alignment: `-1` its output (what the CTC head
+            reads), `0` its embedding output, `k` the output of layer `k`, other negative values counting from the
+            end of its `hidden_states`. An inner layer takes the alignment's pull off the CTC head's input. Not
+            with `ctc_input="adapter"` (the adapter then feeds the head) nor with an encoder whose frame-rate
+            adapter (`add_adapter`) changes the frame count after its layers.
     """
 
     model_type = "tot_cakt"
@@ -203,6 +209,7 @@ class TOTCAKTConfig(PreTrainedConfig):
     teacher_target: str = "states"
     kd_loss_weight: float = 0.0
     kd_top_k: int = 8
+    align_layer: int = -1
 
     def __post_init__(self, **kwargs):
         self.encoder_config = _encoder_config(self.encoder_config)
@@ -306,6 +313,21 @@ class TOTCAKTConfig(PreTrainedConfig):
             self.kd_loss_weight,
         )
         _check(_is_int(self.kd_top_k) and self.kd_top_k >= 1, "kd_top_k", "an int >= 1", self.kd_top_k)
+        layers = getattr(self.encoder_config, "num_hidden_layers", 0)
+        _check(
+            _is_int(self.align_layer) and -(layers + 1) <= self.align_layer <= layers,
+            "align_layer",
+            f"an int from -{layers + 1} to {layers} (the encoder has {layers} layers; -1: its output)",
+            self.align_layer,
+        )
+        if self.align_layer != -1:
+            _check(self.ctc_input == "encoder", "align_layer", '-1 with ctc_input="adapter"', self.align_layer)
+            _check(
+                not getattr(self.encoder_config, "add_adapter", False),
+                "align_layer",
+                "-1 for an encoder with a frame-rate adapter (add_adapter=True)",
+                self.align_layer,
+            )
 
     @property
     def inputs_to_logits_ratio(self) -> int:

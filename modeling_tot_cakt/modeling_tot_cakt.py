@@ -1190,7 +1190,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             output_loss_gradient_norms (`bool`):
                 Also return `grad_norm_<term>` and `knowledge_share`: the gradient each weighted loss term puts on
                 the encoder's output states (one extra backward per term through the heads and the adapter; the
-                training step's gradients are unchanged). The Trainer asks for them at logging steps.
+                training step's gradients are unchanged), or on the states of layer `config.align_layer` when the
+                alignment reads an inner layer (CTC's term then goes back through the layers above it). The
+                Trainer asks for them at logging steps.
             output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
                 As in transformers' models; when None, the configuration's values are used.
 
@@ -1202,12 +1204,16 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             [`TOTCAKTOutput`] (or a tuple when `return_dict=False`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # The alignment of an inner encoder layer (align_layer) reads it from the encoder's hidden states.
+        aligns_inner_layer = self.config.align_layer != -1 and self.config.uses_teacher
         outputs = self.tot_cakt(
             input_values,
             attention_mask=attention_mask,
             input_features=input_features,
             output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or aligns_inner_layer,
             return_dict=True,
         )
         encoder_states = outputs.last_hidden_state
@@ -1221,18 +1227,25 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         )
         reads_adapter = self.config.ctc_input == "adapter"
         # The adapter runs once: its output feeds the alignment and, with ctc_input="adapter", the CTC head.
-        adapted = self.adapter(hidden_states) if reads_adapter or teacher is not None else None
+        aligned_states = outputs.hidden_states[self.config.align_layer] if aligns_inner_layer else encoder_states
+        if reads_adapter or teacher is not None:
+            adapted = self.adapter(self.dropout(aligned_states) if aligns_inner_layer else hidden_states)
+        else:
+            adapted = None
         logits = self.lm_head(adapted if reads_adapter else hidden_states)
         token_targets = self._resolve_token_targets(
             teacher, teacher_input_ids, teacher_attention_mask, teacher_prediction_ids, teacher_prediction_probs
         )
         losses = self._losses(adapted, logits, attention_mask, labels, teacher, token_targets)
         if output_loss_gradient_norms:
-            losses.update(self._loss_gradient_norms(encoder_states, losses))
+            losses.update(self._loss_gradient_norms(aligned_states, losses))
         if not output_coupling:
             losses.pop("coupling", None)
         output = TOTCAKTOutput(
-            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **losses
+            logits=logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+            **losses,
         )
         return output if return_dict else output.to_tuple()
 

@@ -305,3 +305,42 @@ def test_logging_the_knowledge_share_leaves_training_unchanged(mlm_teacher, tmp_
     assert all(entry[name] > 0 for entry in logged for name in names)
     silent = [entry for entry in runs[False].state.log_history if "loss" in entry]
     assert not any(name in entry for entry in silent for name in names)
+
+
+# ------------------------------------------------------------------------------------------ align_layer
+def test_an_inner_align_layer_feeds_the_adapter_and_carries_the_measurement(tiny_teacher, tmp_path):
+    """With `align_layer=0` the adapter maps the encoder's embedding output (not the states the CTC head reads),
+    and the gradient norms are taken there; the hidden states are returned only when asked."""
+    model = make_model(align_layer=0, teacher_dir=tiny_teacher).eval()
+    processor = make_processor(tmp_path, model)
+    teacher, tokenizer = load_teacher(str(tiny_teacher))
+    model.attach_teacher(teacher)
+    adapter_inputs, encoder_outputs = [], []
+    model.adapter.register_forward_hook(lambda module, args, output: adapter_inputs.append(args[0]))
+    model.encoder.register_forward_hook(lambda module, args, output: encoder_outputs.append(output))
+    batch = batch_for(model, processor, tokenizer)
+    output = model(**batch, output_loss_gradient_norms=True)
+    (states,) = encoder_outputs
+    assert adapter_inputs[0] is states.hidden_states[0] and output.hidden_states is None
+    ctc = torch.autograd.grad(
+        model.config.ctc_loss_weight * output.ctc_loss, states.hidden_states[0], retain_graph=True
+    )
+    knowledge = model.config.ot_loss_weight * output.ot_loss + model.config.align_loss_weight * output.align_loss
+    (knowledge,) = torch.autograd.grad(knowledge, states.hidden_states[0], retain_graph=True)
+    torch.testing.assert_close(output.grad_norm_ctc, ctc[0].norm())
+    torch.testing.assert_close(output.knowledge_share, knowledge.norm() / ctc[0].norm())
+    # The CTC head still reads the encoder's output.
+    torch.testing.assert_close(output.logits, model.lm_head(states.last_hidden_state))
+    assert model(**batch, output_hidden_states=True).hidden_states is not None
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"align_layer": 2}, r"align_layer must be an int from -2 to 1 \(the encoder has 1 layers"),
+        ({"align_layer": 0, "ctc_input": "adapter"}, r'align_layer must be -1 with ctc_input="adapter", got 0'),
+    ],
+)
+def test_an_align_layer_the_model_cannot_align_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_model(**settings)

@@ -758,6 +758,23 @@ MUTANTS = (
         KNOWLEDGE,
         "kd_loss enters the total loss with weight 1 whatever kd_loss_weight says",
     ),
+    Mutant(
+        "align-layer-ignored",
+        MODEL,
+        r"self\.adapter\(self\.dropout\(aligned_states\) if aligns_inner_layer else hidden_states\)",
+        "self.adapter(hidden_states)",
+        KNOWLEDGE,
+        "the adapter maps the encoder's output whatever align_layer says",
+    ),
+    Mutant(
+        "knowledge-share-on-the-output-with-an-inner-align-layer",
+        MODEL,
+        r"self\._loss_gradient_norms\(aligned_states, losses\)",
+        "self._loss_gradient_norms(encoder_states, losses)",
+        KNOWLEDGE,
+        "with an inner align_layer the gradient norms are taken on the encoder's output, where the teacher's terms "
+        "put none",
+    ),
 )
 
 # Mutants that no test kills, each with the reason it is accepted.
