@@ -726,7 +726,6 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 self.config.teacher_name_or_path, masked_lm=self.config.uses_teacher_predictions
             )
             tokenizer = tokenizer or loaded_tokenizer
-        self._attach_teacher_vocabulary(teacher, tokenizer, ctc_tokenizer)
         hidden = getattr(teacher.config, "hidden_size", None)
         if hidden != self.config.teacher_hidden_size:
             raise ValueError(
@@ -740,6 +739,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 f"config.teacher_layer is {self.config.teacher_layer} but the teacher has {layers} layers: use 0 "
                 f"(embeddings) to {layers} (last layer), or -1 to -{layers + 1} counting from the last layer."
             )
+        self._attach_teacher_vocabulary(teacher, tokenizer, ctc_tokenizer)
         teacher.eval()
         teacher.requires_grad_(False)
         self.__dict__["_teacher"] = teacher
