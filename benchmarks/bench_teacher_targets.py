@@ -6,7 +6,7 @@ the transcript) and ``"masked_states"`` (each position's state with that positio
 predicts there) -- the share of their variance that the character at the position explains: ``R^2 = 1 -
 SS_within / SS_total``, with each character's mean feature as the prediction (in sample, over every position of
 the transcripts; characters seen once explain their feature fully, so they are left out). Also the mean cosine
-between two occurrences of the same character in different transcripts. For the trained teacher in
+between two occurrences of the same character, and between any two positions (what it is read against). For the trained teacher in
 ``--teacher`` and for a randomly initialised copy of it (same architecture and tokenizer, ``--seed``).
 
     python benchmarks/bench_teacher_targets.py --teacher outputs/demo/quick/teacher \\
@@ -84,6 +84,7 @@ def identity_share(features: torch.Tensor, ids: torch.Tensor) -> dict:
     return {
         "r2_character_identity": float(1 - within / total),
         "cosine_same_character": float((same * pairs[kept]).sum() / pairs[kept].sum()),
+        "cosine_any_two_positions": float((unit.sum(0).square().sum() - len(unit)) / (len(unit) * (len(unit) - 1))),
         "positions": len(repeated),
         "characters": int(kept.sum()),
     }
@@ -108,7 +109,7 @@ def main() -> None:
             row = results[f"{name} {target}"]
             print(
                 f"{name:9s} {target:13s} R2 {row['r2_character_identity']:.3f}  same-character cosine "
-                f"{row['cosine_same_character']:.3f}  ({row['positions']} positions, {row['characters']} characters)"
+                f"{row['cosine_same_character']:.3f}, any two {row['cosine_any_two_positions']:.3f}  ({row['positions']} positions, {row['characters']} characters)"
             )
     if args.out:
         meta = {"teacher": str(args.teacher), "manifest": str(args.manifest), "transcripts": len(texts)}

@@ -20,3 +20,5 @@ def test_identity_share_on_a_hand_made_example():
     assert share["r2_character_identity"] == pytest.approx(0.2)
     assert share["cosine_same_character"] == pytest.approx(0.5)
     assert (share["positions"], share["characters"]) == (4, 2)
+    # Unit vectors (1, 0) three times and (0, 1) once: of the 6 pairs, the 3 among the first three have cosine 1.
+    assert share["cosine_any_two_positions"] == pytest.approx(0.5)
