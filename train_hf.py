@@ -38,6 +38,7 @@ from modeling_tot_cakt.configuration_tot_cakt import (
     CTC_INPUTS,
     CTC_REDUCTIONS,
     GRAD_MODES,
+    TEACHER_TARGETS,
 )
 from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
@@ -235,6 +236,31 @@ class TOTCAKTArguments:
     ctc_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the CTC loss."})
     ot_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the transport cost."})
     align_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss."})
+    teacher_target: str | None = field(
+        default=None,
+        metadata={
+            "help": "What each token position gives the alignment: states (the teacher's states of the transcript) "
+            "or masked_states (each position's state with that position masked: what its context predicts).",
+            "choices": TEACHER_TARGETS,
+        },
+    )
+    kd_loss_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the distillation of the teacher's masked-LM predictions onto the CTC posteriors "
+            "through the transport plan (0: off; needs a teacher with its masked-LM head)."
+        },
+    )
+    kd_top_k: int | None = field(
+        default=None, metadata={"help": "Most probable teacher tokens per position kept for the distillation."}
+    )
+    align_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder states the adapter maps for the alignment: -1 its output (what the CTC head reads), "
+            "0 its embedding output, k the output of layer k."
+        },
+    )
     cache_teacher_features: bool = field(
         default=False,
         metadata={"help": "Run the teacher once per transcript before training and train on its cached features."},
@@ -548,17 +574,22 @@ def prepare_teacher(
     training_args: TOTCAKTTrainingArguments,
     raw_datasets: dict,
     streaming: bool,
+    ctc_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TeacherInputs:
     """
     Attach the teacher for on-the-fly features, or fill the cache of its features and detach it. Counts
     the transcripts longer than the teacher's position table: the teacher reads their beginning only.
+    The model's `ctc_tokenizer` maps the teacher's predictions into the CTC vocabulary (`kd_loss_weight > 0`).
     """
     if not model.config.uses_teacher:
         return TeacherInputs()
     teacher, tokenizer = load_teacher(
-        model.config.teacher_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        model.config.teacher_name_or_path,
+        masked_lm=model.config.uses_teacher_predictions,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
     )
-    model.attach_teacher(teacher)
+    model.attach_teacher(teacher, tokenizer, ctc_tokenizer=ctc_tokenizer)
     max_length = teacher_max_length(teacher.config, tokenizer)
     for name, dataset in raw_datasets.items():
         if name == "train" and streaming:
@@ -641,6 +672,7 @@ def create_trainer(
             teacher_tokenizer=teacher.tokenizer,
             teacher_max_length=teacher.max_length,
             teacher_cache=teacher.cache,
+            teacher_predictions=model.config.uses_teacher_predictions,
         ),
         train_dataset=vectorized_datasets.get("train"),
         eval_dataset=vectorized_datasets.get("eval"),
@@ -855,7 +887,9 @@ def main():
         vectorized_datasets = featurize_datasets(raw_datasets, model, processor, data_args, training_args)
 
         # 8. The teacher: its tokenizer for on-the-fly features, or a cache of its features.
-        teacher = prepare_teacher(model, model_args, method_args, training_args, raw_datasets, data_args.streaming)
+        teacher = prepare_teacher(
+            model, model_args, method_args, training_args, raw_datasets, data_args.streaming, processor.tokenizer
+        )
         if data_args.preprocessing_only:
             logger.info("Data preprocessing finished.")
             return

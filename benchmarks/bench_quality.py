@@ -277,6 +277,7 @@ def run_once(
         "wall_seconds": round(time.perf_counter() - start, 1),
         "train_wall_seconds": round(train_seconds, 1),
         "dev_cer_by_step": summary["dev_cer_by_step"],
+        **knowledge_share_record(summary),
         **scores,
         "model_dir": str(paths.model),
     }
@@ -284,6 +285,15 @@ def run_once(
         result["lm"] = lm_decoding(preset, paths, language_model)
     result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def knowledge_share_record(summary: dict) -> dict:
+    """A run's record entries of the gradient norms its training logged on the encoder's output
+    (``gradient_norms_by_step``) and its ``knowledge_share``, the mean of the shares logged (None when it logged
+    none: CTC-only, or a run trained before the share was logged)."""
+    logged = summary["gradient_norms_by_step"]
+    shares = [entry["knowledge_share"] for entry in logged if "knowledge_share" in entry]
+    return {"knowledge_share": float(np.mean(shares)) if shares else None, "gradient_norms_by_step": logged}
 
 
 def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
@@ -390,6 +400,9 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
         flat_runs = [run for run in flat if method_of(run) == method]
         for metric in common_metrics(flat_runs, TRACK_METRICS):
             summary["methods"][method][metric] = _mean_std([run[metric] for run in flat_runs])
+        shares = [run["knowledge_share"] for run in method_runs if run.get("knowledge_share") is not None]
+        if shares:
+            summary["methods"][method]["knowledge_share"] = _mean_std(shares)
     summary["paired_differences"] = {
         f"{METHODS[method]} - {METHODS[baseline]}": {
             metric: paired_difference(flat, method, baseline, metric)

@@ -14,6 +14,9 @@ CTC_REDUCTIONS = ("mean", "sum")
 CTC_INPUTS = ("encoder", "adapter")
 # "mlp": LayerNorm and `adapter_num_layers` linear layers; "linear": a single projection.
 ADAPTER_TYPES = ("mlp", "linear")
+# What each teacher token position gives the alignment: its state in the whole transcript, or its state computed
+# with that position replaced by the mask token (what the context predicts there).
+TEACHER_TARGETS = ("states", "masked_states")
 
 # Audio encoders whose base model maps `input_values`/`input_features` to frame features and
 # exposes `_get_feature_vector_attention_mask` (all wav2vec-style models in transformers).
@@ -152,6 +155,24 @@ class TOTCAKTConfig(PreTrainedConfig):
             `L = w_ctc * L_ctc + w_ot * L_ot + w_align * L_align`.
         teacher_strip_special_tokens (`bool`, defaults to `True`):
             Drop the first and last valid teacher positions (`[CLS]`, `[SEP]`) before alignment.
+        teacher_target (`str`, defaults to `"states"`):
+            What the frames are aligned to at each token position: `"states"`, the teacher's states of the
+            transcript (layer `teacher_layer`), or `"masked_states"`, each position's state computed with that
+            position replaced by the teacher's mask token (one teacher pass per position, batched), i.e. what the
+            context predicts there rather than the character itself.
+        kd_loss_weight (`float`, defaults to 0.0):
+            Weight of the distillation of the teacher's masked-LM predictions through the transport plan
+            (`kd_loss`, see [`plan_distillation_loss`]): at each frame, the teacher's top-`kd_top_k` distribution of
+            the tokens the plan assigns to it, mapped into the CTC vocabulary, against the CTC posterior over the
+            non-blank symbols. 0 (the default) turns it off; above 0 the teacher needs its masked-LM head.
+        kd_top_k (`int`, defaults to 8):
+            How many of the teacher's most probable tokens per position are kept (and cached) for `kd_loss`.
+        align_layer (`int`, defaults to -1):
+            Which of the encoder's states the adapter maps for the alignment: `-1` its output (what the CTC head
+            reads), `0` its embedding output, `k` the output of layer `k`, other negative values counting from the
+            end of its `hidden_states`. An inner layer takes the alignment's pull off the CTC head's input. Not
+            with `ctc_input="adapter"` (the adapter then feeds the head) nor with an encoder whose frame-rate
+            adapter (`add_adapter`) changes the frame count after its layers.
     """
 
     model_type = "tot_cakt"
@@ -185,6 +206,10 @@ class TOTCAKTConfig(PreTrainedConfig):
     ot_loss_weight: float = 0.1
     align_loss_weight: float = 0.3
     teacher_strip_special_tokens: bool = True
+    teacher_target: str = "states"
+    kd_loss_weight: float = 0.0
+    kd_top_k: int = 8
+    align_layer: int = -1
 
     def __post_init__(self, **kwargs):
         self.encoder_config = _encoder_config(self.encoder_config)
@@ -274,6 +299,35 @@ class TOTCAKTConfig(PreTrainedConfig):
         for name in ("ctc_loss_weight", "ot_loss_weight", "align_loss_weight"):
             value = getattr(self, name)
             _check(_is_number(value) and value >= 0.0, name, "a finite float >= 0", value)
+        self._validate_knowledge_options()
+
+    def _validate_knowledge_options(self) -> None:
+        """The checks of the teacher-target and distillation fields."""
+        _check(
+            self.teacher_target in TEACHER_TARGETS, "teacher_target", f"one of {TEACHER_TARGETS}", self.teacher_target
+        )
+        _check(
+            _is_number(self.kd_loss_weight) and self.kd_loss_weight >= 0.0,
+            "kd_loss_weight",
+            "a finite float >= 0",
+            self.kd_loss_weight,
+        )
+        _check(_is_int(self.kd_top_k) and self.kd_top_k >= 1, "kd_top_k", "an int >= 1", self.kd_top_k)
+        layers = getattr(self.encoder_config, "num_hidden_layers", 0)
+        _check(
+            _is_int(self.align_layer) and -(layers + 1) <= self.align_layer <= layers,
+            "align_layer",
+            f"an int from -{layers + 1} to {layers} (the encoder has {layers} layers; -1: its output)",
+            self.align_layer,
+        )
+        if self.align_layer != -1:
+            _check(self.ctc_input == "encoder", "align_layer", '-1 with ctc_input="adapter"', self.align_layer)
+            _check(
+                not getattr(self.encoder_config, "add_adapter", False),
+                "align_layer",
+                "-1 for an encoder with a frame-rate adapter (add_adapter=True)",
+                self.align_layer,
+            )
 
     @property
     def inputs_to_logits_ratio(self) -> int:
@@ -309,6 +363,11 @@ class TOTCAKTConfig(PreTrainedConfig):
         # when it has one, else the width of its transformer layers.
         enc = self.encoder_config
         setattr(enc, "output_hidden_size" if getattr(enc, "add_adapter", False) else "hidden_size", value)
+
+    @property
+    def uses_teacher_predictions(self) -> bool:
+        """Whether training distils the teacher's masked-LM predictions (`kd_loss_weight > 0` with a teacher)."""
+        return self.uses_teacher and self.kd_loss_weight > 0
 
     def to_dict(self) -> dict:
         """

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2CTCTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Wav2Vec2CTCTokenizer,
+)
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_tot_cakt import TOTCAKTConfig
@@ -74,13 +81,17 @@ def teacher_loading_advice(name_or_path: str) -> str:
     return advice
 
 
-def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_teacher(
+    name_or_path: str, masked_lm: bool = False, **hub_kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
     Load the frozen teacher language model and its tokenizer (Hub id or folder), with errors that name
     `teacher_name_or_path`.
 
     Args:
         name_or_path (`str`): Hub id or local folder of a BERT-like model with its tokenizer.
+        masked_lm (`bool`): load it with its masked-LM head (`AutoModelForMaskedLM`), which the distillation of its
+            predictions (`kd_loss_weight > 0`) needs; the token features are those of its base model either way.
         hub_kwargs: passed to `from_pretrained` (`cache_dir`, `token`, `revision`, ...).
 
     Returns:
@@ -103,7 +114,8 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
         report_logger.addFilter(without_load_report)
-        teacher, loading_info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
+        model_class = AutoModelForMaskedLM if masked_lm else AutoModel
+        teacher, loading_info = model_class.from_pretrained(name_or_path, output_loading_info=True, **hub_kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"Could not load the teacher language model from teacher_name_or_path='{name_or_path}': {err} "
@@ -112,6 +124,13 @@ def load_teacher(name_or_path: str, **hub_kwargs) -> tuple[PreTrainedModel, PreT
     finally:
         report_logger.removeFilter(without_load_report)
     missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("pooler."))
+    if masked_lm and any(key.startswith("cls.") for key in missing):
+        raise ValueError(
+            f"The teacher checkpoint at teacher_name_or_path='{name_or_path}' has no masked-LM head (it lacks "
+            f"{', '.join(key for key in missing if key.startswith('cls.'))[:200]}), which the distillation of its "
+            "predictions needs: give a checkpoint saved with its head (a *ForMaskedLM model), or set "
+            "kd_loss_weight=0."
+        )
     if missing:
         raise ValueError(
             f"The teacher checkpoint at teacher_name_or_path='{name_or_path}' lacks {len(missing)} weights its "
@@ -284,6 +303,16 @@ class TOTCAKTOutput(ModelOutput):
         solver_marginal_error (`torch.FloatTensor` of shape `()`, *optional*):
             Largest L1 marginal error over the batch of the returned transport plan (with teacher features).
         solver_iterations (`torch.FloatTensor` of shape `()`, *optional*): Sinkhorn iterations the plan took.
+        kd_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Distillation of the teacher's predictions through the plan ([`plan_distillation_loss`]), when
+            `kd_loss_weight > 0` and the teacher's predictions are available.
+        grad_norm_ctc, grad_norm_ot, grad_norm_align, grad_norm_kd (`torch.FloatTensor` of shape `()`, *optional*):
+            With `output_loss_gradient_norms=True`: the L2 norm of the gradient that each weighted loss term
+            (`ctc_loss_weight * ctc_loss`, ...) puts on the encoder's output states (terms of weight 0 are left out).
+        knowledge_share (`torch.FloatTensor` of shape `()`, *optional*):
+            With `output_loss_gradient_norms=True`: `||grad of the weighted OT + alignment + KD terms|| / ||grad of
+            the weighted CTC term||` on the encoder's output states: how much the teacher's losses move the encoder,
+            relative to CTC.
     """
 
     loss: torch.FloatTensor | None = None
@@ -296,6 +325,107 @@ class TOTCAKTOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     solver_marginal_error: torch.FloatTensor | None = None
     solver_iterations: torch.FloatTensor | None = None
+    kd_loss: torch.FloatTensor | None = None
+    grad_norm_ctc: torch.FloatTensor | None = None
+    grad_norm_ot: torch.FloatTensor | None = None
+    grad_norm_align: torch.FloatTensor | None = None
+    grad_norm_kd: torch.FloatTensor | None = None
+    knowledge_share: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------- distillation of the teacher's predictions
+# Loss terms whose gradient on the encoder is the teacher's knowledge (the rest, CTC, is the transcript's).
+KNOWLEDGE_LOSSES = ("ot", "align", "kd")
+# Rows (one transcript with one position masked) per teacher pass of the masked-position targets.
+MASKED_PASS_ROWS = 256
+
+
+def teacher_vocabulary_map(
+    teacher_tokenizer: PreTrainedTokenizerBase, ctc_tokenizer: PreTrainedTokenizerBase, teacher_vocab_size: int
+) -> torch.LongTensor:
+    """
+    The CTC id of each teacher token id, or -1: a teacher token maps to the CTC symbol spelled the same (a
+    character), except the special tokens of either tokenizer and the CTC word delimiter. Teacher tokens with no
+    CTC symbol (word pieces `##x`, characters outside the CTC vocabulary) map to -1: the distillation drops them
+    and renormalises over the rest.
+
+    Returns:
+        `torch.LongTensor` of shape `(teacher_vocab_size,)`.
+    """
+    ctc_vocabulary = ctc_tokenizer.get_vocab()
+    excluded = set(ctc_tokenizer.all_special_tokens) | set(teacher_tokenizer.all_special_tokens)
+    excluded.add(getattr(ctc_tokenizer, "word_delimiter_token", None))
+    mapping = torch.full((teacher_vocab_size,), -1, dtype=torch.long)
+    for token, teacher_id in teacher_tokenizer.get_vocab().items():
+        if token not in excluded and token in ctc_vocabulary and teacher_id < teacher_vocab_size:
+            mapping[teacher_id] = ctc_vocabulary[token]
+    return mapping
+
+
+def ctc_token_targets(
+    prediction_ids: torch.LongTensor, prediction_probs: torch.Tensor, teacher_to_ctc: torch.LongTensor, vocab_size: int
+) -> torch.Tensor:
+    """
+    The teacher's top-k predictions at each token position as distributions over the CTC vocabulary.
+
+    Args:
+        prediction_ids (`torch.LongTensor` of shape `(B, M, k)`): teacher token ids, -1 on padding.
+        prediction_probs (`torch.Tensor` of shape `(B, M, k)`): their masked-LM probabilities.
+        teacher_to_ctc (`torch.LongTensor` of shape `(teacher vocabulary,)`): [`teacher_vocabulary_map`].
+        vocab_size (`int`): CTC vocabulary size.
+
+    Returns:
+        `torch.Tensor` of shape `(B, M, vocab_size)`: the probabilities of the tokens that have a CTC id, summed
+        per CTC id and renormalised to 1; an all-zero row where none has (that position gives no target).
+    """
+    teacher_to_ctc = teacher_to_ctc.to(prediction_ids.device)
+    ctc_ids = torch.where(prediction_ids >= 0, teacher_to_ctc[prediction_ids.clamp_min(0)], -1)
+    probs = prediction_probs.float() * (ctc_ids >= 0)
+    targets = probs.new_zeros(*ctc_ids.shape[:2], vocab_size).scatter_add_(-1, ctc_ids.clamp_min(0), probs)
+    return targets / targets.sum(-1, keepdim=True).clamp_min(torch.finfo(targets.dtype).tiny)
+
+
+def plan_distillation_loss(
+    coupling: torch.Tensor, logits: torch.Tensor, frame_mask: torch.BoolTensor, token_targets: torch.Tensor, blank: int
+) -> torch.Tensor:
+    r"""
+    Distillation of the teacher's predictions onto the CTC posteriors through the transport plan:
+
+    - target of frame `i`: `t_i = sum_j T_ij p_j / sum_j T_ij` over the tokens `j` that have a target (`p_j`, a row
+      of `token_targets`), i.e. `sum_j T_ij / mu_i p_j` when every token has one; the plan is not differentiated
+      (it says where the knowledge goes, the distillation does not move it);
+    - student at frame `i`: the CTC posterior renormalised over the non-blank symbols, `q_i(c) = p(c|i) / (1 -
+      p(blank|i))` (softmax of the logits without the blank);
+    - `L_kd = sum_i w_i KL(t_i || q_i) / sum_i w_i` over the valid frames of the batch, with `w_i = 1 - p(blank|i)`
+      detached.
+
+    Blank frames: the blank column is outside both distributions, so the term never moves the blank posterior
+    (it reshapes which character a frame favours, not whether it emits one), and the detached weight lets frames
+    that CTC spends on blank count little. This plays the part of Futami et al.'s restriction to the frames of the
+    CTC path's emitted tokens (arXiv 2209.02030), without a forced alignment.
+
+    Args:
+        coupling (`torch.Tensor` of shape `(B, N, M)`): transport plan, zero on padding.
+        logits (`torch.Tensor` of shape `(B, N, V)`): CTC logits.
+        frame_mask (`torch.BoolTensor` of shape `(B, N)`): valid frames.
+        token_targets (`torch.Tensor` of shape `(B, M, V)`): [`ctc_token_targets`], zero in the blank column.
+        blank (`int`): the CTC blank id.
+
+    Returns:
+        `torch.Tensor` of shape `()`.
+    """
+    coupling = coupling.detach().float()
+    has_target = token_targets.sum(-1) > 0
+    weights = coupling * has_target[:, None, :]
+    mass = weights.sum(-1)
+    targets = torch.bmm(weights, token_targets.float()) / mass.clamp_min(torch.finfo(mass.dtype).tiny)[..., None]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    symbols = torch.arange(logits.shape[-1], device=logits.device) != blank
+    student = torch.log_softmax(logits.float()[..., symbols], dim=-1)
+    targets = targets[..., symbols]
+    divergence = (torch.xlogy(targets, targets) - targets * student).sum(-1)
+    frame_weights = (-torch.expm1(log_probs[..., blank])).detach() * (frame_mask & (mass > 0))
+    return (frame_weights * divergence).sum() / frame_weights.sum().clamp_min(torch.finfo(mass.dtype).tiny)
 
 
 class TOTCAKTAdapter(nn.Module):
@@ -551,6 +681,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         self.dropout = nn.Dropout(config.final_dropout)
         self.lm_head = nn.Linear(config.ctc_input_size, config.vocab_size)
         self.__dict__["_teacher"] = None  # plain attribute: kept out of state_dict and parameters()
+        # What the masked passes and the distillation need of the teacher's tokenizer (plain attributes too).
+        self.__dict__["_teacher_mask_token_id"] = None
+        self.__dict__["_teacher_to_ctc"] = None
         self.post_init()
 
     @property
@@ -601,16 +734,28 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         model.encoder.load_state_dict(encoder.state_dict())
         return model
 
-    def attach_teacher(self, teacher: PreTrainedModel | None = None) -> PreTrainedModel | None:
+    def attach_teacher(
+        self,
+        teacher: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        ctc_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> PreTrainedModel | None:
         """
         Attach the frozen teacher used for training (loaded with [`load_teacher`] from
         `config.teacher_name_or_path` when `teacher` is None). It is put in eval mode with gradients off.
         No-op for `alignment="none"`.
+
+        `config.teacher_target="masked_states"` and `config.kd_loss_weight > 0` also need the teacher's `tokenizer`
+        (its mask token), and the distillation needs the teacher's masked-LM head and the model's `ctc_tokenizer`
+        (to map the teacher's predictions into the CTC vocabulary, [`teacher_vocabulary_map`]).
         """
         if not self.config.uses_teacher:
             return None
         if teacher is None:
-            teacher, _ = load_teacher(self.config.teacher_name_or_path)
+            teacher, loaded_tokenizer = load_teacher(
+                self.config.teacher_name_or_path, masked_lm=self.config.uses_teacher_predictions
+            )
+            tokenizer = tokenizer or loaded_tokenizer
         hidden = getattr(teacher.config, "hidden_size", None)
         if hidden != self.config.teacher_hidden_size:
             raise ValueError(
@@ -624,10 +769,45 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 f"config.teacher_layer is {self.config.teacher_layer} but the teacher has {layers} layers: use 0 "
                 f"(embeddings) to {layers} (last layer), or -1 to -{layers + 1} counting from the last layer."
             )
+        self._attach_teacher_vocabulary(teacher, tokenizer, ctc_tokenizer)
         teacher.eval()
         teacher.requires_grad_(False)
         self.__dict__["_teacher"] = teacher
         return teacher
+
+    def _attach_teacher_vocabulary(
+        self,
+        teacher: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
+        ctc_tokenizer: PreTrainedTokenizerBase | None,
+    ) -> None:
+        """Keep the teacher's mask token and its map into the CTC vocabulary, where the configuration needs them."""
+        masked_passes = self.config.teacher_target == "masked_states" or self.config.uses_teacher_predictions
+        if masked_passes and getattr(tokenizer, "mask_token_id", None) is None:
+            raise ValueError(
+                f"teacher_target={self.config.teacher_target!r} / kd_loss_weight={self.config.kd_loss_weight} mask "
+                "each transcript position in turn: attach the teacher with its tokenizer, which must have a mask "
+                "token (model.attach_teacher(teacher, tokenizer))."
+            )
+        if masked_passes:
+            self.__dict__["_teacher_mask_token_id"] = tokenizer.mask_token_id
+        if not self.config.uses_teacher_predictions:
+            return
+        if teacher.get_output_embeddings() is None:
+            raise ValueError(
+                f"kd_loss_weight={self.config.kd_loss_weight} distils the teacher's masked-LM predictions, but the "
+                f"teacher given is a {type(teacher).__name__} without its masked-LM head: load it with "
+                "load_teacher(..., masked_lm=True) (AutoModelForMaskedLM), or set kd_loss_weight=0."
+            )
+        if ctc_tokenizer is None:
+            raise ValueError(
+                f"kd_loss_weight={self.config.kd_loss_weight} maps the teacher's predictions into the CTC vocabulary: "
+                "attach the teacher with the model's CTC tokenizer (model.attach_teacher(teacher, tokenizer, "
+                "ctc_tokenizer=processor.tokenizer))."
+            )
+        self.__dict__["_teacher_to_ctc"] = teacher_vocabulary_map(
+            tokenizer, ctc_tokenizer, teacher.get_output_embeddings().out_features
+        )
 
     def detach_teacher(self) -> PreTrainedModel | None:
         """Drop the attached teacher (e.g. once its features are cached) and return it."""
@@ -666,28 +846,93 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             bool mask of valid tokens, where `[CLS]`/`[SEP]` are dropped when
             `config.teacher_strip_special_tokens` (then `L' = L - 1`).
         """
+        teacher_attention_mask = self._teacher_ready(teacher_input_ids, teacher_attention_mask)
+        mask = self._teacher_positions(teacher_attention_mask)
+        layer = self.config.teacher_layer
+        if self.config.teacher_target == "masked_states":
+            hidden = self._masked_teacher_passes(teacher_input_ids, teacher_attention_mask, mask)[0]
+        else:
+            outputs = self.teacher.base_model(
+                input_ids=teacher_input_ids, attention_mask=teacher_attention_mask, output_hidden_states=layer != -1
+            )
+            hidden = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        if self.config.teacher_strip_special_tokens:
+            hidden, mask = hidden[:, 1:], mask[:, 1:]
+        return hidden.float(), mask
+
+    @torch.no_grad()
+    def teacher_predictions(
+        self, teacher_input_ids: torch.LongTensor, teacher_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.LongTensor, torch.FloatTensor, torch.BoolTensor]:
+        """
+        The teacher's masked-LM predictions at each token position, read with that position replaced by the mask
+        token: its `config.kd_top_k` most probable tokens (what `kd_loss` distils, and what the cache stores).
+
+        Args:
+            teacher_input_ids, teacher_attention_mask: as for [`~TOTCAKTForCTC.teacher_token_features`].
+
+        Returns:
+            `(ids, probs, token_mask)`: `(B, L', kd_top_k)` teacher token ids (-1 off the valid positions) and their
+            probabilities (0 there), and the `(B, L')` mask of valid positions, laid out as the token features.
+        """
+        teacher_attention_mask = self._teacher_ready(teacher_input_ids, teacher_attention_mask)
+        mask = self._teacher_positions(teacher_attention_mask)
+        _, ids, probs = self._masked_teacher_passes(teacher_input_ids, teacher_attention_mask, mask, predictions=True)
+        if self.config.teacher_strip_special_tokens:
+            ids, probs, mask = ids[:, 1:], probs[:, 1:], mask[:, 1:]
+        return ids, probs, mask
+
+    def _teacher_ready(self, teacher_input_ids: torch.Tensor, teacher_attention_mask: torch.Tensor | None):
+        """Check that a teacher is attached and on the inputs' device; return the attention mask (all ones if None)."""
         if self.teacher is None:
             raise ValueError(
                 "teacher_input_ids were given but no teacher is attached: call model.attach_teacher() "
                 "or pass precomputed teacher_hidden_states."
             )
-        if teacher_attention_mask is None:
-            teacher_attention_mask = torch.ones_like(teacher_input_ids)
-        device = teacher_input_ids.device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        layer = self.config.teacher_layer
-        outputs = self.teacher(
-            input_ids=teacher_input_ids, attention_mask=teacher_attention_mask, output_hidden_states=layer != -1
-        )
-        hidden = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        if next(self.teacher.parameters()).device != teacher_input_ids.device:
+            self.teacher.to(teacher_input_ids.device)
+        return torch.ones_like(teacher_input_ids) if teacher_attention_mask is None else teacher_attention_mask
+
+    def _teacher_positions(self, teacher_attention_mask: torch.Tensor) -> torch.BoolTensor:
+        """`(B, L)` positions whose features are kept: the valid ones, less `[CLS]`/`[SEP]` when they are stripped."""
         mask = teacher_attention_mask.bool()
         if self.config.teacher_strip_special_tokens:
             last = mask.sum(dim=1) - 1  # index of [SEP]
-            positions = torch.arange(mask.shape[1], device=device)
-            mask = mask & (positions[None, :] < last[:, None])
-            hidden, mask = hidden[:, 1:], mask[:, 1:]
-        return hidden.float(), mask
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            mask = mask & (positions[None, :] < last[:, None]) & (positions[None, :] > 0)
+        return mask
+
+    def _masked_teacher_passes(self, input_ids, attention_mask, positions, predictions: bool = False):
+        """
+        Run the teacher once per `positions` entry with that position replaced by the mask token (rows of all
+        transcripts batched together). Returns the `(B, L, D)` states of layer `config.teacher_layer` at the masked
+        positions (0 elsewhere) and, with `predictions`, the `(B, L, kd_top_k)` top ids (-1 elsewhere) and
+        probabilities (0 elsewhere) of the masked-LM head there (None otherwise).
+        """
+        mask_token_id = self.__dict__["_teacher_mask_token_id"]
+        if mask_token_id is None:
+            raise ValueError(
+                "Masking transcript positions needs the teacher's mask token: attach the teacher with its tokenizer "
+                "(model.attach_teacher(teacher, tokenizer))."
+            )
+        teacher = self.teacher if predictions else self.teacher.base_model
+        batch, length = input_ids.shape
+        states = torch.zeros(batch, length, self.config.teacher_hidden_size, device=input_ids.device)
+        top_k = self.config.kd_top_k
+        ids = torch.full((batch, length, top_k), -1, dtype=torch.long, device=input_ids.device)
+        probs = torch.zeros(batch, length, top_k, device=input_ids.device)
+        rows, columns = positions.nonzero(as_tuple=True)
+        for start in range(0, len(rows), MASKED_PASS_ROWS):
+            row, column = rows[start : start + MASKED_PASS_ROWS], columns[start : start + MASKED_PASS_ROWS]
+            index = torch.arange(len(row), device=input_ids.device)
+            masked = input_ids[row].clone()
+            masked[index, column] = mask_token_id
+            outputs = teacher(input_ids=masked, attention_mask=attention_mask[row], output_hidden_states=True)
+            states[row, column] = outputs.hidden_states[self.config.teacher_layer][index, column].float()
+            if predictions:
+                distribution = torch.softmax(outputs.logits[index, column].float(), dim=-1)
+                probs[row, column], ids[row, column] = distribution.topk(top_k, dim=-1)
+        return states, (ids if predictions else None), (probs if predictions else None)
 
     def _resolve_teacher_features(
         self,
@@ -833,12 +1078,14 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         attention_mask: torch.Tensor | None,
         labels: torch.LongTensor | None,
         teacher: tuple[torch.FloatTensor, torch.BoolTensor] | None,
+        token_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         The loss fields of [`TOTCAKTOutput`] that the inputs allow: `ctc_loss` with `labels`; `ot_loss`,
         `align_loss`, `coupling` and the solver diagnostics with teacher features (aligning the `adapted`
         frames); `loss` = `w_ctc * L_ctc + w_ot * L_ot + w_align * L_align` with `labels` (the alignment terms only
-        with teacher features).
+        with teacher features). With `token_targets` (the teacher's predictions, [`ctc_token_targets`]) also
+        `kd_loss`, and `w_kd * L_kd` in `loss`.
         """
         if labels is None and teacher is None:
             return {}
@@ -852,6 +1099,10 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         if teacher is not None:
             tokens, token_mask = (t.to(logits.device) for t in teacher)
             fields.update(self._alignment(adapted, frame_mask, tokens, token_mask))
+            if token_targets is not None:
+                fields["kd_loss"] = plan_distillation_loss(
+                    fields["coupling"], logits, frame_mask, token_targets.to(logits.device), self.config.pad_token_id
+                )
         if labels is not None:
             fields["ctc_loss"] = self._ctc_loss(logits, frame_mask.sum(-1), labels)
             fields["loss"] = self.config.ctc_loss_weight * fields["ctc_loss"]
@@ -861,7 +1112,68 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                     + self.config.ot_loss_weight * fields["ot_loss"]
                     + self.config.align_loss_weight * fields["align_loss"]
                 )
+            if "kd_loss" in fields:
+                fields["loss"] = fields["loss"] + self.config.kd_loss_weight * fields["kd_loss"]
         return fields
+
+    def _resolve_token_targets(
+        self,
+        teacher: tuple[torch.FloatTensor, torch.BoolTensor] | None,
+        teacher_input_ids: torch.LongTensor | None,
+        teacher_attention_mask: torch.Tensor | None,
+        teacher_prediction_ids: torch.LongTensor | None,
+        teacher_prediction_probs: torch.FloatTensor | None,
+    ) -> torch.Tensor | None:
+        """The teacher's predictions in the CTC vocabulary `(B, M, vocab_size)` for `kd_loss`, or None without it."""
+        if teacher is None or not self.config.uses_teacher_predictions:
+            return None
+        if teacher_prediction_ids is None:
+            if teacher_input_ids is None:
+                raise ValueError(
+                    f"kd_loss_weight={self.config.kd_loss_weight} needs the teacher's predictions: pass "
+                    "teacher_prediction_ids and teacher_prediction_probs with the precomputed features (the collator "
+                    "reads them from a cache filled with kd_loss_weight > 0), or teacher_input_ids."
+                )
+            teacher_prediction_ids, teacher_prediction_probs, _ = self.teacher_predictions(
+                teacher_input_ids, teacher_attention_mask
+            )
+        if teacher_prediction_ids.shape[:2] != teacher[1].shape:
+            raise ValueError(
+                f"teacher_prediction_ids must have shape {tuple(teacher[1].shape)} + (kd_top_k,) to match the teacher "
+                f"features, got {tuple(teacher_prediction_ids.shape)}."
+            )
+        if self.__dict__["_teacher_to_ctc"] is None:
+            raise ValueError(
+                "kd_loss needs the map from the teacher's vocabulary to the CTC vocabulary: attach the teacher with "
+                "both tokenizers (model.attach_teacher(teacher, tokenizer, ctc_tokenizer=processor.tokenizer))."
+            )
+        return ctc_token_targets(
+            teacher_prediction_ids, teacher_prediction_probs, self.__dict__["_teacher_to_ctc"], self.config.vocab_size
+        )
+
+    def _loss_gradient_norms(self, encoder_states: torch.Tensor, fields: dict) -> dict[str, torch.Tensor]:
+        """
+        `grad_norm_<term>` of each weighted loss term on `encoder_states` and the `knowledge_share`. Each is one
+        backward pass through the heads and the adapter only (not the encoder), on a graph that is kept for the
+        training step's own backward; parameter gradients are not touched.
+        """
+        if not (torch.is_grad_enabled() and encoder_states.requires_grad and "loss" in fields):
+            return {}
+        terms = {
+            name: getattr(self.config, f"{name}_loss_weight") * fields[f"{name}_loss"]
+            for name in ("ctc", *KNOWLEDGE_LOSSES)
+            if f"{name}_loss" in fields and getattr(self.config, f"{name}_loss_weight") > 0
+        }
+        gradients = {
+            name: torch.autograd.grad(term, encoder_states, retain_graph=True, allow_unused=True)[0]
+            for name, term in terms.items()
+        }
+        gradients = {name: torch.zeros_like(encoder_states) if g is None else g for name, g in gradients.items()}
+        norms = {f"grad_norm_{name}": gradient.detach().norm() for name, gradient in gradients.items()}
+        knowledge = [gradients[name] for name in KNOWLEDGE_LOSSES if name in gradients]
+        if knowledge and "ctc" in gradients:
+            norms["knowledge_share"] = sum(knowledge).detach().norm() / norms["grad_norm_ctc"]
+        return norms
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -875,6 +1187,9 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         teacher_token_mask: torch.Tensor | None = None,
         output_coupling: bool = False,
         input_features: torch.FloatTensor | None = None,
+        teacher_prediction_ids: torch.LongTensor | None = None,
+        teacher_prediction_probs: torch.FloatTensor | None = None,
+        output_loss_gradient_norms: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -899,6 +1214,15 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             output_coupling (`bool`): also return the transport plan.
             input_features (`torch.FloatTensor` of shape `(B, frames, features)`, *optional*):
                 The name the log-mel feature extractors give `input_values`.
+            teacher_prediction_ids, teacher_prediction_probs (`(B, M, kd_top_k)`, *optional*):
+                Precomputed masked-LM predictions of the teacher (as returned by `teacher_predictions`, in the
+                teacher's vocabulary, -1 / 0 on padding) for `kd_loss`; computed from `teacher_input_ids` when absent.
+            output_loss_gradient_norms (`bool`):
+                Also return `grad_norm_<term>` and `knowledge_share`: the gradient each weighted loss term puts on
+                the encoder's output states (one extra backward per term through the heads and the adapter; the
+                training step's gradients are unchanged), or on the states of layer `config.align_layer` when the
+                alignment reads an inner layer (CTC's term then goes back through the layers above it). The
+                Trainer asks for them at logging steps.
             output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
                 As in transformers' models; when None, the configuration's values are used.
 
@@ -910,15 +1234,20 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             [`TOTCAKTOutput`] (or a tuple when `return_dict=False`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # The alignment of an inner encoder layer (align_layer) reads it from the encoder's hidden states.
+        aligns_inner_layer = self.config.align_layer != -1 and self.config.uses_teacher
         outputs = self.tot_cakt(
             input_values,
             attention_mask=attention_mask,
             input_features=input_features,
             output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or aligns_inner_layer,
             return_dict=True,
         )
-        hidden_states = self.dropout(outputs.last_hidden_state)
+        encoder_states = outputs.last_hidden_state
+        hidden_states = self.dropout(encoder_states)
         teacher = self._resolve_teacher_features(
             hidden_states.shape[0],
             teacher_input_ids,
@@ -928,13 +1257,25 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         )
         reads_adapter = self.config.ctc_input == "adapter"
         # The adapter runs once: its output feeds the alignment and, with ctc_input="adapter", the CTC head.
-        adapted = self.adapter(hidden_states) if reads_adapter or teacher is not None else None
+        aligned_states = outputs.hidden_states[self.config.align_layer] if aligns_inner_layer else encoder_states
+        if reads_adapter or teacher is not None:
+            adapted = self.adapter(self.dropout(aligned_states) if aligns_inner_layer else hidden_states)
+        else:
+            adapted = None
         logits = self.lm_head(adapted if reads_adapter else hidden_states)
-        losses = self._losses(adapted, logits, attention_mask, labels, teacher)
+        token_targets = self._resolve_token_targets(
+            teacher, teacher_input_ids, teacher_attention_mask, teacher_prediction_ids, teacher_prediction_probs
+        )
+        losses = self._losses(adapted, logits, attention_mask, labels, teacher, token_targets)
+        if output_loss_gradient_norms:
+            losses.update(self._loss_gradient_norms(aligned_states, losses))
         if not output_coupling:
             losses.pop("coupling", None)
         output = TOTCAKTOutput(
-            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **losses
+            logits=logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+            **losses,
         )
         return output if return_dict else output.to_tuple()
 

@@ -132,7 +132,14 @@ def test_every_test_track_of_the_corpus_is_scored_greedily_and_with_the_lm(tmp_p
     monkeypatch.setattr(
         bench_quality.demo,
         "training_summary",
-        lambda model: {"steps": 3, "train_runtime_seconds": 1.0, "dev_cer_by_step": []},
+        lambda model: {
+            "steps": 3,
+            "train_runtime_seconds": 1.0,
+            "dev_cer_by_step": [],
+            "gradient_norms_by_step": [
+                {"step": 2, "grad_norm_ctc": 2.0, "grad_norm_align": 0.5, "knowledge_share": 0.25}
+            ],
+        },
     )
     monkeypatch.setattr(
         bench_quality.demo,
@@ -160,6 +167,7 @@ def test_every_test_track_of_the_corpus_is_scored_greedily_and_with_the_lm(tmp_p
     lm = result["lm"]
     assert lm["test_cer"] == 0.4 and lm["test_seen_voices_cer"] == pytest.approx(0.2)
     assert lm["test_seen_voices_errors"] == {"cer": pytest.approx(0.2)}
+    assert result["knowledge_share"] == 0.25 and result["gradient_norms_by_step"][0]["grad_norm_ctc"] == 2.0
 
 
 def test_summary_pairs_the_methods_and_decodings_on_every_test_track():
@@ -273,3 +281,26 @@ def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, m
     assert sorted((run["method"], run["seed"]) for run in report["runs"]) == [("none", 0), ("none", 1), ("tot", 0)]
     assert report["complete"] is False and report["runs_planned"] == 4
     assert json.loads(output.read_text(encoding="utf-8"))["summary"]["methods"]["none"]["test_cer"]["mean"] == 0.55
+
+
+def test_each_run_records_the_knowledge_share_its_training_logged(tmp_path):
+    """The gradient norms the Trainer logged at logging steps, read back from the saved trainer state; the run's
+    share is their mean, and each method's share is summarised over its runs."""
+    history = [
+        {"step": 10, "loss": 3.0, "grad_norm_ctc": 2.0, "grad_norm_align": 0.2, "knowledge_share": 0.1},
+        {"step": 10, "eval_cer": 0.9},
+        {"step": 20, "loss": 2.0, "grad_norm_ctc": 1.0, "grad_norm_align": 0.3, "knowledge_share": 0.3},
+    ]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": history}))
+    (tmp_path / "train_results.json").write_text(json.dumps({"train_runtime": 5.0}))
+    record = bench_quality.knowledge_share_record(bench_quality.demo.training_summary(tmp_path))
+    assert record["knowledge_share"] == pytest.approx(0.2)
+    assert record["gradient_norms_by_step"] == [
+        {"step": 10, "grad_norm_ctc": 2.0, "grad_norm_align": 0.2, "knowledge_share": 0.1},
+        {"step": 20, "grad_norm_ctc": 1.0, "grad_norm_align": 0.3, "knowledge_share": 0.3},
+    ]
+    assert bench_quality.knowledge_share_record({"gradient_norms_by_step": []})["knowledge_share"] is None
+    runs = [{**run("tot", seed, 0.5, 0.4, []), "knowledge_share": share} for seed, share in enumerate((0.1, 0.3))]
+    summary = bench_quality.summarise([*runs, {**run("none", 0, 0.5, 0.4, []), "knowledge_share": None}], None)
+    assert summary["methods"]["tot"]["knowledge_share"]["mean"] == pytest.approx(0.2)
+    assert "knowledge_share" not in summary["methods"]["none"]

@@ -192,7 +192,9 @@ def test_teacher_max_length_is_the_position_table_whatever_the_tokenizer_says(ti
 
 
 @pytest.mark.parametrize(
-    "layout", [{"teacher_layer": 0}, {"teacher_strip_special_tokens": False}], ids=["embeddings", "with-cls-sep"]
+    "layout",
+    [{"teacher_layer": 0}, {"teacher_strip_special_tokens": False}, {"teacher_target": "masked_states"}],
+    ids=["embeddings", "with-cls-sep", "masked-states"],
 )
 def test_train_hf_keys_its_feature_cache_by_the_models_feature_layout(tiny_teacher, tmp_path, layout):
     """train_hf.py's cache of a model that reads another teacher layer (or keeps [CLS]/[SEP]) is another cache:

@@ -482,7 +482,11 @@ def dev_cer_by_step(history: Sequence[dict]) -> list[tuple[int, float]]:
 
 
 def training_summary(model_dir: Path) -> dict:
-    """Steps, run time, final loss and the dev CER curve of the run saved in ``model_dir``."""
+    """Steps, run time, final loss, the dev CER curve and the gradient norms on the encoder logged at logging steps
+    (``gradient_norms_by_step``: ``grad_norm_*`` and ``knowledge_share`` with their ``step``) of the run saved in
+    ``model_dir``."""
+    from ..training.trainer import LOGGED_GRADIENT_NORMS
+
     state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
     results = json.loads((model_dir / "train_results.json").read_text(encoding="utf-8"))
     history = state["log_history"]
@@ -499,6 +503,11 @@ def training_summary(model_dir: Path) -> dict:
             ),
             {},
         ),
+        "gradient_norms_by_step": [
+            {"step": entry["step"], **{key: entry[key] for key in LOGGED_GRADIENT_NORMS if key in entry}}
+            for entry in history
+            if any(key in entry for key in LOGGED_GRADIENT_NORMS)
+        ],
     }
 
 
@@ -696,8 +705,9 @@ class AlignmentModels:
                 f"{model_dir} was trained with alignment='none': it has no adapter, so there are no couplings to show."
             )
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        teacher, self.teacher_tokenizer = load_teacher(str(teacher_dir))
-        self.model.attach_teacher(teacher)
+        config = self.model.config
+        teacher, self.teacher_tokenizer = load_teacher(str(teacher_dir), masked_lm=config.uses_teacher_predictions)
+        self.model.attach_teacher(teacher, self.teacher_tokenizer, ctc_tokenizer=self.processor.tokenizer)
 
     @property
     def frame_seconds(self) -> float:

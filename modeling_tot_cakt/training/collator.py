@@ -29,7 +29,9 @@ class DataCollatorCTCWithTeacher:
       transcripts tokenised for the teacher (with `[CLS]`/`[SEP]`, at most `teacher_max_length`
       tokens; the model runs the teacher);
     - with `teacher_cache` instead: `teacher_hidden_states` `(B, M, D)` and `teacher_token_mask`
-      `(B, M)` bool, the cached token features of each transcript (the teacher is not run).
+      `(B, M)` bool, the cached token features of each transcript (the teacher is not run), and with
+      `teacher_predictions` its cached top-k predictions, `teacher_prediction_ids` `(B, M, k)` (-1 on padding) and
+      `teacher_prediction_probs` `(B, M, k)` (0 on padding), for the distillation (`kd_loss_weight > 0`).
 
     Args:
         processor: the model's processor (feature extractor + CTC tokenizer).
@@ -39,6 +41,7 @@ class DataCollatorCTCWithTeacher:
             `model_max_length` lets longer transcripts overflow the teacher's position table. None
             trusts the tokenizer's `model_max_length`.
         teacher_cache: cached teacher features, looked up by transcript.
+        teacher_predictions: also read the teacher's predictions from `teacher_cache`.
         padding, pad_to_multiple_of, pad_to_multiple_of_labels: as in `processor.pad`.
     """
 
@@ -46,6 +49,7 @@ class DataCollatorCTCWithTeacher:
     teacher_tokenizer: PreTrainedTokenizerBase | None = None
     teacher_max_length: int | None = None
     teacher_cache: TeacherFeatureCache | None = None
+    teacher_predictions: bool = False
     padding: bool | str = "longest"
     pad_to_multiple_of: int | None = None
     pad_to_multiple_of_labels: int | None = None
@@ -83,6 +87,10 @@ class DataCollatorCTCWithTeacher:
             batch["teacher_hidden_states"], batch["teacher_token_mask"] = pad_token_features(
                 [self.teacher_cache.load(text) for text in texts]
             )
+            if self.teacher_predictions:
+                ids, probs = zip(*(self.teacher_cache.load_predictions(text) for text in texts))
+                batch["teacher_prediction_ids"] = torch.nn.utils.rnn.pad_sequence(ids, True, padding_value=-1)
+                batch["teacher_prediction_probs"] = torch.nn.utils.rnn.pad_sequence(probs, True)
         return dict(batch)
 
 

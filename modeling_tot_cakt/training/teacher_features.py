@@ -30,6 +30,10 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 logger = logging.getLogger(__name__)
 
 FEATURES_KEY = "features"
+# The teacher's top-k masked-LM predictions at each token (ids in its vocabulary, probabilities), stored with the
+# features when the distillation needs them (`kd_loss_weight > 0`).
+PREDICTION_IDS_KEY = "prediction_ids"
+PREDICTION_PROBS_KEY = "prediction_probs"
 # Encoders whose position ids start after the padding index (RoBERTa's convention), so that
 # `max_position_embeddings - pad_token_id - 1` positions are usable.
 PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xlm-roberta-xl")
@@ -109,12 +113,17 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
 def teacher_feature_layout(config: PretrainedConfig) -> dict:
     """
     What a TOT-CAKT configuration changes in the teacher's stored token features, for [`teacher_fingerprint`]:
-    whether `[CLS]`/`[SEP]` are stripped, and the teacher layer when it is not the last one (so that caches
-    written for the last layer keep their key).
+    whether `[CLS]`/`[SEP]` are stripped, and the teacher layer when it is not the last one, the target kind when it
+    is not the plain states (`teacher_target`), and the number of stored predictions when the distillation needs
+    them (`kd_top_k`), so that caches written with the defaults keep their key.
     """
     layout = {"strip_special_tokens": config.teacher_strip_special_tokens}
     if config.teacher_layer != -1:
         layout["teacher_layer"] = config.teacher_layer
+    if config.teacher_target != "states":
+        layout["teacher_target"] = config.teacher_target
+    if config.uses_teacher_predictions:
+        layout["kd_top_k"] = config.kd_top_k
     return layout
 
 
@@ -182,14 +191,21 @@ class TeacherFeatureCache:
     def __contains__(self, text: str) -> bool:
         return os.path.isfile(self.path(text))
 
-    def save(self, text: str, features: torch.Tensor) -> None:
-        """Store the `(tokens, hidden_size)` features of `text`."""
+    def save(
+        self, text: str, features: torch.Tensor, predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Store the `(tokens, hidden_size)` features of `text` and, when given, its `(tokens, k)` top-k prediction
+        ids and probabilities ([`TOTCAKTForCTC.teacher_predictions`])."""
         path = self.path(text)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         os.close(handle)
+        tensors = {FEATURES_KEY: features.detach().cpu().float().contiguous()}
+        if predictions is not None:
+            tensors[PREDICTION_IDS_KEY] = predictions[0].detach().cpu().long().contiguous()
+            tensors[PREDICTION_PROBS_KEY] = predictions[1].detach().cpu().float().contiguous()
         save_file(
-            {FEATURES_KEY: features.detach().cpu().float().contiguous()},
+            tensors,
             temporary,
             metadata={"text": text, "fingerprint": self.fingerprint},
         )
@@ -233,6 +249,30 @@ class TeacherFeatureCache:
             raise InvalidTeacherFeaturesError(f"{path} of transcript {text!r} {problem}. {RECOMPUTE_HINT}")
         return features
 
+    def load_predictions(self, text: str, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The `(tokens, k)` top-k prediction ids and probabilities stored with the features of `text`.
+
+        Raises:
+            KeyError: nothing is cached for `text`.
+            InvalidTeacherFeaturesError: the file holds no predictions (written without the distillation), or
+                predictions that do not fit its features (token count, finite probabilities).
+        """
+        features = self.load(text, num_tokens)
+        with safe_open(self.path(text), framework="pt") as handle:
+            names = handle.keys()
+            if PREDICTION_IDS_KEY not in names or PREDICTION_PROBS_KEY not in names:
+                raise InvalidTeacherFeaturesError(
+                    f"{self.path(text)} of transcript {text!r} holds no teacher predictions. {RECOMPUTE_HINT}"
+                )
+            ids, probs = handle.get_tensor(PREDICTION_IDS_KEY), handle.get_tensor(PREDICTION_PROBS_KEY)
+        if ids.dim() != 2 or ids.shape != probs.shape or len(ids) != len(features) or not torch.isfinite(probs).all():
+            raise InvalidTeacherFeaturesError(
+                f"{self.path(text)} of transcript {text!r} holds predictions of shape {tuple(ids.shape)} / "
+                f"{tuple(probs.shape)} for {len(features)} token features, or non-finite ones. {RECOMPUTE_HINT}"
+            )
+        return ids, probs
+
     def _content_problem(self, features: torch.Tensor | None, num_tokens: int | None) -> str | None:
         if features is None:
             return f"has no '{FEATURES_KEY}' tensor"
@@ -267,7 +307,8 @@ def precompute_teacher_features(
 
     Args:
         model: a [`TOTCAKTForCTC`] with its teacher attached; its `teacher_token_features` defines
-            what is stored (one `(M', D)` tensor per transcript, `[CLS]`/`[SEP]` dropped).
+            what is stored (one `(M', D)` tensor per transcript, `[CLS]`/`[SEP]` dropped), and with
+            `kd_loss_weight > 0` its `teacher_predictions` too (`(M', kd_top_k)` ids and probabilities).
         tokenizer: the teacher's tokenizer; transcripts are cut to [`teacher_max_length`] tokens.
         texts: normalised transcripts (repeats are computed once, empty ones skipped).
         batch_size: transcripts per teacher forward pass.
@@ -281,6 +322,7 @@ def precompute_teacher_features(
     """
     max_length = teacher_max_length(model.teacher.config, tokenizer)
     strip = model.config.teacher_strip_special_tokens
+    predictions = model.config.uses_teacher_predictions
     distinct = sorted({text for text in texts if text})
     missing = []
     for start in range(0, len(distinct), batch_size):
@@ -292,7 +334,7 @@ def precompute_teacher_features(
                 continue
             num_tokens = length - tokenizer.num_special_tokens_to_add() if strip else length
             try:
-                cache.load(text, num_tokens=num_tokens)
+                (cache.load_predictions if predictions else cache.load)(text, num_tokens=num_tokens)
             except InvalidTeacherFeaturesError as err:
                 logger.warning("Recomputing a cached teacher feature file: %s", err)
                 missing.append(text)
@@ -302,13 +344,16 @@ def precompute_teacher_features(
         if device is not None:
             encoded = encoded.to(device)
         features, mask = model.teacher_token_features(encoded["input_ids"], encoded["attention_mask"])
-        for text, row, row_mask in zip(chunk, features, mask):
+        if predictions:
+            ids, probs, _ = model.teacher_predictions(encoded["input_ids"], encoded["attention_mask"])
+        for index, (text, row, row_mask) in enumerate(zip(chunk, features, mask)):
             if not torch.isfinite(row[row_mask]).all():
                 raise ValueError(
                     f"The teacher '{model.config.teacher_name_or_path}' gives NaN or infinite features for the "
                     f"transcript {text!r}: check its weights (a teacher saved in fp16 may overflow)."
                 )
-            cache.save(text, row[row_mask])
+            row_predictions = (ids[index][row_mask], probs[index][row_mask]) if predictions else None
+            cache.save(text, row[row_mask], row_predictions)
     if missing:
         logger.info("Cached teacher features for %d transcripts in %s.", len(missing), cache.directory)
     return len(missing)

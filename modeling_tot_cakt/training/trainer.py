@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 
 CER_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "cer")
 # Model outputs logged next to `loss`, averaged over each logging interval.
-LOGGED_OUTPUTS = ("ctc_loss", "ot_loss", "align_loss", "solver_marginal_error", "solver_iterations")
+LOGGED_OUTPUTS = ("ctc_loss", "ot_loss", "align_loss", "solver_marginal_error", "solver_iterations", "kd_loss")
+# Gradient norms of the loss terms on the encoder's output and the knowledge share, measured at logging steps.
+LOGGED_GRADIENT_NORMS = ("grad_norm_ctc", "grad_norm_ot", "grad_norm_align", "grad_norm_kd", "knowledge_share")
 # Sub-folder of output_dir where checkpoints that a killed run left half-written are moved.
 INCOMPLETE_CHECKPOINTS_DIR = "incomplete_checkpoints"
 # Sub-folder of output_dir where the final model, trainer state and train metrics are written before they
@@ -306,6 +308,14 @@ class TOTCAKTTrainingArguments(TrainingArguments):
             "(evaluating and saving as at the end of training); --max_steps still caps the steps."
         },
     )
+    log_knowledge_share: bool = field(
+        default=True,
+        metadata={
+            "help": "At logging steps, measure the gradient each weighted loss term puts on the encoder's output "
+            "(grad_norm_ctc, grad_norm_ot, grad_norm_align, grad_norm_kd) and knowledge_share = ||grad of the "
+            "teacher's terms|| / ||grad of CTC||, and log them with the losses. It does not change training."
+        },
+    )
     hub_teacher_id: str | None = field(
         default=None,
         metadata={
@@ -318,11 +328,12 @@ class TOTCAKTTrainingArguments(TrainingArguments):
 class LoggedOutputMeter:
     """Running sums of the logged model outputs (loss components, solver diagnostics) of one phase."""
 
-    def __init__(self, device: torch.device):
-        self.totals = torch.zeros(2, len(LOGGED_OUTPUTS), device=device)  # row 0: sums, row 1: counts
+    def __init__(self, device: torch.device, names: tuple[str, ...] = LOGGED_OUTPUTS + LOGGED_GRADIENT_NORMS):
+        self.names = names
+        self.totals = torch.zeros(2, len(names), device=device)  # row 0: sums, row 1: counts
 
     def update(self, outputs) -> None:
-        for index, name in enumerate(LOGGED_OUTPUTS):
+        for index, name in enumerate(self.names):
             value = outputs.get(name)
             if value is not None:
                 self.totals[0, index] += value.detach().float().to(self.totals.device)
@@ -333,7 +344,7 @@ class LoggedOutputMeter:
         totals = accelerator.reduce(self.totals, reduction="sum") if accelerator.num_processes > 1 else self.totals
         totals = totals.tolist()
         self.totals.zero_()
-        return {name: total / count for name, total, count in zip(LOGGED_OUTPUTS, *totals) if count > 0}
+        return {name: total / count for name, total, count in zip(self.names, *totals) if count > 0}
 
 
 class NonFiniteGradientGuard(TrainerCallback):
@@ -398,6 +409,10 @@ class TOTCAKTTrainer(Trainer):
     """
     `Trainer` for [`TOTCAKTForCTC`]:
 
+    - at logging steps (`log_knowledge_share`), logs the norm of the gradient that each weighted loss term puts on
+      the encoder's output (`grad_norm_ctc`, `grad_norm_ot`, `grad_norm_align`, `grad_norm_kd`) and
+      `knowledge_share`, the teacher's terms' norm over CTC's ([`TOTCAKTForCTC.forward`]'s
+      `output_loss_gradient_norms`): averaged over that step's batches;
     - logs `ctc_loss`, `ot_loss` and `align_loss` next to `loss`: averaged over the logging interval
       for training, over the evaluation set for evaluation (`eval_ctc_loss`, ...), and over all
       processes; with `report_to tensorboard` they become `train/ctc_loss`, `eval/ctc_loss`, ...;
@@ -440,6 +455,8 @@ class TOTCAKTTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.is_logging_step():
+            inputs = {**inputs, "output_loss_gradient_norms": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         (self.train_losses if model.training else self.eval_losses).update(outputs)
         if model.training and not torch.isfinite(loss):
@@ -454,6 +471,20 @@ class TOTCAKTTrainer(Trainer):
             # everywhere, so DDP still finds a gradient for each parameter and processes stay in step.
             loss = sum((parameter * 0.0).sum() for parameter in model.parameters() if parameter.requires_grad)
         return (loss, outputs) if return_outputs else loss
+
+    def is_logging_step(self) -> bool:
+        """
+        Whether the step being trained will be logged, so that its batches measure the loss terms' gradient norms
+        (`log_knowledge_share`, default on; measured on every step when logging once per epoch).
+        """
+        if not getattr(self.args, "log_knowledge_share", True):
+            return False
+        step = self.state.global_step + 1  # the Trainer counts the step once its update is done
+        if self.args.logging_strategy == "epoch":
+            return True
+        if self.args.logging_first_step and step == 1:
+            return True
+        return self.args.logging_strategy == "steps" and step % self.state.logging_steps == 0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # A dict with "loss" is the periodic training log, which every process reaches together.

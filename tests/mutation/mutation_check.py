@@ -60,6 +60,7 @@ GW_TESTS = ("tests/test_tot_gw.py",)
 RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
 TRAIN = ("tests/test_train_hf.py",)
 FEATURE_CACHE = ("tests/test_teacher_features.py",)
+KNOWLEDGE = ("tests/test_knowledge.py",)
 
 
 @dataclass(frozen=True)
@@ -675,6 +676,104 @@ MUTANTS = (
         ("tests/test_distributed.py",),
         "logged ctc/ot/align losses are those of process 0 only",
         slow=True,
+    ),
+    # ---------------------------------------------------------------- knowledge share, masked targets, distillation
+    Mutant(
+        "knowledge-share-measured-into-parameters",
+        MODEL,
+        r"torch\.autograd\.grad\(term, encoder_states, retain_graph=True, allow_unused=True\)\[0\]",
+        "(term.backward(retain_graph=True), encoder_states.grad)[1]",
+        KNOWLEDGE,
+        "measuring the gradient norms accumulates each term's gradient into the parameters: training changes",
+    ),
+    Mutant(
+        "knowledge-share-without-kd",
+        MODEL,
+        r'KNOWLEDGE_LOSSES = \("ot", "align", "kd"\)',
+        'KNOWLEDGE_LOSSES = ("ot", "align")',
+        KNOWLEDGE,
+        "the knowledge share and its norms leave out the distillation term",
+    ),
+    Mutant(
+        "knowledge-share-measured-every-step",
+        TRAINER,
+        r'return self\.args\.logging_strategy == "steps" and step % self\.state\.logging_steps == 0',
+        "return True",
+        KNOWLEDGE,
+        "the gradient norms are measured on every step, not only on logging steps",
+    ),
+    Mutant(
+        "masked-targets-mask-the-next-position",
+        MODEL,
+        r"masked\[index, column\] = mask_token_id",
+        "masked[index, (column + 1).clamp_max(masked.shape[1] - 1)] = mask_token_id",
+        KNOWLEDGE,
+        "the masked-position targets mask the position after the one they are read at",
+    ),
+    Mutant(
+        "feature-cache-key-without-teacher-target",
+        TEACHER_FEATURES,
+        r'layout\["teacher_target"\] = config\.teacher_target',
+        "pass",
+        KNOWLEDGE + FEATURE_CACHE,
+        "the teacher-feature cache key ignores teacher_target: masked targets would read plain ones",
+    ),
+    Mutant(
+        "kd-weights-not-detached",
+        MODEL,
+        r"\(-torch\.expm1\(log_probs\[\.\.\., blank\]\)\)\.detach\(\)",
+        "(-torch.expm1(log_probs[..., blank]))",
+        KNOWLEDGE,
+        "the distillation's frame weights carry gradient: it can lower itself by making frames blank",
+    ),
+    Mutant(
+        "kd-blank-in-the-student",
+        MODEL,
+        r"torch\.log_softmax\(logits\.float\(\)\[\.\.\., symbols\], dim=-1\)",
+        "torch.log_softmax(logits.float(), dim=-1)[..., symbols]",
+        KNOWLEDGE,
+        "the distillation's student keeps the blank in its normalisation",
+    ),
+    Mutant(
+        "kd-targets-not-renormalised",
+        MODEL,
+        r"return targets / targets\.sum\(-1, keepdim=True\)\.clamp_min\(torch\.finfo\(targets\.dtype\)\.tiny\)",
+        "return targets",
+        KNOWLEDGE,
+        "teacher predictions without a CTC symbol are dropped without renormalising the rest",
+    ),
+    Mutant(
+        "kd-moves-the-plan",
+        MODEL,
+        r"coupling = coupling\.detach\(\)\.float\(\)",
+        "coupling = coupling.float()",
+        KNOWLEDGE,
+        "the distillation backpropagates into the transport plan (with tot_grad='autodiff')",
+    ),
+    Mutant(
+        "kd-weight-ignored",
+        MODEL,
+        r"self\.config\.kd_loss_weight \* fields\[\"kd_loss\"\]",
+        'fields["kd_loss"]',
+        KNOWLEDGE,
+        "kd_loss enters the total loss with weight 1 whatever kd_loss_weight says",
+    ),
+    Mutant(
+        "align-layer-ignored",
+        MODEL,
+        r"self\.adapter\(self\.dropout\(aligned_states\) if aligns_inner_layer else hidden_states\)",
+        "self.adapter(hidden_states)",
+        KNOWLEDGE,
+        "the adapter maps the encoder's output whatever align_layer says",
+    ),
+    Mutant(
+        "knowledge-share-on-the-output-with-an-inner-align-layer",
+        MODEL,
+        r"self\._loss_gradient_norms\(aligned_states, losses\)",
+        "self._loss_gradient_norms(encoder_states, losses)",
+        KNOWLEDGE,
+        "with an inner align_layer the gradient norms are taken on the encoder's output, where the teacher's terms "
+        "put none",
     ),
 )
 
