@@ -55,6 +55,7 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -646,34 +647,15 @@ def tot_sinkhorn(
     >>> coupling.shape
     torch.Size([2, 50, 6])
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or not cost.is_floating_point():
-        got = (
-            f"shape {tuple(cost.shape)} and dtype {cost.dtype}"
-            if isinstance(cost, torch.Tensor)
-            else type(cost).__name__
-        )
-        raise ValueError(f"cost must be a floating-point torch.Tensor of shape (B, N, M), got {got}.")
+    row_mask, col_mask = _check_solver_arguments(
+        cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad
+    )
     batch, n_rows, n_cols = cost.shape
-    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
-    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
-    _check_positive(lambda1, "lambda1", allow_zero=True)
-    _check_positive(lambda2, "lambda2")
-    if sigma is not None:
-        _check_positive(sigma, "sigma")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    _check_positive(tol, "tol", allow_zero=True)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     if tau is not None:
         _check_positive(tau, "tau (None for balanced marginals)")
-    rho = 0.0 if tau is None else lambda2 / tau
+    rho = None if tau is None else lambda2 / tau  # None: balanced, the solver's one encoding of it
     if warm_start is not None:
         _check_warm_start(warm_start, batch, n_rows, n_cols, cost.device)
-
-    # A sample with no valid token (frame) has no valid frame (token) either: nothing to transport.
-    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
-    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
 
     dtype = _working_dtype(cost.dtype)
     _check_fits(cost.shape, dtype, cost.device, grad)
@@ -689,7 +671,8 @@ def tot_sinkhorn(
             with torch.no_grad():
                 _check_cost_values(cost, row_mask[:, :, None] & col_mask[:, None, :], lambda1, lambda2, sigma)
             log_kernel = _log_kernel(cost, row_mask, col_mask, lambda1, lambda2, sigma, unbalanced=tau is not None)
-            coupling, (f, g), info = _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho, warm_start)
+            problem = _Problem.build(log_kernel, row_mask, col_mask, rho)
+            coupling, (f, g), info = _sinkhorn(problem, max_iter, tol, warm_start)
     if warn and tol > 0 and info["worst"] >= tol:
         _warn_not_converged(info["converged"], info["worst"], max_iter, tol)
     if not log:
@@ -709,6 +692,41 @@ def tot_sinkhorn(
         "mass": coupling.detach().sum(dim=(1, 2)),
         "potentials": (f, g),
     }
+
+
+def _check_count(value, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer >= 1 (a bool is not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _check_solver_arguments(cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad):
+    """Validate the arguments that :func:`tot_sinkhorn` and :func:`fused_gw_sinkhorn` share.
+
+    Returns the valid rows and columns (B, N), (B, M): the masks (``None``: all valid), where a
+    sample with no valid token (frame) has no valid frame (token) either: nothing to transport.
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or not cost.is_floating_point():
+        got = (
+            f"shape {tuple(cost.shape)} and dtype {cost.dtype}"
+            if isinstance(cost, torch.Tensor)
+            else type(cost).__name__
+        )
+        raise ValueError(f"cost must be a floating-point torch.Tensor of shape (B, N, M), got {got}.")
+    batch, n_rows, n_cols = cost.shape
+    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
+    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
+    _check_positive(lambda1, "lambda1", allow_zero=True)
+    _check_positive(lambda2, "lambda2")
+    if sigma is not None:
+        _check_positive(sigma, "sigma")
+    _check_count(max_iter, "max_iter")
+    _check_positive(tol, "tol", allow_zero=True)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
+    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
+    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
+    return row_mask, col_mask
 
 
 def _check_warm_start(warm_start, batch: int, n_rows: int, n_cols: int, device) -> None:
@@ -764,18 +782,113 @@ def _scaled_kernel(log_kernel: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
     return kernel, kernel.transpose(1, 2).contiguous()
 
 
-def _marginal_exponent(rho: float) -> float | None:
-    """Exponent ``tau / (tau + lambda2) = 1 / (1 + rho)`` of the unbalanced updates; None when balanced."""
-    return None if rho == 0 else 1.0 / (1.0 + rho)
+@dataclass(frozen=True)
+class _Problem:
+    """What one Sinkhorn solve is given; fixed for the whole solve.
+
+    ``log_kernel`` is ``log K`` (B, N, M); the marginals are uniform over ``row_mask`` (B, N) and
+    ``col_mask`` (B, M): ``mu``, ``nu`` (0 on padding) and their logs ``log_mu``, ``log_nu`` (B, 1).
+    ``row_pad`` / ``col_pad`` are 1 on padding and 0 elsewhere. ``rho = lambda2 / tau`` weighs the KL
+    penalties of unbalanced marginals [7]; ``None`` is the one encoding of balanced marginals, and
+    ``exponent = 1 / (1 + rho)`` (None when balanced) is the power of the unbalanced updates.
+    """
+
+    log_kernel: torch.Tensor
+    row_mask: torch.Tensor
+    col_mask: torch.Tensor
+    rho: float | None
+    exponent: float | None
+    mu: torch.Tensor
+    nu: torch.Tensor
+    log_mu: torch.Tensor
+    log_nu: torch.Tensor
+    row_pad: torch.Tensor
+    col_pad: torch.Tensor
+
+    @classmethod
+    def build(cls, log_kernel, row_mask, col_mask, rho: float | None) -> "_Problem":
+        """The problem on ``log K`` with uniform marginals over the masks; ``rho`` None for balanced ones."""
+        dtype = log_kernel.dtype
+        return cls(
+            log_kernel=log_kernel,
+            row_mask=row_mask,
+            col_mask=col_mask,
+            rho=rho,
+            exponent=None if rho is None else 1.0 / (1.0 + rho),
+            mu=_uniform(row_mask, dtype),
+            nu=_uniform(col_mask, dtype),
+            log_mu=_log_uniform(row_mask, dtype),  # log(1/N_b), (B, 1)
+            log_nu=_log_uniform(col_mask, dtype),
+            row_pad=(~row_mask).to(dtype),
+            col_pad=(~col_mask).to(dtype),
+        )
+
+    @property
+    def balanced(self) -> bool:
+        return self.rho is None
 
 
-def _scaled_target(weights: torch.Tensor, potential: torch.Tensor, rho: float) -> torch.Tensor:
+@dataclass
+class _SinkhornState:
+    """The iterate of :func:`_sinkhorn`: the plan is ``u_i exp(log K_ij + f_i + g_j) v_j``.
+
+    ``f``, ``g`` (B, N), (B, M) are the potentials absorbed into the stabilised kernel ``kernel``
+    ``= exp(log K + f + g)`` (B, N, M) and its transpose ``kernel_t``; ``u``, ``v`` the scalings on
+    top of them. Once the kernel under- or overflows the solve continues in the log domain
+    (``log_domain``): the kernels are dropped, ``log_kernel_t`` (``log K`` transposed) is built,
+    and ``u = v = 1``. ``omega`` (B, 1) holds the over-relaxation weights (None while the first
+    block measures each sample's rate); ``best`` and ``previous`` (B,) the smallest error since the
+    relaxation began and that of the last check.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    kernel: torch.Tensor | None
+    kernel_t: torch.Tensor | None
+    log_kernel_t: torch.Tensor | None = None
+    log_domain: bool = False
+    omega: torch.Tensor | None = None
+    best: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, problem: _Problem, init=None) -> "_SinkhornState":
+        """Zero potentials, or ``init`` = ``(f, g)`` (a warm start; padded potentials stay 0)."""
+        f, g = torch.zeros_like(problem.mu), torch.zeros_like(problem.nu)
+        if init is not None:
+            dtype = problem.log_kernel.dtype
+            f = init[0].to(dtype).masked_fill(~problem.row_mask, 0.0)
+            g = init[1].to(dtype).masked_fill(~problem.col_mask, 0.0)
+        infinite = torch.full_like(problem.log_mu[:, 0], math.inf)
+        kernel, kernel_t = _scaled_kernel(problem.log_kernel, f, g)
+        return cls(f, g, torch.ones_like(f), torch.ones_like(g), kernel, kernel_t, best=infinite, previous=infinite)
+
+    def absorb(self, problem: _Problem) -> None:
+        """Move the scalings into the potentials (``u = v = 1``) and rebuild the stabilised kernel [6]."""
+        self.f, self.g = self.f + self.u.log(), self.g + self.v.log()
+        if problem.balanced:
+            self.f, self.g = _recentre(self.f, self.g, problem.row_mask, problem.col_mask)
+        self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
+        self.kernel, self.kernel_t = _scaled_kernel(problem.log_kernel, self.f, self.g)
+
+    def enter_log_domain(self, problem: _Problem) -> None:
+        """Absorb the scalings and continue with log-sum-exp updates on ``log K`` (no stabilised kernel)."""
+        self.f, self.g = self.f + self.u.log(), self.g + self.v.log()
+        self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
+        self.kernel = self.kernel_t = None
+        self.log_kernel_t = problem.log_kernel.transpose(1, 2).contiguous()
+        self.log_domain = True
+
+
+def _scaled_target(weights: torch.Tensor, potential: torch.Tensor, rho: float | None) -> torch.Tensor:
     """``weights * exp(-rho * potential)``: the marginal that an unbalanced update aims at, given its potential.
 
     At the fixed point of ``f = (log mu - LSE_j(log K + g)) / (1 + rho)`` the rows of the plan sum to
-    ``mu exp(-rho f)``; with balanced marginals (``rho = 0``) this is ``weights`` itself.
+    ``mu exp(-rho f)``; with balanced marginals (``rho`` None) this is ``weights`` itself.
     """
-    return weights if rho == 0 else weights * (-rho * potential).exp()
+    return weights if rho is None else weights * (-rho * potential).exp()
 
 
 def _recentre(f: torch.Tensor, g: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor):
@@ -797,21 +910,23 @@ def _recentre(f: torch.Tensor, g: torch.Tensor, row_mask: torch.Tensor, col_mask
     return f + shift * row_mask.to(dtype), g - shift * col_mask.to(dtype)
 
 
-def _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, steps, errors, exponent=None):
-    """``steps`` Sinkhorn iterations in scaling form on the stabilised kernel ``kernel`` (B, N, M).
+def _scaling_block(problem: _Problem, state: _SinkhornState, steps: int, errors: list | None):
+    """``steps`` Sinkhorn iterations in scaling form on the stabilised kernel; returns the new ``(u, v)``.
 
-    ``mu`` (B, N) and ``nu`` (B, M) are the marginals the updates aim at, 0 on padding;
-    ``row_pad`` / ``col_pad`` are 1 on padding and 0 elsewhere, so that padded scalings stay
-    exactly 1 (``(0 + 1) / (0 + 1)``) with no division by zero in the forward or the backward
-    pass. The relaxed update is written ``u (u_new / u)^omega``; with relaxed marginals the new
-    scaling is ``(mu / K v)^exponent`` [7]. When ``errors`` is a list, the L1 row-marginal error
-    (B,) of the iterate is appended before each ``u`` update, at no extra product. Vectors are
-    kept as (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
+    The marginals the updates aim at are 0 on padding, and the paddings (1 there) keep padded
+    scalings exactly 1 (``(0 + 1) / (0 + 1)``) with no division by zero in the forward or the
+    backward pass. The relaxed update is written ``u (u_new / u)^omega``; with relaxed marginals
+    the new scaling is ``(mu / K v)^exponent`` [7]. When ``errors`` is a list, the L1 row-marginal
+    error (B,) of the iterate is appended before each ``u`` update, at no extra product. Vectors
+    are kept as (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
+    The state is left unchanged: the caller accepts the scalings only if they are finite.
     """
-    row_target, col_target = (mu + row_pad)[:, None, :], (nu + col_pad)[:, None, :]
-    row_pad, col_pad = row_pad[:, None, :], col_pad[:, None, :]
-    omega = None if omega is None else omega[:, :, None]
-    u, v = u[:, None, :], v[:, None, :]
+    kernel, kernel_t, exponent = state.kernel, state.kernel_t, problem.exponent
+    mu, nu = _scaled_target(problem.mu, state.f, problem.rho), _scaled_target(problem.nu, state.g, problem.rho)
+    row_target, col_target = (mu + problem.row_pad)[:, None, :], (nu + problem.col_pad)[:, None, :]
+    row_pad, col_pad = problem.row_pad[:, None, :], problem.col_pad[:, None, :]
+    omega = None if state.omega is None else state.omega[:, :, None]
+    u, v = state.u[:, None, :], state.v[:, None, :]
     for _ in range(steps):
         kernel_v = torch.baddbmm(row_pad, v, kernel_t)  # K v, plus 1 on padded rows
         if errors is not None:  # padded: 1 * 1 - 1; unbalanced: the target moves with u as u^(-rho)
@@ -834,14 +949,15 @@ def _scale(values: torch.Tensor, exponent: float | None) -> torch.Tensor:
     return values if exponent is None else values * exponent
 
 
-def _log_block(
-    log_kernel, log_kernel_t, f, g, log_mu, log_nu, row_mask, col_mask, omega, steps, errors, exponent=None
-):
-    """``steps`` Sinkhorn iterations in the log domain (log-sum-exp updates of ``f`` and ``g``).
+def _log_block(problem: _Problem, state: _SinkhornState, steps: int, errors: list | None) -> None:
+    """``steps`` Sinkhorn iterations in the log domain (log-sum-exp updates of ``state.f`` and ``state.g``).
 
-    Padded potentials are pinned to 0, so every quantity stays finite. ``errors`` and ``exponent``:
-    as in :func:`_scaling_block`.
+    Padded potentials are pinned to 0, so every quantity stays finite. ``errors``: as in
+    :func:`_scaling_block`.
     """
+    log_kernel, log_kernel_t, exponent = problem.log_kernel, state.log_kernel_t, problem.exponent
+    log_mu, log_nu, row_mask, col_mask = problem.log_mu, problem.log_nu, problem.row_mask, problem.col_mask
+    f, g, omega = state.f, state.g, state.omega
     zero = log_kernel.new_zeros(())
     for _ in range(steps):
         row_lse = _logsumexp_last(log_kernel + g[:, None, :])
@@ -852,43 +968,42 @@ def _log_block(
         f = _relax(f, torch.where(row_mask, _scale(log_mu - row_lse, exponent), zero), omega)
         col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
         g = _relax(g, torch.where(col_mask, _scale(log_nu - col_lse, exponent), zero), omega)
-    return f, g
+    state.f, state.g = f, g
 
 
-def _plain_column_update(log_kernel_t, kernel, f, u, log_nu, nu, col_mask, col_pad, exponent=None):
-    """The potential ``g`` (B, M) of a plain column update from ``f + log u``: it makes the columns exact.
+def _plain_column_update(problem: _Problem, state: _SinkhornState) -> torch.Tensor:
+    """The potential ``g`` (B, M) of a plain column update from the state: it makes the columns exact.
 
-    In scaling form (``kernel`` given) ``g = exponent * log(nu / (kernel^T u))`` relative to the
-    absorbed potentials (``nu`` is then the target of :func:`_scaled_target` at the absorbed ``g``);
-    in the log domain ``g = exponent * (log nu - LSE_i(log K + f))``. ``exponent`` is 1 for
-    balanced marginals. 0 on padded columns.
+    In scaling form ``g = exponent * log(nu' / (kernel^T u))``, relative to the absorbed ``g``
+    (``nu'`` the target of :func:`_scaled_target` at the absorbed ``g``); in the log domain the
+    whole ``g = exponent * (log nu - LSE_i(log K + f))``. ``exponent`` is 1 for balanced
+    marginals. 0 on padded columns.
     """
-    if kernel is not None:
-        return _scale(((nu + col_pad) / (torch.bmm(u[:, None, :], kernel)[:, 0] + col_pad)).log(), exponent)
-    col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
-    return torch.where(col_mask, _scale(log_nu - col_lse, exponent), log_nu.new_zeros(()))
+    if not state.log_domain:
+        col_pad, nu = problem.col_pad, _scaled_target(problem.nu, state.g, problem.rho)
+        kernel_u = torch.bmm(state.u[:, None, :], state.kernel)[:, 0]
+        return _scale(((nu + col_pad) / (kernel_u + col_pad)).log(), problem.exponent)
+    col_lse = _logsumexp_last(state.log_kernel_t + state.f[:, None, :])
+    zero = problem.log_nu.new_zeros(())
+    return torch.where(problem.col_mask, _scale(problem.log_nu - col_lse, problem.exponent), zero)
 
 
 @torch.no_grad()
-def _row_error_after_column_update(log_kernel, log_kernel_t, kernels, potentials, u, marginals, masks, pads, rho):
+def _row_error_after_column_update(problem: _Problem, state: _SinkhornState) -> torch.Tensor:
     """L1 row-marginal error (B,) of the plan that a plain column update would return now.
 
     That plan's columns are exact, so this is its whole marginal error: the quantity that the
     stopping rule tests. With relaxed marginals the rows are compared with what the row update
-    aims at, ``mu exp(-rho f)`` (the fixed-point residual). ``kernels`` is the scaled kernel and
-    its transpose (None in the log domain), ``potentials`` the absorbed ``(f, g)``, ``marginals``
-    ``(mu, nu, log_nu)``; ``masks`` and ``pads`` are the (row, column) masks and paddings.
+    aims at, ``mu exp(-rho f)`` (the fixed-point residual).
     """
-    (kernel, kernel_t), (f, g), (mu, nu, log_nu) = kernels, potentials, marginals
-    exponent = _marginal_exponent(rho)
-    if kernel is not None:
-        g = _plain_column_update(None, kernel, f, u, log_nu, _scaled_target(nu, g, rho), masks[1], pads[1], exponent)
-        rows = u * torch.bmm(g.exp()[:, None, :], kernel_t)[:, 0]
-        row_target = _scaled_target(mu, f + u.log(), rho)
+    g = _plain_column_update(problem, state)
+    if not state.log_domain:
+        rows = state.u * torch.bmm(g.exp()[:, None, :], state.kernel_t)[:, 0]
+        row_target = _scaled_target(problem.mu, state.f + state.u.log(), problem.rho)
     else:
-        g = _plain_column_update(log_kernel_t, None, f, u, log_nu, nu, masks[1], pads[1], exponent)
-        rows = _logsumexp_last(log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~masks[0], 0.0)
-        row_target = _scaled_target(mu, f, rho)
+        log_plan = problem.log_kernel + state.f[:, :, None] + g[:, None, :]
+        rows = _logsumexp_last(log_plan).exp().masked_fill(~problem.row_mask, 0.0)
+        row_target = _scaled_target(problem.mu, state.f, problem.rho)
     return (rows - row_target).abs().sum(dim=-1)
 
 
@@ -928,80 +1043,58 @@ def _adapted_relaxation(omega, error, previous, best, steps, adapt):
     return torch.where((error > 10 * best)[:, None], 1.0, omega)
 
 
-def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0, init=None):
-    """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
+def _sinkhorn(problem: _Problem, max_iter: int, tol: float, init=None):
+    """Over-relaxed, stabilised Sinkhorn on ``problem`` (:class:`_Problem`).
 
-    The schedule is described in the Notes of :func:`tot_sinkhorn`. ``rho = lambda2 / tau`` relaxes
-    the marginals (0: balanced); ``init`` is ``(f, g)`` to start from (zeros when None). Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
-    potentials ``(f, g)`` that give it, and a dict: ``n_iter`` (iterations run), ``relaxation``
-    (the weights in use at the end, (B,)), ``converged`` (whether each sample passed the stopping
-    test, (B,)), ``log_domain`` (whether the log-domain fallback ran) and ``worst`` (the largest
-    tested error, a Python float: no further host sync is needed to know whether all converged).
+    The schedule is described in the Notes of :func:`tot_sinkhorn`; ``init`` is ``(f, g)`` to
+    start from (zeros when None). Returns the coupling (B, N, M), exactly 0 outside
+    ``row_mask x col_mask``, the potentials ``(f, g)`` that give it, and a dict: ``n_iter``
+    (iterations run), ``relaxation`` (the weights in use at the end, (B,)), ``converged`` (whether
+    each sample passed the stopping test, (B,)), ``log_domain`` (whether the log-domain fallback
+    ran) and ``worst`` (the largest tested error, a Python float: no further host sync is needed
+    to know whether all converged).
     """
-    dtype = log_kernel.dtype
-    exponent = _marginal_exponent(rho)
-    log_mu, log_nu = _log_uniform(row_mask, dtype), _log_uniform(col_mask, dtype)  # log(1/N_b), (B, 1)
-    mu, nu = _uniform(row_mask, dtype), _uniform(col_mask, dtype)
-    masks, pads = (row_mask, col_mask), ((~row_mask).to(dtype), (~col_mask).to(dtype))
-    f, g = torch.zeros_like(mu), torch.zeros_like(nu)  # potentials absorbed into the kernel
-    if init is not None:  # a warm start; padded potentials stay 0
-        f, g = init[0].to(dtype).masked_fill(~row_mask, 0.0), init[1].to(dtype).masked_fill(~col_mask, 0.0)
-    u, v = torch.ones_like(mu), torch.ones_like(nu)  # scalings on top of them
-    kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
-    log_kernel_t = None  # built when the log domain takes over
-    omega = None  # plain iterations until the first block has measured each sample's rate
-    best = previous = torch.full_like(log_mu[:, 0], math.inf)
+    state = _SinkhornState.start(problem, init)
     n_iter, worst = 0, math.inf
     while n_iter < max_iter:
         steps = min(_CHECK_EVERY, max_iter - n_iter)
         errors = [] if n_iter == 0 else None
-        if kernel is not None:
-            targets = _scaled_target(mu, f, rho), _scaled_target(nu, g, rho)
-            new_u, new_v = _scaling_block(kernel, kernel_t, u, v, *targets, *pads, omega, steps, errors, exponent)
-            scalings = torch.cat([new_u, new_v], dim=1).detach()
+        if not state.log_domain:
+            u, v = _scaling_block(problem, state, steps, errors)
+            scalings = torch.cat([u, v], dim=1).detach()
             if bool((torch.isfinite(scalings) & (scalings > 0)).all()):
-                u, v = new_u, new_v
+                state.u, state.v = u, v
             else:  # the kernel under/overflowed: redo this block, and all later ones, in the log domain
-                f, g = f + u.log(), g + v.log()
-                u, v = torch.ones_like(u), torch.ones_like(v)
-                kernel = kernel_t = None
-                log_kernel_t = log_kernel.transpose(1, 2).contiguous()
+                state.enter_log_domain(problem)
                 errors = [] if errors is not None else None
-        if kernel is None:
-            f, g = _log_block(log_kernel, log_kernel_t, f, g, log_mu, log_nu, *masks, omega, steps, errors, exponent)
-            if exponent is None:
-                f, g = _recentre(f, g, *masks)
+        if state.log_domain:
+            _log_block(problem, state, steps, errors)
+            if problem.balanced:
+                state.f, state.g = _recentre(state.f, state.g, problem.row_mask, problem.col_mask)
         n_iter += steps
-        error = _row_error_after_column_update(
-            log_kernel, log_kernel_t, (kernel, kernel_t), (f, g), u, (mu, nu, log_nu), masks, pads, rho
-        )
-        peak = torch.cat([u, v], dim=1).detach().log().abs().amax()  # 0 in the log domain, where u = v = 1
+        error = _row_error_after_column_update(problem, state)
+        peak = torch.cat([state.u, state.v], dim=1).detach().log().abs().amax()  # 0 in the log domain (u = v = 1)
         worst, peak = torch.stack([error.max(), peak]).tolist()  # the block's one host sync
         if worst < tol:
             break
         if peak > _ABSORB_ABOVE:  # keep u and v near 1 so that the scaled kernel stays representable
-            f, g = f + u.log(), g + v.log()
-            if exponent is None:
-                f, g = _recentre(f, g, *masks)
-            u, v = torch.ones_like(u), torch.ones_like(v)
-            kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
+            state.absorb(problem)
         if errors is not None and len(errors) == _CHECK_EVERY:
-            omega = _relaxation_weights(errors, unbalanced=exponent is not None)
-        elif omega is not None:
-            omega = _adapted_relaxation(omega, error, previous, best, steps, n_iter >= _ADAPT_AFTER)
-            best = torch.minimum(best, error)
-        previous = error
+            state.omega = _relaxation_weights(errors, unbalanced=not problem.balanced)
+        elif state.omega is not None:
+            adapt = n_iter >= _ADAPT_AFTER
+            state.omega = _adapted_relaxation(state.omega, error, state.previous, state.best, steps, adapt)
+            state.best = torch.minimum(state.best, error)
+        state.previous = error
     # A last plain update of g makes the columns exact, as after every iteration of plain Sinkhorn.
-    if kernel is not None:
-        f, column_target = f + u.log(), _scaled_target(nu, g, rho)
-        g = g + _plain_column_update(None, kernel, f, u, log_nu, column_target, col_mask, pads[1], exponent)
+    if state.log_domain:
+        f, g = state.f, _plain_column_update(problem, state)
     else:
-        log_kernel_t = log_kernel_t if log_kernel_t is not None else log_kernel.transpose(1, 2).contiguous()
-        g = _plain_column_update(log_kernel_t, None, f, u, log_nu, nu, col_mask, pads[1], exponent)
-    pair_mask = row_mask[:, :, None] & col_mask[:, None, :]
-    coupling = (log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~pair_mask, 0.0)
-    relaxation = omega[:, 0] if omega is not None else torch.ones_like(log_mu[:, 0])
-    info = dict(n_iter=n_iter, relaxation=relaxation, converged=error < tol, log_domain=kernel is None, worst=worst)
+        f, g = state.f + state.u.log(), state.g + _plain_column_update(problem, state)
+    pair_mask = problem.row_mask[:, :, None] & problem.col_mask[:, None, :]
+    coupling = (problem.log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~pair_mask, 0.0)
+    relaxation = state.omega[:, 0] if state.omega is not None else torch.ones_like(problem.log_mu[:, 0])
+    info = dict(n_iter=n_iter, relaxation=relaxation, converged=error < tol, log_domain=state.log_domain, worst=worst)
     return coupling, (f, g), info
 
 
@@ -1257,20 +1350,13 @@ def fused_gw_sinkhorn(
     >>> coupling.shape
     torch.Size([2, 40, 6])
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 3:
-        raise ValueError(f"cost must be a torch.Tensor of shape (B, N, M), got {getattr(cost, 'shape', type(cost))}.")
+    row_mask, col_mask = _check_solver_arguments(
+        cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad
+    )
     batch, n_rows, n_cols = cost.shape
-    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
-    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
     _check_alpha(alpha)
-    if not isinstance(max_outer, int) or isinstance(max_outer, bool) or max_outer < 1:
-        raise ValueError(f"max_outer must be an integer >= 1, got {max_outer!r}.")
+    _check_count(max_outer, "max_outer")
     _check_positive(outer_tol, "outer_tol", allow_zero=True)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
-    # As in tot_sinkhorn: a sample with no valid token (frame) has nothing to transport.
-    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
-    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
     _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
     _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
     solve = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=max_iter, tol=tol, grad=grad, warn=False)
