@@ -34,10 +34,12 @@ from transformers.trainer_callback import TrainerState
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import (
     ADAPTER_TYPES,
+    ALIGNMENT_FIELDS,
     ALIGNMENT_MODES,
     CTC_INPUTS,
     CTC_REDUCTIONS,
     GRAD_MODES,
+    alignment_modes_reading,
 )
 from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
@@ -526,10 +528,26 @@ def create_model(
         cache_dir=model_args.cache_dir,
         token=model_args.token,
     )
+    check_method_flags(method_args, model.config)
     pretrained_encoder = model_args.model_name_or_path or model_args.encoder_name_or_path
     if model_args.freeze_feature_encoder and pretrained_encoder and model.main_input_name == "input_values":
         model.freeze_feature_encoder()
     return model
+
+
+def check_method_flags(method_args: TOTCAKTArguments, config) -> None:
+    """Refuse alignment flags that the configuration's alignment does not read: they would change nothing, yet
+    be saved in config.json as if they had acted."""
+    given = [name for name, value in method_args.config_overrides().items() if value is not None]
+    unread = [name for name in given if name in ALIGNMENT_FIELDS and name not in config.alignment_fields]
+    if unread:
+        flags = "; ".join(
+            f"--{name} is read by --alignment {'/'.join(alignment_modes_reading(name))}" for name in unread
+        )
+        raise ValueError(
+            f"This run's alignment is {config.alignment!r}, which does not read {', '.join('--' + n for n in unread)}: "
+            f"{flags}. Drop the flag, or choose an alignment that reads it."
+        )
 
 
 @dataclass

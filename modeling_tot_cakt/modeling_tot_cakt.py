@@ -735,12 +735,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         """
         adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
-        plain = self.config.alignment in ("ot", "uot", "gmot")  # no order reward, no temporal prior
-        unbalanced = self.config.alignment in ("uot", "tot_uot")
+        ordered = self.config.alignment_is_ordered  # else no order reward, no temporal prior
         settings = dict(
-            lambda1=0.0 if plain else self.config.tot_lambda1,
+            lambda1=self.config.tot_lambda1 if ordered else 0.0,
             lambda2=self.config.tot_lambda2,
-            sigma=None if plain else self.config.tot_sigma,
+            sigma=self.config.tot_sigma if ordered else None,
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
@@ -752,7 +751,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # the trainer's loss scaling skips, as before.
         finite = dict(nan=1.0, posinf=2.0, neginf=0.0)
         finite_cost = cost.nan_to_num(**finite)
-        if self.config.alignment in ("gmot", "tot_gmot"):  # edges: cosine distances within each modality
+        if self.config.alignment_is_graph_matching:  # edges: cosine distances within each modality
             edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
             finite_edges = [edge.nan_to_num(**finite) for edge in edges]
             coupling, solver = fused_gw_sinkhorn(
@@ -771,7 +770,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 finite_cost,
                 frame_mask,
                 token_mask,
-                tau=self.config.uot_tau if unbalanced else None,
+                tau=self.config.uot_tau if self.config.alignment_is_unbalanced else None,
                 **settings,
             )
             transport_cost = ot_loss(coupling, cost)

@@ -512,6 +512,36 @@ def test_the_unbalanced_and_graph_matching_alignment_flags_reach_the_model_confi
         train_hf.parse_arguments()
 
 
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (
+            ["--alignment", "tot", "--uot_tau", "5"],
+            r"'tot', which does not read --uot_tau: --uot_tau is read by "
+            r"--alignment uot/tot_uot",
+        ),
+        (
+            ["--alignment", "tot", "--gmot_alpha", "0.9"],
+            r"does not read --gmot_alpha: --gmot_alpha is read by "
+            r"--alignment gmot/tot_gmot",
+        ),
+        (["--alignment", "none", "--tot_lambda2", "0.2"], r"'none', which does not read --tot_lambda2"),
+        (["--alignment", "ot", "--tot_lambda1", "3", "--tot_sigma", "2"], r"does not read --tot_lambda1, --tot_sigma"),
+        (["--alignment", "tot_uot", "--uot_tau", "5", "--tot_lambda1", "3"], None),
+        (["--alignment", "none", "--ctc_loss_weight", "2"], None),
+    ],
+)
+def test_alignment_flags_that_the_alignment_does_not_read_are_refused(monkeypatch, tmp_path, flags, refused):
+    monkeypatch.setattr(sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), *flags])
+    _, method_args, _, _ = train_hf.parse_arguments()
+    config = TOTCAKTConfig(**{k: v for k, v in method_args.config_overrides().items() if v is not None})
+    if refused is None:
+        train_hf.check_method_flags(method_args, config)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            train_hf.check_method_flags(method_args, config)
+
+
 def test_evaluation_during_training_reads_the_eval_split_never_the_test_split(speech_corpus, tiny_teacher, tmp_path):
     """The audiofolder's `test` folder is the eval split here and its `train` folder the test split: the evaluation
     the Trainer runs during training has the loss of the eval split, which is scored again at the end."""

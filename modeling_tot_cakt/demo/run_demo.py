@@ -737,7 +737,8 @@ class AlignmentModels:
             return coupling[0][valid][:, token_mask[0]].numpy()
 
         trained = None
-        if config.alignment not in ("tot", "ot"):  # the model's own alignment, computed as in training
+        # The demo draws TOT and plain OT; a model trained with another alignment also gets its own, as in training.
+        if config.alignment_is_unbalanced or config.alignment_is_graph_matching:
             own = self.model._alignment(adapted, frame_mask, tokens, token_mask)["coupling"]
             trained = (config.alignment, utterance(own))
         return UtteranceCouplings(
