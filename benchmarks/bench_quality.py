@@ -9,7 +9,7 @@ arguments come from a demo preset (:mod:`modeling_tot_cakt.demo`), so the benchm
 
 Reported (``--output``, default ``docs/results/quality.json``): dev and test CER per run and as
 mean +- std per method, the test errors of every run split into homophone substitutions and other
-errors (:mod:`modeling_tot_cakt.demo.error_analysis`), the paired differences TOT-CAKT - CTC-only and
+errors (:mod:`modeling_tot_cakt.training.error_analysis`), the paired differences TOT-CAKT - CTC-only and
 TOT-CAKT - OT-CAKT over the seeds run by both methods with 95 % t-intervals, the dev-CER-vs-step
 curve of every run (periodic evaluation during training), and for each method the steps it needs
 to reach the CER that CTC-only reaches at the end (``--target_cer`` overrides). ``--plot`` (default ``docs/results/quality_curves.png``) draws

@@ -55,11 +55,11 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
+from ..training.error_analysis import split_errors
 from ..training.language_model import decode_and_score, estimate_character_lm, greedy_transcripts, manifest_logits
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
-from .error_analysis import split_errors
 from .synthesis import (
     SEEN_VOICES_SPLIT,
     SPLITS,
@@ -560,7 +560,7 @@ def load_model_and_processor(model_dir: Path):
 
 def error_split_stage(paths: DemoPaths, split: str = "test") -> dict:
     """CER of the saved model on ``split``, split into homophone substitutions and other errors
-    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`, with the corpus' own readings)."""
+    (:func:`~modeling_tot_cakt.training.error_analysis.split_errors`, with the corpus' own readings)."""
     records, readings = corpus_records_and_readings(paths)
     hypotheses = transcribe_manifest(paths.model, records[split])
     return {"split": split, **error_split(records[split], hypotheses, readings)}
@@ -577,7 +577,7 @@ def corpus_records_and_readings(paths: DemoPaths) -> tuple[dict[str, list[dict]]
 
 
 def error_split(records: Sequence[dict], hypotheses: Sequence[str], readings: dict) -> dict:
-    """:func:`~modeling_tot_cakt.demo.error_analysis.split_errors` of `hypotheses` against `records`."""
+    """:func:`~modeling_tot_cakt.training.error_analysis.split_errors` of `hypotheses` against `records`."""
     references = [normalize_transcript(record["text"]) for record in records]
     syllables = [record["pinyin"].split() for record in records]
     return split_errors(references, hypotheses, syllables, readings).as_dict()

@@ -56,9 +56,9 @@ import soxr
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from ..training.error_analysis import dictionary_readings
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, read_complete_report, settings_hash
-from .error_analysis import dictionary_readings
 from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
@@ -476,7 +476,7 @@ def track_stats(spoken: Mapping[str, Sequence[tuple[str, Sequence[str]]]]) -> di
 
     The inventory is the characters of the train transcripts (all that a CTC model trained on them
     can write), each with the readings by which the error split counts a substitution as a homophone
-    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`): pypinyin's dictionary readings plus
+    (:func:`~modeling_tot_cakt.training.error_analysis.split_errors`): pypinyin's dictionary readings plus
     the syllables the corpus speaks it as. A test character has a homophone when another inventory
     character has its spoken syllable among its readings (:func:`homophone_stats`); it is out of
     vocabulary (OOV) when it is not in the inventory, so that CTC has no output for it.
