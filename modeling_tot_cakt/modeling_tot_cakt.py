@@ -10,12 +10,22 @@ transformers and its sibling files `configuration_tot_cakt.py` and `tot.py`.
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2CTCTokenizer
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+    logging,
+)
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import (
@@ -113,6 +123,81 @@ RESTORE_ADVICE = (
 )
 # Loading options that say where a folder's files are, passed on when its configuration is read again.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# A safetensors header longer than this is not a header but garbage (real ones are kilobytes).
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def saved_file(name_or_path, filename: str, kwargs: dict) -> str | None:
+    """The local path of `filename` in the saved model `name_or_path` (downloaded if need be), or None if absent."""
+    return cached_file(
+        name_or_path,
+        filename,
+        _raise_exceptions_for_gated_repo=False,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_options(kwargs),
+    )
+
+
+def read_safetensors_header(path) -> tuple[dict | None, str | None]:
+    """
+    `(header, None)` for a whole safetensors file `path` (tensor name -> `dtype`, `shape`, `data_offsets`; the
+    `__metadata__` entry left out), else `(None, what is wrong)`: it is cut off (it has fewer or more bytes than
+    its header describes) or is not a safetensors file at all.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return None, f"{path} has {size} bytes, fewer than a safetensors header needs: it was cut off"
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > MAX_SAFETENSORS_HEADER or 8 + header_size > size:
+            return None, (
+                f"{path} is cut off or is not a safetensors file (its header claims {header_size} bytes of {size})"
+            )
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, ValueError):
+            return None, f"{path} is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return None, f"{path} is not a safetensors file (its header is not a JSON object)"
+    header.pop("__metadata__", None)
+    entries = header.values()
+    if not all(isinstance(entry, dict) and {"shape", "data_offsets"} <= entry.keys() for entry in entries):
+        return None, f"{path} is not a safetensors file (its header does not describe tensors)"
+    expected = 8 + header_size + max((entry["data_offsets"][1] for entry in entries), default=0)
+    if expected != size:
+        return None, f"{path} has {size} bytes but its header describes {expected}: it was cut off or damaged"
+    return header, None
+
+
+def weights_headers(name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
+    """
+    The tensors (name -> header entry) of the saved model's `model.safetensors`, or of every shard its
+    `model.safetensors.index.json` names, and None; or None and what is wrong with one of those files. A model
+    without safetensors weights gives `(None, None)`: nothing to check.
+    """
+    single = saved_file(name_or_path, SAFE_WEIGHTS_NAME, kwargs)
+    if single is not None:
+        return read_safetensors_header(single)
+    index = saved_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, kwargs)
+    if index is None:
+        return None, None
+    try:
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None, f"{index} is not a weights index (JSON with a weight_map)"
+    headers = {}
+    for shard in shards:
+        path = saved_file(name_or_path, shard, kwargs)
+        header, problem = (
+            (None, f"{index} names {shard}, which is missing") if path is None else read_safetensors_header(path)
+        )
+        if problem is not None:
+            return None, problem
+        headers.update(header)
+    return headers, None
 
 
 def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
@@ -122,13 +207,18 @@ def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
     all (transformers' own message then says so).
     """
     where = f"'{name_or_path}'"
+    path = saved_file(name_or_path, CONFIG_NAME, kwargs)
+    if path is None:
+        return None
     try:
-        config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
-        config_class.from_dict(config_dict)
-    except OSError as error:
-        if "valid JSON" not in str(error):
-            return None
+        with open(path, encoding="utf-8") as handle:
+            config_dict = json.load(handle)
+    except (UnicodeDecodeError, ValueError):
         return f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
+    try:
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"it holds a JSON {type(config_dict).__name__}, not an object of fields")
+        config_class.from_dict(config_dict)
     except Exception as error:  # whatever the configuration class refuses
         reason = f"{type(error).__name__}: {error}"
         reason = reason if len(reason) <= 200 else f"{reason[:200]}..."
@@ -144,34 +234,58 @@ def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
     return None
 
 
-def damaged_folder_problem(config_class, name_or_path, error: Exception, kwargs: dict) -> str | None:
+def shape_mismatches(model_class, config, tensors: dict) -> list[str]:
     """
-    The file of the saved model `name_or_path` that explains why loading it raised `error`, and what to do,
-    or None when its files do not explain it (the error is then the one to show):
+    The saved tensors (name -> safetensors header entry) whose shapes differ from those `model_class` built from
+    `config` has, each as `name (saved shape) instead of (shape)`. Saved names may lack or carry the base model's
+    prefix, as transformers loads them. The model is built on the meta device: no memory, no initialisation.
+    """
+    with torch.device("meta"):
+        shapes = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+    prefix = f"{model_class.base_model_prefix}."
+    wrong = []
+    for name, entry in tensors.items():
+        match = next((key for key in (name, prefix + name, name.removeprefix(prefix)) if key in shapes), None)
+        if match is not None and tuple(entry["shape"]) != shapes[match]:
+            wrong.append(f"{name} {tuple(entry['shape'])} instead of {shapes[match]}")
+    return wrong
 
-    - a weights file that safetensors cannot read (cut off by an interrupted copy or download);
-    - a `config.json` that does not parse or is not a TOT-CAKT configuration ([`config_file_problem`]);
-    - weights whose shapes do not fit `config.json` (an edited or foreign configuration, e.g. another
-      `vocab_size`).
+
+def damaged_folder_problem(model_class, name_or_path, kwargs: dict) -> str | None:
+    """
+    The file of the saved model `name_or_path` that keeps `model_class` from loading it, and what to do, or None
+    when its files are sound (an error in loading it is then not theirs). The files are checked themselves:
+
+    - the weights (`model.safetensors`, or the shards its index names): each must hold exactly the bytes its
+      header describes ([`read_safetensors_header`]);
+    - `config.json` must parse and be a TOT-CAKT configuration ([`config_file_problem`]);
+    - the weights' shapes must be those the configuration describes (an edited or foreign `config.json`, e.g.
+      another `vocab_size`) unless the caller passed a configuration of their own.
     """
     where = f"'{name_or_path}'"
-    if type(error).__name__ == "SafetensorError":
+    tensors, problem = weights_headers(name_or_path, kwargs)
+    if problem is not None:
         return (
             f"The weights of {where} cannot be read: its model.safetensors (or a shard its "
-            f"model.safetensors.index.json names) is cut off or damaged ({error}). {RESTORE_ADVICE}"
+            f"model.safetensors.index.json names) is cut off or damaged ({problem}). {RESTORE_ADVICE}"
         )
-    problem = config_file_problem(config_class, name_or_path, kwargs)
-    if problem is not None or not (isinstance(error, RuntimeError) and "mismatched" in str(error)):
+    problem = config_file_problem(model_class.config_class, name_or_path, kwargs)
+    if problem is not None or tensors is None:
         return problem
-    config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+    with open(saved_file(name_or_path, CONFIG_NAME, kwargs), encoding="utf-8") as handle:
+        config_dict = json.load(handle)
+    config = model_class.config_class.from_dict(config_dict)
     given = kwargs.get("config")
-    if given is not None and comparable(given) != comparable(config_class.from_dict(config_dict)):
-        return None  # the caller's configuration, not the folder's, does not fit the weights
+    if given is not None and comparable(given) != comparable(config):
+        return None  # the caller's configuration, not the folder's, decides the shapes
+    wrong = shape_mismatches(model_class, config, tensors)
+    if not wrong:
+        return None
     lacking = "" if "vocab_size" in config_dict else " (it has no vocab_size)"
+    more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
     return (
-        f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}; "
-        "the load report above lists them. config.json was damaged, edited or belongs to another model. "
-        f"{RESTORE_ADVICE}"
+        f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}: "
+        f"{'; '.join(wrong[:3])}{more}. config.json was damaged, edited or belongs to another model. {RESTORE_ADVICE}"
     )
 
 
@@ -192,14 +306,7 @@ def vocabulary_problem(name_or_path, vocab_size: int, kwargs: dict) -> str | Non
     `vocab_size` symbols, one per output of the CTC head; a folder without `vocab.json` has nothing to check.
     """
     hub_kwargs = hub_options(kwargs)
-    vocab_file = cached_file(
-        name_or_path,
-        "vocab.json",
-        _raise_exceptions_for_gated_repo=False,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
+    vocab_file = saved_file(name_or_path, "vocab.json", kwargs)
     if vocab_file is None:
         return None
     try:
@@ -330,7 +437,7 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
         except Exception as err:  # re-raised as it is unless the folder's files explain it
-            damage = damaged_folder_problem(cls.config_class, pretrained_model_name_or_path, err, kwargs)
+            damage = damaged_folder_problem(cls, pretrained_model_name_or_path, kwargs)
             if damage is None:
                 raise
             raise ValueError(damage) from err
