@@ -10,12 +10,10 @@ transformers and its sibling files `configuration_tot_cakt.py` and `tot.py`.
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2CTCTokenizer
 from transformers.utils import (
@@ -26,6 +24,7 @@ from transformers.utils import (
     cached_file,
     logging,
 )
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import (
@@ -123,8 +122,6 @@ RESTORE_ADVICE = (
 )
 # Loading options that say where a folder's files are, passed on when its configuration is read again.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# A safetensors header longer than this is not a header but garbage (real ones are kilobytes).
-MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
 def saved_file(name_or_path, filename: str, kwargs: dict) -> str | None:
@@ -139,115 +136,98 @@ def saved_file(name_or_path, filename: str, kwargs: dict) -> str | None:
     )
 
 
-def read_safetensors_header(path) -> tuple[dict | None, str | None]:
+def read_weights_shapes(path) -> tuple[dict | None, str | None]:
     """
-    `(header, None)` for a whole safetensors file `path` (tensor name -> `dtype`, `shape`, `data_offsets`; the
-    `__metadata__` entry left out), else `(None, what is wrong)`: it is cut off (it has fewer or more bytes than
-    its header describes) or is not a safetensors file at all.
+    `(shapes, None)` for a whole safetensors file `path` (tensor name -> shape, read from its header alone), else
+    `(None, what is wrong)`: safetensors checks that the file holds exactly the bytes its header describes, so a
+    file cut off anywhere, or one that is not safetensors at all, is named here.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return None, f"{path} has {size} bytes, fewer than a safetensors header needs: it was cut off"
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > MAX_SAFETENSORS_HEADER or 8 + header_size > size:
-            return None, (
-                f"{path} is cut off or is not a safetensors file (its header claims {header_size} bytes of {size})"
-            )
-        try:
-            header = json.loads(handle.read(header_size))
-        except (UnicodeDecodeError, ValueError):
-            return None, f"{path} is not a safetensors file (its header is not JSON)"
-    if not isinstance(header, dict):
-        return None, f"{path} is not a safetensors file (its header is not a JSON object)"
-    header.pop("__metadata__", None)
-    entries = header.values()
-    if not all(isinstance(entry, dict) and {"shape", "data_offsets"} <= entry.keys() for entry in entries):
-        return None, f"{path} is not a safetensors file (its header does not describe tensors)"
-    expected = 8 + header_size + max((entry["data_offsets"][1] for entry in entries), default=0)
-    if expected != size:
-        return None, f"{path} has {size} bytes but its header describes {expected}: it was cut off or damaged"
-    return header, None
+    try:
+        with safe_open(path, framework="pt") as weights:
+            names = weights.keys()
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in names}, None
+    except (SafetensorError, OSError) as error:  # OSError: a shard the index names is missing
+        return None, f"{path}: {error}"
 
 
-def weights_headers(name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
+def weights_shapes(name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
     """
-    The tensors (name -> header entry) of the saved model's `model.safetensors`, or of every shard its
+    The tensors' shapes (name -> shape) in the saved model's `model.safetensors`, or in every shard its
     `model.safetensors.index.json` names, and None; or None and what is wrong with one of those files. A model
     without safetensors weights gives `(None, None)`: nothing to check.
     """
     single = saved_file(name_or_path, SAFE_WEIGHTS_NAME, kwargs)
     if single is not None:
-        return read_safetensors_header(single)
+        return read_weights_shapes(single)
     index = saved_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, kwargs)
     if index is None:
         return None, None
     try:
-        with open(index, encoding="utf-8") as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        return None, f"{index} is not a weights index (JSON with a weight_map)"
-    headers = {}
+        shards, _ = get_checkpoint_shard_files(name_or_path, index, **hub_options(kwargs))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, no weight_map, ...
+        return None, f"{index} is not a readable weights index ({type(error).__name__}: {error})"
+    shapes = {}
     for shard in shards:
-        path = saved_file(name_or_path, shard, kwargs)
-        header, problem = (
-            (None, f"{index} names {shard}, which is missing") if path is None else read_safetensors_header(path)
-        )
+        shard_shapes, problem = read_weights_shapes(shard)
         if problem is not None:
             return None, problem
-        headers.update(header)
-    return headers, None
+        shapes.update(shard_shapes)
+    return shapes, None
 
 
-def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
+def saved_config_dict(config_class, name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
     """
-    What is wrong with the `config.json` of the saved model `name_or_path` (it does not parse, `config_class`
-    refuses it, or it lacks the `encoder_config` every saved one has), or None when it loads or is not there at
-    all (transformers' own message then says so).
+    `(fields, None)` when the `config.json` of the saved model `name_or_path` is a TOT-CAKT configuration, else
+    `(None, what is wrong)`: it does not parse, `config_class` refuses it, or it lacks the `encoder_config` every
+    saved one has. `(None, None)` when there is no `config.json` at all (transformers' own message then says so).
     """
     where = f"'{name_or_path}'"
-    path = saved_file(name_or_path, CONFIG_NAME, kwargs)
-    if path is None:
-        return None
+    if saved_file(name_or_path, CONFIG_NAME, kwargs) is None:
+        return None, None
     try:
-        with open(path, encoding="utf-8") as handle:
-            config_dict = json.load(handle)
-    except (UnicodeDecodeError, ValueError):
-        return f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
+        config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+    except OSError:  # the file is there (checked above) but cannot be parsed
+        return None, f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
+    except Exception as error:  # parsed, but not a JSON object of fields
+        config_dict = error
     try:
         if not isinstance(config_dict, dict):
-            raise TypeError(f"it holds a JSON {type(config_dict).__name__}, not an object of fields")
+            raise TypeError(f"it does not hold a JSON object of fields ({config_dict})")
         config_class.from_dict(config_dict)
     except Exception as error:  # whatever the configuration class refuses
         reason = f"{type(error).__name__}: {error}"
         reason = reason if len(reason) <= 200 else f"{reason[:200]}..."
-        return (
+        return None, (
             f"The config.json of {where} is not a valid TOT-CAKT configuration ({reason}): it was damaged or edited. "
             f"{RESTORE_ADVICE}"
         )
     if "encoder_config" not in config_dict:  # saved configurations always have it; without it a default is built
-        return (
+        return None, (
             f"The config.json of {where} has no encoder_config (the acoustic encoder's configuration): it was damaged "
             f"or edited. {RESTORE_ADVICE}"
         )
-    return None
+    return config_dict, None
 
 
-def shape_mismatches(model_class, config, tensors: dict) -> list[str]:
+def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
+    """What is wrong with the `config.json` of the saved model `name_or_path` ([`saved_config_dict`]), or None."""
+    return saved_config_dict(config_class, name_or_path, kwargs)[1]
+
+
+def shape_mismatches(model_class, config, saved_shapes: dict) -> list[str]:
     """
-    The saved tensors (name -> safetensors header entry) whose shapes differ from those `model_class` built from
-    `config` has, each as `name (saved shape) instead of (shape)`. Saved names may lack or carry the base model's
-    prefix, as transformers loads them. The model is built on the meta device: no memory, no initialisation.
+    The saved tensors (name -> shape) whose shapes differ from those of `model_class` built from `config`, each as
+    `name (saved shape) instead of (shape)`. Saved names may lack or carry the base model's prefix, as
+    transformers loads them. The model is built on the meta device: no memory, no initialisation.
     """
     with torch.device("meta"):
         shapes = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
     prefix = f"{model_class.base_model_prefix}."
     wrong = []
-    for name, entry in tensors.items():
+    for name, saved in saved_shapes.items():
         match = next((key for key in (name, prefix + name, name.removeprefix(prefix)) if key in shapes), None)
-        if match is not None and tuple(entry["shape"]) != shapes[match]:
-            wrong.append(f"{name} {tuple(entry['shape'])} instead of {shapes[match]}")
+        if match is not None and saved != shapes[match]:
+            wrong.append(f"{name} {saved} instead of {shapes[match]}")
     return wrong
 
 
@@ -257,28 +237,26 @@ def damaged_folder_problem(model_class, name_or_path, kwargs: dict) -> str | Non
     when its files are sound (an error in loading it is then not theirs). The files are checked themselves:
 
     - the weights (`model.safetensors`, or the shards its index names): each must hold exactly the bytes its
-      header describes ([`read_safetensors_header`]);
-    - `config.json` must parse and be a TOT-CAKT configuration ([`config_file_problem`]);
+      header describes ([`read_weights_shapes`]);
+    - `config.json` must parse and be a TOT-CAKT configuration ([`saved_config_dict`]);
     - the weights' shapes must be those the configuration describes (an edited or foreign `config.json`, e.g.
       another `vocab_size`) unless the caller passed a configuration of their own.
     """
     where = f"'{name_or_path}'"
-    tensors, problem = weights_headers(name_or_path, kwargs)
+    saved_shapes, problem = weights_shapes(name_or_path, kwargs)
     if problem is not None:
         return (
             f"The weights of {where} cannot be read: its model.safetensors (or a shard its "
             f"model.safetensors.index.json names) is cut off or damaged ({problem}). {RESTORE_ADVICE}"
         )
-    problem = config_file_problem(model_class.config_class, name_or_path, kwargs)
-    if problem is not None or tensors is None:
+    config_dict, problem = saved_config_dict(model_class.config_class, name_or_path, kwargs)
+    if problem is not None or saved_shapes is None or config_dict is None:
         return problem
-    with open(saved_file(name_or_path, CONFIG_NAME, kwargs), encoding="utf-8") as handle:
-        config_dict = json.load(handle)
     config = model_class.config_class.from_dict(config_dict)
     given = kwargs.get("config")
     if given is not None and comparable(given) != comparable(config):
         return None  # the caller's configuration, not the folder's, decides the shapes
-    wrong = shape_mismatches(model_class, config, tensors)
+    wrong = shape_mismatches(model_class, config, saved_shapes)
     if not wrong:
         return None
     lacking = "" if "vocab_size" in config_dict else " (it has no vocab_size)"

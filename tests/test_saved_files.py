@@ -297,7 +297,7 @@ def test_a_manifest_records_every_file_and_a_changed_size_is_named(tmp_path):
 @pytest.mark.parametrize(
     "damage, named",
     [
-        ("weights cut in half", "model.safetensors has"),
+        ("weights cut in half", "model/model.safetensors: "),
         ("config cut off", "is not valid JSON"),
         (
             "config with another vocab_size",

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import zipfile
 
-from ..modeling_tot_cakt import read_safetensors_header
-
 FILE_MANIFEST = "saved_files.json"
+# A safetensors header longer than this is not a header but garbage (real ones are kilobytes).
+MAX_SAFETENSORS_HEADER = 100 * 2**20
 TORCH_ARCHIVE_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -41,7 +42,25 @@ def write_json_atomically(path: str | os.PathLike, value, **dump_kwargs) -> None
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with the safetensors file `path` (cut off, not safetensors), or None if it is whole."""
-    return read_safetensors_header(path)[1]
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path} has {size} bytes, fewer than a safetensors header needs: it was cut off"
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > MAX_SAFETENSORS_HEADER or 8 + header_size > size:
+            return f"{path} is cut off or is not a safetensors file (its header claims {header_size} bytes of {size})"
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, ValueError):
+            return f"{path} is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file (its header is not a JSON object)"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_size + max(ends, default=0)
+    if expected != size:
+        return f"{path} has {size} bytes but its header describes {expected}: it was cut off or damaged"
+    return None
 
 
 def torch_archive_problem(path: str | os.PathLike) -> str | None:
