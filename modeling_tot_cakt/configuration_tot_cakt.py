@@ -179,12 +179,11 @@ class TOTCAKTConfig(PreTrainedConfig):
         gmot_max_outer (`int`, defaults to 50):
             Maximum number of outer iterations of the `"gmot"` and `"tot_gmot"` modes (each linearises the
             Gromov-Wasserstein term and solves one warm-started transport problem of at most `tot_max_iter`
-            iterations); they stop earlier once the plan changes by less than `tot_tol` (L1). On random
-            features about 15 reach 1e-4 (40 frames, 6 tokens).
+            iterations); they stop earlier once the plan changes by less than `tot_tol` (L1).
         tot_max_iter (`int`, defaults to 1000):
-            Maximum number of Sinkhorn iterations. The over-relaxed solver reaches a marginal error of 1e-4 in
-            at most 480 iterations for up to 1000 frames and 100 tokens (docs/RESULTS.md); a plan that has not
-            converged is logged (`solver_marginal_error`) and warned about once.
+            Maximum number of Sinkhorn iterations, a margin over what the solver needs for up to 1000 frames
+            and 100 tokens (docs/RESULTS.md, "Convergence"); a plan that has not converged is logged
+            (`solver_marginal_error`) and warned about once.
         tot_tol (`float`, defaults to 1e-4):
             Stop when the marginal error falls below this value.
         tot_grad (`str`, defaults to `"envelope"`):

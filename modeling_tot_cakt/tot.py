@@ -387,8 +387,8 @@ def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -
 def _logsumexp_last(summand: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp over the last axis of a temporary tensor, which may be overwritten.
 
-    Without autograd it works in place (no temporaries; 10-30% faster than
-    ``torch.logsumexp`` in the whole solve on CPU); with autograd it calls ``torch.logsumexp``,
+    Without autograd it works in place (no temporaries, so faster than ``torch.logsumexp`` on
+    CPU); with autograd it calls ``torch.logsumexp``,
     whose backward needs the input intact. The inputs here never hold infinities (padding is
     finite), so no guard against ``inf - inf`` is needed.
     """
@@ -501,8 +501,7 @@ def tot_sinkhorn(
     optimal weight ``2 / (1 + sqrt(1 - r))`` [5], and 1.9 where ``r > 0.9`` (nearly balanced).
     Their marginal error is measured against the marginals that the updates aim at,
     ``mu exp(-lambda2 f / tau)`` and ``nu exp(-lambda2 g / tau)`` (the residual of the fixed point);
-    at ``tau = 1`` on random features the default ``tol`` is reached in about 20 iterations, at
-    ``tau = 100`` in about 90 (``N = 1000, M = 50``).
+    the smaller ``tau``, the fewer iterations (docs/RESULTS.md, "Solver speed").
 
     Parameters
     ----------
@@ -528,10 +527,10 @@ def tot_sinkhorn(
         moving mass ``k`` tokens off the diagonal costs about ``0.05 k^2`` in cost units.
     max_iter : int, optional
         Maximum number of Sinkhorn iterations (each is one ``f`` and one ``g`` update), >= 1.
-        The default 1000 leaves a margin: with the default parameters (float32) the error
-        reaches 1e-4 within 80 iterations on random 64-d features for ``N <= 1000, M <= 50`` and
-        within 160 for ``M = 100``; on features aligned with their tokens (a trained model's),
-        within 480 at ``N = 1000, M = 100``.
+        The default 1000 leaves a margin over the iterations that the default parameters need
+        to reach the default ``tol`` at ``N <= 1000, M <= 100`` (docs/RESULTS.md, "Convergence:
+        iterations to reach 1e-4"); features aligned with their tokens (a trained model's) need
+        the most.
     tol : float, optional
         Stopping threshold on the L1 marginal error of the returned coupling (total mass is 1;
         its columns are exact, so this is the error of its rows), >= 0; 0 runs exactly
@@ -550,7 +549,8 @@ def tot_sinkhorn(
         - ``"autodiff"``: backpropagation through the unrolled iterations; the coupling itself
           is differentiable. In scaling form the graph keeps two (B, N + M) vectors per
           iteration and one (B, N, M) kernel per absorption (the log-domain fallback keeps
-          (B, N, M) tensors per iteration); measured 2.4-2.6x the time of ``"envelope"``.
+          (B, N, M) tensors per iteration), so it costs more time and memory than
+          ``"envelope"`` (docs/RESULTS.md, "Solver speed").
     log : bool, optional
         Also return a dict, as POT's ``log=True``, for training diagnostics:
 
@@ -604,8 +604,7 @@ def tot_sinkhorn(
           ``0.01 / (2 eps)``, i.e. 4.2e4 nats in float32 and 2.3e13 in float64. The potentials
           span about as much as the kernel, so the exponent of each entry ``exp(log K + f + g)``
           is rounded to about ``2 eps R``: beyond that bound entries are off by more than 1% and
-          the plan's mass goes wrong (a plan of mass 18 at ``lambda2 = 1e-6``, NaN at
-          ``sigma = 1e-20``). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
+          the plan's mass goes wrong (far beyond it, the plan is NaN). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
           range begins. Convergence is a separate matter: near the bound Sinkhorn is slow, which
           ``warn`` reports;
         - masks on another device than ``cost``;
@@ -618,7 +617,7 @@ def tot_sinkhorn(
     -----
     *Convergence.* With the temporal prior, plain Sinkhorn (``omega = 1``) converges slowly: the
     prior makes the kernel banded and mass moves along the band only a little per iteration
-    (marginal error 1.7e-2 after 100 iterations at ``N = 1000, M = 50`` on random features).
+    (docs/RESULTS.md, "Convergence: iterations to reach 1e-4").
     Over-relaxation [4] multiplies the error near the optimum by about ``omega - 1`` per
     iteration once ``omega`` is at least the optimal weight ``2 / (1 + sqrt(1 - theta^2))``,
     where ``theta^2`` is plain Sinkhorn's local rate [5]. The first 10 iterations are plain; the
