@@ -895,7 +895,7 @@ def plan_corpus(config: SynthesisConfig, excluded: Sequence[str] = ()) -> Corpus
     return CorpusPlan(jobs, text_info, source_files)
 
 
-def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
+def synthesize_corpus(config: SynthesisConfig, reuse_only: bool = False) -> CorpusSummary | None:
     """Build (or reuse) a synthetic Mandarin corpus; see the module docstring.
 
     Output in ``config.output_dir``: ``audio/{split}/*.wav`` (16-bit mono), ``{split}.jsonl``
@@ -904,7 +904,8 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts, and per
     test track the share of characters with a homophone and out of vocabulary: :func:`track_stats`).
 
-    A complete corpus made with the same settings is reused; a stale or partial one is replaced.
+    A complete corpus made with the same settings is reused; a stale or partial one is replaced, or with
+    ``reuse_only`` left as it is (the result is then None: nothing is built).
 
     Raises:
         FileNotFoundError: espeak-ng or a text source is not installed.
@@ -917,7 +918,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
     key = corpus_settings_hash(config, engine.version, excluded)
     cached = _load_complete_corpus(output_dir, key)
-    if cached is not None:
+    if cached is not None or reuse_only:
         return cached
     plan = plan_corpus(config, excluded)
     _remove_previous_output(output_dir)
