@@ -206,7 +206,7 @@ def _check_cost_values(cost, pair_mask, lambda1: float, lambda2: float, sigma: f
             "solve them: fix the features that gave the cost, or mark those frames/tokens invalid in "
             "source_mask/target_mask (costs on padded pairs are ignored)."
         )
-    prior = 0.0 if sigma is None else 0.5 / sigma**2
+    prior = 0.0 if sigma is None else _prior_weight(sigma)
     limit = _kernel_range_limit(cost.dtype)
     spans = [(value + lambda1) / lambda2 + prior for value in values]
     over = [b for b, span in enumerate(spans) if span > limit]
@@ -276,6 +276,12 @@ def _prior_log_from_gaps(gap_sq: torch.Tensor, source_mask, target_mask, sigma: 
     return gap_sq * (-0.5 / sigma**2 / scale_sq)
 
 
+def _prior_weight(sigma: float) -> float:
+    """``1 / (2 sigma^2)``, the prior's cost of one step off the diagonal; inf where ``sigma**2`` underflows to 0."""
+    variance = sigma**2
+    return 0.5 / variance if variance > 0 else math.inf
+
+
 def _order_reward_from_gaps(gap_sq: torch.Tensor, lambda1: float) -> torch.Tensor:
     """``S`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`order_reward`)."""
     return lambda1 / (gap_sq + 1.0)
@@ -311,6 +317,8 @@ def temporal_prior_log(
         ``log P``, 0 on padded pairs.
     """
     _check_positive(sigma, "sigma")
+    if not math.isfinite(_prior_weight(sigma)):
+        raise ValueError(f"sigma={sigma!r} is so small that sigma**2 underflows to 0: give a sigma above 1e-150.")
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
     return _prior_log_from_gaps(gap.square(), source_mask, target_mask, sigma).masked_fill(~pair_mask, 0.0)
 
@@ -672,8 +680,10 @@ def tot_sinkhorn(
             log_kernel = _log_kernel(cost, row_mask, col_mask, lambda1, lambda2, sigma, unbalanced=tau is not None)
             problem = _Problem.build(log_kernel, row_mask, col_mask, rho)
             coupling, (f, g), info = _sinkhorn(problem, max_iter, tol, warm_start)
+    if not math.isfinite(info["worst"]):  # the stopping test is false for NaN: name it instead
+        _raise_not_finite(coupling, lambda1, tau)
     if warn and tol > 0 and info["worst"] >= tol:
-        _warn_not_converged(info["converged"], info["worst"], max_iter, tol)
+        _warn_not_converged(info["converged"], info["worst"], max_iter, tol, None if tau is None else coupling)
     if not log:
         return coupling
     with torch.no_grad():
@@ -749,15 +759,44 @@ def _check_warm_start(warm_start, batch: int, n_rows: int, n_cols: int, device) 
         raise ValueError("warm_start holds NaN or infinite potentials: pass log['potentials'] of a finite solve.")
 
 
-def _warn_not_converged(converged: torch.Tensor, worst: float, max_iter: int, tol: float) -> None:
-    """Warn that the samples where ``converged`` (B,) is False stopped above ``tol``, naming them."""
+# Why an unbalanced plan's mass runs away, and what to change: where the order reward exceeds the cost, relaxed
+# marginals let the mass grow exponentially in (S - C) / tau (S up to lambda1), and more iterations do not help.
+_UNBALANCED_MASS_ADVICE = (
+    "With unbalanced marginals the plan's mass grows exponentially where the order reward exceeds the cost "
+    "(S - C > 0, S up to lambda1): lower lambda1, raise tau, or use costs that are not negative (cosine_cost)"
+)
+
+
+def _warn_not_converged(
+    converged: torch.Tensor, worst: float, max_iter: int, tol: float, unbalanced_plan: torch.Tensor | None
+) -> None:
+    """Warn that the samples where ``converged`` (B,) is False stopped above ``tol``, naming them; for an
+    unbalanced plan (``unbalanced_plan``) say its mass, since a runaway mass is the usual cause there."""
     failed = (~converged).nonzero().flatten().tolist()
+    advice = "Raise max_iter, or lambda2 (a smoother problem converges faster)"
+    if unbalanced_plan is not None:
+        mass = float(unbalanced_plan.detach().sum(dim=(1, 2)).max())
+        advice = f"The largest plan's mass is {mass:.3g} (1 when balanced). {_UNBALANCED_MASS_ADVICE}; else {advice[0].lower()}{advice[1:]}"
     warnings.warn(
         f"tot_sinkhorn did not converge in max_iter={max_iter} iterations for {len(failed)} of "
         f"{converged.numel()} samples (batch indices {_first(failed)}; largest marginal error {worst:.2e} > "
-        f"tol={tol}): their plans miss the marginals by that much. Raise max_iter, or lambda2 (a smoother "
-        "problem converges faster); log=True gives each sample's error.",
+        f"tol={tol}): their plans miss the marginals by that much. {advice}; log=True gives each sample's error.",
         stacklevel=3,
+    )
+
+
+def _raise_not_finite(coupling: torch.Tensor, lambda1: float, tau: float | None) -> None:
+    """Refuse a plan whose entries overflowed (only relaxed marginals let the mass grow without bound)."""
+    mass = coupling.detach().sum(dim=(1, 2))
+    bad = (~torch.isfinite(mass)).nonzero().flatten().tolist()
+    cause = (
+        f"{_UNBALANCED_MASS_ADVICE} (here lambda1={lambda1}, tau={tau})"
+        if tau is not None
+        else "Raise lambda2, or use float64 costs"
+    )
+    raise ValueError(
+        f"tot_sinkhorn's plan is not finite for sample(s) {_first(bad)} (batch indices): its entries overflowed "
+        f"(mass {float(mass[bad[0]]) if bad else math.nan}). {cause}."
     )
 
 
@@ -1097,10 +1136,11 @@ def _sinkhorn(problem: _Problem, max_iter: int, tol: float, init=None):
     return coupling, (f, g), info
 
 
-def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, mask: torch.Tensor) -> None:
+def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, mask: torch.Tensor) -> list[float]:
     """Refuse an intra-modal cost that is not a floating (B, L, L) tensor, or not finite and symmetric on valid pairs.
 
-    One reduction and one host sync: per sample, the largest ``|D|`` and ``|D - D^T|`` over valid pairs.
+    One reduction and one host sync: per sample, the largest ``|D|`` and ``|D - D^T|`` over valid pairs. Returns
+    the largest ``|D|`` of each sample (empty for an empty tensor).
     """
     if (
         not isinstance(intra, torch.Tensor)
@@ -1118,7 +1158,7 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
         )
     _check_same_device(mask, "the masks and cost", intra, name)
     if intra.numel() == 0:
-        return
+        return []
     pairs = mask[:, :, None] & mask[:, None, :]
     with torch.no_grad():
         size = intra.detach().masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
@@ -1136,6 +1176,39 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
             f"{name} is not symmetric on the valid pairs of sample(s) {_first(asymmetric)} (batch indices; largest "
             f"|D - D^T| = {max(skews):.3g}): the linearised Gromov-Wasserstein term assumes symmetric intra-modal "
             "costs such as cosine_cost(x, x); pass (D + D^T) / 2."
+        )
+    return sizes
+
+
+def _check_edge_range(cost, row_mask, col_mask, edge_sizes, alpha, lambda1, lambda2, sigma) -> None:
+    """Refuse edge costs whose Gromov-Wasserstein term takes the linearised cost beyond what the working dtype
+    resolves, where the node cost alone would not: the error then names them rather than ``cost``.
+
+    ``|L(D_A, D_L) (x) T| <= (max|D_A| + max|D_L|)^2`` for a plan of mass 1, so the linearised cost is at most
+    ``(1 - alpha) max|C| + 2 alpha (max|D_A| + max|D_L|)^2`` (``edge_sizes``: the largest ``|D_A|``, ``|D_L|`` of
+    each sample). One reduction over ``cost`` and one host sync.
+    """
+    if cost.numel() == 0:
+        return
+    dtype, pairs = _working_dtype(cost.dtype), row_mask[:, :, None] & col_mask[:, None, :]
+    with torch.no_grad():
+        node_sizes = cost.detach().to(dtype).masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1).tolist()
+    prior = 0.0 if sigma is None else _prior_weight(sigma)
+    limit = _kernel_range_limit(dtype)
+    spans, over = [], []
+    for b, (node, source, target) in enumerate(zip(node_sizes, *edge_sizes)):
+        without_edges = ((1 - alpha) * node + lambda1) / lambda2 + prior
+        spans.append(without_edges + 2 * alpha * (source + target) ** 2 / lambda2)
+        if without_edges <= limit < spans[-1]:
+            over.append(b)
+    if over:
+        b = max(over, key=lambda i: spans[i])
+        raise ValueError(
+            f"source_cost and target_cost are too large for fused_gw_sinkhorn in {dtype} in sample(s) {_first(over)} "
+            f"(batch indices): in sample {b} their largest |D| are {edge_sizes[0][b]:.4g} and {edge_sizes[1][b]:.4g}, so "
+            f"the Gromov-Wasserstein part of the linearised cost, up to 2 alpha (max|D_A| + max|D_L|)^2, spans "
+            f"{spans[b]:.4g} nats over lambda2 = {lambda2}, beyond the {limit:.4g} that {dtype} resolves. Scale the "
+            "edge costs down (e.g. cosine_cost(h, h), in [0, 2]), lower alpha, or raise lambda2."
         )
 
 
@@ -1214,7 +1287,7 @@ def fused_gw_loss(
         per_sample = (1 - alpha) * linear + alpha * (product * plan).sum(dim=(1, 2))
     if reduction == "none":
         return per_sample
-    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
+    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) != 0)  # a NaN plan counts: its loss is NaN
 
 
 def _check_alpha(alpha) -> None:
@@ -1356,8 +1429,9 @@ def fused_gw_sinkhorn(
     _check_alpha(alpha)
     _check_count(max_outer, "max_outer")
     _check_positive(outer_tol, "outer_tol", allow_zero=True)
-    _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
-    _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
+    source_sizes = _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
+    target_sizes = _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
+    _check_edge_range(cost, row_mask, col_mask, (source_sizes, target_sizes), alpha, lambda1, lambda2, sigma)
     solve = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=max_iter, tol=tol, grad=grad, warn=False)
     tolerances = (outer_tol, tol)
     dtype = _working_dtype(cost.dtype)
@@ -1466,7 +1540,8 @@ def barycentric_transport(
 
 
 def _masked_batch_mean(per_sample: torch.Tensor, sample_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_sample`` (B,) over the samples where ``sample_mask`` (B,) holds; 0 if none."""
+    """Mean of ``per_sample`` (B,) over the samples where ``sample_mask`` (B,) holds; 0 if none. A NaN in a
+    sample that counts makes the mean NaN (never a quiet 0)."""
     total = per_sample.masked_fill(~sample_mask, 0.0).sum()
     return total / sample_mask.sum().clamp(min=1).to(per_sample.dtype)
 
@@ -1505,7 +1580,7 @@ def ot_loss(coupling: torch.Tensor, cost: torch.Tensor, reduction: str = "mean")
     per_sample = (coupling * cost.to(dtype)).sum(dim=(1, 2))
     if reduction == "none":
         return per_sample
-    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
+    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) != 0)  # a NaN plan counts: its loss is NaN
 
 
 def align_loss(
