@@ -694,6 +694,42 @@ def finished_model_checkpoint(
     return next((path for path in candidates if checkpoint_problem(path) is None), resume_checkpoint)
 
 
+def trainer_state_step(checkpoint: str | None) -> int:
+    """The optimiser step a run resumed from `checkpoint` starts at (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
+
+
+def check_updates_were_made(trainer: TOTCAKTTrainer, start_step: int) -> None:
+    """
+    Fail a run in which every training batch (on every process) had a non-finite loss: each update was skipped, so
+    the model is as it started, and exiting with success would hide it. Names the cause to look at and what to do.
+    """
+    batches = (trainer.state.global_step - start_step) * trainer.args.gradient_accumulation_steps
+    counts = torch.tensor([trainer.nonfinite_loss_batches, batches], device=trainer.args.device)
+    skipped, total = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+    if total == 0 or skipped < total:
+        return
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    if config.alignment_is_unbalanced:
+        cause = (
+            f"With --alignment {config.alignment} an order reward above the cost (--tot_lambda1 "
+            f"{config.tot_lambda1}) makes the unbalanced plan's mass overflow: lower --tot_lambda1 or raise "
+            f"--uot_tau (now {config.uot_tau})."
+        )
+    else:
+        cause = (
+            "The warnings above give each batch's loss: a non-finite ctc_loss points at the data (non-finite audio "
+            "features) or a too high --learning_rate (with --fp16, try --bf16 or full precision); a non-finite "
+            "ot_loss or align_loss at the alignment's settings (--tot_lambda1, --tot_lambda2, --tot_sigma)."
+        )
+    raise RuntimeError(
+        f"Every one of the {total} training batches had a non-finite loss, so every update was skipped and the "
+        f"model was not trained. {cause}"
+    )
+
+
 def train_and_evaluate(
     trainer: TOTCAKTTrainer,
     vectorized_datasets: dict,
@@ -717,7 +753,9 @@ def train_and_evaluate(
             metrics = None  # save_final takes those of the run that trained
         train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
         if finished is None:
+            start_step = trainer_state_step(resume_checkpoint)
             metrics = trainer.train(resume_from_checkpoint=resume_checkpoint).metrics
+            check_updates_were_made(trainer, start_step)
             if train_samples is not None:
                 metrics["train_samples"] = train_samples
             trainer.log_metrics("train", metrics)

@@ -865,10 +865,17 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 if "plan_change" in solver
                 else ""
             )
+            advice = "Raise tot_max_iter"
+            if self.config.alignment_is_unbalanced:  # a runaway mass, not too few iterations, is the usual cause
+                advice = (
+                    f"The largest plan's mass is {float(solver['mass'].max()):.3g} (1 when balanced): far above 1, "
+                    "the order reward exceeds the cost, which unbalanced marginals turn into mass. Lower tot_lambda1 "
+                    "or raise uot_tau; else raise tot_max_iter"
+                )
             logger.warning_once(
                 f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
                 f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
-                "envelope gradient is exact only at the optimum. Raise tot_max_iter (training logs "
+                f"envelope gradient is exact only at the optimum. {advice} (training logs "
                 "solver_marginal_error and solver_iterations)."
             )
         transported = barycentric_transport(coupling, adapted, token_mask)
