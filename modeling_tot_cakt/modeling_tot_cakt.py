@@ -860,24 +860,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
             transport_cost = ot_loss(coupling, cost)
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
-            outer = (
-                f", plan change {float(solver['plan_change'].max()):.2e} after {solver['n_outer']} outer iterations"
-                if "plan_change" in solver
-                else ""
-            )
-            advice = "Raise tot_max_iter"
-            if self.config.alignment_is_unbalanced:  # a runaway mass, not too few iterations, is the usual cause
-                advice = (
-                    f"The largest plan's mass is {float(solver['mass'].max()):.3g} (1 when balanced): far above 1, "
-                    "the order reward exceeds the cost, which unbalanced marginals turn into mass. Lower tot_lambda1 "
-                    "or raise uot_tau; else raise tot_max_iter"
-                )
-            logger.warning_once(
-                f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
-                f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
-                f"envelope gradient is exact only at the optimum. {advice} (training logs "
-                "solver_marginal_error and solver_iterations)."
-            )
+            self._warn_not_converged(solver)
         transported = barycentric_transport(coupling, adapted, token_mask)
         return {
             "ot_loss": transport_cost,
@@ -886,6 +869,27 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             "solver_marginal_error": solver["marginal_error"].detach().max(),
             "solver_iterations": torch.tensor(float(solver["n_iter"]), device=cost.device),
         }
+
+    def _warn_not_converged(self, solver: dict) -> None:
+        """Warn once, in the configuration's terms, that the plans of `solver` (the solver's log) did not converge."""
+        outer = (
+            f", plan change {float(solver['plan_change'].max()):.2e} after {solver['n_outer']} outer iterations"
+            if "plan_change" in solver
+            else ""
+        )
+        advice = "Raise tot_max_iter"
+        if self.config.alignment_is_unbalanced:  # a runaway mass, not too few iterations, is the usual cause
+            advice = (
+                f"The largest plan's mass is {float(solver['mass'].max()):.3g} (1 when balanced): far above 1, "
+                "the order reward exceeds the cost, which unbalanced marginals turn into mass. Lower tot_lambda1 "
+                "or raise uot_tau; else raise tot_max_iter"
+            )
+        logger.warning_once(
+            f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
+            f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
+            f"envelope gradient is exact only at the optimum. {advice} (training logs "
+            "solver_marginal_error and solver_iterations)."
+        )
 
     def _losses(
         self,
