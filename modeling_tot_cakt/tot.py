@@ -615,6 +615,9 @@ def tot_sinkhorn(
           the plan's mass goes wrong (far beyond it, the plan is NaN). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
           range begins. Convergence is a separate matter: near the bound Sinkhorn is slow, which
           ``warn`` reports;
+        - a plan whose entries overflowed: only unbalanced marginals let the mass grow without
+          bound, where the order reward exceeds the cost (the message says to lower ``lambda1`` or
+          raise ``tau``); a finite mass that runs away is warned about with that advice;
         - masks on another device than ``cost``;
         - a size whose estimated peak memory (10 tensors of shape (B, N, M) in the working dtype)
           exceeds the device's memory (the physical memory on CPU; free plus cached on CUDA).
@@ -1408,7 +1411,9 @@ def fused_gw_sinkhorn(
         For what :func:`tot_sinkhorn` refuses (on ``C`` and on each linearised cost), an
         ``alpha`` outside [0, 1], ``max_outer`` not an integer >= 1, a negative ``outer_tol``,
         and edge costs of the wrong shape or device, or NaN, infinite or not symmetric on valid
-        pairs (one host sync each).
+        pairs (one host sync each), or so large that the Gromov-Wasserstein term alone takes the
+        linearised cost beyond what the working dtype resolves (the error names ``source_cost`` and
+        ``target_cost``, not ``cost``).
 
     Notes
     -----
