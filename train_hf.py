@@ -34,11 +34,13 @@ from transformers.trainer_callback import TrainerState
 from modeling_tot_cakt import TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.configuration_tot_cakt import (
     ADAPTER_TYPES,
+    ALIGNMENT_FIELDS,
     ALIGNMENT_MODES,
     CTC_INPUTS,
     CTC_REDUCTIONS,
     GRAD_MODES,
     TEACHER_TARGETS,
+    alignment_modes_reading,
 )
 from modeling_tot_cakt.processing_tot_cakt import upgrade_feature_extractor
 from modeling_tot_cakt.training.collator import DataCollatorCTCWithTeacher
@@ -552,10 +554,26 @@ def create_model(
         cache_dir=model_args.cache_dir,
         token=model_args.token,
     )
+    check_method_flags(method_args, model.config)
     pretrained_encoder = model_args.model_name_or_path or model_args.encoder_name_or_path
     if model_args.freeze_feature_encoder and pretrained_encoder and model.main_input_name == "input_values":
         model.freeze_feature_encoder()
     return model
+
+
+def check_method_flags(method_args: TOTCAKTArguments, config) -> None:
+    """Refuse alignment flags that the configuration's alignment does not read: they would change nothing, yet
+    be saved in config.json as if they had acted."""
+    given = [name for name, value in method_args.config_overrides().items() if value is not None]
+    unread = [name for name in given if name in ALIGNMENT_FIELDS and name not in config.alignment_fields]
+    if unread:
+        flags = "; ".join(
+            f"--{name} is read by --alignment {'/'.join(alignment_modes_reading(name))}" for name in unread
+        )
+        raise ValueError(
+            f"This run's alignment is {config.alignment!r}, which does not read {', '.join('--' + n for n in unread)}: "
+            f"{flags}. Drop the flag, or choose an alignment that reads it."
+        )
 
 
 @dataclass
@@ -708,6 +726,42 @@ def finished_model_checkpoint(
     return next((path for path in candidates if checkpoint_problem(path) is None), resume_checkpoint)
 
 
+def trainer_state_step(checkpoint: str | None) -> int:
+    """The optimiser step a run resumed from `checkpoint` starts at (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
+
+
+def check_updates_were_made(trainer: TOTCAKTTrainer, start_step: int) -> None:
+    """
+    Fail a run in which every training batch (on every process) had a non-finite loss: each update was skipped, so
+    the model is as it started, and exiting with success would hide it. Names the cause to look at and what to do.
+    """
+    batches = (trainer.state.global_step - start_step) * trainer.args.gradient_accumulation_steps
+    counts = torch.tensor([trainer.nonfinite_loss_batches, batches], device=trainer.args.device)
+    skipped, total = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+    if total == 0 or skipped < total:
+        return
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    if config.alignment_is_unbalanced:
+        cause = (
+            f"With --alignment {config.alignment} an order reward above the cost (--tot_lambda1 "
+            f"{config.tot_lambda1}) makes the unbalanced plan's mass overflow: lower --tot_lambda1 or raise "
+            f"--uot_tau (now {config.uot_tau})."
+        )
+    else:
+        cause = (
+            "The warnings above give each batch's loss: a non-finite ctc_loss points at the data (non-finite audio "
+            "features) or a too high --learning_rate (with --fp16, try --bf16 or full precision); a non-finite "
+            "ot_loss or align_loss at the alignment's settings (--tot_lambda1, --tot_lambda2, --tot_sigma)."
+        )
+    raise RuntimeError(
+        f"Every one of the {total} training batches had a non-finite loss, so every update was skipped and the "
+        f"model was not trained. {cause}"
+    )
+
+
 def train_and_evaluate(
     trainer: TOTCAKTTrainer,
     vectorized_datasets: dict,
@@ -731,7 +785,9 @@ def train_and_evaluate(
             metrics = None  # save_final takes those of the run that trained
         train_samples = None if data_args.streaming else len(vectorized_datasets["train"])
         if finished is None:
+            start_step = trainer_state_step(resume_checkpoint)
             metrics = trainer.train(resume_from_checkpoint=resume_checkpoint).metrics
+            check_updates_were_made(trainer, start_step)
             if train_samples is not None:
                 metrics["train_samples"] = train_samples
             trainer.log_metrics("train", metrics)

@@ -9,7 +9,7 @@ arguments come from a demo preset (:mod:`modeling_tot_cakt.demo`), so the benchm
 
 Reported (``--output``, default ``docs/results/quality.json``): dev and test CER per run and as
 mean +- std per method, the test errors of every run split into homophone substitutions and other
-errors (:mod:`modeling_tot_cakt.demo.error_analysis`), the paired differences TOT-CAKT - CTC-only and
+errors (:mod:`modeling_tot_cakt.training.error_analysis`), the paired differences TOT-CAKT - CTC-only and
 TOT-CAKT - OT-CAKT over the seeds run by both methods with 95 % t-intervals, the dev-CER-vs-step
 curve of every run (periodic evaluation during training), and for each method the steps it needs
 to reach the CER that CTC-only reaches at the end (``--target_cer`` overrides). ``--plot`` (default ``docs/results/quality_curves.png``) draws
@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -206,15 +206,15 @@ def track_scores(errors: dict[str, dict]) -> dict:
     return scores
 
 
-def greedy_scores(paths: demo.DemoPaths) -> dict:
+def greedy_scores(stages: demo.DemoStages) -> dict:
     """:func:`track_scores` of every test track of the run's corpus, decoded greedily."""
-    return track_scores({track: demo.error_split_stage(paths, track) for track in test_tracks(paths.corpus)})
+    return track_scores({track: stages.error_split(track) for track in test_tracks(stages.paths.corpus)})
 
 
-def lm_decoding(preset: demo.DemoPreset, paths: demo.DemoPaths, arpa: str) -> dict:
+def lm_decoding(stages: demo.DemoStages, arpa: str) -> dict:
     """A run's dev and test tracks decoded with the character language model (weights chosen on dev)."""
-    tracks = test_tracks(paths.corpus)
-    decoding = demo.decoding_stage(preset, paths, arpa, tracks)
+    tracks = test_tracks(stages.paths.corpus)
+    decoding = stages.decode_with_language_model(arpa, tracks)
     return {
         "weights": {name: decoding["weights"][name] for name in ("alpha", "beta", "beam_width")},
         "dev_cer": decoding["dev"]["lm"]["cer"],
@@ -225,51 +225,43 @@ def lm_decoding(preset: demo.DemoPreset, paths: demo.DemoPaths, arpa: str) -> di
 
 
 def run_once(
-    preset: demo.DemoPreset,
-    base: demo.DemoPaths,
-    run_dir: Path,
+    stages: demo.DemoStages,
     threads: int | None,
     score_in_process: bool = False,
     rescore: bool = False,
     language_model: str | None = None,
     method: str | None = None,
 ) -> dict:
-    """Train and evaluate one run (or reuse a completed one: its record as it is, or with its test error
-    split decoded again by the current code when ``rescore``); with `language_model` (an ARPA file) its dev and
-    test are also decoded with it (``result["lm"]``). `method` (a key of :data:`METHODS`; default: the
-    alignment) names the run in its record. Returns its result record."""
-    paths = demo.DemoPaths(
-        root=run_dir,
-        corpus=base.corpus,
-        teacher=base.teacher,
-        model=run_dir / "model",
-        cache=base.cache,
-        encoder_root=base.encoder_root,
-    )
-    result_file = run_dir / "result.json"
+    """Train and evaluate one run, the stages of :meth:`~modeling_tot_cakt.demo.run_demo.DemoStages.for_run` (or
+    reuse a completed one: its record as it is, or with its test error split decoded again by the current code when
+    ``rescore``); with `language_model` (an ARPA file) its dev and test are also decoded with it (``result["lm"]``).
+    `method` (a key of :data:`METHODS`; default: the alignment) names the run in its record. Returns its result
+    record."""
+    result_file = stages.paths.root / "result.json"
     environment = {"OMP_NUM_THREADS": str(threads)} if threads else None
     start = time.perf_counter()
-    reused = demo.train_stage(preset, paths, echo=False, environment=environment)
+    reused = stages.train(echo=False, environment=environment)
     if reused and result_file.is_file():
         result = json.loads(result_file.read_text(encoding="utf-8"))
         result.setdefault("method", method or result["alignment"])
         if rescore:
-            result.update(greedy_scores(paths))
+            result.update(greedy_scores(stages))
         if language_model and (rescore or "lm" not in result):
-            result["lm"] = lm_decoding(preset, paths, language_model)
+            result["lm"] = lm_decoding(stages, language_model)
         result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
     train_seconds = time.perf_counter() - start
-    scores = greedy_scores(paths)
+    scores = greedy_scores(stages)
     if score_in_process:
-        evaluation = {"dev": demo.error_split_stage(paths, "dev"), "test": scores["test_errors"]}
+        evaluation = {"dev": stages.error_split("dev"), "test": scores["test_errors"]}
     else:
-        evaluation = demo.evaluate_stage(preset, paths, echo=False, environment=environment)
-    summary = demo.training_summary(paths.model)
+        evaluation = stages.evaluate(echo=False, environment=environment)
+    summary = stages.training_summary()
+    train = stages.preset.train
     result = {
-        "method": method or preset.train["alignment"],
-        "alignment": preset.train["alignment"],
-        "seed": preset.train["seed"],
+        "method": method or train["alignment"],
+        "alignment": train["alignment"],
+        "seed": train["seed"],
         "dev_cer": evaluation["dev"]["cer"],
         "test_cer": evaluation["test"]["cer"],
         "steps": summary["steps"],
@@ -279,10 +271,10 @@ def run_once(
         "dev_cer_by_step": summary["dev_cer_by_step"],
         **knowledge_share_record(summary),
         **scores,
-        "model_dir": str(paths.model),
+        "model_dir": str(stages.paths.model),
     }
     if language_model:
-        result["lm"] = lm_decoding(preset, paths, language_model)
+        result["lm"] = lm_decoding(stages, language_model)
     result_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -527,7 +519,8 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(bench.threads_per_run)  # in-process scoring, like the runs themselves
-    preset = demo.load_preset(args.demo_preset or bench.demo_preset)
+    stages = demo.DemoStages.create(args.demo_work_dir, demo.load_preset(args.demo_preset or bench.demo_preset))
+    preset, build = stages.preset, not args.report_only  # a report trains and builds nothing
     overrides = dict(bench.train_overrides)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
@@ -536,17 +529,15 @@ def main(argv=None) -> dict:
         if not separator or not key:
             parser.error(f"--override takes KEY=VALUE, got {item!r}.")
         overrides[key] = yaml.safe_load(value)
-    base = demo.DemoPaths.create(args.demo_work_dir, preset)
-    base.root.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.work_dir).resolve() / args.preset / args.label
-    corpus = demo.synthesize_stage(preset, base)
-    teacher = demo.teacher_stage(preset, base)
-    encoder = demo.encoder_stage(preset, base)
-    language_model = demo.language_model_stage(preset, base)["arpa"] if args.lm else None
+    if build:
+        stages.paths.root.mkdir(parents=True, exist_ok=True)
+    corpus, teacher, encoder = stages.corpus(build), stages.teacher(build), stages.encoder(build)
+    language_model = stages.language_model()["arpa"] if args.lm and build else None
     methods = args.methods or list(bench.methods)
     untrained = None
-    if not args.report_only and any(method_settings(method)[1] == "untrained" for method in methods):
-        untrained = untrained_teacher(base.teacher, base.root / "teacher_untrained")
+    if build and any(method_settings(method)[1] == "untrained" for method in methods):
+        untrained = untrained_teacher(stages.paths.teacher, stages.paths.root / "teacher_untrained")
 
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in methods]
     runs: list[dict] = []
@@ -563,15 +554,17 @@ def main(argv=None) -> dict:
             "train_arguments": {**preset.train, **overrides},
             "parallel_runs": bench.parallel,
             "threads_per_run": bench.threads_per_run,
-            "corpus": {
-                "dir": str(base.corpus),
+            "corpus": corpus
+            and {
+                "dir": str(stages.paths.corpus),
                 "utterances": corpus.num_utterances,
                 "vocabulary_size": corpus.info["vocabulary_size"],
                 "test_tracks": corpus.info.get("test_tracks"),
             },
             "label": args.label,
-            "teacher": {
-                "dir": str(base.teacher),
+            "teacher": teacher
+            and {
+                "dir": str(stages.paths.teacher),
                 "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"],
                 "homophone_choice": teacher.report.get("homophone_choice"),
             },
@@ -599,19 +592,13 @@ def main(argv=None) -> dict:
                 record(report_complete=False)
             return
         settings, teacher_kind = method_settings(method)
-        run_preset = demo.DemoPreset(
-            name=preset.name,
-            source=preset.source,
-            synthesis=preset.synthesis,
-            teacher=preset.teacher,
+        run_stages = stages.for_run(
+            runs_dir / f"{method}-seed{seed}",
             train={**preset.train, **overrides, **settings, "seed": seed},
-            encoder=preset.encoder,
-            lm=preset.lm,
+            teacher=untrained if teacher_kind == "untrained" else None,
         )
         result = run_once(
-            run_preset,
-            base if teacher_kind == "trained" else replace(base, teacher=untrained),
-            runs_dir / f"{method}-seed{seed}",
+            run_stages,
             bench.threads_per_run,
             bench.score_in_process,
             rescore=args.rescore,

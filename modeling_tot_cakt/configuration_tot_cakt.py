@@ -9,6 +9,52 @@ from transformers import AutoConfig, PreTrainedConfig
 from .tot import GRAD_MODES
 
 ALIGNMENT_MODES = ("tot", "ot", "uot", "tot_uot", "gmot", "tot_gmot", "none")
+# What each alignment mode is, said here only (the model, the card and the CLI read the configuration's properties):
+# whether it adds TOT's order reward and temporal prior (ordered), relaxes the marginals (unbalanced), and adds the
+# Gromov-Wasserstein term over the edges within each modality (graph). "none" aligns nothing.
+_MODE_KINDS = {
+    "tot": dict(ordered=True, unbalanced=False, graph=False),
+    "ot": dict(ordered=False, unbalanced=False, graph=False),
+    "uot": dict(ordered=False, unbalanced=True, graph=False),
+    "tot_uot": dict(ordered=True, unbalanced=True, graph=False),
+    "gmot": dict(ordered=False, unbalanced=False, graph=True),
+    "tot_gmot": dict(ordered=True, unbalanced=False, graph=True),
+    "none": dict(ordered=False, unbalanced=False, graph=False),
+}
+# The fields that only an alignment reads: those of every alignment, then those of each kind.
+_SHARED_ALIGNMENT_FIELDS = (
+    "tot_lambda2",
+    "tot_max_iter",
+    "tot_tol",
+    "tot_grad",
+    "ot_loss_weight",
+    "align_loss_weight",
+    "kd_loss_weight",
+    "kd_top_k",
+    "teacher_target",
+    "align_layer",
+)
+_KIND_FIELDS = {
+    "ordered": ("tot_lambda1", "tot_sigma"),
+    "unbalanced": ("uot_tau",),
+    "graph": ("gmot_alpha", "gmot_max_outer"),
+}
+ALIGNMENT_FIELDS = _SHARED_ALIGNMENT_FIELDS + sum(_KIND_FIELDS.values(), ())
+
+
+def _alignment_fields(mode: str) -> tuple[str, ...]:
+    """The fields of `ALIGNMENT_FIELDS` that the alignment `mode` reads (none for `"none"`)."""
+    if mode == "none":
+        return ()
+    kinds = _MODE_KINDS[mode]
+    return _SHARED_ALIGNMENT_FIELDS + sum((fields for kind, fields in _KIND_FIELDS.items() if kinds[kind]), ())
+
+
+def alignment_modes_reading(field: str) -> tuple[str, ...]:
+    """The alignment modes that read the configuration field `field` (one of `ALIGNMENT_FIELDS`)."""
+    return tuple(mode for mode in ALIGNMENT_MODES if field in _alignment_fields(mode))
+
+
 CTC_REDUCTIONS = ("mean", "sum")
 # What the CTC head reads: the encoder's frames, or those frames mapped by the adapter into the teacher's space.
 CTC_INPUTS = ("encoder", "adapter")
@@ -140,12 +186,11 @@ class TOTCAKTConfig(PreTrainedConfig):
         gmot_max_outer (`int`, defaults to 50):
             Maximum number of outer iterations of the `"gmot"` and `"tot_gmot"` modes (each linearises the
             Gromov-Wasserstein term and solves one warm-started transport problem of at most `tot_max_iter`
-            iterations); they stop earlier once the plan changes by less than `tot_tol` (L1). On random
-            features about 15 reach 1e-4 (40 frames, 6 tokens).
+            iterations); they stop earlier once the plan changes by less than `tot_tol` (L1).
         tot_max_iter (`int`, defaults to 1000):
-            Maximum number of Sinkhorn iterations. The over-relaxed solver reaches a marginal error of 1e-4 in
-            at most 480 iterations for up to 1000 frames and 100 tokens (docs/RESULTS.md); a plan that has not
-            converged is logged (`solver_marginal_error`) and warned about once.
+            Maximum number of Sinkhorn iterations, a margin over what the solver needs for up to 1000 frames
+            and 100 tokens (docs/RESULTS.md, "Convergence"); a plan that has not converged is logged
+            (`solver_marginal_error`) and warned about once.
         tot_tol (`float`, defaults to 1e-4):
             Stop when the marginal error falls below this value.
         tot_grad (`str`, defaults to `"envelope"`):
@@ -338,6 +383,26 @@ class TOTCAKTConfig(PreTrainedConfig):
     def uses_teacher(self) -> bool:
         """Whether training needs the frozen teacher (False for the CTC-only baseline)."""
         return self.alignment != "none"
+
+    @property
+    def alignment_is_ordered(self) -> bool:
+        """Whether the alignment adds TOT's order reward and temporal prior (`tot_lambda1`, `tot_sigma`)."""
+        return _MODE_KINDS[self.alignment]["ordered"]
+
+    @property
+    def alignment_is_unbalanced(self) -> bool:
+        """Whether the alignment relaxes the marginals by KL penalties of weight `uot_tau`."""
+        return _MODE_KINDS[self.alignment]["unbalanced"]
+
+    @property
+    def alignment_is_graph_matching(self) -> bool:
+        """Whether the alignment adds the Gromov-Wasserstein term over the edges (`gmot_alpha`, `gmot_max_outer`)."""
+        return _MODE_KINDS[self.alignment]["graph"]
+
+    @property
+    def alignment_fields(self) -> tuple[str, ...]:
+        """The fields of `ALIGNMENT_FIELDS` that this configuration's alignment reads (none for `"none"`)."""
+        return _alignment_fields(self.alignment)
 
     @property
     def has_adapter(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModel,
@@ -22,7 +23,15 @@ from transformers import (
     PreTrainedTokenizerBase,
     Wav2Vec2CTCTokenizer,
 )
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+    logging,
+)
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import (
@@ -157,63 +166,146 @@ RESTORE_ADVICE = (
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
+def saved_file(name_or_path, filename: str, kwargs: dict) -> str | None:
+    """The local path of `filename` in the saved model `name_or_path` (downloaded if need be), or None if absent."""
+    return cached_file(
+        name_or_path,
+        filename,
+        _raise_exceptions_for_gated_repo=False,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_options(kwargs),
+    )
+
+
+def read_weights_shapes(path) -> tuple[dict | None, str | None]:
     """
-    What is wrong with the `config.json` of the saved model `name_or_path` (it does not parse, `config_class`
-    refuses it, or it lacks the `encoder_config` every saved one has), or None when it loads or is not there at
-    all (transformers' own message then says so).
+    `(shapes, None)` for a whole safetensors file `path` (tensor name -> shape, read from its header alone), else
+    `(None, what is wrong)`: safetensors checks that the file holds exactly the bytes its header describes, so a
+    file cut off anywhere, or one that is not safetensors at all, is named here.
+    """
+    try:
+        with safe_open(path, framework="pt") as weights:
+            names = weights.keys()
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in names}, None
+    except (SafetensorError, OSError) as error:  # OSError: a shard the index names is missing
+        return None, f"{path}: {error}"
+
+
+def weights_shapes(name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
+    """
+    The tensors' shapes (name -> shape) in the saved model's `model.safetensors`, or in every shard its
+    `model.safetensors.index.json` names, and None; or None and what is wrong with one of those files. A model
+    without safetensors weights gives `(None, None)`: nothing to check.
+    """
+    single = saved_file(name_or_path, SAFE_WEIGHTS_NAME, kwargs)
+    if single is not None:
+        return read_weights_shapes(single)
+    index = saved_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, kwargs)
+    if index is None:
+        return None, None
+    try:
+        shards, _ = get_checkpoint_shard_files(name_or_path, index, **hub_options(kwargs))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, no weight_map, ...
+        return None, f"{index} is not a readable weights index ({type(error).__name__}: {error})"
+    shapes = {}
+    for shard in shards:
+        shard_shapes, problem = read_weights_shapes(shard)
+        if problem is not None:
+            return None, problem
+        shapes.update(shard_shapes)
+    return shapes, None
+
+
+def saved_config_dict(config_class, name_or_path, kwargs: dict) -> tuple[dict | None, str | None]:
+    """
+    `(fields, None)` when the `config.json` of the saved model `name_or_path` is a TOT-CAKT configuration, else
+    `(None, what is wrong)`: it does not parse, `config_class` refuses it, or it lacks the `encoder_config` every
+    saved one has. `(None, None)` when there is no `config.json` at all (transformers' own message then says so).
     """
     where = f"'{name_or_path}'"
+    if saved_file(name_or_path, CONFIG_NAME, kwargs) is None:
+        return None, None
     try:
         config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+    except OSError:  # the file is there (checked above) but cannot be parsed
+        return None, f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
+    except Exception as error:  # parsed, but not a JSON object of fields
+        config_dict = error
+    try:
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"it does not hold a JSON object of fields ({config_dict})")
         config_class.from_dict(config_dict)
-    except OSError as error:
-        if "valid JSON" not in str(error):
-            return None
-        return f"The config.json of {where} is not valid JSON: it was cut off or damaged. {RESTORE_ADVICE}"
     except Exception as error:  # whatever the configuration class refuses
         reason = f"{type(error).__name__}: {error}"
         reason = reason if len(reason) <= 200 else f"{reason[:200]}..."
-        return (
+        return None, (
             f"The config.json of {where} is not a valid TOT-CAKT configuration ({reason}): it was damaged or edited. "
             f"{RESTORE_ADVICE}"
         )
     if "encoder_config" not in config_dict:  # saved configurations always have it; without it a default is built
-        return (
+        return None, (
             f"The config.json of {where} has no encoder_config (the acoustic encoder's configuration): it was damaged "
             f"or edited. {RESTORE_ADVICE}"
         )
-    return None
+    return config_dict, None
 
 
-def damaged_folder_problem(config_class, name_or_path, error: Exception, kwargs: dict) -> str | None:
+def config_file_problem(config_class, name_or_path, kwargs: dict) -> str | None:
+    """What is wrong with the `config.json` of the saved model `name_or_path` ([`saved_config_dict`]), or None."""
+    return saved_config_dict(config_class, name_or_path, kwargs)[1]
+
+
+def shape_mismatches(model_class, config, saved_shapes: dict) -> list[str]:
     """
-    The file of the saved model `name_or_path` that explains why loading it raised `error`, and what to do,
-    or None when its files do not explain it (the error is then the one to show):
+    The saved tensors (name -> shape) whose shapes differ from those of `model_class` built from `config`, each as
+    `name (saved shape) instead of (shape)`. Saved names may lack or carry the base model's prefix, as
+    transformers loads them. The model is built on the meta device: no memory, no initialisation.
+    """
+    with torch.device("meta"):
+        shapes = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+    prefix = f"{model_class.base_model_prefix}."
+    wrong = []
+    for name, saved in saved_shapes.items():
+        match = next((key for key in (name, prefix + name, name.removeprefix(prefix)) if key in shapes), None)
+        if match is not None and saved != shapes[match]:
+            wrong.append(f"{name} {saved} instead of {shapes[match]}")
+    return wrong
 
-    - a weights file that safetensors cannot read (cut off by an interrupted copy or download);
-    - a `config.json` that does not parse or is not a TOT-CAKT configuration ([`config_file_problem`]);
-    - weights whose shapes do not fit `config.json` (an edited or foreign configuration, e.g. another
-      `vocab_size`).
+
+def damaged_folder_problem(model_class, name_or_path, kwargs: dict) -> str | None:
+    """
+    The file of the saved model `name_or_path` that keeps `model_class` from loading it, and what to do, or None
+    when its files are sound (an error in loading it is then not theirs). The files are checked themselves:
+
+    - the weights (`model.safetensors`, or the shards its index names): each must hold exactly the bytes its
+      header describes ([`read_weights_shapes`]);
+    - `config.json` must parse and be a TOT-CAKT configuration ([`saved_config_dict`]);
+    - the weights' shapes must be those the configuration describes (an edited or foreign `config.json`, e.g.
+      another `vocab_size`) unless the caller passed a configuration of their own.
     """
     where = f"'{name_or_path}'"
-    if type(error).__name__ == "SafetensorError":
+    saved_shapes, problem = weights_shapes(name_or_path, kwargs)
+    if problem is not None:
         return (
             f"The weights of {where} cannot be read: its model.safetensors (or a shard its "
-            f"model.safetensors.index.json names) is cut off or damaged ({error}). {RESTORE_ADVICE}"
+            f"model.safetensors.index.json names) is cut off or damaged ({problem}). {RESTORE_ADVICE}"
         )
-    problem = config_file_problem(config_class, name_or_path, kwargs)
-    if problem is not None or not (isinstance(error, RuntimeError) and "mismatched" in str(error)):
+    config_dict, problem = saved_config_dict(model_class.config_class, name_or_path, kwargs)
+    if problem is not None or saved_shapes is None or config_dict is None:
         return problem
-    config_dict, _ = config_class.get_config_dict(name_or_path, **hub_options(kwargs))
+    config = model_class.config_class.from_dict(config_dict)
     given = kwargs.get("config")
-    if given is not None and comparable(given) != comparable(config_class.from_dict(config_dict)):
-        return None  # the caller's configuration, not the folder's, does not fit the weights
+    if given is not None and comparable(given) != comparable(config):
+        return None  # the caller's configuration, not the folder's, decides the shapes
+    wrong = shape_mismatches(model_class, config, saved_shapes)
+    if not wrong:
+        return None
     lacking = "" if "vocab_size" in config_dict else " (it has no vocab_size)"
+    more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
     return (
-        f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}; "
-        "the load report above lists them. config.json was damaged, edited or belongs to another model. "
-        f"{RESTORE_ADVICE}"
+        f"The weights in model.safetensors of {where} do not have the shapes its config.json describes{lacking}: "
+        f"{'; '.join(wrong[:3])}{more}. config.json was damaged, edited or belongs to another model. {RESTORE_ADVICE}"
     )
 
 
@@ -234,14 +326,7 @@ def vocabulary_problem(name_or_path, vocab_size: int, kwargs: dict) -> str | Non
     `vocab_size` symbols, one per output of the CTC head; a folder without `vocab.json` has nothing to check.
     """
     hub_kwargs = hub_options(kwargs)
-    vocab_file = cached_file(
-        name_or_path,
-        "vocab.json",
-        _raise_exceptions_for_gated_repo=False,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
+    vocab_file = saved_file(name_or_path, "vocab.json", kwargs)
     if vocab_file is None:
         return None
     try:
@@ -483,7 +568,7 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
         except Exception as err:  # re-raised as it is unless the folder's files explain it
-            damage = damaged_folder_problem(cls.config_class, pretrained_model_name_or_path, err, kwargs)
+            damage = damaged_folder_problem(cls, pretrained_model_name_or_path, kwargs)
             if damage is None:
                 raise
             raise ValueError(damage) from err
@@ -1010,12 +1095,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         """
         adapted = adapted.float()
         cost = cosine_cost(adapted, tokens)
-        plain = self.config.alignment in ("ot", "uot", "gmot")  # no order reward, no temporal prior
-        unbalanced = self.config.alignment in ("uot", "tot_uot")
+        ordered = self.config.alignment_is_ordered  # else no order reward, no temporal prior
         settings = dict(
-            lambda1=0.0 if plain else self.config.tot_lambda1,
+            lambda1=self.config.tot_lambda1 if ordered else 0.0,
             lambda2=self.config.tot_lambda2,
-            sigma=None if plain else self.config.tot_sigma,
+            sigma=self.config.tot_sigma if ordered else None,
             max_iter=self.config.tot_max_iter,
             tol=self.config.tot_tol,
             grad=self.config.tot_grad,
@@ -1027,7 +1111,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # the trainer's loss scaling skips, as before.
         finite = dict(nan=1.0, posinf=2.0, neginf=0.0)
         finite_cost = cost.nan_to_num(**finite)
-        if self.config.alignment in ("gmot", "tot_gmot"):  # edges: cosine distances within each modality
+        if self.config.alignment_is_graph_matching:  # edges: cosine distances within each modality
             edges = cosine_cost(adapted, adapted), cosine_cost(tokens, tokens)
             finite_edges = [edge.nan_to_num(**finite) for edge in edges]
             coupling, solver = fused_gw_sinkhorn(
@@ -1046,22 +1130,12 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
                 finite_cost,
                 frame_mask,
                 token_mask,
-                tau=self.config.uot_tau if unbalanced else None,
+                tau=self.config.uot_tau if self.config.alignment_is_unbalanced else None,
                 **settings,
             )
             transport_cost = ot_loss(coupling, cost)
         if self.config.tot_tol > 0 and not torch.compiler.is_compiling() and not bool(solver["converged"].all()):
-            outer = (
-                f", plan change {float(solver['plan_change'].max()):.2e} after {solver['n_outer']} outer iterations"
-                if "plan_change" in solver
-                else ""
-            )
-            logger.warning_once(
-                f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
-                f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
-                "envelope gradient is exact only at the optimum. Raise tot_max_iter (training logs "
-                "solver_marginal_error and solver_iterations)."
-            )
+            self._warn_not_converged(solver)
         transported = barycentric_transport(coupling, adapted, token_mask)
         return {
             "ot_loss": transport_cost,
@@ -1070,6 +1144,27 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             "solver_marginal_error": solver["marginal_error"].detach().max(),
             "solver_iterations": torch.tensor(float(solver["n_iter"]), device=cost.device),
         }
+
+    def _warn_not_converged(self, solver: dict) -> None:
+        """Warn once, in the configuration's terms, that the plans of `solver` (the solver's log) did not converge."""
+        outer = (
+            f", plan change {float(solver['plan_change'].max()):.2e} after {solver['n_outer']} outer iterations"
+            if "plan_change" in solver
+            else ""
+        )
+        advice = "Raise tot_max_iter"
+        if self.config.alignment_is_unbalanced:  # a runaway mass, not too few iterations, is the usual cause
+            advice = (
+                f"The largest plan's mass is {float(solver['mass'].max()):.3g} (1 when balanced): far above 1, "
+                "the order reward exceeds the cost, which unbalanced marginals turn into mass. Lower tot_lambda1 "
+                "or raise uot_tau; else raise tot_max_iter"
+            )
+        logger.warning_once(
+            f"The transport plan did not converge in tot_max_iter={self.config.tot_max_iter} iterations (largest "
+            f"marginal error {float(solver['marginal_error'].max()):.2e}{outer}, tot_tol={self.config.tot_tol}); the "
+            f"envelope gradient is exact only at the optimum. {advice} (training logs "
+            "solver_marginal_error and solver_iterations)."
+        )
 
     def _losses(
         self,

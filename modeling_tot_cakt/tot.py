@@ -55,6 +55,7 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -205,7 +206,7 @@ def _check_cost_values(cost, pair_mask, lambda1: float, lambda2: float, sigma: f
             "solve them: fix the features that gave the cost, or mark those frames/tokens invalid in "
             "source_mask/target_mask (costs on padded pairs are ignored)."
         )
-    prior = 0.0 if sigma is None else 0.5 / sigma**2
+    prior = 0.0 if sigma is None else _prior_weight(sigma)
     limit = _kernel_range_limit(cost.dtype)
     spans = [(value + lambda1) / lambda2 + prior for value in values]
     over = [b for b, span in enumerate(spans) if span > limit]
@@ -275,6 +276,12 @@ def _prior_log_from_gaps(gap_sq: torch.Tensor, source_mask, target_mask, sigma: 
     return gap_sq * (-0.5 / sigma**2 / scale_sq)
 
 
+def _prior_weight(sigma: float) -> float:
+    """``1 / (2 sigma^2)``, the prior's cost of one step off the diagonal; inf where ``sigma**2`` underflows to 0."""
+    variance = sigma**2
+    return 0.5 / variance if variance > 0 else math.inf
+
+
 def _order_reward_from_gaps(gap_sq: torch.Tensor, lambda1: float) -> torch.Tensor:
     """``S`` (B, N, M) from the squared gaps ``(u_i - v_j)^2``, on every pair (:func:`order_reward`)."""
     return lambda1 / (gap_sq + 1.0)
@@ -310,6 +317,8 @@ def temporal_prior_log(
         ``log P``, 0 on padded pairs.
     """
     _check_positive(sigma, "sigma")
+    if not math.isfinite(_prior_weight(sigma)):
+        raise ValueError(f"sigma={sigma!r} is so small that sigma**2 underflows to 0: give a sigma above 1e-150.")
     gap, pair_mask = _position_gaps(source_mask, target_mask, dtype)
     return _prior_log_from_gaps(gap.square(), source_mask, target_mask, sigma).masked_fill(~pair_mask, 0.0)
 
@@ -386,8 +395,8 @@ def cosine_cost(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -
 def _logsumexp_last(summand: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp over the last axis of a temporary tensor, which may be overwritten.
 
-    Without autograd it works in place (no temporaries; 10-30% faster than
-    ``torch.logsumexp`` in the whole solve on CPU); with autograd it calls ``torch.logsumexp``,
+    Without autograd it works in place (no temporaries, so faster than ``torch.logsumexp`` on
+    CPU); with autograd it calls ``torch.logsumexp``,
     whose backward needs the input intact. The inputs here never hold infinities (padding is
     finite), so no guard against ``inf - inf`` is needed.
     """
@@ -500,8 +509,7 @@ def tot_sinkhorn(
     optimal weight ``2 / (1 + sqrt(1 - r))`` [5], and 1.9 where ``r > 0.9`` (nearly balanced).
     Their marginal error is measured against the marginals that the updates aim at,
     ``mu exp(-lambda2 f / tau)`` and ``nu exp(-lambda2 g / tau)`` (the residual of the fixed point);
-    at ``tau = 1`` on random features the default ``tol`` is reached in about 20 iterations, at
-    ``tau = 100`` in about 90 (``N = 1000, M = 50``).
+    the smaller ``tau``, the fewer iterations (docs/RESULTS.md, "Solver speed").
 
     Parameters
     ----------
@@ -527,10 +535,10 @@ def tot_sinkhorn(
         moving mass ``k`` tokens off the diagonal costs about ``0.05 k^2`` in cost units.
     max_iter : int, optional
         Maximum number of Sinkhorn iterations (each is one ``f`` and one ``g`` update), >= 1.
-        The default 1000 leaves a margin: with the default parameters (float32) the error
-        reaches 1e-4 within 80 iterations on random 64-d features for ``N <= 1000, M <= 50`` and
-        within 160 for ``M = 100``; on features aligned with their tokens (a trained model's),
-        within 480 at ``N = 1000, M = 100``.
+        The default 1000 leaves a margin over the iterations that the default parameters need
+        to reach the default ``tol`` at ``N <= 1000, M <= 100`` (docs/RESULTS.md, "Convergence:
+        iterations to reach 1e-4"); features aligned with their tokens (a trained model's) need
+        the most.
     tol : float, optional
         Stopping threshold on the L1 marginal error of the returned coupling (total mass is 1;
         its columns are exact, so this is the error of its rows), >= 0; 0 runs exactly
@@ -549,7 +557,8 @@ def tot_sinkhorn(
         - ``"autodiff"``: backpropagation through the unrolled iterations; the coupling itself
           is differentiable. In scaling form the graph keeps two (B, N + M) vectors per
           iteration and one (B, N, M) kernel per absorption (the log-domain fallback keeps
-          (B, N, M) tensors per iteration); measured 2.4-2.6x the time of ``"envelope"``.
+          (B, N, M) tensors per iteration), so it costs more time and memory than
+          ``"envelope"`` (docs/RESULTS.md, "Solver speed").
     log : bool, optional
         Also return a dict, as POT's ``log=True``, for training diagnostics:
 
@@ -603,10 +612,12 @@ def tot_sinkhorn(
           ``0.01 / (2 eps)``, i.e. 4.2e4 nats in float32 and 2.3e13 in float64. The potentials
           span about as much as the kernel, so the exponent of each entry ``exp(log K + f + g)``
           is rounded to about ``2 eps R``: beyond that bound entries are off by more than 1% and
-          the plan's mass goes wrong (a plan of mass 18 at ``lambda2 = 1e-6``, NaN at
-          ``sigma = 1e-20``). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
+          the plan's mass goes wrong (far beyond it, the plan is NaN). The message gives the ``lambda2``, ``lambda1`` and ``sigma`` where the working
           range begins. Convergence is a separate matter: near the bound Sinkhorn is slow, which
           ``warn`` reports;
+        - a plan whose entries overflowed: only unbalanced marginals let the mass grow without
+          bound, where the order reward exceeds the cost (the message says to lower ``lambda1`` or
+          raise ``tau``); a finite mass that runs away is warned about with that advice;
         - masks on another device than ``cost``;
         - a size whose estimated peak memory (10 tensors of shape (B, N, M) in the working dtype)
           exceeds the device's memory (the physical memory on CPU; free plus cached on CUDA).
@@ -617,7 +628,7 @@ def tot_sinkhorn(
     -----
     *Convergence.* With the temporal prior, plain Sinkhorn (``omega = 1``) converges slowly: the
     prior makes the kernel banded and mass moves along the band only a little per iteration
-    (marginal error 1.7e-2 after 100 iterations at ``N = 1000, M = 50`` on random features).
+    (docs/RESULTS.md, "Convergence: iterations to reach 1e-4").
     Over-relaxation [4] multiplies the error near the optimum by about ``omega - 1`` per
     iteration once ``omega`` is at least the optimal weight ``2 / (1 + sqrt(1 - theta^2))``,
     where ``theta^2`` is plain Sinkhorn's local rate [5]. The first 10 iterations are plain; the
@@ -646,34 +657,15 @@ def tot_sinkhorn(
     >>> coupling.shape
     torch.Size([2, 50, 6])
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or not cost.is_floating_point():
-        got = (
-            f"shape {tuple(cost.shape)} and dtype {cost.dtype}"
-            if isinstance(cost, torch.Tensor)
-            else type(cost).__name__
-        )
-        raise ValueError(f"cost must be a floating-point torch.Tensor of shape (B, N, M), got {got}.")
+    row_mask, col_mask = _check_solver_arguments(
+        cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad
+    )
     batch, n_rows, n_cols = cost.shape
-    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
-    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
-    _check_positive(lambda1, "lambda1", allow_zero=True)
-    _check_positive(lambda2, "lambda2")
-    if sigma is not None:
-        _check_positive(sigma, "sigma")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    _check_positive(tol, "tol", allow_zero=True)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
     if tau is not None:
         _check_positive(tau, "tau (None for balanced marginals)")
-    rho = 0.0 if tau is None else lambda2 / tau
+    rho = None if tau is None else lambda2 / tau  # None: balanced, the solver's one encoding of it
     if warm_start is not None:
         _check_warm_start(warm_start, batch, n_rows, n_cols, cost.device)
-
-    # A sample with no valid token (frame) has no valid frame (token) either: nothing to transport.
-    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
-    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
 
     dtype = _working_dtype(cost.dtype)
     _check_fits(cost.shape, dtype, cost.device, grad)
@@ -689,9 +681,12 @@ def tot_sinkhorn(
             with torch.no_grad():
                 _check_cost_values(cost, row_mask[:, :, None] & col_mask[:, None, :], lambda1, lambda2, sigma)
             log_kernel = _log_kernel(cost, row_mask, col_mask, lambda1, lambda2, sigma, unbalanced=tau is not None)
-            coupling, (f, g), info = _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho, warm_start)
+            problem = _Problem.build(log_kernel, row_mask, col_mask, rho)
+            coupling, (f, g), info = _sinkhorn(problem, max_iter, tol, warm_start)
+    if not math.isfinite(info["worst"]):  # the stopping test is false for NaN: name it instead
+        _raise_not_finite(coupling, lambda1, tau)
     if warn and tol > 0 and info["worst"] >= tol:
-        _warn_not_converged(info["converged"], info["worst"], max_iter, tol)
+        _warn_not_converged(info["converged"], info["worst"], max_iter, tol, None if tau is None else coupling)
     if not log:
         return coupling
     with torch.no_grad():
@@ -709,6 +704,41 @@ def tot_sinkhorn(
         "mass": coupling.detach().sum(dim=(1, 2)),
         "potentials": (f, g),
     }
+
+
+def _check_count(value, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer >= 1 (a bool is not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _check_solver_arguments(cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad):
+    """Validate the arguments that :func:`tot_sinkhorn` and :func:`fused_gw_sinkhorn` share.
+
+    Returns the valid rows and columns (B, N), (B, M): the masks (``None``: all valid), where a
+    sample with no valid token (frame) has no valid frame (token) either: nothing to transport.
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or not cost.is_floating_point():
+        got = (
+            f"shape {tuple(cost.shape)} and dtype {cost.dtype}"
+            if isinstance(cost, torch.Tensor)
+            else type(cost).__name__
+        )
+        raise ValueError(f"cost must be a floating-point torch.Tensor of shape (B, N, M), got {got}.")
+    batch, n_rows, n_cols = cost.shape
+    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
+    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
+    _check_positive(lambda1, "lambda1", allow_zero=True)
+    _check_positive(lambda2, "lambda2")
+    if sigma is not None:
+        _check_positive(sigma, "sigma")
+    _check_count(max_iter, "max_iter")
+    _check_positive(tol, "tol", allow_zero=True)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
+    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
+    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
+    return row_mask, col_mask
 
 
 def _check_warm_start(warm_start, batch: int, n_rows: int, n_cols: int, device) -> None:
@@ -732,15 +762,44 @@ def _check_warm_start(warm_start, batch: int, n_rows: int, n_cols: int, device) 
         raise ValueError("warm_start holds NaN or infinite potentials: pass log['potentials'] of a finite solve.")
 
 
-def _warn_not_converged(converged: torch.Tensor, worst: float, max_iter: int, tol: float) -> None:
-    """Warn that the samples where ``converged`` (B,) is False stopped above ``tol``, naming them."""
+# Why an unbalanced plan's mass runs away, and what to change: where the order reward exceeds the cost, relaxed
+# marginals let the mass grow exponentially in (S - C) / tau (S up to lambda1), and more iterations do not help.
+_UNBALANCED_MASS_ADVICE = (
+    "With unbalanced marginals the plan's mass grows exponentially where the order reward exceeds the cost "
+    "(S - C > 0, S up to lambda1): lower lambda1, raise tau, or use costs that are not negative (cosine_cost)"
+)
+
+
+def _warn_not_converged(
+    converged: torch.Tensor, worst: float, max_iter: int, tol: float, unbalanced_plan: torch.Tensor | None
+) -> None:
+    """Warn that the samples where ``converged`` (B,) is False stopped above ``tol``, naming them; for an
+    unbalanced plan (``unbalanced_plan``) say its mass, since a runaway mass is the usual cause there."""
     failed = (~converged).nonzero().flatten().tolist()
+    advice = "Raise max_iter, or lambda2 (a smoother problem converges faster)"
+    if unbalanced_plan is not None:
+        mass = float(unbalanced_plan.detach().sum(dim=(1, 2)).max())
+        advice = f"The largest plan's mass is {mass:.3g} (1 when balanced). {_UNBALANCED_MASS_ADVICE}; else {advice[0].lower()}{advice[1:]}"
     warnings.warn(
         f"tot_sinkhorn did not converge in max_iter={max_iter} iterations for {len(failed)} of "
         f"{converged.numel()} samples (batch indices {_first(failed)}; largest marginal error {worst:.2e} > "
-        f"tol={tol}): their plans miss the marginals by that much. Raise max_iter, or lambda2 (a smoother "
-        "problem converges faster); log=True gives each sample's error.",
+        f"tol={tol}): their plans miss the marginals by that much. {advice}; log=True gives each sample's error.",
         stacklevel=3,
+    )
+
+
+def _raise_not_finite(coupling: torch.Tensor, lambda1: float, tau: float | None) -> None:
+    """Refuse a plan whose entries overflowed (only relaxed marginals let the mass grow without bound)."""
+    mass = coupling.detach().sum(dim=(1, 2))
+    bad = (~torch.isfinite(mass)).nonzero().flatten().tolist()
+    cause = (
+        f"{_UNBALANCED_MASS_ADVICE} (here lambda1={lambda1}, tau={tau})"
+        if tau is not None
+        else "Raise lambda2, or use float64 costs"
+    )
+    raise ValueError(
+        f"tot_sinkhorn's plan is not finite for sample(s) {_first(bad)} (batch indices): its entries overflowed "
+        f"(mass {float(mass[bad[0]]) if bad else math.nan}). {cause}."
     )
 
 
@@ -764,18 +823,113 @@ def _scaled_kernel(log_kernel: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
     return kernel, kernel.transpose(1, 2).contiguous()
 
 
-def _marginal_exponent(rho: float) -> float | None:
-    """Exponent ``tau / (tau + lambda2) = 1 / (1 + rho)`` of the unbalanced updates; None when balanced."""
-    return None if rho == 0 else 1.0 / (1.0 + rho)
+@dataclass(frozen=True)
+class _Problem:
+    """What one Sinkhorn solve is given; fixed for the whole solve.
+
+    ``log_kernel`` is ``log K`` (B, N, M); the marginals are uniform over ``row_mask`` (B, N) and
+    ``col_mask`` (B, M): ``mu``, ``nu`` (0 on padding) and their logs ``log_mu``, ``log_nu`` (B, 1).
+    ``row_pad`` / ``col_pad`` are 1 on padding and 0 elsewhere. ``rho = lambda2 / tau`` weighs the KL
+    penalties of unbalanced marginals [7]; ``None`` is the one encoding of balanced marginals, and
+    ``exponent = 1 / (1 + rho)`` (None when balanced) is the power of the unbalanced updates.
+    """
+
+    log_kernel: torch.Tensor
+    row_mask: torch.Tensor
+    col_mask: torch.Tensor
+    rho: float | None
+    exponent: float | None
+    mu: torch.Tensor
+    nu: torch.Tensor
+    log_mu: torch.Tensor
+    log_nu: torch.Tensor
+    row_pad: torch.Tensor
+    col_pad: torch.Tensor
+
+    @classmethod
+    def build(cls, log_kernel, row_mask, col_mask, rho: float | None) -> "_Problem":
+        """The problem on ``log K`` with uniform marginals over the masks; ``rho`` None for balanced ones."""
+        dtype = log_kernel.dtype
+        return cls(
+            log_kernel=log_kernel,
+            row_mask=row_mask,
+            col_mask=col_mask,
+            rho=rho,
+            exponent=None if rho is None else 1.0 / (1.0 + rho),
+            mu=_uniform(row_mask, dtype),
+            nu=_uniform(col_mask, dtype),
+            log_mu=_log_uniform(row_mask, dtype),  # log(1/N_b), (B, 1)
+            log_nu=_log_uniform(col_mask, dtype),
+            row_pad=(~row_mask).to(dtype),
+            col_pad=(~col_mask).to(dtype),
+        )
+
+    @property
+    def balanced(self) -> bool:
+        return self.rho is None
 
 
-def _scaled_target(weights: torch.Tensor, potential: torch.Tensor, rho: float) -> torch.Tensor:
+@dataclass
+class _SinkhornState:
+    """The iterate of :func:`_sinkhorn`: the plan is ``u_i exp(log K_ij + f_i + g_j) v_j``.
+
+    ``f``, ``g`` (B, N), (B, M) are the potentials absorbed into the stabilised kernel ``kernel``
+    ``= exp(log K + f + g)`` (B, N, M) and its transpose ``kernel_t``; ``u``, ``v`` the scalings on
+    top of them. Once the kernel under- or overflows the solve continues in the log domain
+    (``log_domain``): the kernels are dropped, ``log_kernel_t`` (``log K`` transposed) is built,
+    and ``u = v = 1``. ``omega`` (B, 1) holds the over-relaxation weights (None while the first
+    block measures each sample's rate); ``best`` and ``previous`` (B,) the smallest error since the
+    relaxation began and that of the last check.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    kernel: torch.Tensor | None
+    kernel_t: torch.Tensor | None
+    log_kernel_t: torch.Tensor | None = None
+    log_domain: bool = False
+    omega: torch.Tensor | None = None
+    best: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, problem: _Problem, init=None) -> "_SinkhornState":
+        """Zero potentials, or ``init`` = ``(f, g)`` (a warm start; padded potentials stay 0)."""
+        f, g = torch.zeros_like(problem.mu), torch.zeros_like(problem.nu)
+        if init is not None:
+            dtype = problem.log_kernel.dtype
+            f = init[0].to(dtype).masked_fill(~problem.row_mask, 0.0)
+            g = init[1].to(dtype).masked_fill(~problem.col_mask, 0.0)
+        infinite = torch.full_like(problem.log_mu[:, 0], math.inf)
+        kernel, kernel_t = _scaled_kernel(problem.log_kernel, f, g)
+        return cls(f, g, torch.ones_like(f), torch.ones_like(g), kernel, kernel_t, best=infinite, previous=infinite)
+
+    def absorb(self, problem: _Problem) -> None:
+        """Move the scalings into the potentials (``u = v = 1``) and rebuild the stabilised kernel [6]."""
+        self.f, self.g = self.f + self.u.log(), self.g + self.v.log()
+        if problem.balanced:
+            self.f, self.g = _recentre(self.f, self.g, problem.row_mask, problem.col_mask)
+        self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
+        self.kernel, self.kernel_t = _scaled_kernel(problem.log_kernel, self.f, self.g)
+
+    def enter_log_domain(self, problem: _Problem) -> None:
+        """Absorb the scalings and continue with log-sum-exp updates on ``log K`` (no stabilised kernel)."""
+        self.f, self.g = self.f + self.u.log(), self.g + self.v.log()
+        self.u, self.v = torch.ones_like(self.u), torch.ones_like(self.v)
+        self.kernel = self.kernel_t = None
+        self.log_kernel_t = problem.log_kernel.transpose(1, 2).contiguous()
+        self.log_domain = True
+
+
+def _scaled_target(weights: torch.Tensor, potential: torch.Tensor, rho: float | None) -> torch.Tensor:
     """``weights * exp(-rho * potential)``: the marginal that an unbalanced update aims at, given its potential.
 
     At the fixed point of ``f = (log mu - LSE_j(log K + g)) / (1 + rho)`` the rows of the plan sum to
-    ``mu exp(-rho f)``; with balanced marginals (``rho = 0``) this is ``weights`` itself.
+    ``mu exp(-rho f)``; with balanced marginals (``rho`` None) this is ``weights`` itself.
     """
-    return weights if rho == 0 else weights * (-rho * potential).exp()
+    return weights if rho is None else weights * (-rho * potential).exp()
 
 
 def _recentre(f: torch.Tensor, g: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor):
@@ -797,21 +951,23 @@ def _recentre(f: torch.Tensor, g: torch.Tensor, row_mask: torch.Tensor, col_mask
     return f + shift * row_mask.to(dtype), g - shift * col_mask.to(dtype)
 
 
-def _scaling_block(kernel, kernel_t, u, v, mu, nu, row_pad, col_pad, omega, steps, errors, exponent=None):
-    """``steps`` Sinkhorn iterations in scaling form on the stabilised kernel ``kernel`` (B, N, M).
+def _scaling_block(problem: _Problem, state: _SinkhornState, steps: int, errors: list | None):
+    """``steps`` Sinkhorn iterations in scaling form on the stabilised kernel; returns the new ``(u, v)``.
 
-    ``mu`` (B, N) and ``nu`` (B, M) are the marginals the updates aim at, 0 on padding;
-    ``row_pad`` / ``col_pad`` are 1 on padding and 0 elsewhere, so that padded scalings stay
-    exactly 1 (``(0 + 1) / (0 + 1)``) with no division by zero in the forward or the backward
-    pass. The relaxed update is written ``u (u_new / u)^omega``; with relaxed marginals the new
-    scaling is ``(mu / K v)^exponent`` [7]. When ``errors`` is a list, the L1 row-marginal error
-    (B,) of the iterate is appended before each ``u`` update, at no extra product. Vectors are
-    kept as (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
+    The marginals the updates aim at are 0 on padding, and the paddings (1 there) keep padded
+    scalings exactly 1 (``(0 + 1) / (0 + 1)``) with no division by zero in the forward or the
+    backward pass. The relaxed update is written ``u (u_new / u)^omega``; with relaxed marginals
+    the new scaling is ``(mu / K v)^exponent`` [7]. When ``errors`` is a list, the L1 row-marginal
+    error (B,) of the iterate is appended before each ``u`` update, at no extra product. Vectors
+    are kept as (B, 1, L) rows inside the loop, so that each step is a handful of kernel calls.
+    The state is left unchanged: the caller accepts the scalings only if they are finite.
     """
-    row_target, col_target = (mu + row_pad)[:, None, :], (nu + col_pad)[:, None, :]
-    row_pad, col_pad = row_pad[:, None, :], col_pad[:, None, :]
-    omega = None if omega is None else omega[:, :, None]
-    u, v = u[:, None, :], v[:, None, :]
+    kernel, kernel_t, exponent = state.kernel, state.kernel_t, problem.exponent
+    mu, nu = _scaled_target(problem.mu, state.f, problem.rho), _scaled_target(problem.nu, state.g, problem.rho)
+    row_target, col_target = (mu + problem.row_pad)[:, None, :], (nu + problem.col_pad)[:, None, :]
+    row_pad, col_pad = problem.row_pad[:, None, :], problem.col_pad[:, None, :]
+    omega = None if state.omega is None else state.omega[:, :, None]
+    u, v = state.u[:, None, :], state.v[:, None, :]
     for _ in range(steps):
         kernel_v = torch.baddbmm(row_pad, v, kernel_t)  # K v, plus 1 on padded rows
         if errors is not None:  # padded: 1 * 1 - 1; unbalanced: the target moves with u as u^(-rho)
@@ -834,14 +990,15 @@ def _scale(values: torch.Tensor, exponent: float | None) -> torch.Tensor:
     return values if exponent is None else values * exponent
 
 
-def _log_block(
-    log_kernel, log_kernel_t, f, g, log_mu, log_nu, row_mask, col_mask, omega, steps, errors, exponent=None
-):
-    """``steps`` Sinkhorn iterations in the log domain (log-sum-exp updates of ``f`` and ``g``).
+def _log_block(problem: _Problem, state: _SinkhornState, steps: int, errors: list | None) -> None:
+    """``steps`` Sinkhorn iterations in the log domain (log-sum-exp updates of ``state.f`` and ``state.g``).
 
-    Padded potentials are pinned to 0, so every quantity stays finite. ``errors`` and ``exponent``:
-    as in :func:`_scaling_block`.
+    Padded potentials are pinned to 0, so every quantity stays finite. ``errors``: as in
+    :func:`_scaling_block`.
     """
+    log_kernel, log_kernel_t, exponent = problem.log_kernel, state.log_kernel_t, problem.exponent
+    log_mu, log_nu, row_mask, col_mask = problem.log_mu, problem.log_nu, problem.row_mask, problem.col_mask
+    f, g, omega = state.f, state.g, state.omega
     zero = log_kernel.new_zeros(())
     for _ in range(steps):
         row_lse = _logsumexp_last(log_kernel + g[:, None, :])
@@ -852,43 +1009,42 @@ def _log_block(
         f = _relax(f, torch.where(row_mask, _scale(log_mu - row_lse, exponent), zero), omega)
         col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
         g = _relax(g, torch.where(col_mask, _scale(log_nu - col_lse, exponent), zero), omega)
-    return f, g
+    state.f, state.g = f, g
 
 
-def _plain_column_update(log_kernel_t, kernel, f, u, log_nu, nu, col_mask, col_pad, exponent=None):
-    """The potential ``g`` (B, M) of a plain column update from ``f + log u``: it makes the columns exact.
+def _plain_column_update(problem: _Problem, state: _SinkhornState) -> torch.Tensor:
+    """The potential ``g`` (B, M) of a plain column update from the state: it makes the columns exact.
 
-    In scaling form (``kernel`` given) ``g = exponent * log(nu / (kernel^T u))`` relative to the
-    absorbed potentials (``nu`` is then the target of :func:`_scaled_target` at the absorbed ``g``);
-    in the log domain ``g = exponent * (log nu - LSE_i(log K + f))``. ``exponent`` is 1 for
-    balanced marginals. 0 on padded columns.
+    In scaling form ``g = exponent * log(nu' / (kernel^T u))``, relative to the absorbed ``g``
+    (``nu'`` the target of :func:`_scaled_target` at the absorbed ``g``); in the log domain the
+    whole ``g = exponent * (log nu - LSE_i(log K + f))``. ``exponent`` is 1 for balanced
+    marginals. 0 on padded columns.
     """
-    if kernel is not None:
-        return _scale(((nu + col_pad) / (torch.bmm(u[:, None, :], kernel)[:, 0] + col_pad)).log(), exponent)
-    col_lse = _logsumexp_last(log_kernel_t + f[:, None, :])
-    return torch.where(col_mask, _scale(log_nu - col_lse, exponent), log_nu.new_zeros(()))
+    if not state.log_domain:
+        col_pad, nu = problem.col_pad, _scaled_target(problem.nu, state.g, problem.rho)
+        kernel_u = torch.bmm(state.u[:, None, :], state.kernel)[:, 0]
+        return _scale(((nu + col_pad) / (kernel_u + col_pad)).log(), problem.exponent)
+    col_lse = _logsumexp_last(state.log_kernel_t + state.f[:, None, :])
+    zero = problem.log_nu.new_zeros(())
+    return torch.where(problem.col_mask, _scale(problem.log_nu - col_lse, problem.exponent), zero)
 
 
 @torch.no_grad()
-def _row_error_after_column_update(log_kernel, log_kernel_t, kernels, potentials, u, marginals, masks, pads, rho):
+def _row_error_after_column_update(problem: _Problem, state: _SinkhornState) -> torch.Tensor:
     """L1 row-marginal error (B,) of the plan that a plain column update would return now.
 
     That plan's columns are exact, so this is its whole marginal error: the quantity that the
     stopping rule tests. With relaxed marginals the rows are compared with what the row update
-    aims at, ``mu exp(-rho f)`` (the fixed-point residual). ``kernels`` is the scaled kernel and
-    its transpose (None in the log domain), ``potentials`` the absorbed ``(f, g)``, ``marginals``
-    ``(mu, nu, log_nu)``; ``masks`` and ``pads`` are the (row, column) masks and paddings.
+    aims at, ``mu exp(-rho f)`` (the fixed-point residual).
     """
-    (kernel, kernel_t), (f, g), (mu, nu, log_nu) = kernels, potentials, marginals
-    exponent = _marginal_exponent(rho)
-    if kernel is not None:
-        g = _plain_column_update(None, kernel, f, u, log_nu, _scaled_target(nu, g, rho), masks[1], pads[1], exponent)
-        rows = u * torch.bmm(g.exp()[:, None, :], kernel_t)[:, 0]
-        row_target = _scaled_target(mu, f + u.log(), rho)
+    g = _plain_column_update(problem, state)
+    if not state.log_domain:
+        rows = state.u * torch.bmm(g.exp()[:, None, :], state.kernel_t)[:, 0]
+        row_target = _scaled_target(problem.mu, state.f + state.u.log(), problem.rho)
     else:
-        g = _plain_column_update(log_kernel_t, None, f, u, log_nu, nu, masks[1], pads[1], exponent)
-        rows = _logsumexp_last(log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~masks[0], 0.0)
-        row_target = _scaled_target(mu, f, rho)
+        log_plan = problem.log_kernel + state.f[:, :, None] + g[:, None, :]
+        rows = _logsumexp_last(log_plan).exp().masked_fill(~problem.row_mask, 0.0)
+        row_target = _scaled_target(problem.mu, state.f, problem.rho)
     return (rows - row_target).abs().sum(dim=-1)
 
 
@@ -928,87 +1084,66 @@ def _adapted_relaxation(omega, error, previous, best, steps, adapt):
     return torch.where((error > 10 * best)[:, None], 1.0, omega)
 
 
-def _sinkhorn(log_kernel, row_mask, col_mask, max_iter, tol, rho=0.0, init=None):
-    """Over-relaxed, stabilised Sinkhorn on ``log K`` (B, N, M) with uniform marginals over the masks.
+def _sinkhorn(problem: _Problem, max_iter: int, tol: float, init=None):
+    """Over-relaxed, stabilised Sinkhorn on ``problem`` (:class:`_Problem`).
 
-    The schedule is described in the Notes of :func:`tot_sinkhorn`. ``rho = lambda2 / tau`` relaxes
-    the marginals (0: balanced); ``init`` is ``(f, g)`` to start from (zeros when None). Returns the coupling (B, N, M), exactly 0 outside ``row_mask x col_mask``, the
-    potentials ``(f, g)`` that give it, and a dict: ``n_iter`` (iterations run), ``relaxation``
-    (the weights in use at the end, (B,)), ``converged`` (whether each sample passed the stopping
-    test, (B,)), ``log_domain`` (whether the log-domain fallback ran) and ``worst`` (the largest
-    tested error, a Python float: no further host sync is needed to know whether all converged).
+    The schedule is described in the Notes of :func:`tot_sinkhorn`; ``init`` is ``(f, g)`` to
+    start from (zeros when None). Returns the coupling (B, N, M), exactly 0 outside
+    ``row_mask x col_mask``, the potentials ``(f, g)`` that give it, and a dict: ``n_iter``
+    (iterations run), ``relaxation`` (the weights in use at the end, (B,)), ``converged`` (whether
+    each sample passed the stopping test, (B,)), ``log_domain`` (whether the log-domain fallback
+    ran) and ``worst`` (the largest tested error, a Python float: no further host sync is needed
+    to know whether all converged).
     """
-    dtype = log_kernel.dtype
-    exponent = _marginal_exponent(rho)
-    log_mu, log_nu = _log_uniform(row_mask, dtype), _log_uniform(col_mask, dtype)  # log(1/N_b), (B, 1)
-    mu, nu = _uniform(row_mask, dtype), _uniform(col_mask, dtype)
-    masks, pads = (row_mask, col_mask), ((~row_mask).to(dtype), (~col_mask).to(dtype))
-    f, g = torch.zeros_like(mu), torch.zeros_like(nu)  # potentials absorbed into the kernel
-    if init is not None:  # a warm start; padded potentials stay 0
-        f, g = init[0].to(dtype).masked_fill(~row_mask, 0.0), init[1].to(dtype).masked_fill(~col_mask, 0.0)
-    u, v = torch.ones_like(mu), torch.ones_like(nu)  # scalings on top of them
-    kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
-    log_kernel_t = None  # built when the log domain takes over
-    omega = None  # plain iterations until the first block has measured each sample's rate
-    best = previous = torch.full_like(log_mu[:, 0], math.inf)
+    state = _SinkhornState.start(problem, init)
     n_iter, worst = 0, math.inf
     while n_iter < max_iter:
         steps = min(_CHECK_EVERY, max_iter - n_iter)
         errors = [] if n_iter == 0 else None
-        if kernel is not None:
-            targets = _scaled_target(mu, f, rho), _scaled_target(nu, g, rho)
-            new_u, new_v = _scaling_block(kernel, kernel_t, u, v, *targets, *pads, omega, steps, errors, exponent)
-            scalings = torch.cat([new_u, new_v], dim=1).detach()
+        if not state.log_domain:
+            u, v = _scaling_block(problem, state, steps, errors)
+            scalings = torch.cat([u, v], dim=1).detach()
             if bool((torch.isfinite(scalings) & (scalings > 0)).all()):
-                u, v = new_u, new_v
+                state.u, state.v = u, v
             else:  # the kernel under/overflowed: redo this block, and all later ones, in the log domain
-                f, g = f + u.log(), g + v.log()
-                u, v = torch.ones_like(u), torch.ones_like(v)
-                kernel = kernel_t = None
-                log_kernel_t = log_kernel.transpose(1, 2).contiguous()
+                state.enter_log_domain(problem)
                 errors = [] if errors is not None else None
-        if kernel is None:
-            f, g = _log_block(log_kernel, log_kernel_t, f, g, log_mu, log_nu, *masks, omega, steps, errors, exponent)
-            if exponent is None:
-                f, g = _recentre(f, g, *masks)
+        if state.log_domain:
+            _log_block(problem, state, steps, errors)
+            if problem.balanced:
+                state.f, state.g = _recentre(state.f, state.g, problem.row_mask, problem.col_mask)
         n_iter += steps
-        error = _row_error_after_column_update(
-            log_kernel, log_kernel_t, (kernel, kernel_t), (f, g), u, (mu, nu, log_nu), masks, pads, rho
-        )
-        peak = torch.cat([u, v], dim=1).detach().log().abs().amax()  # 0 in the log domain, where u = v = 1
+        error = _row_error_after_column_update(problem, state)
+        peak = torch.cat([state.u, state.v], dim=1).detach().log().abs().amax()  # 0 in the log domain (u = v = 1)
         worst, peak = torch.stack([error.max(), peak]).tolist()  # the block's one host sync
         if worst < tol:
             break
         if peak > _ABSORB_ABOVE:  # keep u and v near 1 so that the scaled kernel stays representable
-            f, g = f + u.log(), g + v.log()
-            if exponent is None:
-                f, g = _recentre(f, g, *masks)
-            u, v = torch.ones_like(u), torch.ones_like(v)
-            kernel, kernel_t = _scaled_kernel(log_kernel, f, g)
+            state.absorb(problem)
         if errors is not None and len(errors) == _CHECK_EVERY:
-            omega = _relaxation_weights(errors, unbalanced=exponent is not None)
-        elif omega is not None:
-            omega = _adapted_relaxation(omega, error, previous, best, steps, n_iter >= _ADAPT_AFTER)
-            best = torch.minimum(best, error)
-        previous = error
+            state.omega = _relaxation_weights(errors, unbalanced=not problem.balanced)
+        elif state.omega is not None:
+            adapt = n_iter >= _ADAPT_AFTER
+            state.omega = _adapted_relaxation(state.omega, error, state.previous, state.best, steps, adapt)
+            state.best = torch.minimum(state.best, error)
+        state.previous = error
     # A last plain update of g makes the columns exact, as after every iteration of plain Sinkhorn.
-    if kernel is not None:
-        f, column_target = f + u.log(), _scaled_target(nu, g, rho)
-        g = g + _plain_column_update(None, kernel, f, u, log_nu, column_target, col_mask, pads[1], exponent)
+    if state.log_domain:
+        f, g = state.f, _plain_column_update(problem, state)
     else:
-        log_kernel_t = log_kernel_t if log_kernel_t is not None else log_kernel.transpose(1, 2).contiguous()
-        g = _plain_column_update(log_kernel_t, None, f, u, log_nu, nu, col_mask, pads[1], exponent)
-    pair_mask = row_mask[:, :, None] & col_mask[:, None, :]
-    coupling = (log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~pair_mask, 0.0)
-    relaxation = omega[:, 0] if omega is not None else torch.ones_like(log_mu[:, 0])
-    info = dict(n_iter=n_iter, relaxation=relaxation, converged=error < tol, log_domain=kernel is None, worst=worst)
+        f, g = state.f + state.u.log(), state.g + _plain_column_update(problem, state)
+    pair_mask = problem.row_mask[:, :, None] & problem.col_mask[:, None, :]
+    coupling = (problem.log_kernel + f[:, :, None] + g[:, None, :]).exp().masked_fill(~pair_mask, 0.0)
+    relaxation = state.omega[:, 0] if state.omega is not None else torch.ones_like(problem.log_mu[:, 0])
+    info = dict(n_iter=n_iter, relaxation=relaxation, converged=error < tol, log_domain=state.log_domain, worst=worst)
     return coupling, (f, g), info
 
 
-def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, mask: torch.Tensor) -> None:
+def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, mask: torch.Tensor) -> list[float]:
     """Refuse an intra-modal cost that is not a floating (B, L, L) tensor, or not finite and symmetric on valid pairs.
 
-    One reduction and one host sync: per sample, the largest ``|D|`` and ``|D - D^T|`` over valid pairs.
+    One reduction and one host sync: per sample, the largest ``|D|`` and ``|D - D^T|`` over valid pairs. Returns
+    the largest ``|D|`` of each sample (empty for an empty tensor).
     """
     if (
         not isinstance(intra, torch.Tensor)
@@ -1026,7 +1161,7 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
         )
     _check_same_device(mask, "the masks and cost", intra, name)
     if intra.numel() == 0:
-        return
+        return []
     pairs = mask[:, :, None] & mask[:, None, :]
     with torch.no_grad():
         size = intra.detach().masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1)
@@ -1044,6 +1179,39 @@ def _check_intra_cost(intra: torch.Tensor, name: str, batch: int, length: int, m
             f"{name} is not symmetric on the valid pairs of sample(s) {_first(asymmetric)} (batch indices; largest "
             f"|D - D^T| = {max(skews):.3g}): the linearised Gromov-Wasserstein term assumes symmetric intra-modal "
             "costs such as cosine_cost(x, x); pass (D + D^T) / 2."
+        )
+    return sizes
+
+
+def _check_edge_range(cost, row_mask, col_mask, edge_sizes, alpha, lambda1, lambda2, sigma) -> None:
+    """Refuse edge costs whose Gromov-Wasserstein term takes the linearised cost beyond what the working dtype
+    resolves, where the node cost alone would not: the error then names them rather than ``cost``.
+
+    ``|L(D_A, D_L) (x) T| <= (max|D_A| + max|D_L|)^2`` for a plan of mass 1, so the linearised cost is at most
+    ``(1 - alpha) max|C| + 2 alpha (max|D_A| + max|D_L|)^2`` (``edge_sizes``: the largest ``|D_A|``, ``|D_L|`` of
+    each sample). One reduction over ``cost`` and one host sync.
+    """
+    if cost.numel() == 0:
+        return
+    dtype, pairs = _working_dtype(cost.dtype), row_mask[:, :, None] & col_mask[:, None, :]
+    with torch.no_grad():
+        node_sizes = cost.detach().to(dtype).masked_fill(~pairs, 0.0).abs().flatten(1).amax(dim=1).tolist()
+    prior = 0.0 if sigma is None else _prior_weight(sigma)
+    limit = _kernel_range_limit(dtype)
+    spans, over = [], []
+    for b, (node, source, target) in enumerate(zip(node_sizes, *edge_sizes)):
+        without_edges = ((1 - alpha) * node + lambda1) / lambda2 + prior
+        spans.append(without_edges + 2 * alpha * (source + target) ** 2 / lambda2)
+        if without_edges <= limit < spans[-1]:
+            over.append(b)
+    if over:
+        b = max(over, key=lambda i: spans[i])
+        raise ValueError(
+            f"source_cost and target_cost are too large for fused_gw_sinkhorn in {dtype} in sample(s) {_first(over)} "
+            f"(batch indices): in sample {b} their largest |D| are {edge_sizes[0][b]:.4g} and {edge_sizes[1][b]:.4g}, so "
+            f"the Gromov-Wasserstein part of the linearised cost, up to 2 alpha (max|D_A| + max|D_L|)^2, spans "
+            f"{spans[b]:.4g} nats over lambda2 = {lambda2}, beyond the {limit:.4g} that {dtype} resolves. Scale the "
+            "edge costs down (e.g. cosine_cost(h, h), in [0, 2]), lower alpha, or raise lambda2."
         )
 
 
@@ -1122,7 +1290,7 @@ def fused_gw_loss(
         per_sample = (1 - alpha) * linear + alpha * (product * plan).sum(dim=(1, 2))
     if reduction == "none":
         return per_sample
-    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
+    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) != 0)  # a NaN plan counts: its loss is NaN
 
 
 def _check_alpha(alpha) -> None:
@@ -1243,7 +1411,9 @@ def fused_gw_sinkhorn(
         For what :func:`tot_sinkhorn` refuses (on ``C`` and on each linearised cost), an
         ``alpha`` outside [0, 1], ``max_outer`` not an integer >= 1, a negative ``outer_tol``,
         and edge costs of the wrong shape or device, or NaN, infinite or not symmetric on valid
-        pairs (one host sync each).
+        pairs (one host sync each), or so large that the Gromov-Wasserstein term alone takes the
+        linearised cost beyond what the working dtype resolves (the error names ``source_cost`` and
+        ``target_cost``, not ``cost``).
 
     Notes
     -----
@@ -1257,22 +1427,16 @@ def fused_gw_sinkhorn(
     >>> coupling.shape
     torch.Size([2, 40, 6])
     """
-    if not isinstance(cost, torch.Tensor) or cost.dim() != 3:
-        raise ValueError(f"cost must be a torch.Tensor of shape (B, N, M), got {getattr(cost, 'shape', type(cost))}.")
+    row_mask, col_mask = _check_solver_arguments(
+        cost, source_mask, target_mask, lambda1, lambda2, sigma, max_iter, tol, grad
+    )
     batch, n_rows, n_cols = cost.shape
-    source_mask = _check_mask(source_mask, "source_mask", batch, n_rows, cost.device)
-    target_mask = _check_mask(target_mask, "target_mask", batch, n_cols, cost.device)
     _check_alpha(alpha)
-    if not isinstance(max_outer, int) or isinstance(max_outer, bool) or max_outer < 1:
-        raise ValueError(f"max_outer must be an integer >= 1, got {max_outer!r}.")
+    _check_count(max_outer, "max_outer")
     _check_positive(outer_tol, "outer_tol", allow_zero=True)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}.")
-    # As in tot_sinkhorn: a sample with no valid token (frame) has nothing to transport.
-    row_mask = source_mask & target_mask.any(dim=-1, keepdim=True)
-    col_mask = target_mask & source_mask.any(dim=-1, keepdim=True)
-    _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
-    _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
+    source_sizes = _check_intra_cost(source_cost, "source_cost", batch, n_rows, row_mask)
+    target_sizes = _check_intra_cost(target_cost, "target_cost", batch, n_cols, col_mask)
+    _check_edge_range(cost, row_mask, col_mask, (source_sizes, target_sizes), alpha, lambda1, lambda2, sigma)
     solve = dict(lambda1=lambda1, lambda2=lambda2, sigma=sigma, max_iter=max_iter, tol=tol, grad=grad, warn=False)
     tolerances = (outer_tol, tol)
     dtype = _working_dtype(cost.dtype)
@@ -1381,7 +1545,8 @@ def barycentric_transport(
 
 
 def _masked_batch_mean(per_sample: torch.Tensor, sample_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_sample`` (B,) over the samples where ``sample_mask`` (B,) holds; 0 if none."""
+    """Mean of ``per_sample`` (B,) over the samples where ``sample_mask`` (B,) holds; 0 if none. A NaN in a
+    sample that counts makes the mean NaN (never a quiet 0)."""
     total = per_sample.masked_fill(~sample_mask, 0.0).sum()
     return total / sample_mask.sum().clamp(min=1).to(per_sample.dtype)
 
@@ -1420,7 +1585,7 @@ def ot_loss(coupling: torch.Tensor, cost: torch.Tensor, reduction: str = "mean")
     per_sample = (coupling * cost.to(dtype)).sum(dim=(1, 2))
     if reduction == "none":
         return per_sample
-    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) > 0)
+    return _masked_batch_mean(per_sample, coupling.sum(dim=(1, 2)) != 0)  # a NaN plan counts: its loss is NaN
 
 
 def align_loss(

@@ -97,9 +97,10 @@ def test_a_finished_run_is_reused_and_rescored_only_when_asked(tmp_path, monkeyp
         root=tmp_path, corpus=tmp_path, teacher=tmp_path, model=tmp_path, cache=tmp_path
     )
     preset = bench_quality.demo.DemoPreset(name="quick", source=tmp_path, synthesis={}, teacher={}, train={})
-    reused = bench_quality.run_once(preset, base, run_dir, threads=None)
+    stages = bench_quality.demo.DemoStages(preset, base).for_run(run_dir, train={})
+    reused = bench_quality.run_once(stages, threads=None)
     assert reused == {**record, "method": "tot"} and decoded == []  # an older record is named by its alignment
-    rescored = bench_quality.run_once(preset, base, run_dir, threads=None, rescore=True)
+    rescored = bench_quality.run_once(stages, threads=None, rescore=True)
     assert decoded == [(run_dir / "model", "test")]
     assert rescored == {**record, "method": "tot", "test_errors": {"cer": 0.5, "tone_cer": 0.02}}
     assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == rescored
@@ -157,9 +158,8 @@ def test_every_test_track_of_the_corpus_is_scored_greedily_and_with_the_lm(tmp_p
         root=tmp_path, corpus=tmp_path, teacher=tmp_path, model=tmp_path, cache=tmp_path
     )
     preset = bench_quality.demo.DemoPreset(name="knowledge", source=tmp_path, train={"alignment": "none", "seed": 0})
-    result = bench_quality.run_once(
-        preset, base, tmp_path / "run", threads=None, score_in_process=True, language_model="lm.arpa"
-    )
+    stages = bench_quality.demo.DemoStages(preset, base).for_run(tmp_path / "run", train=preset.train)
+    result = bench_quality.run_once(stages, threads=None, score_in_process=True, language_model="lm.arpa")
     assert decoded == ["test", "test_seen_voices", "dev"] and lm_splits == ["test", "test_seen_voices"]
     assert (result["dev_cer"], result["test_cer"], result["test_seen_voices_cer"]) == (0.6, 0.5, 0.3)
     assert result["test_errors"]["homophone_cer"] == 0.05
@@ -254,19 +254,8 @@ def test_the_untrained_teacher_has_the_teachers_architecture_and_vocabulary_and_
     )
 
 
-def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    demo = bench_quality.demo
-    preset = demo.DemoPreset(name="knowledge", source=tmp_path, train={"alignment": "tot", "seed": 0})
-    monkeypatch.setattr(demo, "load_preset", lambda name: preset)
-    corpus = SimpleNamespace(num_utterances={"train": 4}, info={"vocabulary_size": 9})
-    monkeypatch.setattr(demo, "synthesize_stage", lambda *args: corpus)
-    monkeypatch.setattr(
-        demo, "teacher_stage", lambda *args: SimpleNamespace(report={"heldout_masked_token_accuracy": 0.2})
-    )
-    monkeypatch.setattr(demo, "encoder_stage", lambda *args: None)
-    monkeypatch.setattr(demo, "train_stage", lambda *args, **kwargs: pytest.fail("report_only trained a run"))
+def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path):
+    """On an empty demo work dir, with the real stages: no corpus, teacher, encoder or model is built."""
     runs_dir = tmp_path / "runs" / "knowledge" / "default"
     for method, seed, cer in (("none", 0, 0.5), ("none", 1, 0.6), ("tot", 0, 0.4)):  # tot seed 1 is not finished
         (runs_dir / f"{method}-seed{seed}").mkdir(parents=True)
@@ -280,6 +269,16 @@ def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path, m
     )
     assert sorted((run["method"], run["seed"]) for run in report["runs"]) == [("none", 0), ("none", 1), ("tot", 0)]
     assert report["complete"] is False and report["runs_planned"] == 4
+    assert (report["corpus"], report["teacher"], report["pretrained_encoder"]) == (None, None, None)
+    assert not (tmp_path / "demo").exists()  # nothing synthesised, pretrained or trained
+    assert sorted(path.name for path in runs_dir.rglob("*")) == [
+        "none-seed0",
+        "none-seed1",
+        "result.json",
+        "result.json",
+        "result.json",
+        "tot-seed0",
+    ]
     assert json.loads(output.read_text(encoding="utf-8"))["summary"]["methods"]["none"]["test_cer"]["mean"] == 0.55
 
 

@@ -5,6 +5,7 @@ from tiny_models import TINY_WAV2VEC2_BERT
 from transformers import AutoConfig, HubertConfig, Wav2Vec2BertConfig, Wav2Vec2Config
 
 from modeling_tot_cakt import TOTCAKTConfig
+from modeling_tot_cakt.configuration_tot_cakt import alignment_modes_reading
 
 
 def test_defaults_are_the_tot_cakt_method():
@@ -123,3 +124,33 @@ def test_grad_modes_are_the_solvers():
     from modeling_tot_cakt import configuration_tot_cakt, tot
 
     assert configuration_tot_cakt.GRAD_MODES is tot.GRAD_MODES
+
+
+@pytest.mark.parametrize(
+    "alignment, ordered, unbalanced, graph, own_fields",
+    [
+        ("tot", True, False, False, {"tot_lambda1", "tot_sigma"}),
+        ("ot", False, False, False, set()),
+        ("uot", False, True, False, {"uot_tau"}),
+        ("tot_uot", True, True, False, {"tot_lambda1", "tot_sigma", "uot_tau"}),
+        ("gmot", False, False, True, {"gmot_alpha", "gmot_max_outer"}),
+        ("tot_gmot", True, False, True, {"tot_lambda1", "tot_sigma", "gmot_alpha", "gmot_max_outer"}),
+    ],
+)
+def test_the_configuration_says_what_each_alignment_is_and_which_fields_it_reads(
+    alignment, ordered, unbalanced, graph, own_fields
+):
+    config = TOTCAKTConfig(alignment=alignment)
+    kinds = (config.alignment_is_ordered, config.alignment_is_unbalanced, config.alignment_is_graph_matching)
+    assert kinds == (ordered, unbalanced, graph)
+    shared = {"tot_lambda2", "tot_max_iter", "tot_tol", "tot_grad", "ot_loss_weight", "align_loss_weight"}
+    assert set(config.alignment_fields) == shared | own_fields
+
+
+def test_the_ctc_only_baseline_reads_no_alignment_field():
+    config = TOTCAKTConfig(alignment="none")
+    assert not (config.alignment_is_ordered or config.alignment_is_unbalanced or config.alignment_is_graph_matching)
+    assert config.alignment_fields == ()
+    assert alignment_modes_reading("uot_tau") == ("uot", "tot_uot")
+    assert alignment_modes_reading("tot_sigma") == ("tot", "tot_uot", "tot_gmot")
+    assert alignment_modes_reading("tot_lambda2") == ("tot", "ot", "uot", "tot_uot", "gmot", "tot_gmot")

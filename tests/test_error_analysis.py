@@ -1,8 +1,8 @@
-"""Homophone substitutions vs other errors (modeling_tot_cakt.demo.error_analysis)."""
+"""Homophone substitutions vs other errors (modeling_tot_cakt.training.error_analysis)."""
 
 import pytest
 
-from modeling_tot_cakt.demo.error_analysis import split_errors
+from modeling_tot_cakt.training.error_analysis import split_errors
 
 
 def test_split_on_a_hand_made_example():

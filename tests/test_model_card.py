@@ -240,19 +240,17 @@ def test_precision_row(tmp_path, precision, expected):
 @pytest.mark.parametrize(
     "alignment, extra_rows",
     [
-        ("tot", set()),
+        ("tot", {"tot_lambda1", "tot_sigma"}),
+        ("ot", set()),
         ("uot", {"uot_tau"}),
         ("gmot", {"gmot_alpha", "gmot_max_outer"}),
-        ("tot_gmot", {"gmot_alpha", "gmot_max_outer"}),
+        ("tot_gmot", {"tot_lambda1", "tot_sigma", "gmot_alpha", "gmot_max_outer"}),
     ],
 )
 def test_mode_specific_rows_appear_only_in_their_modes(tmp_path, alignment, extra_rows):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
-    config = make_model(alignment=alignment, gmot_alpha=0.7, gmot_max_outer=9, uot_tau=0.4).config
+    values = dict(uot_tau=0.4, gmot_alpha=0.7, gmot_max_outer=9, tot_lambda1=0.6, tot_sigma=2.0)
+    config = make_model(alignment=alignment, **values).config
     rows = training_hyperparameters(args, 1, config)
-    assert {"uot_tau", "gmot_alpha", "gmot_max_outer"} & set(rows) == extra_rows
-    assert {name: rows[name] for name in extra_rows} == {
-        name: value
-        for name, value in dict(uot_tau=0.4, gmot_alpha=0.7, gmot_max_outer=9).items()
-        if name in extra_rows
-    }
+    assert set(values) & set(rows) == extra_rows
+    assert {name: rows[name] for name in extra_rows} == {name: values[name] for name in extra_rows}

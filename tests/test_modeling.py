@@ -2,6 +2,7 @@ import copy
 import itertools
 import logging
 import math
+import re
 import shutil
 
 import pytest
@@ -521,6 +522,24 @@ def test_solver_diagnostics_are_the_returned_plans_and_an_unconverged_plan_warns
     assert cut_short.solver_marginal_error > 1e-4
     torch.testing.assert_close(cut_short.solver_marginal_error, marginal_error(cut_short.coupling), atol=1e-6, rtol=0)
     assert "The transport plan did not converge in tot_max_iter=2 iterations" in caplog.text
+    assert "Raise tot_max_iter" in caplog.text and "mass" not in caplog.text
+
+
+def test_an_unbalanced_plan_whose_mass_runs_away_is_blamed_on_the_order_reward(teacher_dir, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = make_model(TINY_WAV2VEC2, "tot_uot", teacher_dir, tot_lambda1=50.0, uot_tau=1.0)
+    model.attach_teacher()
+    batch = batch_for(model, tmp_path)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(
+            **batch["inputs"],
+            labels=batch["labels"],
+            teacher_input_ids=batch["teacher_input_ids"],
+            teacher_attention_mask=batch["teacher_attention_mask"],
+        )
+    assert "The transport plan did not converge" in caplog.text
+    assert re.search(r"The largest plan's mass is \d\.\d+e\+\d\d \(1 when balanced\)", caplog.text)
+    assert "Lower tot_lambda1 or raise uot_tau; else raise tot_max_iter" in caplog.text
 
 
 def test_a_diverged_step_gives_nan_alignment_losses_not_an_error(teacher_dir, tmp_path):

@@ -222,10 +222,12 @@ def test_fresh_process_loads_repo_id_from_hub_cache_offline(saved_model, tmp_pat
 
 
 # What the files copied for trust_remote_code may import: no network, subprocess or file-system modules
-# (numpy comes with transformers); of `os`, only the read-only `sysconf` (the solver's physical-memory check).
+# (numpy and safetensors come with transformers; safetensors' `safe_open` reads the header of the weights file that
+# transformers itself loads with it, to name a damaged one); of `os`, only the read-only `sysconf` (the solver's
+# physical-memory check).
 ALLOWED_IMPORTS = {
     *("__future__", "contextlib", "dataclasses", "math", "numbers", "os", "typing", "warnings"),
-    *("numpy", "torch", "transformers"),
+    *("numpy", "safetensors", "torch", "transformers"),
 }
 ALLOWED_OS_NAMES = {"sysconf"}
 FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from test_remote_code import BLOCK_PACKAGE
 from test_train_hf import run_training
 from tiny_models import make_model, make_processor
-from transformers import AutoModel, AutoModelForCTC, pipeline
+from transformers import AutoModel, AutoModelForCTC, PreTrainedModel, pipeline
 
 from modeling_tot_cakt import TOTCAKTForCTC, TOTCAKTModel
 from modeling_tot_cakt.training.saved_files import (
@@ -292,3 +292,34 @@ def test_a_manifest_records_every_file_and_a_changed_size_is_named(tmp_path):
     assert folder_problem(tmp_path, required=(("model.safetensors", "weights.bin"),)) == (
         f"{tmp_path} has no model.safetensors or weights.bin"
     )
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("weights cut in half", "model/model.safetensors: "),
+        ("config cut off", "is not valid JSON"),
+        (
+            "config with another vocab_size",
+            "lm_head.bias (15,) instead of (20,); lm_head.weight (15, 32) instead of (20, 32)",
+        ),
+    ],
+)
+def test_damage_is_diagnosed_from_the_files_whatever_the_loading_error_says(folder, monkeypatch, damage, named):
+    """The diagnosis reads the files themselves: a loading error worded in any way gets the same message, and a
+    sound folder's error is passed on untouched."""
+    reworded = RuntimeError("loading failed (a message no diagnosis can match)")
+
+    def failing_load(cls, *args, **kwargs):
+        raise reworded
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(failing_load))
+    with pytest.raises(RuntimeError) as pristine_error:
+        TOTCAKTForCTC.from_pretrained(folder)
+    assert pristine_error.value is reworded
+    change, message, _ = DAMAGES[damage]
+    change(folder)
+    with pytest.raises(ValueError) as error:
+        TOTCAKTForCTC.from_pretrained(folder)
+    assert_names(error, message, folder)
+    assert named in str(error.value) and error.value.__cause__ is reworded

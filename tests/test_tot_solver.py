@@ -5,7 +5,14 @@ import pytest
 import torch
 from test_tot import TIGHT, opw_effective_cost, pot_coupling, random_masks
 
-from modeling_tot_cakt.tot import cosine_cost, ot_loss, tot_sinkhorn
+from modeling_tot_cakt.tot import (
+    cosine_cost,
+    fused_gw_loss,
+    fused_gw_sinkhorn,
+    ot_loss,
+    temporal_prior_log,
+    tot_sinkhorn,
+)
 
 
 def random_feature_cost(batch, n_rows, n_cols, seed=0, dim=64):
@@ -181,3 +188,64 @@ def test_potentials_stay_centred_so_an_unconverged_float32_plan_keeps_its_mass()
         coupling, log = tot_sinkhorn(cost, lambda2=1e-4, log=True)
     assert log["log_domain"]
     assert (log["mass"] - 1).abs().max() < 1e-3
+
+
+def random_cost(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return cosine_cost(torch.randn(2, 30, 8, generator=generator), torch.randn(2, 5, 8, generator=generator))
+
+
+@pytest.mark.parametrize(
+    "shift, params",
+    [(0.0, dict(tau=1.0, lambda1=200.0)), (0.0, dict(tau=1.0, lambda1=1000.0)), (-200.0, dict(tau=1.0, lambda1=0.0))],
+)
+def test_an_unbalanced_plan_that_overflows_is_named_not_returned(shift, params):
+    """Where the reward exceeds the cost, relaxed marginals let the mass run to inf (the stopping test, false for NaN,
+    used to let it through with a NaN error and no warning)."""
+    with pytest.raises(
+        ValueError,
+        match=r"tot_sinkhorn's plan is not finite for sample\(s\) \[0, 1\].*mass inf.*"
+        r"lower lambda1, raise tau",
+    ):
+        tot_sinkhorn(random_cost() + shift, **params)
+
+
+def test_an_unbalanced_plan_whose_mass_runs_away_is_warned_with_its_mass_and_the_right_advice():
+    with pytest.warns(
+        UserWarning,
+        match=r"The largest plan's mass is 1\.2\de\+10 \(1 when balanced\)\. With "
+        r"unbalanced marginals .* lower lambda1, raise tau",
+    ):
+        coupling, log = tot_sinkhorn(random_cost(), tau=1.0, lambda1=50.0, log=True)
+    assert float(log["mass"].max()) > 1e10
+
+
+def test_losses_of_a_nan_plan_are_nan_not_zero():
+    cost = random_cost()
+    plan = torch.full_like(cost, float("nan"))
+    assert ot_loss(plan, cost).isnan() and ot_loss(plan, cost, reduction="none").isnan().all()
+    edges = torch.zeros(2, 30, 30), torch.zeros(2, 5, 5)
+    assert fused_gw_loss(plan, cost, *edges).isnan()
+    plan[1] = 0.0  # an empty sample still leaves the mean, a NaN one does not
+    assert ot_loss(plan, cost).isnan()
+
+
+def test_a_sigma_whose_square_underflows_is_refused_with_the_sigma_that_works():
+    with pytest.raises(ValueError, match=r"R = .* = inf nats.*Use sigma >= 0\.00345"):
+        tot_sinkhorn(random_cost(), sigma=1e-200)
+    masks = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"sigma=1e-200 is so small that sigma\*\*2 underflows to 0"):
+        temporal_prior_log(*masks, 1e-200)
+
+
+def test_huge_edge_costs_are_named_by_fused_gw_not_blamed_on_cost():
+    generator = torch.Generator().manual_seed(0)
+    h, z = torch.randn(2, 30, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    with pytest.raises(
+        ValueError,
+        match=r"source_cost and target_cost are too large for fused_gw_sinkhorn .* their "
+        r"largest \|D\| are 19\d\d and 1\.\d+",
+    ):
+        fused_gw_sinkhorn(cosine_cost(h, z), cosine_cost(h, h) * 1e3, cosine_cost(z, z))
+    with pytest.raises(ValueError, match=r"tot_sinkhorn cannot solve sample"):  # the node cost's own range: cost
+        fused_gw_sinkhorn(cosine_cost(h, z), cosine_cost(h, h), cosine_cost(z, z), lambda2=1e-9)

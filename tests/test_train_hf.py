@@ -482,6 +482,49 @@ def test_nonfinite_loss_skips_the_update(tmp_path, caplog):
     assert trainer.model_accepts_loss_kwargs is False
 
 
+@pytest.mark.parametrize("nan_batches, alignment", [(None, "none"), (None, "tot_uot"), (1, "none")])
+def test_a_run_whose_every_update_was_skipped_fails_with_the_cause(tmp_path, nan_batches, alignment):
+    """Every batch non-finite: the run fails, naming the cause to look at; one bad batch of two does not."""
+    model = make_model(alignment="none")
+    model.config.alignment, model.config.tot_lambda1 = alignment, 1000.0  # what the run says; the forward is CTC
+    processor = make_processor(tmp_path, model)
+    rng = np.random.default_rng(0)
+    row = {"labels": processor.tokenizer("你好").input_ids, "input_length": 4000, "text": "你好"}
+    rows = [{**row, "input_values": rng.standard_normal(4000).astype(np.float32)} for _ in range(4)]
+    forward, calls = model.forward, []
+
+    def forward_with_nan(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append(1)
+        if nan_batches is None or len(calls) <= nan_batches:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.forward = forward_with_nan
+    trainer = one_step_trainer(model, processor, rows, tmp_path / "out")
+    trainer.args.max_steps = 2
+    trainer.train()
+    if nan_batches is not None:
+        train_hf.check_updates_were_made(trainer, start_step=0)  # the second batch was trained on
+        return
+    expected = (
+        "lower --tot_lambda1 or raise --uot_tau" if alignment == "tot_uot" else "a non-finite ctc_loss points at"
+    )
+    with pytest.raises(RuntimeError, match=rf"Every one of the 2 training batches had a non-finite loss.*{expected}"):
+        train_hf.check_updates_were_made(trainer, start_step=0)
+
+
+def test_an_order_reward_that_overflows_the_unbalanced_plan_stops_the_run_and_saves_nothing(
+    speech_corpus, tiny_teacher, tmp_path
+):
+    out = tmp_path / "out"
+    arguments = [*common_args(out, tiny_teacher, tmp_path / "cache"), "--dataset_name", speech_corpus.root]
+    arguments += ["--alignment", "tot_uot", "--tot_lambda1", 1000, "--do_train", "--max_steps", 2]
+    with pytest.raises(ValueError, match=r"tot_sinkhorn's plan is not finite .* lower lambda1, raise tau"):
+        run_training(*arguments)
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
 def test_the_unbalanced_and_graph_matching_alignment_flags_reach_the_model_configuration(monkeypatch, tmp_path):
     monkeypatch.setattr(
         sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), "--alignment", "tot_uot", "--uot_tau", "0.25"]
@@ -510,6 +553,36 @@ def test_the_unbalanced_and_graph_matching_alignment_flags_reach_the_model_confi
     monkeypatch.setattr(sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), "--alignment", "gw"])
     with pytest.raises(SystemExit):
         train_hf.parse_arguments()
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (
+            ["--alignment", "tot", "--uot_tau", "5"],
+            r"'tot', which does not read --uot_tau: --uot_tau is read by "
+            r"--alignment uot/tot_uot",
+        ),
+        (
+            ["--alignment", "tot", "--gmot_alpha", "0.9"],
+            r"does not read --gmot_alpha: --gmot_alpha is read by "
+            r"--alignment gmot/tot_gmot",
+        ),
+        (["--alignment", "none", "--tot_lambda2", "0.2"], r"'none', which does not read --tot_lambda2"),
+        (["--alignment", "ot", "--tot_lambda1", "3", "--tot_sigma", "2"], r"does not read --tot_lambda1, --tot_sigma"),
+        (["--alignment", "tot_uot", "--uot_tau", "5", "--tot_lambda1", "3"], None),
+        (["--alignment", "none", "--ctc_loss_weight", "2"], None),
+    ],
+)
+def test_alignment_flags_that_the_alignment_does_not_read_are_refused(monkeypatch, tmp_path, flags, refused):
+    monkeypatch.setattr(sys, "argv", ["train_hf.py", "--output_dir", str(tmp_path), *flags])
+    _, method_args, _, _ = train_hf.parse_arguments()
+    config = TOTCAKTConfig(**{k: v for k, v in method_args.config_overrides().items() if v is not None})
+    if refused is None:
+        train_hf.check_method_flags(method_args, config)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            train_hf.check_method_flags(method_args, config)
 
 
 def test_evaluation_during_training_reads_the_eval_split_never_the_test_split(speech_corpus, tiny_teacher, tmp_path):

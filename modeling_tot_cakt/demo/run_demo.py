@@ -34,6 +34,9 @@ A preset is a YAML file with the sections ``synthesis`` (:class:`SynthesisConfig
 ``train_hf.py`` arguments of the CTC pretraining). The demo adds
 the paths (see :data:`DEMO_TRAIN_ARGS`) and writes the ``train`` section to ``train_args.yaml``,
 which is what ``train_hf.py`` reads.
+
+Other programs drive the stages through :class:`DemoStages` (with :func:`load_preset`), as
+``benchmarks/bench_quality.py`` does; ``build=False`` only reuses what an earlier run left.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ import yaml
 
 from ..tot import cosine_cost, tot_sinkhorn
 from ..training.audio import load_audio
+from ..training.error_analysis import split_errors
 from ..training.language_model import decode_and_score, estimate_character_lm, greedy_transcripts, manifest_logits
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, settings_hash
 from .encoder_pretraining import ENCODER_REPORT_FILE, export_encoder, load_complete_encoder, write_syllable_manifests
-from .error_analysis import split_errors
 from .synthesis import (
     SEEN_VOICES_SPLIT,
     SPLITS,
@@ -256,14 +259,18 @@ class DemoPaths:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def synthesize_stage(preset: DemoPreset, paths: DemoPaths) -> CorpusSummary:
-    """Make (or reuse) the preset's corpus in ``paths.corpus``."""
-    return synthesize_corpus(SynthesisConfig(output_dir=str(paths.corpus), **preset.synthesis))
+def synthesize_stage(preset: DemoPreset, paths: DemoPaths, build: bool = True) -> CorpusSummary | None:
+    """Make (or reuse) the preset's corpus in ``paths.corpus``; with ``build=False`` only reuse it (None if absent)."""
+    return synthesize_corpus(SynthesisConfig(output_dir=str(paths.corpus), **preset.synthesis), reuse_only=not build)
 
 
-def teacher_stage(preset: DemoPreset, paths: DemoPaths) -> TeacherSummary:
-    """Pretrain (or reuse) the teacher in ``paths.teacher``, holding out the corpus' dev/test sentences."""
-    return build_teacher(TeacherConfig(output_dir=str(paths.teacher), corpus_dir=str(paths.corpus), **preset.teacher))
+def teacher_stage(preset: DemoPreset, paths: DemoPaths, build: bool = True) -> TeacherSummary | None:
+    """Pretrain (or reuse) the teacher in ``paths.teacher``, holding out the corpus' dev/test sentences; with
+    ``build=False`` only reuse it (None if it, or the corpus it depends on, is absent)."""
+    if not build and synthesize_stage(preset, paths, build=False) is None:
+        return None
+    config = TeacherConfig(output_dir=str(paths.teacher), corpus_dir=str(paths.corpus), **preset.teacher)
+    return build_teacher(config, reuse_only=not build)
 
 
 def pretrained_encoder_dir(preset: DemoPreset, paths: DemoPaths) -> Path:
@@ -272,8 +279,9 @@ def pretrained_encoder_dir(preset: DemoPreset, paths: DemoPaths) -> Path:
     return paths.encoder_root / f"model-{preset.encoder_key()}"
 
 
-def encoder_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> dict | None:
-    """Pretrain (or reuse) the preset's acoustic encoder; None for a preset without an encoder section.
+def encoder_stage(preset: DemoPreset, paths: DemoPaths, build: bool = True, **script_options) -> dict | None:
+    """Pretrain (or reuse) the preset's acoustic encoder; None for a preset without an encoder section, and with
+    ``build=False`` (only reuse) None when it is not there.
 
     Synthesises the pretraining corpus (the character-level corpus' dev/test sentences excluded),
     writes its syllable transcripts, trains CTC on them with ``train_hf.py`` (``script_options``
@@ -288,6 +296,8 @@ def encoder_stage(preset: DemoPreset, paths: DemoPaths, **script_options) -> dic
     report = load_complete_encoder(model_dir, key)
     if report is not None:
         return {**report, "reused": True}
+    if not build:
+        return None
     start = time.perf_counter()
     corpus = synthesize_corpus(
         SynthesisConfig(
@@ -569,7 +579,7 @@ def load_model_and_processor(model_dir: Path):
 
 def error_split_stage(paths: DemoPaths, split: str = "test") -> dict:
     """CER of the saved model on ``split``, split into homophone substitutions and other errors
-    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`, with the corpus' own readings)."""
+    (:func:`~modeling_tot_cakt.training.error_analysis.split_errors`, with the corpus' own readings)."""
     records, readings = corpus_records_and_readings(paths)
     hypotheses = transcribe_manifest(paths.model, records[split])
     return {"split": split, **error_split(records[split], hypotheses, readings)}
@@ -586,7 +596,7 @@ def corpus_records_and_readings(paths: DemoPaths) -> tuple[dict[str, list[dict]]
 
 
 def error_split(records: Sequence[dict], hypotheses: Sequence[str], readings: dict) -> dict:
-    """:func:`~modeling_tot_cakt.demo.error_analysis.split_errors` of `hypotheses` against `records`."""
+    """:func:`~modeling_tot_cakt.training.error_analysis.split_errors` of `hypotheses` against `records`."""
     references = [normalize_transcript(record["text"]) for record in records]
     syllables = [record["pinyin"].split() for record in records]
     return split_errors(references, hypotheses, syllables, readings).as_dict()
@@ -656,6 +666,66 @@ def decoding_stage(
     for split in splits:
         scored[split]["utterances"] = len(records[split])
     return scored
+
+
+# -------------------------------------------------------------------------------------- public API
+@dataclass
+class DemoStages:
+    """The demo's stages on one preset and one layout of paths: what other programs (the quality benchmark) use.
+
+    The corpus, teacher and encoder are built when missing and reused otherwise; with ``build=False`` they are
+    only reused (None where an earlier run left nothing), so that a program that only reports trains nothing.
+    Attributes: ``preset`` (:class:`DemoPreset`) and ``paths`` (:class:`DemoPaths`).
+    """
+
+    preset: DemoPreset
+    paths: DemoPaths
+
+    @classmethod
+    def create(cls, work_dir: str | os.PathLike, preset: DemoPreset) -> DemoStages:
+        """The demo's own layout (:meth:`DemoPaths.create`)."""
+        return cls(preset, DemoPaths.create(work_dir, preset))
+
+    def for_run(self, run_dir: Path, train: dict, teacher: Path | None = None) -> DemoStages:
+        """The stages of one training run in ``run_dir`` (its model in ``run_dir/model``) with the ``train_hf.py``
+        arguments ``train``, sharing this layout's corpus, encoder, cache and teacher (or ``teacher``)."""
+        paths = DemoPaths(
+            root=run_dir,
+            corpus=self.paths.corpus,
+            teacher=teacher or self.paths.teacher,
+            model=run_dir / "model",
+            cache=self.paths.cache,
+            encoder_root=self.paths.encoder_root,
+        )
+        return DemoStages(dataclasses.replace(self.preset, train=train), paths)
+
+    def corpus(self, build: bool = True) -> CorpusSummary | None:
+        return synthesize_stage(self.preset, self.paths, build)
+
+    def teacher(self, build: bool = True) -> TeacherSummary | None:
+        return teacher_stage(self.preset, self.paths, build)
+
+    def encoder(self, build: bool = True, **script_options) -> dict | None:
+        return encoder_stage(self.preset, self.paths, build, **script_options)
+
+    def language_model(self) -> dict:
+        return language_model_stage(self.preset, self.paths)
+
+    def train(self, **options) -> bool:
+        """:func:`train_stage`: True when a completed run with the same arguments was reused."""
+        return train_stage(self.preset, self.paths, **options)
+
+    def evaluate(self, **script_options) -> dict:
+        return evaluate_stage(self.preset, self.paths, **script_options)
+
+    def error_split(self, split: str = "test") -> dict:
+        return error_split_stage(self.paths, split)
+
+    def decode_with_language_model(self, arpa: str | os.PathLike, test_splits: Sequence[str] = ("test",)) -> dict:
+        return decoding_stage(self.preset, self.paths, arpa, test_splits)
+
+    def training_summary(self) -> dict:
+        return training_summary(self.paths.model)
 
 
 # --------------------------------------------------------------------------------------- couplings
@@ -747,7 +817,8 @@ class AlignmentModels:
             return coupling[0][valid][:, token_mask[0]].numpy()
 
         trained = None
-        if config.alignment not in ("tot", "ot"):  # the model's own alignment, computed as in training
+        # The demo draws TOT and plain OT; a model trained with another alignment also gets its own, as in training.
+        if config.alignment_is_unbalanced or config.alignment_is_graph_matching:
             own = self.model._alignment(adapted, frame_mask, tokens, token_mask)["coupling"]
             trained = (config.alignment, utterance(own))
         return UtteranceCouplings(

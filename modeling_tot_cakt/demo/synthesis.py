@@ -56,9 +56,9 @@ import soxr
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from ..training.error_analysis import dictionary_readings
 from ..training.transcripts import normalize_transcript
 from .build_cache import lines_digest, read_complete_report, settings_hash
-from .error_analysis import dictionary_readings
 from .text_sources import (
     INSTALL_HINT,
     char_frequencies,
@@ -476,7 +476,7 @@ def track_stats(spoken: Mapping[str, Sequence[tuple[str, Sequence[str]]]]) -> di
 
     The inventory is the characters of the train transcripts (all that a CTC model trained on them
     can write), each with the readings by which the error split counts a substitution as a homophone
-    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`): pypinyin's dictionary readings plus
+    (:func:`~modeling_tot_cakt.training.error_analysis.split_errors`): pypinyin's dictionary readings plus
     the syllables the corpus speaks it as. A test character has a homophone when another inventory
     character has its spoken syllable among its readings (:func:`homophone_stats`); it is out of
     vocabulary (OOV) when it is not in the inventory, so that CTC has no output for it.
@@ -895,7 +895,7 @@ def plan_corpus(config: SynthesisConfig, excluded: Sequence[str] = ()) -> Corpus
     return CorpusPlan(jobs, text_info, source_files)
 
 
-def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
+def synthesize_corpus(config: SynthesisConfig, reuse_only: bool = False) -> CorpusSummary | None:
     """Build (or reuse) a synthetic Mandarin corpus; see the module docstring.
 
     Output in ``config.output_dir``: ``audio/{split}/*.wav`` (16-bit mono), ``{split}.jsonl``
@@ -904,7 +904,8 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     ``char_times``) and ``corpus.json`` (settings, hash, counts, vocabulary, homophone counts, and per
     test track the share of characters with a homophone and out of vocabulary: :func:`track_stats`).
 
-    A complete corpus made with the same settings is reused; a stale or partial one is replaced.
+    A complete corpus made with the same settings is reused; a stale or partial one is replaced, or with
+    ``reuse_only`` left as it is (the result is then None: nothing is built).
 
     Raises:
         FileNotFoundError: espeak-ng or a text source is not installed.
@@ -917,7 +918,7 @@ def synthesize_corpus(config: SynthesisConfig) -> CorpusSummary:
     excluded = heldout_sentences(config.exclude_corpus_dir) if config.exclude_corpus_dir else []
     key = corpus_settings_hash(config, engine.version, excluded)
     cached = _load_complete_corpus(output_dir, key)
-    if cached is not None:
+    if cached is not None or reuse_only:
         return cached
     plan = plan_corpus(config, excluded)
     _remove_previous_output(output_dir)

@@ -462,8 +462,9 @@ def _load_complete_teacher(output_dir: Path, expected_hash: str) -> TeacherSumma
     return None if report is None else TeacherSummary(output_dir, report, reused=True)
 
 
-def build_teacher(config: TeacherConfig) -> TeacherSummary:
-    """Pretrain (or reuse) the offline teacher; see the module docstring.
+def build_teacher(config: TeacherConfig, reuse_only: bool = False) -> TeacherSummary | None:
+    """Pretrain (or reuse) the offline teacher; see the module docstring. With ``reuse_only`` nothing is trained:
+    the result is the complete teacher of these settings, or None.
 
     Output in ``config.output_dir``: ``config.json`` + ``model.safetensors`` (a
     ``BertForMaskedLM``; ``AutoModel`` loads its ``BertModel``), the tokenizer files with
@@ -482,7 +483,7 @@ def build_teacher(config: TeacherConfig) -> TeacherSummary:
     output_dir = Path(config.output_dir)
     key = teacher_settings_hash(config, heldout)
     cached = _load_complete_teacher(output_dir, key)
-    if cached is not None:
+    if cached is not None or reuse_only:
         return cached
 
     start = time.perf_counter()

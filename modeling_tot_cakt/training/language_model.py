@@ -44,6 +44,7 @@ from ..processing_tot_cakt_lm import (
     build_decoder,
 )
 from .audio import load_audio
+from .error_analysis import split_errors, spoken_syllables
 from .trainer import CTCCharacterErrorRate, load_cer_metric
 from .transcripts import normalize_transcript
 
@@ -311,15 +312,13 @@ def decode_and_score(
     Decode each split's `logits` greedily and with the character model `arpa_path`, whose weight and bonus are
     chosen on `tune_split` (a dev set) by a grid; attach it to `model_dir` with them; split the errors of each
     decoding against `references` into homophone substitutions, tone errors and the rest
-    (:func:`~modeling_tot_cakt.demo.error_analysis.split_errors`; the spoken syllables are `syllables`, or
+    (:func:`~modeling_tot_cakt.training.error_analysis.split_errors`; the spoken syllables are `syllables`, or
     pypinyin's reading of the references).
 
     Returns:
         ``{"weights": tune_weights(...), <split>: {"greedy": split, "lm": split}, ..., "speed": decoding_speed(...)}``
         with the speed measured on the last split.
     """
-    from ..demo.error_analysis import split_errors, spoken_syllables
-
     chosen = {}
 
     def choose(with_lm):

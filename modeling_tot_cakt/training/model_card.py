@@ -218,21 +218,9 @@ def training_hyperparameters(args, global_step: int, config: TOTCAKTConfig) -> d
         "ctc_input": config.ctc_input,
         "adapter_type": config.adapter_type if config.has_adapter else None,
     }
-    if config.uses_teacher:
-        method = (
-            "tot_lambda1",
-            "tot_lambda2",
-            "tot_sigma",
-            "tot_max_iter",
-            "ctc_loss_weight",
-            "ot_loss_weight",
-            "align_loss_weight",
-        )
-        rows.update({name: getattr(config, name) for name in method})
-        if config.alignment in ("uot", "tot_uot"):  # the unbalanced modes' marginal relaxation
-            rows["uot_tau"] = config.uot_tau
-        if config.alignment in ("gmot", "tot_gmot"):  # the graph-matching modes' Gromov-Wasserstein weight
-            rows.update(gmot_alpha=config.gmot_alpha, gmot_max_outer=config.gmot_max_outer)
+    if config.uses_teacher:  # the fields that the model's alignment reads, and only those
+        rows["ctc_loss_weight"] = config.ctc_loss_weight
+        rows.update({name: getattr(config, name) for name in config.alignment_fields})
     return {name: value for name, value in rows.items() if value is not None}
 
 
