@@ -144,6 +144,7 @@ def test_the_configuration_says_what_each_alignment_is_and_which_fields_it_reads
     kinds = (config.alignment_is_ordered, config.alignment_is_unbalanced, config.alignment_is_graph_matching)
     assert kinds == (ordered, unbalanced, graph)
     shared = {"tot_lambda2", "tot_max_iter", "tot_tol", "tot_grad", "ot_loss_weight", "align_loss_weight"}
+    shared |= {"kd_loss_weight", "kd_top_k", "teacher_target", "align_layer"}  # what is aligned, distilled
     assert set(config.alignment_fields) == shared | own_fields
 
 
