@@ -560,6 +560,27 @@ def test_the_frozen_teacher_makes_its_targets_in_eval_mode(teacher_dir, tmp_path
     assert not model.teacher.training
 
 
+@pytest.mark.parametrize("ctc_input", ["encoder", "adapter"])
+def test_the_adapter_reads_the_encoder_output_after_dropout(ctc_input, tmp_path):
+    """The adapter (whose output the alignment and, with ctc_input="adapter", the CTC head read) takes the encoder's
+    frames after final_dropout, as the CTC head on the encoder does: in training mode with final_dropout=0.5, each
+    value of its input is the encoder's doubled or zero, about half of them zero."""
+    torch.manual_seed(0)
+    model = make_model(alignment="tot", ctc_input=ctc_input, final_dropout=0.5).train()
+    seen = {}
+    model.tot_cakt.register_forward_hook(lambda module, args, output: seen.update(encoder=output.last_hidden_state))
+    model.adapter.register_forward_hook(lambda module, args, output: seen.update(adapter=args[0]))
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.update(head=args[0]))
+    batch = batch_for(model, tmp_path)
+    model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=torch.randn(2, 4, TEACHER_HIDDEN))
+    encoder, adapter = seen["encoder"], seen["adapter"]
+    kept = adapter != 0
+    assert 0.4 < kept.float().mean() < 0.6
+    torch.testing.assert_close(adapter[kept], 2 * encoder[kept])
+    if ctc_input == "encoder":  # one dropout mask for the head and the adapter
+        assert torch.equal(seen["head"], adapter)
+
+
 def test_the_non_convergence_warning_fires_when_any_sample_of_the_batch_did_not_converge(
     teacher_dir, tmp_path, caplog, monkeypatch
 ):

@@ -292,3 +292,14 @@ def test_a_manifest_records_every_file_and_a_changed_size_is_named(tmp_path):
     assert folder_problem(tmp_path, required=(("model.safetensors", "weights.bin"),)) == (
         f"{tmp_path} has no model.safetensors or weights.bin"
     )
+
+
+def test_a_file_larger_than_the_manifest_records_is_named_like_a_smaller_one(tmp_path):
+    """A file grown after the save (appended to, replaced by another) is as untrustworthy as a cut-off one."""
+    (tmp_path / "notes.txt").write_text("12345")
+    write_file_manifest(tmp_path)
+    (tmp_path / "notes.txt").write_text("123456")  # no format check can see this either
+    assert (
+        folder_problem(tmp_path)
+        == f"{tmp_path / 'notes.txt'} has 6 bytes but 5 were written: it was cut off or changed"
+    )

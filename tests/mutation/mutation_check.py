@@ -50,6 +50,7 @@ CER = "modeling_tot_cakt/training/metrics/cer/cer.py"
 DATA = "modeling_tot_cakt/training/data.py"
 TEACHER_FEATURES = "modeling_tot_cakt/training/teacher_features.py"
 SAVED_FILES = "modeling_tot_cakt/training/saved_files.py"
+AUDIO = "modeling_tot_cakt/training/audio.py"
 SCRIPT = "train_hf.py"
 
 WIRING = ("tests/test_model_wiring.py",)
@@ -666,6 +667,41 @@ MUTANTS = (
         RESUME,
         "the final save moves the weights into output_dir before the trainer state and metrics",
         select="final_save",
+    ),
+    Mutant(
+        "lm-weights-chosen-on-test",
+        SCRIPT,
+        r"tune_split=\"eval\"",
+        'tune_split="test"',
+        TRAIN,
+        "train_hf.py chooses the language model's weight and bonus on the test split",
+        select="never_on_test",
+    ),
+    Mutant(
+        "larger-saved-file-accepted",
+        SAVED_FILES,
+        r"os\.path\.getsize\(path\) != size",
+        "os.path.getsize(path) < size",
+        ("tests/test_saved_files.py",),
+        "a saved file larger than its manifest records counts as whole",
+        select="manifest",
+    ),
+    Mutant(
+        "decode-limit-fixed",
+        AUDIO,
+        r"MAX_SAMPLES_PER_BYTE \* max\(size, BLOCK_FRAMES\)",
+        "MAX_SAMPLES_PER_BYTE * BLOCK_FRAMES",
+        ("tests/test_audio.py",),
+        "the decode limit is 64 blocks whatever the file's size: a long healthy recording is refused",
+    ),
+    Mutant(
+        "adapter-reads-encoder-before-dropout",
+        MODEL,
+        r"self\.adapter\(hidden_states\) if reads_adapter",
+        "self.adapter(outputs.last_hidden_state) if reads_adapter",
+        MODELING,
+        "the adapter reads the encoder's output before final_dropout",
+        select="after_dropout",
     ),
     Mutant(
         "loss-components-not-reduced-across-processes",
