@@ -704,6 +704,15 @@ MUTANTS = (
         select="after_dropout",
     ),
     Mutant(
+        "aishell-repeated-ids-unchecked",
+        DATA,
+        r"\n(\s*)_check_repeated_utterances\(path, ",
+        r"\n\1(lambda *args: None)(path, ",
+        ("tests/test_data.py",),
+        "an AISHELL-1 utterance id listed twice keeps its last text without a word",
+        select="aishell",
+    ),
+    Mutant(
         "loss-components-not-reduced-across-processes",
         TRAINER,
         r"accelerator\.reduce\(self\.totals, reduction=\"sum\"\)",
