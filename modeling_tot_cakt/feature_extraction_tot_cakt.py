@@ -3,10 +3,16 @@ Feature extractors that take integer PCM as well as float samples.
 
 transformers' `Wav2Vec2FeatureExtractor` and `SeamlessM4TFeatureExtractor` take an integer array as it is: the
 raw-waveform one returns int16 magnitudes (up to 32767) as float64 features, the log-mel one overflows on int16
-(`OverflowError`) and wraps int32 silently. The two classes here are those stock classes with one change: every
-raw waveform given to `__call__` (one array, a list of arrays, a batched 2-D array, or torch tensors) that holds
-integer samples is first scaled to float32 in [-1, 1] by [`as_float_waveform`], as soundfile scales integer PCM.
-Float input reaches the stock code untouched, so it gives the stock features bit for bit.
+(`OverflowError`) and wraps int32 silently. The two classes here are those stock classes with two changes:
+
+- every raw waveform given to `__call__` (one array, a list of arrays, a batched 2-D array, or torch tensors) that
+  holds integer samples is first scaled to float32 in [-1, 1] by [`as_float_waveform`], as soundfile scales
+  integer PCM;
+- float samples so large that the stock code overflows float32 (audio scaled by 1e20 gave all-zero raw-waveform
+  features and a transcript of silence; beyond about 1e31 the log-mel features are NaN) give the features of the
+  same audio at a scale that does not overflow, which both normalisations make the same features.
+
+Other float input reaches the stock code untouched, so it gives the stock features bit for bit.
 
 They are saved with a model (`auto_map` in `processor_config.json`, this file next to the weights), so
 `AutoProcessor`, `AutoFeatureExtractor` and `pipeline(..., trust_remote_code=True)` use them where this package
@@ -80,14 +86,57 @@ class IntegerPCMFeatureExtractorMixin:
         return super().__call__(scale_integer_pcm(raw_speech), *args, **kwargs)
 
 
+def _squares_overflow_float32(waveform: np.ndarray, length: int) -> bool:
+    """Whether the sum of squares of `waveform[:length]` can overflow float32 (samples beyond about 1e17 for a
+    second of 16 kHz audio), which turns transformers' variance into inf and its normalised waveform into zeros."""
+    peak = float(np.max(np.abs(waveform[:length]), initial=0.0))
+    return peak * peak * max(int(length), 1) > float(np.finfo(np.float32).max)
+
+
 class TOTCAKTFeatureExtractor(IntegerPCMFeatureExtractorMixin, Wav2Vec2FeatureExtractor):
     """`Wav2Vec2FeatureExtractor` (the raw waveform, for wav2vec2 / HuBERT / WavLM / data2vec-audio encoders) that
-    also takes integer PCM."""
+    also takes integer PCM, and normalises float samples too large for float32 squares (e.g. audio scaled by 1e20)
+    to the features of the same audio at any other scale instead of all zeros."""
+
+    @staticmethod
+    def zero_mean_unit_var_norm(input_values, attention_mask, padding_value: float = 0.0) -> list[np.ndarray]:
+        """
+        transformers' zero-mean unit-variance normalisation, waveform by waveform. A waveform whose squares would
+        overflow float32 ([`_squares_overflow_float32`]) is normalised in float64, which no float32 sample can
+        overflow; the normalisation does not depend on the scale, so its features are those of the same audio at
+        [-1, 1] (to float32 rounding). Every other waveform gets transformers' result bit for bit.
+        """
+        lengths = [len(vector) for vector in input_values]
+        masks = [None] * len(lengths)
+        if attention_mask is not None:
+            masks = [[mask] for mask in attention_mask]
+            lengths = np.asarray(attention_mask, np.int32).sum(-1)
+        normed = []
+        for vector, length, mask in zip(input_values, lengths, masks):
+            wide = _squares_overflow_float32(vector, length)
+            vector = np.asarray(vector, dtype=np.float64) if wide else vector
+            (normed_vector,) = Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm([vector], mask, padding_value)
+            normed.append(normed_vector.astype(np.float32) if wide else normed_vector)
+        return normed
 
 
 class TOTCAKTLogMelFeatureExtractor(IntegerPCMFeatureExtractorMixin, SeamlessM4TFeatureExtractor):
     """`SeamlessM4TFeatureExtractor` (stacked log-mel filter banks, for Wav2Vec2-BERT encoders) that also takes
-    integer PCM."""
+    integer PCM, and float samples too large for float32 at Kaldi's 16-bit scale (beyond about 1e34) instead of
+    turning them into NaN features."""
+
+    def _extract_fbank_features(self, waveform: np.ndarray) -> np.ndarray:
+        """
+        transformers' log-mel filter banks, which multiply the samples by 2**15 (Kaldi's 16-bit scale) and keep
+        their spectrum in complex64: a spectrum bin is at most 2 x 512 (pre-emphasis, FFT length) times the peak. A
+        waveform whose spectrum could overflow float32 that way is first divided by the power of two that brings
+        its peak into [0.5, 1): its log-mel energies move by a constant, which the per-bin normalisation removes.
+        Every other waveform gets transformers' result bit for bit.
+        """
+        peak = float(np.max(np.abs(waveform), initial=0.0))
+        if peak * 2**15 * 2 * 512 > float(np.finfo(np.float32).max):
+            waveform = np.ldexp(waveform, -np.frexp(peak)[1]).astype(waveform.dtype)
+        return super()._extract_fbank_features(waveform)
 
 
 __all__ = [
