@@ -10,6 +10,8 @@ transformers and its sibling files `configuration_tot_cakt.py` and `tot.py`.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +217,52 @@ def vocabulary_problem(name_or_path, vocab_size: int, kwargs: dict) -> str | Non
     return None
 
 
+def weights_file_of(name_or_path, keys: tuple[str, ...], kwargs: dict) -> str:
+    """The file of the saved model `name_or_path` that holds the weight named by one of `keys`: its shard (the index
+    names it), its `model.safetensors` or its `pytorch_model.bin`."""
+    hub_kwargs = hub_options(kwargs)
+    quiet = dict(_raise_exceptions_for_gated_repo=False, _raise_exceptions_for_missing_entries=False)
+    quiet.update(_raise_exceptions_for_connection_errors=False)
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        path = cached_file(name_or_path, name, **quiet, **hub_kwargs)
+        if path is None:
+            continue
+        if name.endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                weight_map = json.load(handle).get("weight_map", {})
+            shard = next((weight_map[key] for key in keys if key in weight_map), None)
+            return os.path.join(os.path.dirname(path), shard) if shard else f"one of the shards {path} names"
+        return path
+    return f"the weights of '{name_or_path}'"
+
+
+def non_finite_weights_problem(model: nn.Module, name_or_path, kwargs: dict) -> str | None:
+    """
+    Which weights of `model`, just loaded from `name_or_path`, hold NaN or infinite values, in which file, and
+    what to do; None when every floating-point weight is finite. Such a model gives NaN logits, whose greedy
+    decoding reads as silence. The check is one `isfinite` pass over the weights on their device (docs/BAD_INPUT.md
+    gives its measured cost); weights on the meta device (offloaded) are not read.
+    """
+    weights = model.state_dict()
+    broken = [
+        name
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
+    ]
+    if not broken:
+        return None
+    name, tensor = broken[0], weights[broken[0]]
+    # A base model loaded from a CTC model's folder names its weights without the folder's prefix.
+    file = weights_file_of(name_or_path, (name, f"{model.base_model_prefix}.{name}"), kwargs)
+    others = f" (and {len(broken) - 1} other tensor(s): {', '.join(broken[1:4])}{', ...' if len(broken) > 4 else ''})"
+    return (
+        f"The weights of '{name_or_path}' hold non-finite values: {name} in {file} "
+        f"has {int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} infinite values among its {tensor.numel()}"
+        f"{others if len(broken) > 1 else ''}. Its logits would be NaN or infinite and every transcript empty or wrong. Such weights "
+        f"come from a save that was damaged or written after training diverged. {RESTORE_ADVICE}"
+    )
+
+
 @dataclass
 class TOTCAKTModelOutput(ModelOutput):
     """
@@ -337,6 +385,9 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
         vocabulary = vocabulary_problem(pretrained_model_name_or_path, model.config.vocab_size, kwargs)
         if vocabulary is not None:
             raise ValueError(vocabulary)
+        weights = non_finite_weights_problem(model, pretrained_model_name_or_path, kwargs)
+        if weights is not None:
+            raise ValueError(weights)
         encoder = model.base_model.encoder
         prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
         encoder_keys = {f"{prefix}encoder.{name}" for name, _ in encoder.named_parameters()}
@@ -692,6 +743,40 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
         return teacher_hidden_states.float(), mask.bool()
 
+    def check_logits(self, logits: torch.Tensor) -> None:
+        """
+        Refuse CTC logits `(B, frames, vocab_size)` that hold NaN or infinite values, naming the likely cause: their
+        greedy decoding would read as silence or noise instead of failing.
+
+        `forward` runs this check at inference (without `labels`; in training the Trainer skips the update of a
+        non-finite loss instead) and, like [`TOTCAKTModel.check_inputs`], not while `torch.compile` or `torch.export`
+        trace the model. It costs one reduction and one host sync per forward.
+        """
+        nonfinite = (~torch.isfinite(logits)).flatten(1).any(1)
+        if not bool(nonfinite.any()):
+            return
+        weights = dict(self.named_parameters())
+        broken = next((name for name, weight in weights.items() if not bool(torch.isfinite(weight).all())), None)
+        largest = max(weights, key=lambda name: float(weights[name].detach().abs().max()))
+        if broken is not None:
+            cause = (
+                f"the weight {broken} holds NaN or infinite values: it was changed after loading (from_pretrained "
+                "refuses such saved weights). Load the model again"
+            )
+        elif self.dtype in (torch.float16, torch.bfloat16):
+            cause = f"the weights are finite, so the computation overflowed in {self.dtype}: run the model in float32"
+        else:
+            cause = (
+                f"the weights are finite (the largest, in {largest}, of magnitude "
+                f"{float(weights[largest].detach().abs().max()):.3g}), so the computation overflowed in {self.dtype}: "
+                "check the input (float audio lies in [-1, 1]) and where the weights come from"
+            )
+        raise ValueError(
+            f"The CTC logits of batch items {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values "
+            f"({int((~torch.isfinite(logits)).sum())} of {logits.numel()}), which would decode to an empty or wrong "
+            f"transcript: {cause}."
+        )
+
     # ------------------------------------------------------------------ losses
     def _ctc_loss(self, logits: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`F.ctc_loss` over the valid frames and labels (-100 = padding), blank = `pad_token_id`."""
@@ -900,6 +985,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # The adapter runs once: its output feeds the alignment and, with ctc_input="adapter", the CTC head.
         adapted = self.adapter(hidden_states) if reads_adapter or teacher is not None else None
         logits = self.lm_head(adapted if reads_adapter else hidden_states)
+        if labels is None and not torch.compiler.is_compiling():
+            self.check_logits(logits)
         losses = self._losses(adapted, logits, attention_mask, labels, teacher)
         if not output_coupling:
             losses.pop("coupling", None)

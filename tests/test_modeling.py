@@ -19,7 +19,14 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import (
+    AutoModel,
+    AutoModelForCTC,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Model,
+    pipeline,
+)
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
 from modeling_tot_cakt.training import trainer
@@ -558,6 +565,41 @@ def test_the_frozen_teacher_makes_its_targets_in_eval_mode(teacher_dir, tmp_path
         features, token_mask = model.teacher_token_features(ids, mask)
         torch.testing.assert_close(features * token_mask[..., None], reference * token_mask[..., None])
     assert not model.teacher.training
+
+
+def test_non_finite_logits_at_inference_are_named_with_their_cause(tmp_path):
+    """NaN logits decode to an empty transcript (the issue's model read every clip as silence). At inference (no
+    labels) the model refuses them, naming the batch items, how many values, and a weight that holds NaN or, with
+    finite weights, the overflow; the pipeline passes the error on. In training (with labels) the loss is NaN and
+    the Trainer skips the update, as before."""
+    torch.manual_seed(0)
+    model = make_model(alignment="none").eval()
+    processor = make_processor(tmp_path, model)
+    batch = batch_for(model, tmp_path)
+    frames = model(**batch["inputs"]).logits.shape[1]
+    with torch.no_grad():
+        model.lm_head.weight[3] = 3e38  # finite, but every frame's logit for id 3 overflows
+    with pytest.raises(ValueError) as error:
+        model(**batch["inputs"])
+    assert str(error.value) == (
+        f"The CTC logits of batch items [0, 1] hold NaN or infinite values ({2 * frames} of {2 * frames * 15}), which "
+        "would decode to an empty or wrong transcript: the weights are finite (the largest, in lm_head.weight, of "
+        "magnitude 3e+38), so the computation overflowed in torch.float32: check the input (float audio lies in "
+        "[-1, 1]) and where the weights come from."
+    )
+    with torch.no_grad():
+        model.lm_head.weight[3] = 0.0
+        model.lm_head.weight[5, 7] = float("nan")  # one NaN weight: every frame's logit for id 5 is NaN
+    asr = pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+    )
+    clip = torch.randn(16000, generator=torch.Generator().manual_seed(1)).numpy()
+    with pytest.raises(ValueError, match=r"the weight lm_head\.weight holds NaN or infinite values: it was changed"):
+        asr({"raw": clip, "sampling_rate": 16000})
+    assert torch.isnan(model(**batch["inputs"], labels=batch["labels"]).loss)
 
 
 @pytest.mark.parametrize("ctc_input", ["encoder", "adapter"])

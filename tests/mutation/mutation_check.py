@@ -51,6 +51,7 @@ DATA = "modeling_tot_cakt/training/data.py"
 TEACHER_FEATURES = "modeling_tot_cakt/training/teacher_features.py"
 SAVED_FILES = "modeling_tot_cakt/training/saved_files.py"
 AUDIO = "modeling_tot_cakt/training/audio.py"
+FEATURES = "modeling_tot_cakt/feature_extraction_tot_cakt.py"
 SCRIPT = "train_hf.py"
 
 WIRING = ("tests/test_model_wiring.py",)
@@ -711,6 +712,42 @@ MUTANTS = (
         ("tests/test_data.py",),
         "an AISHELL-1 utterance id listed twice keeps its last text without a word",
         select="aishell",
+    ),
+    Mutant(
+        "non-finite-weights-loaded",
+        MODEL,
+        r"weights = non_finite_weights_problem\(model, ",
+        "weights = (lambda *args: None)(model, ",
+        ("tests/test_saved_files.py",),
+        "a saved model whose weights hold NaN loads without a word",
+        select="non_finite or copied_code",
+    ),
+    Mutant(
+        "non-finite-logits-decoded",
+        MODEL,
+        r"\n(\s*)self\.check_logits\(logits\)",
+        r"\n\1pass",
+        MODELING,
+        "NaN logits at inference are decoded (as blanks) instead of refused",
+        select="non_finite_logits",
+    ),
+    Mutant(
+        "waveform-variance-overflows",
+        FEATURES,
+        r"wide = _squares_overflow_float32\(vector, length\)",
+        "wide = False",
+        ("tests/test_processing.py", "tests/test_bad_input.py"),
+        "audio scaled by 1e20 normalises to all-zero raw-waveform features (a transcript of silence)",
+        select="far_beyond or scaled_by_1e20",
+    ),
+    Mutant(
+        "log-mel-scaling-overflows",
+        FEATURES,
+        r"if peak \* 2\*\*15 \* 2 \* 512 >",
+        "if False and peak * 2**15 * 2 * 512 >",
+        ("tests/test_processing.py",),
+        "audio scaled beyond about 1e31 gives NaN log-mel features",
+        select="far_beyond",
     ),
     Mutant(
         "loss-components-not-reduced-across-processes",
