@@ -243,30 +243,40 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def non_finite_weights_problem(model: nn.Module, name_or_path, kwargs: dict) -> str | None:
+def non_finite_weights_problem(model: nn.Module, name_or_path, kwargs: dict, loading_info: dict) -> str | None:
     """
     Which weights of `model`, just loaded from `name_or_path`, hold NaN or infinite values, in which file, and
-    what to do; None when every floating-point weight is finite. Such a model gives NaN logits, whose greedy
-    decoding reads as silence. The check is one min/max pass over the weights on their device ([`all_finite`];
-    docs/BAD_INPUT.md gives its measured cost); weights on the meta device (offloaded) are not read.
+    what to do; None when every floating-point weight read from the folder is finite. Such a model gives NaN logits,
+    whose greedy decoding reads as silence. The check is one min/max pass over the weights on their device
+    ([`all_finite`]; docs/BAD_INPUT.md gives its measured cost). Weights the folder lacks (`loading_info`'s
+    `missing_keys`, initialised by transformers and listed in its load report) and weights on the meta device
+    (offloaded) are not read.
     """
     weights = model.state_dict()
+    missing = set(loading_info["missing_keys"])
     broken = [
         name
         for name, tensor in weights.items()
-        if tensor.is_floating_point() and tensor.device.type != "meta" and tensor.numel() and not all_finite(tensor)
+        if name not in missing
+        and tensor.is_floating_point()
+        and tensor.device.type != "meta"
+        and tensor.numel()
+        and not all_finite(tensor)
     ]
     if not broken:
         return None
     name, tensor = broken[0], weights[broken[0]]
     # A base model loaded from a CTC model's folder names its weights without the folder's prefix.
     file = weights_file_of(name_or_path, (name, f"{model.base_model_prefix}.{name}"), kwargs)
-    others = f" (and {len(broken) - 1} other tensor(s): {', '.join(broken[1:4])}{', ...' if len(broken) > 4 else ''})"
+    counts = (
+        f"{int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} infinite values among its {tensor.numel()}"
+    )
+    others = f"{', '.join(broken[1:4])}{', ...' if len(broken) > 4 else ''}"
+    others = f" (and {len(broken) - 1} other tensor(s): {others})" if len(broken) > 1 else ""
     return (
-        f"The weights of '{name_or_path}' hold non-finite values: {name} in {file} "
-        f"has {int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} infinite values among its {tensor.numel()}"
-        f"{others if len(broken) > 1 else ''}. Its logits would be NaN or infinite and every transcript empty or wrong. Such weights "
-        f"come from a save that was damaged or written after training diverged. {RESTORE_ADVICE}"
+        f"The weights of '{name_or_path}' hold non-finite values: {name} in {file} has {counts}{others}. Its logits "
+        "would be NaN or infinite and every transcript empty or wrong. Such weights come from a save that was damaged "
+        f"or written after training diverged. {RESTORE_ADVICE}"
     )
 
 
@@ -392,7 +402,7 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
         vocabulary = vocabulary_problem(pretrained_model_name_or_path, model.config.vocab_size, kwargs)
         if vocabulary is not None:
             raise ValueError(vocabulary)
-        weights = non_finite_weights_problem(model, pretrained_model_name_or_path, kwargs)
+        weights = non_finite_weights_problem(model, pretrained_model_name_or_path, kwargs, loading_info)
         if weights is not None:
             raise ValueError(weights)
         encoder = model.base_model.encoder
@@ -755,16 +765,17 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         Refuse CTC logits `(B, frames, vocab_size)` that hold NaN or infinite values, naming the likely cause: their
         greedy decoding would read as silence or noise instead of failing.
 
-        `forward` runs this check at inference (without `labels`; in training the Trainer skips the update of a
-        non-finite loss instead) and, like [`TOTCAKTModel.check_inputs`], not while `torch.compile` or `torch.export`
-        trace the model. It costs one reduction and one host sync per forward.
+        `forward` runs this check at inference: without `labels` and with gradients off (`torch.no_grad()`,
+        `torch.inference_mode()`, as the pipeline runs it). A forward with labels or gradients is a training or
+        analysis step, whose caller handles non-finite values (the Trainer skips the update of a non-finite loss).
+        Like [`TOTCAKTModel.check_inputs`], it is skipped while `torch.compile` or `torch.export` trace the model. It
+        costs one reduction and one host sync per forward.
         """
         nonfinite = (~torch.isfinite(logits)).flatten(1).any(1)
         if not bool(nonfinite.any()):
             return
-        weights = dict(self.named_parameters())
-        broken = next((name for name, weight in weights.items() if not bool(torch.isfinite(weight).all())), None)
-        largest = max(weights, key=lambda name: float(weights[name].detach().abs().max()))
+        weights = {name: weight.detach() for name, weight in self.named_parameters() if weight.numel()}
+        broken = next((name for name, weight in weights.items() if not all_finite(weight)), None)
         if broken is not None:
             cause = (
                 f"the weight {broken} holds NaN or infinite values: it was changed after loading (from_pretrained "
@@ -773,10 +784,11 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         elif self.dtype in (torch.float16, torch.bfloat16):
             cause = f"the weights are finite, so the computation overflowed in {self.dtype}: run the model in float32"
         else:
+            largest = max(weights, key=lambda name: float(weights[name].abs().max()))
             cause = (
                 f"the weights are finite (the largest, in {largest}, of magnitude "
-                f"{float(weights[largest].detach().abs().max()):.3g}), so the computation overflowed in {self.dtype}: "
-                "check the input (float audio lies in [-1, 1]) and where the weights come from"
+                f"{float(weights[largest].abs().max()):.3g}), so the computation overflowed in {self.dtype}: check the "
+                "input (float audio lies in [-1, 1]) and where the weights come from"
             )
         raise ValueError(
             f"The CTC logits of batch items {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values "
@@ -992,7 +1004,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         # The adapter runs once: its output feeds the alignment and, with ctc_input="adapter", the CTC head.
         adapted = self.adapter(hidden_states) if reads_adapter or teacher is not None else None
         logits = self.lm_head(adapted if reads_adapter else hidden_states)
-        if labels is None and not torch.compiler.is_compiling():
+        if labels is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.check_logits(logits)
         losses = self._losses(adapted, logits, attention_mask, labels, teacher)
         if not output_coupling:

@@ -569,9 +569,9 @@ def test_the_frozen_teacher_makes_its_targets_in_eval_mode(teacher_dir, tmp_path
 
 def test_non_finite_logits_at_inference_are_named_with_their_cause(tmp_path):
     """NaN logits decode to an empty transcript (the issue's model read every clip as silence). At inference (no
-    labels) the model refuses them, naming the batch items, how many values, and a weight that holds NaN or, with
-    finite weights, the overflow; the pipeline passes the error on. In training (with labels) the loss is NaN and
-    the Trainer skips the update, as before."""
+    labels, gradients off) the model refuses them, naming the batch items, how many values, and a weight that holds
+    NaN or, with finite weights, the overflow; the pipeline passes the error on. A forward with labels (training:
+    the loss is NaN and the Trainer skips the update) or with gradients on returns them as they are."""
     torch.manual_seed(0)
     model = make_model(alignment="none").eval()
     processor = make_processor(tmp_path, model)
@@ -579,7 +579,7 @@ def test_non_finite_logits_at_inference_are_named_with_their_cause(tmp_path):
     frames = model(**batch["inputs"]).logits.shape[1]
     with torch.no_grad():
         model.lm_head.weight[3] = 3e38  # finite, but every frame's logit for id 3 overflows
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError) as error, torch.inference_mode():
         model(**batch["inputs"])
     assert str(error.value) == (
         f"The CTC logits of batch items [0, 1] hold NaN or infinite values ({2 * frames} of {2 * frames * 15}), which "
@@ -599,7 +599,9 @@ def test_non_finite_logits_at_inference_are_named_with_their_cause(tmp_path):
     clip = torch.randn(16000, generator=torch.Generator().manual_seed(1)).numpy()
     with pytest.raises(ValueError, match=r"the weight lm_head\.weight holds NaN or infinite values: it was changed"):
         asr({"raw": clip, "sampling_rate": 16000})
-    assert torch.isnan(model(**batch["inputs"], labels=batch["labels"]).loss)
+    with torch.no_grad():
+        assert torch.isnan(model(**batch["inputs"], labels=batch["labels"]).loss)
+    assert torch.isnan(model(**batch["inputs"]).logits[..., 5]).all()
 
 
 @pytest.mark.parametrize("ctc_input", ["encoder", "adapter"])
