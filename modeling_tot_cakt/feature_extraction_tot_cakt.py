@@ -60,20 +60,28 @@ def _scale_if_integer(waveform):
     return waveform
 
 
-def scale_integer_pcm(raw_speech):
+def map_waveforms(raw_speech, function):
     """
     What a feature extractor's `__call__` takes (one waveform, a list or tuple of them, a batched 2-D array), with
-    every integer array or tensor scaled by [`as_float_waveform`]. Anything else is returned as it came (the same
-    object), so float input reaches the feature extractor unchanged.
+    `function` applied to each array or tensor in it (a batched array as a whole). Returned as it came (the same
+    object) where `function` changed nothing.
     """
     if not isinstance(raw_speech, (list, tuple)):
-        return _scale_if_integer(raw_speech)
+        return function(raw_speech)
     if not raw_speech or np.isscalar(raw_speech[0]):  # one waveform as a list of numbers: it has no dtype
         return raw_speech
-    scaled = [_scale_if_integer(waveform) for waveform in raw_speech]
-    if all(new is old for new, old in zip(scaled, raw_speech)):
+    mapped = [function(waveform) for waveform in raw_speech]
+    if all(new is old for new, old in zip(mapped, raw_speech)):
         return raw_speech
-    return type(raw_speech)(scaled)
+    return type(raw_speech)(mapped)
+
+
+def scale_integer_pcm(raw_speech):
+    """
+    `raw_speech` ([`map_waveforms`]) with every integer array or tensor scaled by [`as_float_waveform`]. Anything
+    else is returned as it came (the same object), so float input reaches the feature extractor unchanged.
+    """
+    return map_waveforms(raw_speech, _scale_if_integer)
 
 
 class IntegerPCMFeatureExtractorMixin:
@@ -120,29 +128,50 @@ class TOTCAKTFeatureExtractor(IntegerPCMFeatureExtractorMixin, Wav2Vec2FeatureEx
         return normed
 
 
+# The largest peak transformers' log-mel filter banks take without overflowing float32: they multiply the samples by
+# 2**15 (Kaldi's 16-bit scale) and keep the spectrum in complex64, where a bin is at most 2 x 512 (pre-emphasis, FFT
+# length) times the peak. Beyond it (about 1e31) the features are NaN.
+MAX_FBANK_PEAK = float(np.finfo(np.float32).max) / (2**15 * 2 * 512)
+
+
+def _within_fbank_range(waveform):
+    """
+    A float waveform (array or tensor; a batched 2-D array row by row) whose peak exceeds [`MAX_FBANK_PEAK`], divided
+    by the power of two that brings its peak into [0.5, 1) (as a numpy array); any other input as it came. The
+    scaling moves every log-mel energy of the clip by one constant, which the per-bin normalisation removes.
+    """
+    if is_torch_tensor(waveform):
+        if not waveform.is_floating_point():
+            return waveform
+        array = waveform.detach().cpu().float().numpy()
+        scaled = _within_fbank_range(array)
+        return waveform if scaled is array else scaled
+    if not (isinstance(waveform, np.ndarray) and waveform.dtype.kind == "f"):
+        return waveform
+    if waveform.ndim == 2:
+        rows = [_within_fbank_range(row) for row in waveform]
+        return waveform if all(new is old for new, old in zip(rows, waveform)) else np.stack(rows)
+    peak = float(np.max(np.abs(waveform), initial=0.0))
+    if not peak > MAX_FBANK_PEAK or peak == np.inf:
+        return waveform
+    return np.ldexp(waveform, -np.frexp(peak)[1]).astype(waveform.dtype)
+
+
 class TOTCAKTLogMelFeatureExtractor(IntegerPCMFeatureExtractorMixin, SeamlessM4TFeatureExtractor):
     """`SeamlessM4TFeatureExtractor` (stacked log-mel filter banks, for Wav2Vec2-BERT encoders) that also takes
-    integer PCM, and float samples too large for float32 at Kaldi's 16-bit scale (beyond about 1e34) instead of
-    turning them into NaN features."""
+    integer PCM, and float samples too large for its float32 spectrum (beyond about 1e31, e.g. audio scaled by 1e38),
+    which get the features of the same audio at a smaller scale ([`_within_fbank_range`]) instead of NaN."""
 
-    def _extract_fbank_features(self, waveform: np.ndarray) -> np.ndarray:
-        """
-        transformers' log-mel filter banks, which multiply the samples by 2**15 (Kaldi's 16-bit scale) and keep
-        their spectrum in complex64: a spectrum bin is at most 2 x 512 (pre-emphasis, FFT length) times the peak. A
-        waveform whose spectrum could overflow float32 that way is first divided by the power of two that brings
-        its peak into [0.5, 1): its log-mel energies move by a constant, which the per-bin normalisation removes.
-        Every other waveform gets transformers' result bit for bit.
-        """
-        peak = float(np.max(np.abs(waveform), initial=0.0))
-        if peak * 2**15 * 2 * 512 > float(np.finfo(np.float32).max):
-            waveform = np.ldexp(waveform, -np.frexp(peak)[1]).astype(waveform.dtype)
-        return super()._extract_fbank_features(waveform)
+    def __call__(self, raw_speech, *args, **kwargs):
+        return super().__call__(map_waveforms(raw_speech, _within_fbank_range), *args, **kwargs)
 
 
 __all__ = [
     "IntegerPCMFeatureExtractorMixin",
+    "MAX_FBANK_PEAK",
     "TOTCAKTFeatureExtractor",
     "TOTCAKTLogMelFeatureExtractor",
     "as_float_waveform",
+    "map_waveforms",
     "scale_integer_pcm",
 ]

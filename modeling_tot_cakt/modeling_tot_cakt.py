@@ -10,14 +10,13 @@ transformers and its sibling files `configuration_tot_cakt.py` and `tot.py`.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2CTCTokenizer
 from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_tot_cakt import TOTCAKTConfig
 from .tot import (
@@ -227,12 +226,14 @@ def weights_file_of(name_or_path, keys: tuple[str, ...], kwargs: dict) -> str:
         path = cached_file(name_or_path, name, **quiet, **hub_kwargs)
         if path is None:
             continue
-        if name.endswith(".json"):
-            with open(path, encoding="utf-8") as handle:
-                weight_map = json.load(handle).get("weight_map", {})
-            shard = next((weight_map[key] for key in keys if key in weight_map), None)
-            return os.path.join(os.path.dirname(path), shard) if shard else f"one of the shards {path} names"
-        return path
+        if not name.endswith(".json"):
+            return path
+        try:
+            shards, metadata = get_checkpoint_shard_files(name_or_path, path, **hub_kwargs)
+        except (OSError, ValueError, KeyError):  # an index that does not parse: the load report says more
+            return f"one of the shards {path} names"
+        shard = next((metadata["weight_map"][key] for key in keys if key in metadata["weight_map"]), None)
+        return next((file for file in shards if shard and file.endswith(shard)), f"one of the shards {path} names")
     return f"the weights of '{name_or_path}'"
 
 
