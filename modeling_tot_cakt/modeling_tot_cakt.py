@@ -342,6 +342,71 @@ def vocabulary_problem(name_or_path, vocab_size: int, kwargs: dict) -> str | Non
     return None
 
 
+def weights_file_of(name_or_path, keys: tuple[str, ...], kwargs: dict) -> str:
+    """The file of the saved model `name_or_path` that holds the weight named by one of `keys`: its shard (the index
+    names it), its `model.safetensors` or its `pytorch_model.bin`."""
+    hub_kwargs = hub_options(kwargs)
+    quiet = dict(_raise_exceptions_for_gated_repo=False, _raise_exceptions_for_missing_entries=False)
+    quiet.update(_raise_exceptions_for_connection_errors=False)
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        path = cached_file(name_or_path, name, **quiet, **hub_kwargs)
+        if path is None:
+            continue
+        if not name.endswith(".json"):
+            return path
+        try:
+            shards, metadata = get_checkpoint_shard_files(name_or_path, path, **hub_kwargs)
+        except (OSError, ValueError, KeyError):  # an index that does not parse: the load report says more
+            return f"one of the shards {path} names"
+        shard = next((metadata["weight_map"][key] for key in keys if key in metadata["weight_map"]), None)
+        return next((file for file in shards if shard and file.endswith(shard)), f"one of the shards {path} names")
+    return f"the weights of '{name_or_path}'"
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a non-empty float tensor holds no NaN or infinity: its minimum and maximum, which NaN propagates to,
+    in one pass without a copy (ten times faster than `torch.isfinite(tensor).all()` on a CPU)."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def non_finite_weights_problem(model: nn.Module, name_or_path, kwargs: dict, loading_info: dict) -> str | None:
+    """
+    Which weights of `model`, just loaded from `name_or_path`, hold NaN or infinite values, in which file, and
+    what to do; None when every floating-point weight read from the folder is finite. Such a model gives NaN logits,
+    whose greedy decoding reads as silence. The check is one min/max pass over the weights on their device
+    ([`all_finite`]; docs/BAD_INPUT.md gives its measured cost). Weights the folder lacks (`loading_info`'s
+    `missing_keys`, initialised by transformers and listed in its load report) and weights on the meta device
+    (offloaded) are not read.
+    """
+    weights = model.state_dict()
+    missing = set(loading_info["missing_keys"])
+    broken = [
+        name
+        for name, tensor in weights.items()
+        if name not in missing
+        and tensor.is_floating_point()
+        and tensor.device.type != "meta"
+        and tensor.numel()
+        and not all_finite(tensor)
+    ]
+    if not broken:
+        return None
+    name, tensor = broken[0], weights[broken[0]]
+    # A base model loaded from a CTC model's folder names its weights without the folder's prefix.
+    file = weights_file_of(name_or_path, (name, f"{model.base_model_prefix}.{name}"), kwargs)
+    counts = (
+        f"{int(tensor.isnan().sum())} NaN and {int(tensor.isinf().sum())} infinite values among its {tensor.numel()}"
+    )
+    others = f"{', '.join(broken[1:4])}{', ...' if len(broken) > 4 else ''}"
+    others = f" (and {len(broken) - 1} other tensor(s): {others})" if len(broken) > 1 else ""
+    return (
+        f"The weights of '{name_or_path}' hold non-finite values: {name} in {file} has {counts}{others}. Its logits "
+        "would be NaN or infinite and every transcript empty or wrong. Such weights come from a save that was damaged "
+        f"or written after training diverged. {RESTORE_ADVICE}"
+    )
+
+
 @dataclass
 class TOTCAKTModelOutput(ModelOutput):
     """
@@ -575,6 +640,9 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
         vocabulary = vocabulary_problem(pretrained_model_name_or_path, model.config.vocab_size, kwargs)
         if vocabulary is not None:
             raise ValueError(vocabulary)
+        weights = non_finite_weights_problem(model, pretrained_model_name_or_path, kwargs, loading_info)
+        if weights is not None:
+            raise ValueError(weights)
         encoder = model.base_model.encoder
         prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
         encoder_keys = {f"{prefix}encoder.{name}" for name, _ in encoder.named_parameters()}
@@ -1052,6 +1120,42 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             )
         return teacher_hidden_states.float(), mask.bool()
 
+    def check_logits(self, logits: torch.Tensor) -> None:
+        """
+        Refuse CTC logits `(B, frames, vocab_size)` that hold NaN or infinite values, naming the likely cause: their
+        greedy decoding would read as silence or noise instead of failing.
+
+        `forward` runs this check at inference: without `labels` and with gradients off (`torch.no_grad()`,
+        `torch.inference_mode()`, as the pipeline runs it). A forward with labels or gradients is a training or
+        analysis step, whose caller handles non-finite values (the Trainer skips the update of a non-finite loss).
+        Like [`TOTCAKTModel.check_inputs`], it is skipped while `torch.compile` or `torch.export` trace the model. It
+        costs one reduction and one host sync per forward.
+        """
+        nonfinite = (~torch.isfinite(logits)).flatten(1).any(1)
+        if not bool(nonfinite.any()):
+            return
+        weights = {name: weight.detach() for name, weight in self.named_parameters() if weight.numel()}
+        broken = next((name for name, weight in weights.items() if not all_finite(weight)), None)
+        if broken is not None:
+            cause = (
+                f"the weight {broken} holds NaN or infinite values: it was changed after loading (from_pretrained "
+                "refuses such saved weights). Load the model again"
+            )
+        elif self.dtype in (torch.float16, torch.bfloat16):
+            cause = f"the weights are finite, so the computation overflowed in {self.dtype}: run the model in float32"
+        else:
+            largest = max(weights, key=lambda name: float(weights[name].abs().max()))
+            cause = (
+                f"the weights are finite (the largest, in {largest}, of magnitude "
+                f"{float(weights[largest].abs().max()):.3g}), so the computation overflowed in {self.dtype}: check the "
+                "input (float audio lies in [-1, 1]) and where the weights come from"
+            )
+        raise ValueError(
+            f"The CTC logits of batch items {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values "
+            f"({int((~torch.isfinite(logits)).sum())} of {logits.numel()}), which would decode to an empty or wrong "
+            f"transcript: {cause}."
+        )
+
     # ------------------------------------------------------------------ losses
     def _ctc_loss(self, logits: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`F.ctc_loss` over the valid frames and labels (-100 = padding), blank = `pad_token_id`."""
@@ -1358,6 +1462,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
         else:
             adapted = None
         logits = self.lm_head(adapted if reads_adapter else hidden_states)
+        if labels is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.check_logits(logits)
         token_targets = self._resolve_token_targets(
             teacher, teacher_input_ids, teacher_attention_mask, teacher_prediction_ids, teacher_prediction_probs
         )

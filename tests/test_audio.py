@@ -168,3 +168,14 @@ def test_a_file_that_decodes_to_far_more_than_its_size_is_refused(tmp_path, monk
         AudioDecodingError, match=rf"bomb\.flac decodes to more than 64 samples per byte of its {size}"
     ):
         load_audio(tmp_path / "bomb.flac", 16000)
+
+
+def test_a_long_healthy_recording_decodes_whole(tmp_path):
+    """The decode limit scales with the file: 8 minutes of 16-bit WAV (7.68 M samples) are well past the
+    64 x 65,536 samples (4.2 M, 4.4 minutes at 16 kHz) that a limit fixed at one block's size would allow."""
+    rate, seconds = 16000, 8 * 60
+    samples = np.random.default_rng(0).integers(-8000, 8000, size=rate * seconds, dtype=np.int16)
+    sf.write(tmp_path / "lecture.wav", samples, rate, subtype="PCM_16")
+    assert samples.size > audio.MAX_SAMPLES_PER_BYTE * audio.BLOCK_FRAMES
+    waveform = load_audio(tmp_path / "lecture.wav", rate)
+    np.testing.assert_array_equal(waveform, samples / np.float32(2**15))

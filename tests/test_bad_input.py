@@ -15,7 +15,7 @@ import torch
 from conftest import SAMPLING_RATE, synthesize
 from safetensors.torch import load_file
 from test_train_hf import common_args, run_training
-from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor
+from tiny_models import TINY_WAV2VEC2, TINY_WAV2VEC2_BERT, make_model, make_processor, save_emitting_model
 from transformers import AutoTokenizer, BertConfig, BertModel, pipeline
 
 from modeling_tot_cakt.processing_tot_cakt import create_feature_extractor
@@ -141,6 +141,21 @@ def test_integer_pcm_through_the_pipeline_gives_the_float_transcript(tmp_path, e
         for chunking in ({}, {"chunk_length_s": 0.5, "stride_length_s": 0.1}):
             expected = asr({"raw": floats, "sampling_rate": SAMPLING_RATE}, **chunking)["text"]
             assert expected and asr({"raw": integers, "sampling_rate": SAMPLING_RATE}, **chunking)["text"] == expected
+
+
+@pytest.mark.parametrize("encoder", [TINY_WAV2VEC2, TINY_WAV2VEC2_BERT], ids=["wav2vec2", "wav2vec2-bert"])
+def test_float_audio_scaled_by_1e20_through_the_pipeline_gives_the_transcript_of_the_audio(tmp_path, encoder):
+    """An in-memory float array scaled by 1e20 used to become all-zero features and a transcript of silence: it is
+    transcribed as the audio it is, whole and in chunks."""
+    torch.manual_seed(0)
+    model = make_model(encoder, alignment="none").eval()
+    _, folder = save_emitting_model(model, tmp_path)
+    asr = pipeline("automatic-speech-recognition", model=str(folder))
+    signal = (0.3 * np.random.default_rng(0).standard_normal(int(1.5 * SAMPLING_RATE))).astype(np.float32)
+    for chunking in ({}, {"chunk_length_s": 0.5, "stride_length_s": 0.1}):
+        expected = asr({"raw": signal, "sampling_rate": SAMPLING_RATE}, **chunking)["text"]
+        loud = asr({"raw": signal * np.float32(1e20), "sampling_rate": SAMPLING_RATE}, **chunking)["text"]
+        assert expected and loud == expected
 
 
 # ------------------------------------------------------------------------------------ a training run

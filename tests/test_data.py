@@ -14,6 +14,7 @@ from tiny_models import TINY_WAV2VEC2_BERT, write_vocab
 
 from modeling_tot_cakt import create_processor
 from modeling_tot_cakt.training.data import (
+    ManifestError,
     build_vocabulary,
     count_out_of_vocabulary,
     dataset_texts,
@@ -63,6 +64,35 @@ def test_aishell_layout(aishell_corpus, tmp_path, caplog):
     assert {os.path.basename(os.path.dirname(path)) for path in dev["audio"]} == {"S0724"}
     normalized = normalize_split(test, "test")
     assert all(" " not in text and len(text) >= 2 for text in normalized["text"])
+
+
+def test_an_aishell_utterance_listed_twice_is_named_with_its_lines(aishell_corpus, tmp_path, caplog):
+    """Two texts for one recording: which is right cannot be told, so the file, the id and both lines are named
+    (the later line used to replace the earlier one without a word). The same text twice loses nothing: a warning."""
+    root = tmp_path / "data_aishell"
+    shutil.copytree(aishell_corpus.root, root)
+    transcript = root / "transcript" / "aishell_transcript_v0.8.txt"
+    lines = transcript.read_text(encoding="utf-8").splitlines()
+    first_id, first_text = lines[0].split(maxsplit=1)
+    second_id, second_text = lines[1].split(maxsplit=1)
+    repeated = [*lines, f"{second_id} {second_text}"]
+    transcript.write_text("\n".join(repeated) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="modeling_tot_cakt.training.data"):
+        train = load_aishell_split(str(root), "train", cache_dir=str(tmp_path / "cache"))
+    assert f"{transcript} lists 1 utterance id(s) more than once with the same text ({second_id} on lines 2, " in (
+        caplog.text
+    )
+    assert sorted(train["text"]) == sorted(
+        text for utt_id, text in aishell_corpus.transcripts.items() if "S000" in utt_id
+    )
+    transcript.write_text("\n".join([*repeated, f"{first_id} 你 好"]) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError) as refused:
+        load_aishell_split(str(root), "train", cache_dir=str(tmp_path / "cache"))
+    assert str(refused.value) == (
+        f"The transcript file {transcript} lists 1 utterance id(s) more than once with different texts: {first_id} "
+        f"on lines 1, {len(lines) + 2} ({first_text} / 你 好). Which text belongs to the recording cannot be told: "
+        "keep the line that matches each <utt_id>.wav and delete the others."
+    )
 
 
 def test_aishell_wrong_layout(tmp_path):

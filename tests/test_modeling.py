@@ -20,7 +20,14 @@ from tiny_models import (
     make_processor,
     make_teacher,
 )
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import (
+    AutoModel,
+    AutoModelForCTC,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Model,
+    pipeline,
+)
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, TOTCAKTModel, load_teacher
 from modeling_tot_cakt.training import trainer
@@ -577,6 +584,64 @@ def test_the_frozen_teacher_makes_its_targets_in_eval_mode(teacher_dir, tmp_path
         features, token_mask = model.teacher_token_features(ids, mask)
         torch.testing.assert_close(features * token_mask[..., None], reference * token_mask[..., None])
     assert not model.teacher.training
+
+
+def test_non_finite_logits_at_inference_are_named_with_their_cause(tmp_path):
+    """NaN logits decode to an empty transcript (the issue's model read every clip as silence). At inference (no
+    labels, gradients off) the model refuses them, naming the batch items, how many values, and a weight that holds
+    NaN or, with finite weights, the overflow; the pipeline passes the error on. A forward with labels (training:
+    the loss is NaN and the Trainer skips the update) or with gradients on returns them as they are."""
+    torch.manual_seed(0)
+    model = make_model(alignment="none").eval()
+    processor = make_processor(tmp_path, model)
+    batch = batch_for(model, tmp_path)
+    frames = model(**batch["inputs"]).logits.shape[1]
+    with torch.no_grad():
+        model.lm_head.weight[3] = 3e38  # finite, but every frame's logit for id 3 overflows
+    with pytest.raises(ValueError) as error, torch.inference_mode():
+        model(**batch["inputs"])
+    assert str(error.value) == (
+        f"The CTC logits of batch items [0, 1] hold NaN or infinite values ({2 * frames} of {2 * frames * 15}), which "
+        "would decode to an empty or wrong transcript: the weights are finite (the largest, in lm_head.weight, of "
+        "magnitude 3e+38), so the computation overflowed in torch.float32: check the input (float audio lies in "
+        "[-1, 1]) and where the weights come from."
+    )
+    with torch.no_grad():
+        model.lm_head.weight[3] = 0.0
+        model.lm_head.weight[5, 7] = float("nan")  # one NaN weight: every frame's logit for id 5 is NaN
+    asr = pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+    )
+    clip = torch.randn(16000, generator=torch.Generator().manual_seed(1)).numpy()
+    with pytest.raises(ValueError, match=r"the weight lm_head\.weight holds NaN or infinite values: it was changed"):
+        asr({"raw": clip, "sampling_rate": 16000})
+    with torch.no_grad():
+        assert torch.isnan(model(**batch["inputs"], labels=batch["labels"]).loss)
+    assert torch.isnan(model(**batch["inputs"]).logits[..., 5]).all()
+
+
+@pytest.mark.parametrize("ctc_input", ["encoder", "adapter"])
+def test_the_adapter_reads_the_encoder_output_after_dropout(ctc_input, tmp_path):
+    """The adapter (whose output the alignment and, with ctc_input="adapter", the CTC head read) takes the encoder's
+    frames after final_dropout, as the CTC head on the encoder does: in training mode with final_dropout=0.5, each
+    value of its input is the encoder's doubled or zero, about half of them zero."""
+    torch.manual_seed(0)
+    model = make_model(alignment="tot", ctc_input=ctc_input, final_dropout=0.5).train()
+    seen = {}
+    model.tot_cakt.register_forward_hook(lambda module, args, output: seen.update(encoder=output.last_hidden_state))
+    model.adapter.register_forward_hook(lambda module, args, output: seen.update(adapter=args[0]))
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.update(head=args[0]))
+    batch = batch_for(model, tmp_path)
+    model(**batch["inputs"], labels=batch["labels"], teacher_hidden_states=torch.randn(2, 4, TEACHER_HIDDEN))
+    encoder, adapter = seen["encoder"], seen["adapter"]
+    kept = adapter != 0
+    assert 0.4 < kept.float().mean() < 0.6
+    torch.testing.assert_close(adapter[kept], 2 * encoder[kept])
+    if ctc_input == "encoder":  # one dropout mask for the head and the adapter
+        assert torch.equal(seen["head"], adapter)
 
 
 def test_the_non_convergence_warning_fires_when_any_sample_of_the_batch_did_not_converge(

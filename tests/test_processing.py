@@ -189,3 +189,21 @@ def test_float_input_gives_the_stock_features_bit_for_bit(encoder, stock_cls):
         assert_same_features(
             extractor(*args, sampling_rate=16000, **options), stock(*args, sampling_rate=16000, **options)
         )
+
+
+@pytest.mark.parametrize("encoder", [None, TINY_WAV2VEC2_BERT], ids=["waveform", "log-mel"])
+def test_float_audio_far_beyond_full_scale_gives_the_features_of_the_same_audio(encoder):
+    """Audio scaled by 1e20, 1e34 or 1e38 gives the features of the same audio in [-1, 1], the normalisation being
+    blind to scale. transformers' extractors overflow float32 there: the raw-waveform one's variance (all-zero
+    features from about 1e17), the log-mel one's 16-bit scaling and spectrum (NaN from about 1e31). Measured here:
+    within 3e-6 (waveform) and 8e-5 (log-mel) of the features of the unscaled clip, whose values have unit variance.
+    The other clip of the batch keeps its features bit for bit."""
+    extractor = create_feature_extractor(dict(encoder) if encoder else None)
+    name = extractor.model_input_names[0]
+    clip = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    other = clip[:6000][::-1]
+    reference = extractor([clip, other], sampling_rate=16000, padding=True, return_tensors="np")[name]
+    for scale in (1e20, 1e34, 1e38):
+        loud = extractor([clip * np.float32(scale), other], sampling_rate=16000, padding=True, return_tensors="np")
+        np.testing.assert_allclose(loud[name][0], reference[0], rtol=0, atol=1e-4, err_msg=str(scale))
+        np.testing.assert_array_equal(loud[name][1], reference[1])

@@ -5,7 +5,9 @@ also in a process where the package cannot be imported), the pipeline, and `trai
 model or resuming a checkpoint. Also the format checks of `saved_files.py` on hand-made files."""
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_remote_code import BLOCK_PACKAGE
 from test_train_hf import run_training
 from tiny_models import make_model, make_processor
@@ -161,6 +163,52 @@ def test_an_intact_folder_passes_the_checks_and_loads(folder):
     assert TOTCAKTForCTC.from_pretrained(folder).lm_head.out_features == 15
 
 
+def poison(weights_file: Path, name: str, value: float, every: int = 7) -> str:
+    """Set every `every`-th value of the weight `name` in `weights_file` to `value`; returns how the error counts
+    them (`"<n> NaN and 0 infinite values among its <size>"`)."""
+    weights = load_file(weights_file)
+    weights[name].view(-1)[::every] = value
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    changed, size = -(-weights[name].numel() // every), weights[name].numel()
+    nan, inf = (changed, 0) if math.isnan(value) else (0, changed)
+    return f"{nan} NaN and {inf} infinite values among its {size}"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_weights_are_named_at_load_by_every_loader(folder, value):
+    """A head holding NaN used to load without a word and transcribe everything as ''. Every loader names the
+    tensor, the file and what to do; the base model, which has no head, loads."""
+    counts = poison(folder / "model.safetensors", "lm_head.weight", value)
+    expected = (
+        f"The weights of '{folder}' hold non-finite values: lm_head.weight in {folder}/model.safetensors has {counts}."
+    )
+    loaders = [
+        lambda: TOTCAKTForCTC.from_pretrained(folder),
+        lambda: AutoModelForCTC.from_pretrained(folder, trust_remote_code=True),
+        lambda: pipeline("automatic-speech-recognition", model=str(folder), trust_remote_code=True),
+    ]
+    for load in loaders:
+        with pytest.raises(ValueError) as error:
+            load()
+        assert expected in str(error.value) and "Copy the folder again" in str(error.value), str(error.value)
+    assert TOTCAKTModel.from_pretrained(folder).encoder is not None
+
+
+def test_non_finite_weights_of_a_sharded_save_name_their_shard(tmp_path):
+    model = make_model(alignment="none")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "tot_cakt.encoder.encoder.layers.0.feed_forward.output_dense.weight"
+    shard = tmp_path / index[name]
+    assert len(set(index.values())) > 1
+    counts = poison(shard, name, float("nan"))
+    with pytest.raises(ValueError, match=re.escape(f"hold non-finite values: {name} in {shard} has {counts}.")):
+        TOTCAKTForCTC.from_pretrained(tmp_path)
+    base_name = name.removeprefix("tot_cakt.")  # the base model's own name for it, in the same shard
+    with pytest.raises(ValueError, match=re.escape(f"hold non-finite values: {base_name} in {shard} has {counts}.")):
+        TOTCAKTModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -195,14 +243,15 @@ FRESH_PROCESS = BLOCK_PACKAGE + textwrap.dedent(
 
 
 def test_the_copied_code_names_damaged_files_where_the_package_is_not_installed(pristine, tmp_path):
-    cut_weights, extra_symbol = tmp_path / "cut", tmp_path / "vocab"
-    for copy in (cut_weights, extra_symbol):
+    cut_weights, extra_symbol, nan_head = tmp_path / "cut", tmp_path / "vocab", tmp_path / "nan"
+    for copy in (cut_weights, extra_symbol, nan_head):
         shutil.copytree(pristine, copy)
     cut(cut_weights / "model.safetensors", 1000)
     edit_json(extra_symbol / "vocab.json", lambda vocab: vocab.update({"猫": len(vocab)}))
+    counts = poison(nan_head / "model.safetensors", "lm_head.weight", float("nan"))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(cut_weights), str(extra_symbol)],
+        [sys.executable, "-c", FRESH_PROCESS, str(cut_weights), str(extra_symbol), str(nan_head)],
         cwd=tmp_path,
         env={**env, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -210,9 +259,12 @@ def test_the_copied_code_names_damaged_files_where_the_package_is_not_installed(
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()[-2:]
+    lines = proc.stdout.strip().splitlines()[-3:]
     assert lines[0].startswith(f"The weights of '{cut_weights}' cannot be read: its {WEIGHTS_CUT}"), lines
     assert lines[1].startswith(f"{extra_symbol}/vocab.json has 16 symbols but the model's config.json says"), lines
+    assert lines[2].startswith(
+        f"The weights of '{nan_head}' hold non-finite values: lm_head.weight in {nan_head}/model.safetensors has {counts}."
+    ), lines
 
 
 def test_continuing_or_resuming_a_model_whose_vocabulary_does_not_fit_stops_before_training(
@@ -323,3 +375,14 @@ def test_damage_is_diagnosed_from_the_files_whatever_the_loading_error_says(fold
         TOTCAKTForCTC.from_pretrained(folder)
     assert_names(error, message, folder)
     assert named in str(error.value) and error.value.__cause__ is reworded
+
+
+def test_a_file_larger_than_the_manifest_records_is_named_like_a_smaller_one(tmp_path):
+    """A file grown after the save (appended to, replaced by another) is as untrustworthy as a cut-off one."""
+    (tmp_path / "notes.txt").write_text("12345")
+    write_file_manifest(tmp_path)
+    (tmp_path / "notes.txt").write_text("123456")  # no format check can see this either
+    assert (
+        folder_problem(tmp_path)
+        == f"{tmp_path / 'notes.txt'} has 6 bytes but 5 were written: it was cut off or changed"
+    )

@@ -620,6 +620,61 @@ def test_evaluation_during_training_reads_the_eval_split_never_the_test_split(sp
     assert test["test_loss"] != pytest.approx(after["eval_loss"], rel=1e-3)
 
 
+# A bigram character model (log10 probabilities) in which 大学 ("university") is likely and 地学 is not.
+UNIVERSITY_ARPA = """\\data\\
+ngram 1=6
+ngram 2=4
+
+\\1-grams:
+-1.0\t<unk>\t0
+0\t<s>\t-0.3
+-1.0\t</s>\t0
+-1.0\t大\t-0.3
+-1.0\t地\t-0.3
+-1.0\t学\t-0.3
+
+\\2-grams:
+-0.1\t大 学
+-0.3\t<s> 大
+-0.3\t<s> 地
+-0.3\t学 </s>
+
+\\end\\
+"""
+
+
+def test_language_model_weights_are_chosen_on_the_eval_split_never_on_test(tmp_path, monkeypatch):
+    """Every clip is heard as 地学 (地 slightly above 大, then 学). The eval split says 大学, which the language model
+    restores (its weight > 0); the test split says 地学, which it spoils (best weight 0). Weights tuned on eval decode
+    eval without error and test with one; tuned on test, they would be 0 and the errors the other way round."""
+    output_dir = tmp_path / "out"
+    model = make_model(alignment="none")
+    processor = make_processor(tmp_path, model)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    ids = processor.tokenizer.get_vocab()
+    heard = np.full((4, len(ids)), 1e-4)
+    heard[0, ids["地"]], heard[0, ids["大"]], heard[1, 0], heard[2, ids["学"]], heard[3, 0] = 0.55, 0.45, 1, 1, 1
+    logits = np.log(heard / heard.sum(-1, keepdims=True)).astype(np.float32)
+    monkeypatch.setattr(train_hf, "feature_logits", lambda model, processor, features: [logits] * len(features))
+    arpa = tmp_path / "university.arpa"
+    arpa.write_text(UNIVERSITY_ARPA, encoding="utf-8")
+    splits = {
+        "eval": Dataset.from_dict({"input_values": [[0.0]] * 2, "text": ["大学"] * 2}),
+        "test": Dataset.from_dict({"input_values": [[0.0]] * 3, "text": ["地学"] * 3}),
+    }
+    args = train_hf.TOTCAKTTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True)
+    trainer = train_hf.TOTCAKTTrainer(model=model, args=args)
+    model_args = SimpleNamespace(language_model=str(arpa), lm_beam_width=8)
+    results = train_hf.score_with_language_model(trainer, processor, splits, model_args, args)
+    evaluation, test = results["eval_lm"], results["test_lm"]
+    assert (evaluation["eval_cer_greedy"], evaluation["eval_cer_lm"]) == (0.5, 0.0)
+    assert (test["test_cer_greedy"], test["test_cer_lm"]) == (0.0, 0.5)
+    assert evaluation["lm_alpha"] > 0
+    attrs = json.loads((output_dir / "language_model" / "attrs.json").read_text(encoding="utf-8"))
+    assert (attrs["alpha"], attrs["beta"]) == (evaluation["lm_alpha"], evaluation["lm_beta"])
+
+
 def test_the_best_checkpoint_is_the_one_with_the_lowest_cer(tmp_path):
     """With --load_best_model_at_end and nothing else said, a lower CER is better, whatever the loss does."""
     argv = ["train_hf.py", "--output_dir", str(tmp_path), "--load_best_model_at_end", "--eval_strategy", "steps"]

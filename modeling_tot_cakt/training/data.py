@@ -134,9 +134,15 @@ def check_utf8(path: str, what: str) -> None:
 
 
 def read_aishell_transcripts(path: str) -> dict[str, str]:
-    """Read `aishell_transcript_v0.8.txt`: one `<utt_id> <space separated words>` per line."""
+    """
+    Read `aishell_transcript_v0.8.txt`: one `<utt_id> <space separated words>` per line.
+
+    Raises:
+        ManifestError: an utterance id listed on several lines with different texts (all such ids are named,
+            with their lines); one listed again with the same text is only warned about.
+    """
     check_utf8(path, "The transcript file")
-    transcripts = {}
+    transcripts, lines = {}, {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             fields = line.split(maxsplit=1)
@@ -145,8 +151,36 @@ def read_aishell_transcripts(path: str) -> dict[str, str]:
             if len(fields) == 1:
                 logger.warning("%s:%d: utterance %s has no transcript; it is skipped.", path, line_number, fields[0])
                 continue
+            lines.setdefault(fields[0], []).append((line_number, fields[1].strip()))
             transcripts[fields[0]] = fields[1].strip()
+    _check_repeated_utterances(path, {utt_id: listed for utt_id, listed in lines.items() if len(listed) > 1})
     return transcripts
+
+
+def _check_repeated_utterances(path: str, repeated: dict[str, list[tuple[int, str]]]) -> None:
+    """Refuse utterance ids of the transcript file `path` listed with different texts (`{id: [(line, text)]}`):
+    which text belongs to the recording cannot be told. Ids listed again with the same text lose nothing: warned."""
+    if not repeated:
+        return
+
+    def described(utt_id: str) -> str:
+        listed = repeated[utt_id]
+        return f"{utt_id} on lines {', '.join(str(number) for number, _ in listed)} ({' / '.join(text for _, text in listed)})"
+
+    conflicting = [utt_id for utt_id, listed in repeated.items() if len({text for _, text in listed}) > 1]
+    if conflicting:
+        raise ManifestError(
+            f"The transcript file {path} lists {len(conflicting)} utterance id(s) more than once with different "
+            f"texts: {'; '.join(described(utt_id) for utt_id in conflicting[:5])}. Which text belongs to the "
+            "recording cannot be told: keep the line that matches each <utt_id>.wav and delete the others."
+        )
+    logger.warning(
+        "The transcript file %s lists %d utterance id(s) more than once with the same text (%s); one line of each is "
+        "used.",
+        path,
+        len(repeated),
+        "; ".join(described(utt_id) for utt_id in list(repeated)[:5]),
+    )
 
 
 def load_aishell_split(

@@ -50,6 +50,8 @@ CER = "modeling_tot_cakt/training/metrics/cer/cer.py"
 DATA = "modeling_tot_cakt/training/data.py"
 TEACHER_FEATURES = "modeling_tot_cakt/training/teacher_features.py"
 SAVED_FILES = "modeling_tot_cakt/training/saved_files.py"
+AUDIO = "modeling_tot_cakt/training/audio.py"
+FEATURES = "modeling_tot_cakt/feature_extraction_tot_cakt.py"
 SCRIPT = "train_hf.py"
 
 WIRING = ("tests/test_model_wiring.py",)
@@ -667,6 +669,86 @@ MUTANTS = (
         RESUME,
         "the final save moves the weights into output_dir before the trainer state and metrics",
         select="final_save",
+    ),
+    Mutant(
+        "lm-weights-chosen-on-test",
+        SCRIPT,
+        r"tune_split=\"eval\"",
+        'tune_split="test"',
+        TRAIN,
+        "train_hf.py chooses the language model's weight and bonus on the test split",
+        select="never_on_test",
+    ),
+    Mutant(
+        "larger-saved-file-accepted",
+        SAVED_FILES,
+        r"os\.path\.getsize\(path\) != size",
+        "os.path.getsize(path) < size",
+        ("tests/test_saved_files.py",),
+        "a saved file larger than its manifest records counts as whole",
+        select="manifest",
+    ),
+    Mutant(
+        "decode-limit-fixed",
+        AUDIO,
+        r"MAX_SAMPLES_PER_BYTE \* max\(size, BLOCK_FRAMES\)",
+        "MAX_SAMPLES_PER_BYTE * BLOCK_FRAMES",
+        ("tests/test_audio.py",),
+        "the decode limit is 64 blocks whatever the file's size: a long healthy recording is refused",
+    ),
+    Mutant(
+        "adapter-reads-encoder-before-dropout",
+        MODEL,
+        r"self\.adapter\(hidden_states\) if reads_adapter",
+        "self.adapter(outputs.last_hidden_state) if reads_adapter",
+        MODELING,
+        "the adapter reads the encoder's output before final_dropout",
+        select="after_dropout",
+    ),
+    Mutant(
+        "aishell-repeated-ids-unchecked",
+        DATA,
+        r"\n(\s*)_check_repeated_utterances\(path, ",
+        r"\n\1(lambda *args: None)(path, ",
+        ("tests/test_data.py",),
+        "an AISHELL-1 utterance id listed twice keeps its last text without a word",
+        select="aishell",
+    ),
+    Mutant(
+        "non-finite-weights-loaded",
+        MODEL,
+        r"weights = non_finite_weights_problem\(model, ",
+        "weights = (lambda *args: None)(model, ",
+        ("tests/test_saved_files.py",),
+        "a saved model whose weights hold NaN loads without a word",
+        select="non_finite or copied_code",
+    ),
+    Mutant(
+        "non-finite-logits-decoded",
+        MODEL,
+        r"\n(\s*)self\.check_logits\(logits\)",
+        r"\n\1pass",
+        MODELING,
+        "NaN logits at inference are decoded (as blanks) instead of refused",
+        select="non_finite_logits",
+    ),
+    Mutant(
+        "waveform-variance-overflows",
+        FEATURES,
+        r"wide = _squares_overflow_float32\(vector, length\)",
+        "wide = False",
+        ("tests/test_processing.py", "tests/test_bad_input.py"),
+        "audio scaled by 1e20 normalises to all-zero raw-waveform features (a transcript of silence)",
+        select="far_beyond or scaled_by_1e20",
+    ),
+    Mutant(
+        "log-mel-scaling-overflows",
+        FEATURES,
+        r"if not peak > MAX_FBANK_PEAK or",
+        "if True or",
+        ("tests/test_processing.py",),
+        "audio scaled beyond about 1e31 gives NaN log-mel features",
+        select="far_beyond",
     ),
     Mutant(
         "loss-components-not-reduced-across-processes",
