@@ -84,12 +84,19 @@ KENLM_SUFFIXES = (".arpa", ".bin", ".binary")
 EXTRA_ATTRS = {"unk_score_offset": -10.0, "score_boundary": True}
 
 
+# The weights a decoder accepts. A character's log10 probability under the n-gram model lies within a few units,
+# so an LM weight far past 100 (or a bonus past +-100 per character) only drowns the acoustics: with alpha 1e30
+# every transcript collapses to the likeliest single character. A negative alpha would favour unlikely text.
+WEIGHT_RANGES = {"alpha": (0.0, 100.0), "beta": (-100.0, 100.0), "hotword_weight": (0.0, 10_000.0)}
+
+
 def checked_weight(name: str, value, source: str) -> float:
-    """`value` as a finite float, or a ValueError that names the weight and where it came from."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    """`value` as a float within `WEIGHT_RANGES[name]`, or a ValueError that names the weight and its source."""
+    low, high = WEIGHT_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(
-            f"{source}: the language model weight {name} must be a finite number, got {value!r}; set it again "
-            "(e.g. `python -m modeling_tot_cakt.training.language_model attach ...`)."
+            f"{source}: the language model weight {name} must be a finite number in [{low:g}, {high:g}], got "
+            f"{value!r}; set it again (e.g. `python -m modeling_tot_cakt.training.language_model attach ...`)."
         )
     return float(value)
 
@@ -178,6 +185,7 @@ class CharacterLMDecoder:
                     f"{self.kenlm_model_path} is not a KenLM model that kenlm can read ({type(error).__name__}: "
                     f"{error}); estimate it again or attach the language model again."
                 ) from error
+            check_unigrams(self.labels, kenlm_model, self.unigrams, self.kenlm_model_path)
             ngram = pyctcdecode.LanguageModel(kenlm_model, unigrams=self.unigrams, alpha=self.alpha, beta=self.beta)
         self.scorer = CharacterScorer(ngram)
         self.beam_search = pyctcdecode.BeamSearchDecoderCTC(
@@ -283,6 +291,23 @@ class CharacterLMDecoder:
                     + "; give phrases of characters in the model's vocabulary (vocab.json)."
                 )
         return phrases
+
+
+def check_unigrams(labels, kenlm_model, unigrams, kenlm_model_path: str) -> None:
+    """
+    Refuse a unigram list that leaves out characters of the alphabet which the KenLM model knows: pyctcdecode
+    scores a character missing from the list as unknown (an offset of -10), so an emptied or cut list changes
+    every transcript with no more than a generic warning.
+    """
+    listed = set(unigrams)
+    characters = [label[len(WORD_START) :] for label in labels if label.startswith(WORD_START) and len(label) > 1]
+    missing = [char for char in characters if char not in listed and char in kenlm_model]
+    if missing:
+        raise ValueError(
+            f"The unigram list (language_model/{UNIGRAMS_FILE}) leaves out {len(missing)} characters that the KenLM "
+            f"model {kenlm_model_path} knows (e.g. {', '.join(missing[:5])}): it was cut or emptied. Attach the "
+            "language model again."
+        )
 
 
 def check_alphabet(decoder: CharacterLMDecoder, tokenizer) -> None:

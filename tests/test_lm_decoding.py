@@ -528,6 +528,12 @@ def damaged_copy(folder, tmp_path, damage):
     return copy
 
 
+def halve_unigrams(folder):
+    path = folder / "language_model" / "unigrams.txt"
+    unigrams = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(unigrams[: len(unigrams) // 2]) + "\n", encoding="utf-8")
+
+
 def write_attrs(folder, **attrs):
     path = folder / "language_model" / "attrs.json"
     path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **attrs}), encoding="utf-8")
@@ -538,10 +544,14 @@ def write_attrs(folder, **attrs):
     [
         (lambda f: next((f / "language_model").glob("*.bin")).write_bytes(b"\x93garbage" * 64), r"\.bin is not a KenLM"),
         (lambda f: (f / "language_model" / "attrs.json").write_text("{alpha: 1", encoding="utf-8"), r"attrs\.json is not valid JSON"),
-        (lambda f: write_attrs(f, alpha=float("nan")), r"weight alpha must be a finite number, got nan"),
-        (lambda f: write_attrs(f, alpha=float("inf")), r"weight alpha must be a finite number, got inf"),
-        (lambda f: write_attrs(f, beta=-1e400), r"weight beta must be a finite number, got -inf"),
-        (lambda f: write_attrs(f, alpha="0.5"), r"weight alpha must be a finite number, got '0\.5'"),
+        (lambda f: write_attrs(f, alpha=float("nan")), r"weight alpha must be a finite number in \[0, 100\], got nan"),
+        (lambda f: write_attrs(f, alpha=float("inf")), r"weight alpha must be a finite number in \[0, 100\], got inf"),
+        (lambda f: write_attrs(f, beta=-1e400), r"weight beta must be a finite number in \[-100, 100\], got -inf"),
+        (lambda f: write_attrs(f, alpha="0.5"), r"weight alpha must be a finite number in \[0, 100\], got '0\.5'"),
+        (lambda f: write_attrs(f, alpha=1e30), r"weight alpha must be a finite number in \[0, 100\], got 1e\+30"),
+        (lambda f: write_attrs(f, alpha=-0.5), r"weight alpha must be .* got -0\.5"),
+        (lambda f: (f / "language_model" / "unigrams.txt").write_text("", encoding="utf-8"), r"unigram list .* leaves out 12 characters"),
+        (lambda f: halve_unigrams(f), r"unigram list .* leaves out 6 characters"),
         (lambda f: (f / "alphabet.json").write_text('["a"]', encoding="utf-8"), r"alphabet\.json holds a list"),
     ],
 )  # fmt: skip
