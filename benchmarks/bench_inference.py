@@ -156,7 +156,7 @@ def load_models(folders: dict, device: torch.device) -> dict:
 def clip_inputs(folder: Path, seconds: float, device: torch.device, seed: int = 0) -> dict:
     """The saved feature extractor's output for one clip of noise (batch 1), on ``device``."""
     wave = 0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLING_RATE)).astype(np.float32)
-    extractor = AutoFeatureExtractor.from_pretrained(folder)
+    extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)  # the package's extractor class
     features = extractor(wave, sampling_rate=SAMPLING_RATE, return_attention_mask=True, return_tensors="pt")
     return {key: value.to(device) for key, value in features.items()}
 

@@ -4,8 +4,9 @@ Tolerances (measured on the tiny models, logits of magnitude about 5 on a padded
 - float: onnxruntime and torch both compute in float32, in another order; they differ by at most 4.8e-7 on valid
   frames for every encoder. The test allows 1e-4 (`FLOAT_TOLERANCE`), far below what a wrong graph gives: an
   export that ignores the attention mask is 0.041-0.051 off.
-- int8: weights of MatMul/Gemm rounded to 8 bits, activations quantised per call: 0.010-0.024 off, the arg-max
-  symbol the same on 98.1-99.8 % of valid frames. The test allows 0.05 and 95 %.
+- int8: weights of MatMul/Gemm rounded to 8 bits, activations quantised per call (convolutions float): 0.0054-0.0068
+  off, the arg-max symbol the same on 99.3-100 % of valid frames. The test allows 0.02 and 97 %. (Quantising the
+  convolutions too gave 0.010-0.024 and 98.1-99.8 %.)
 """
 
 import numpy as np
@@ -39,8 +40,8 @@ from tests.tiny_models import (
 )
 
 ENCODERS = {"wav2vec2": TINY_WAV2VEC2, "hubert": TINY_HUBERT, "wavlm": TINY_WAVLM, "w2v-bert": TINY_WAV2VEC2_BERT}
-INT8_TOLERANCE = 0.05
-INT8_ARGMAX_AGREEMENT = 0.95
+INT8_TOLERANCE = 0.02
+INT8_ARGMAX_AGREEMENT = 0.97
 CLIP_SECONDS = (0.7, 1.3, 0.45)  # not the lengths the export traced
 
 
@@ -116,13 +117,15 @@ def test_onnx_reads_the_attention_mask(exported):
 
 
 def test_int8_stays_close_to_the_float_model(exported):
-    """Dynamic int8: the file's weight matrices are int8 (MatMulInteger, no float MatMul on a stored weight left);
-    logits within 0.05 of torch's on valid frames and the same arg-max symbol on at least 95 % of them."""
+    """Dynamic int8: the file's weight matrices are int8 (MatMulInteger, no float MatMul on a stored weight left),
+    its convolutions float;
+    logits within 0.02 of torch's on valid frames and the same arg-max symbol on at least 97 % of them."""
     model, processor, _, int8_session, int8_path = exported
     graph = onnx.load(int8_path).graph
     weights = {initializer.name for initializer in graph.initializer}
     assert any(node.op_type == "MatMulInteger" for node in graph.node)
     assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert not [n.name for n in graph.node if n.op_type == "ConvInteger"]  # slower than float: see export_onnx
     inputs = padded_batch(processor, [chirp(s, seed) for seed, s in enumerate(CLIP_SECONDS)])
     expected, _ = torch_reference(model, inputs)
     logits, frame_lengths = run_onnx(int8_session, inputs)
