@@ -1,17 +1,18 @@
 """Export a saved TOT-CAKT CTC model to ONNX for onnxruntime, in float32 and, optionally, dynamic int8.
 
 The exported graph is the inference model only (encoder + CTC head; no teacher, no alignment head): inputs
-``input_values`` (raw waveform, ``(batch, samples)``) or ``input_features`` (log-mel, ``(batch, frames, 160)``)
-and ``attention_mask``, both with dynamic batch and time axes; outputs ``logits`` ``(batch, frames, vocab)`` and
-``frame_lengths`` ``(batch,)``, the number of valid output frames of each clip, so that padding frames of a
-batch can be cut off without the model's code.
+``input_values`` (raw waveform, ``(batch, samples)``) or ``input_features`` (stacked log-mel frames, ``(batch,
+frames, feature_projection_input_dim)``) and ``attention_mask``, both with dynamic batch and time axes; outputs
+``logits`` ``(batch, frames, vocab)`` and ``frame_lengths`` ``(batch,)``, the number of valid output frames of
+each clip, so that padding frames of a batch can be cut off without the model's code.
 
 1. :func:`export_onnx` traces the model with ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` then
    onnxscript). The older TorchScript exporter is not used: it records the frame counts derived from the
    attention mask of the example batch as constants, so another batch gets wrong logits (measured up to 0.2
    off on the tiny models). The encoder runs with transformers' eager attention while it is traced: with
    SDPA, Wav2Vec2-BERT's relative position bias leaves a reshape that ``torch.export`` records as a view,
-   which its ONNX decomposition then rejects. Both give the same ONNX operators (matmul, softmax).
+   which its ONNX decomposition then rejects. Eager attention computes the same function with plain matrix
+   products and a softmax.
 2. :func:`check_export` runs the file with onnxruntime on a padded batch and compares it with the torch model.
 3. :func:`quantize_int8` quantises it with onnxruntime's dynamic quantisation (``quantize_dynamic``: int8
    weights of MatMul/Gemm, activations quantised per call; convolutions stay float32). onnxruntime's, not torch's:
