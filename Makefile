@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)"
-	$(PY) -m pip install -c $(LOCK) -e ".[dev,demo,lm]"
+	$(PY) -m pip install -c $(LOCK) -e ".[dev,demo,lm,onnx]"
 	$(PY) -m pip install --no-deps "pyctcdecode==0.5.0"  # see the lm extra in pyproject.toml
 	touch $@
 
@@ -42,7 +42,7 @@ lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(UV_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm -c $(VENV)/torch-constraint.txt \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm --extra onnx -c $(VENV)/torch-constraint.txt \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
 
 # The newest releases pyproject.toml allows (test-latest) and its declared minimums (test-oldest), each in a venv
@@ -59,7 +59,7 @@ drift-venv:
 	rm -rf $(DRIFT_VENV) && $(PYTHON) -m venv $(DRIFT_VENV)
 	$(DRIFT_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel "$(UV_SPEC)"
 	echo "$(TORCH_SPEC)" > $(DRIFT_VENV)/torch-constraint.txt
-	$(DRIFT_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm --resolution $(RESOLUTION) \
+	$(DRIFT_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra demo --extra lm --extra onnx --resolution $(RESOLUTION) \
 		-c $(DRIFT_VENV)/torch-constraint.txt --python-version 3.11 --no-header --quiet -o $(DRIFT_VENV)/resolved.txt
 	$(DRIFT_VENV)/bin/python -m pip install --quiet -r $(DRIFT_VENV)/resolved.txt
 	$(DRIFT_VENV)/bin/python -m pip install --quiet --no-deps -e . "pyctcdecode==0.5.0"

@@ -25,9 +25,24 @@ Feature extraction (the processor) is the same for both models and is not timed.
 ``quick`` clips of 2, 5 and 10 s, 9 rounds; ``full`` (GPU) 2 to 30 s, 20 rounds; both with the
 wav2vec2-base architecture (95 M parameters) and a 4233-symbol character vocabulary.
 
+On CPU the benchmark then compares the deployment forms of the same TOT-CAKT model
+(``modeling_tot_cakt.training.export_onnx``, exported in the child process): the torch float32 model, its
+ONNX float32 export and the export's dynamic int8 quantisation, both run by onnxruntime:
+
+6. the three forms are timed on the same clips with 1 and 2 threads (``torch.set_num_threads`` and
+   onnxruntime's ``intra_op_num_threads``), interleaved; the figure is milliseconds of compute per second of
+   audio (1000 x RTF);
+7. with ``--model_dir`` (a trained model folder) and ``--test_manifest`` (JSONL ``{audio, text}``), a child
+   process exports that model too and transcribes the test clips one at a time (batch 1, 1 thread) with each
+   form: the greedy CER of each form and its ms per second of audio. If the folder has a language model
+   (``TOTCAKTProcessorWithLM``), the clips are also decoded with it at ``--beam_width`` (32): the share that LM
+   decoding takes of end-to-end transcription time, ``decode / (forward + decode)``, for each form's forward
+   (target: at most 20 %), and the CER with the LM.
+
 Usage::
 
-    python benchmarks/bench_inference.py --preset quick --device cpu --out docs/results/inference.json
+    python benchmarks/bench_inference.py --preset quick --device cpu --out docs/results/inference.json \
+        --model_dir outputs/demo/quick/model --test_manifest outputs/demo/quick/corpus/test.jsonl
 """
 
 import argparse
@@ -49,10 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.common import CTC_VOCAB_SIZE, ENCODERS, environment, round_robin, summary, write_json
 
 PRESETS = {
-    "quick": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0), repeats=9),
-    "full": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0, 20.0, 30.0), repeats=20),
+    "quick": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0), repeats=9, test_repeats=2),
+    "full": dict(encoder="wav2vec2-base", clip_seconds=(2.0, 5.0, 10.0, 20.0, 30.0), repeats=20, test_repeats=5),
 }
 TOT, BASELINE = "tot-cakt", "baseline"
+TORCH_FLOAT, ONNX_FLOAT, ONNX_INT8 = "torch float32", "onnx float32", "onnx int8"
+FORM_THREADS = (1, 2)
+LM_SHARE_TARGET = 0.20
 RTF_TARGET, RTF_TOLERANCE = 1.00, 0.05
 SAMPLING_RATE = 16000
 WEIGHTS_FILE = "model.safetensors"
@@ -71,7 +89,15 @@ def parse_args(argv=None):
         default=None,
         help="folder for the two saved models (default: a temporary folder, removed afterwards)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--model_dir", default=None, help="a trained model folder: the test CER of each form (needs --test_manifest)"
+    )
+    parser.add_argument("--test_manifest", default=None, help="JSONL {audio, text} of the test clips for --model_dir")
+    parser.add_argument("--beam_width", type=int, default=32, help="beam width of the LM decoding (default 32)")
+    args = parser.parse_args(argv)
+    if (args.model_dir is None) != (args.test_manifest is None):
+        parser.error("--model_dir and --test_manifest go together: the test CER needs both the model and the clips.")
+    return args
 
 
 def save_models(encoder_config: dict, directory: Path) -> dict:
@@ -103,10 +129,20 @@ def save_models(encoder_config: dict, directory: Path) -> dict:
     return folders
 
 
-def save_models_in_child(encoder_config: dict, directory: Path) -> dict:
-    """[`save_models`] in a fresh (spawned) process."""
+def in_child(function, *args):
+    """``function(*args)`` in a fresh (spawned) process, which may import the package (see [`save_models`])."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(save_models, encoder_config, directory).result()
+        return pool.submit(function, *args).result()
+
+
+def export_forms(model_dir: Path, directory: Path) -> dict:
+    """Export the model saved in ``model_dir`` to ``directory`` with the package's command (checked against torch):
+    ``{ONNX_FLOAT: file, ONNX_INT8: file}``. Runs in a child process, as [`save_models`] does."""
+    from modeling_tot_cakt.training.export_onnx import save_onnx_folder
+
+    transformers_logging.disable_progress_bar()
+    exported = save_onnx_folder(model_dir, directory, int8=True)
+    return {ONNX_FLOAT: Path(exported["onnx"]), ONNX_INT8: Path(exported["int8"])}
 
 
 def load_models(folders: dict, device: torch.device) -> dict:
@@ -120,7 +156,7 @@ def load_models(folders: dict, device: torch.device) -> dict:
 def clip_inputs(folder: Path, seconds: float, device: torch.device, seed: int = 0) -> dict:
     """The saved feature extractor's output for one clip of noise (batch 1), on ``device``."""
     wave = 0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLING_RATE)).astype(np.float32)
-    extractor = AutoFeatureExtractor.from_pretrained(folder)
+    extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)  # the package's extractor class
     features = extractor(wave, sampling_rate=SAMPLING_RATE, return_attention_mask=True, return_tensors="pt")
     return {key: value.to(device) for key, value in features.items()}
 
@@ -204,6 +240,143 @@ def format_row(row: dict, with_cpu: bool) -> str:
     return f"{line}  {verdict} {RTF_TARGET:.2f}+-{RTF_TOLERANCE}"
 
 
+def time_forms(model, onnx_files: dict, folder: Path, clip_seconds, repeats: int) -> list:
+    """Milliseconds per second of audio of the torch model and its ONNX forms (onnxruntime) on one clip per
+    length, with each of [`FORM_THREADS`] threads, interleaved; prints the table row by row."""
+    # Imported only now: the torch model was loaded from its folder already (see save_models).
+    from modeling_tot_cakt.training.export_onnx import inference_session, run_onnx
+
+    device = torch.device("cpu")
+    print(f"{'threads':>7} {'clip s':>6} " + " ".join(f"{name + ' ms/s':>18}" for name in (TORCH_FLOAT, *onnx_files)))
+    rows = []
+    for threads in FORM_THREADS:
+        torch.set_num_threads(threads)
+        sessions = {name: inference_session(path, threads) for name, path in onnx_files.items()}
+        for seconds in clip_seconds:
+            inputs = clip_inputs(folder, seconds, device)
+            calls = {TORCH_FLOAT: functools.partial(logits, model, inputs)}
+            calls.update({name: functools.partial(run_onnx, session, inputs) for name, session in sessions.items()})
+            timings = round_robin(calls, repeats, device, measure_memory=False)
+            expected = timings.results[TORCH_FLOAT].numpy()
+            row = dict(threads=threads, clip_seconds=seconds)
+            for name in calls:
+                median = statistics.median(timings.wall[name])
+                row[name] = dict(**summary(timings.wall[name]), ms_per_audio_second=1e3 * median / seconds)
+                if name != TORCH_FLOAT:
+                    row[name]["max_abs_diff_to_torch"] = float(np.abs(timings.results[name][0] - expected).max())
+            rows.append(row)
+            print(
+                f"{threads:>7} {seconds:>6g} "
+                + " ".join(f"{row[name]['ms_per_audio_second']:>18.1f}" for name in calls)
+                + "   max |logit diff| "
+                + ", ".join(f"{name} {row[name]['max_abs_diff_to_torch']:.2g}" for name in sessions),
+                flush=True,
+            )
+    return rows
+
+
+def transcribe_test_set(model_dir: Path, manifest: Path, directory: Path, beam_width: int, repeats: int) -> dict:
+    """
+    Export the trained model in ``model_dir`` (ONNX float32 and int8) and transcribe the clips of ``manifest`` one
+    at a time with each form on 1 thread: greedy CER and ms per second of audio of each form; with a language model
+    in the folder, the LM decoding's time at ``beam_width``, its share of end-to-end time for each form's forward
+    pass, and its CER. Runs in a child process (it imports the package).
+    """
+    from transformers import AutoProcessor
+
+    from modeling_tot_cakt import TOTCAKTForCTC
+    from modeling_tot_cakt.training.audio import load_audio
+    from modeling_tot_cakt.training.export_onnx import inference_session, run_onnx
+    from modeling_tot_cakt.training.language_model import greedy_transcripts, lm_transcripts, read_manifest_records
+    from modeling_tot_cakt.training.trainer import load_cer_metric
+    from modeling_tot_cakt.training.transcripts import normalize_transcript
+
+    transformers_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    onnx_files = export_forms(model_dir, directory)
+    model = TOTCAKTForCTC.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    extractor = processor.feature_extractor
+    records = read_manifest_records(manifest)
+    waves = [load_audio(record["audio"], extractor.sampling_rate) for record in records]
+    audio_seconds = sum(len(wave) for wave in waves) / extractor.sampling_rate
+    clips = [
+        extractor(wave, sampling_rate=extractor.sampling_rate, return_attention_mask=True, return_tensors="pt")
+        for wave in waves
+    ]
+    sessions = {name: inference_session(path, threads=1) for name, path in onnx_files.items()}
+
+    def torch_forward():
+        return [logits(model, clip)[0].numpy() for clip in clips]
+
+    def onnx_forward(session):
+        return [run_onnx(session, clip)[0][0] for clip in clips]
+
+    forwards = {TORCH_FLOAT: torch_forward}
+    forwards.update({name: functools.partial(onnx_forward, session) for name, session in sessions.items()})
+    timings = round_robin(forwards, repeats, device, measure_memory=False)
+    references = [normalize_transcript(record["text"]) for record in records]
+    metric = load_cer_metric()
+    forward_seconds = {name: statistics.median(times) for name, times in timings.wall.items()}
+    result = dict(clips=len(records), audio_seconds=audio_seconds, threads=1, batch=1, forms={})
+    for name, form_logits in timings.results.items():
+        hypotheses = greedy_transcripts(processor.tokenizer, form_logits)
+        result["forms"][name] = dict(
+            greedy_cer=float(metric.compute(predictions=hypotheses, references=references)),
+            forward_median_s=forward_seconds[name],
+            ms_per_audio_second=1e3 * forward_seconds[name] / audio_seconds,
+        )
+    if getattr(processor, "decoder", None) is None:
+        result["language_model"] = None
+        return result
+    torch_logits = timings.results[TORCH_FLOAT]
+    decodings = round_robin(
+        {
+            "greedy": functools.partial(greedy_transcripts, processor.tokenizer, torch_logits),
+            "lm": functools.partial(lm_transcripts, processor, torch_logits, beam_width=beam_width),
+        },
+        repeats,
+        device,
+        measure_memory=False,
+    )
+    decode_seconds = {name: statistics.median(times) for name, times in decodings.wall.items()}
+    result["language_model"] = dict(
+        beam_width=beam_width,
+        greedy_decode_median_s=decode_seconds["greedy"],
+        lm_decode_median_s=decode_seconds["lm"],
+        lm_cer=float(metric.compute(predictions=decodings.results["lm"], references=references)),
+        lm_share_of_end_to_end={
+            name: decode_seconds["lm"] / (seconds + decode_seconds["lm"]) for name, seconds in forward_seconds.items()
+        },
+        lm_share_target=LM_SHARE_TARGET,
+    )
+    return result
+
+
+def format_test_set(report: dict) -> str:
+    lines = [
+        f"Test set: {report['clips']} clips, {report['audio_seconds']:.1f} s of audio, batch 1, 1 thread.",
+        f"{'form':>14} {'greedy CER':>10} {'ms/s audio':>10}"
+        + (f" {'LM share':>9}" if report["language_model"] else ""),
+    ]
+    language_model = report["language_model"]
+    for name, form in report["forms"].items():
+        line = f"{name:>14} {form['greedy_cer']:>10.4f} {form['ms_per_audio_second']:>10.2f}"
+        if language_model:
+            line += f" {100 * language_model['lm_share_of_end_to_end'][name]:>8.1f}%"
+        lines.append(line)
+    if language_model:
+        lines.append(
+            f"LM decoding (beam {language_model['beam_width']}): {language_model['lm_decode_median_s']:.2f} s for the "
+            f"set (greedy {language_model['greedy_decode_median_s']:.3f} s), CER {language_model['lm_cer']:.4f}; "
+            f"LM share = decode / (forward + decode), target <= {100 * LM_SHARE_TARGET:.0f} %."
+        )
+    else:
+        lines.append("The folder has no language model: no LM decoding measured.")
+    return "\n".join(lines)
+
+
 def format_sizes(sizes: dict) -> str:
     mib = 2**20
     return (
@@ -223,7 +396,7 @@ def main(argv=None):
     transformers_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(args.workdir or scratch)
-        folders = save_models_in_child(encoder_config, directory)
+        folders = in_child(save_models, encoder_config, directory)
         models = load_models(folders, device)
         meta = dict(
             preset=args.preset,
@@ -261,9 +434,33 @@ def main(argv=None):
         sizes = weight_sizes(folders, models)
         print(format_sizes(sizes) + "\n", flush=True)
         rows = time_clips(models, folders[TOT], preset["clip_seconds"], preset["repeats"], device)
+        results = dict(logits=identity, sizes=sizes, clips=rows)
+        if device.type == "cpu":
+            onnx_files = in_child(export_forms, folders[TOT], directory / "onnx")
+            print(
+                f"\nDeployment forms of TOT-CAKT: ms of compute per second of audio, batch 1, interleaved; ONNX "
+                f"files {', '.join(f'{n} {p.stat().st_size / 2**20:.1f} MiB' for n, p in onnx_files.items())}.",
+                flush=True,
+            )
+            results["forms"] = time_forms(
+                models[TOT], onnx_files, folders[TOT], preset["clip_seconds"], preset["repeats"]
+            )
+            results["onnx_bytes"] = {name: path.stat().st_size for name, path in onnx_files.items()}
+            torch.set_num_threads(args.threads)
+        if args.model_dir:
+            report = in_child(
+                transcribe_test_set,
+                Path(args.model_dir),
+                Path(args.test_manifest),
+                directory / "trained-onnx",
+                args.beam_width,
+                preset["test_repeats"],
+            )
+            print(f"\nTrained model {args.model_dir}:\n" + format_test_set(report), flush=True)
+            results["test_set"] = dict(model_dir=args.model_dir, test_manifest=args.test_manifest, **report)
     meta["load_average_after"] = environment(device, args.threads)["load_average"]
     if args.out:
-        write_json(args.out, meta, dict(logits=identity, sizes=sizes, clips=rows))
+        write_json(args.out, meta, results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODULES = ["modeling_tot_cakt.demo.synthesis", "modeling_tot_cakt.demo.teacher_pretraining", "modeling_tot_cakt.demo"]
+MODULES = [
+    "modeling_tot_cakt.demo.synthesis",
+    "modeling_tot_cakt.demo.teacher_pretraining",
+    "modeling_tot_cakt.demo",
+    "modeling_tot_cakt.training.export_onnx",
+]
 SCRIPTS = ["train_hf.py"] + sorted(str(path.relative_to(REPO)) for path in (REPO / "benchmarks").glob("bench_*.py"))
 
 
