@@ -108,15 +108,15 @@ MUTANTS = (
     Mutant(
         "ot-mode-runs-tot",
         MODEL,
-        r"alignment\s+in\s+\(\"ot\",\s*\"uot\",\s*\"gmot\"\)",
-        'alignment in ("plain-ot", "plain-uot", "plain-gmot")',
+        r"ordered = self\.config\.alignment_is_ordered",
+        "ordered = True",
         WIRING,
         'alignment="ot" silently runs TOT (and "uot" / "gmot" TOT with unbalanced marginals / the GW term)',
     ),
     Mutant(
         "gmot-modes-run-plain-transport",
         MODEL,
-        r"if self\.config\.alignment in \(\"gmot\", \"tot_gmot\"\):",
+        r"if self\.config\.alignment_is_graph_matching:",
         "if False:",
         WIRING,
         'alignment="gmot" / "tot_gmot" silently solve without the Gromov-Wasserstein term',
@@ -166,7 +166,7 @@ MUTANTS = (
     Mutant(
         "unbalanced-modes-run-balanced",
         MODEL,
-        r"tau=self\.config\.uot_tau if unbalanced else None",
+        r"tau=self\.config\.uot_tau if self\.config\.alignment_is_unbalanced else None",
         "tau=None",
         WIRING,
         'alignment="uot" / "tot_uot" silently solve with balanced marginals',
@@ -699,8 +699,8 @@ MUTANTS = (
     Mutant(
         "adapter-reads-encoder-before-dropout",
         MODEL,
-        r"self\.adapter\(hidden_states\) if reads_adapter",
-        "self.adapter(outputs.last_hidden_state) if reads_adapter",
+        r"if aligns_inner_layer else hidden_states\)",
+        "if aligns_inner_layer else encoder_states)",
         MODELING,
         "the adapter reads the encoder's output before final_dropout",
         select="after_dropout",
