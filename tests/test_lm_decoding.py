@@ -394,6 +394,43 @@ def test_a_clips_lm_transcript_does_not_depend_on_its_batch_and_hotwords_reach_t
     assert boosted["text"] != alone[1]
 
 
+def test_long_audio_in_windows_with_the_lm_joins_them_as_the_stock_pipeline_does(folder_with_lm, tmp_path):
+    """A joined multi-sentence clip in overlapping windows. The model's head is sharpened (weights x 200, no bias,
+    the unknown token and the delimiter never chosen: near one-hot posteriors that change from frame to frame), so
+    a beam search with the language model weighted 0 finds the arg-max path: the LM pipeline must then write what
+    the stock greedy pipeline writes from the same windows, i.e. join the windows' logits with the same overlaps
+    cut, in batches of windows too."""
+    import shutil
+
+    from transformers import AutomaticSpeechRecognitionPipeline, pipeline
+
+    folder = tmp_path / "sharp"
+    shutil.copytree(folder_with_lm[0], folder)
+    model = TOTCAKTForCTC.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[1:3] = -1e4  # [UNK] and "|" (ids 1, 2): pyctcdecode scores them apart
+    model.save_pretrained(folder)
+    clip = np.concatenate([sf.read(write_wav(tmp_path / f"{i}.wav", 1.5, seed=i))[0] for i in range(3)])
+    audio = {"raw": clip.astype(np.float32), "sampling_rate": 16000}
+    windows = {"chunk_length_s": 1.6, "stride_length_s": 0.4}
+    asr = pipeline("automatic-speech-recognition", model=str(folder), trust_remote_code=True)
+    stock = AutomaticSpeechRecognitionPipeline(
+        model=asr.model, tokenizer=asr.tokenizer, feature_extractor=asr.feature_extractor
+    )
+    greedy = "".join(stock(dict(audio), **windows)["text"].split())
+    zero_lm = asr(dict(audio), decoder_kwargs={"alpha": 0.0, "beta": 0.0}, **windows)["text"]
+    # One character in 2,400 may differ where two characters nearly tie on a frame (the beam sums the paths,
+    # greedy takes each frame's arg-max); a window joined with its overlap kept or cut twice changes hundreds.
+    import jiwer
+
+    assert len(greedy) >= 1000 and jiwer.cer(greedy, zero_lm) < 0.002
+    assert greedy != "".join(stock(dict(audio))["text"].split())  # the windows do change what is heard
+    in_batches = asr(dict(audio), decoder_kwargs={"alpha": 0.0, "beta": 0.0}, batch_size=3, **windows)["text"]
+    assert jiwer.cer(zero_lm, in_batches) < 0.002
+
+
 def test_without_pyctcdecode_and_kenlm_loading_says_what_to_install_and_decodes_greedily(folder_with_lm):
     folder, wav = folder_with_lm
     out, stderr = run_fresh(folder, wav, BLOCK_LM="1")
