@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import multiprocessing
@@ -130,8 +131,15 @@ def _render_in_fresh_process(arguments):
     return rendering.samples, rendering.sample_rate, rendering.syllable_times
 
 
-def test_library_rendering_matches_espeak_command_line():
+@pytest.mark.parametrize("parent_drew_from_rand", [False, True])
+def test_library_rendering_matches_espeak_command_line(parent_drew_from_rand):
+    """Also when the process it is forked from has drawn from the C library's rand() (espeak-ng draws from it;
+    onnxruntime's quantiser, run earlier in the same test process, once changed every rendering this way)."""
     syllables, variant, speed, pitch = ["wo3", "men5", "dou1", "shi4", "hao3", "peng2", "you3"], "f2", 180, 40
+    if parent_drew_from_rand:
+        libc = ctypes.CDLL(None)
+        for _ in range(7):
+            libc.rand()
     load_espeak()  # forked below from this never-rendering engine, like a corpus block
     with multiprocessing.get_context("fork").Pool(1) as pool:
         samples, rate, times = pool.apply(_render_in_fresh_process, ((syllables, variant, speed, pitch),))

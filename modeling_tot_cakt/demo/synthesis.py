@@ -169,6 +169,7 @@ class EspeakEngine:
                 f"Cannot load libespeak-ng from {location!r} ({error}); {INSTALL_HINT}."
             ) from error
         self._declare_signatures()
+        self._libc = ctypes.CDLL(None)  # the C library this process runs, for srand
         self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_PHONEME_EVENTS)
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed (returned {self.sample_rate}); is espeak-ng-data installed?")
@@ -245,6 +246,9 @@ class EspeakEngine:
         self._samples, self._events = [], []
         self.has_rendered = True
         text = " ".join(syllables).encode()
+        # espeak-ng draws from the C library's rand(): seed it as a fresh espeak-ng process starts, so that an
+        # utterance sounds the same whatever this process (or the one it was forked from) drew before.
+        self._libc.srand(1)
         status = self._lib.espeak_Synth(text, len(text) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
         if status != _EE_OK or self._lib.espeak_Synchronize() != _EE_OK:
             raise RuntimeError(f"espeak-ng failed (status {status}) on {text.decode()!r}.")
