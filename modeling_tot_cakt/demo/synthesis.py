@@ -79,7 +79,8 @@ SEEN_VOICES_SPLIT = "test_seen_voices"
 TEST_TRACKS = ("test", SEEN_VOICES_SPLIT)
 """The test tracks a corpus can have: held-out voices, then train voices."""
 CORPUS_SUMMARY_FILE = "corpus.json"
-FORMAT_VERSION = 1
+# 2: each utterance rendered from a freshly seeded rand(), as the espeak-ng command line renders it.
+FORMAT_VERSION = 2
 """Bumped whenever the output for given settings changes, so old caches are rebuilt."""
 
 RENDER_BLOCK_SIZE = 32
