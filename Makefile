@@ -16,7 +16,7 @@ LOCK := requirements/lock.txt
 UV_SPEC ?= uv==0.13.9
 
 .PHONY: install system-deps kenlm lint test test-latest test-oldest drift-venv lock demo bench bench-quick bench-quality \
-	bench-knowledge mutation clean
+	bench-knowledge bench-knowledge-dose mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -129,6 +129,18 @@ bench-quality: install
 bench-knowledge: install
 	$(PY) benchmarks/bench_quality.py --preset knowledge --lm --output docs/results/knowledge.json \
 		--plot docs/results/knowledge_curves.png
+
+# The knowledge-dose decision: CTC-only (decoded greedily and with the LM, the control), today's TOT-CAKT, and the
+# variants that raise the teacher's share of the encoder's gradient, each with a per-seed untrained teacher; five
+# paired seeds, 45 fine-tunes of 1,000 steps (docs/RESULTS.md, "Does the knowledge transfer?").
+DOSE_METHODS = tot tot_untrained tot_dose tot_dose_untrained tot_masked tot_masked_untrained tot_kd tot_kd_untrained
+bench-knowledge-dose: install
+	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --lm --methods none \
+		--output docs/results/knowledge_dose.json --plot docs/results/knowledge_dose_curves.png
+	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --methods $(DOSE_METHODS) \
+		--output docs/results/knowledge_dose.json --plot docs/results/knowledge_dose_curves.png
+	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --report_only --methods none $(DOSE_METHODS) \
+		--output docs/results/knowledge_dose.json --plot docs/results/knowledge_dose_curves.png
 
 bench: bench-quick bench-quality
 

@@ -24,7 +24,9 @@ most test characters have a homophone the model can write, 4,400 training uttera
 sentences on held-out voices and again on the training voices --, 1,000-step fine-tunes of an encoder pretrained
 on toned syllables of other sentences, five seeds, and the ablations: CTC-only, OT-CAKT, TOT-CAKT, TOT-CAKT with
 the CTC head on the adapter (MLP and linear), TOT-CAKT with an untrained teacher, and the alignment family's UOT
-and GM-OT)
+and GM-OT; ``--methods`` adds the knowledge-dose variants: 20 times the default OT and alignment weights, the same
+with masked-position targets, and the distillation of the teacher's masked-LM predictions through the plan, each with
+an untrained twin)
 and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU). A corpus with the second test
 track (``test_seen_voices``) has it scored like ``test``: ``test_seen_voices_cer`` and its error split per run,
 per method and in the paired differences (greedily and, with ``--lm``, with the language model).
@@ -38,6 +40,7 @@ after methods were run by separate invocations.
     python benchmarks/bench_quality.py --preset transfer --output docs/results/quality_transfer.json
     python benchmarks/bench_quality.py --preset knowledge --lm --output docs/results/knowledge.json \
         --plot docs/results/knowledge_curves.png
+    make bench-knowledge-dose   # the dose variants and their per-seed untrained twins (docs/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -70,6 +73,12 @@ METHODS = {
     "tot_untrained": "TOT-CAKT, untrained teacher",
     "uot": "UOT-CAKT",
     "gmot": "GM-OT-CAKT",
+    "tot_dose": "TOT-CAKT, 20x loss weights",
+    "tot_dose_untrained": "TOT-CAKT, 20x loss weights, untrained teacher",
+    "tot_masked": "TOT-CAKT, masked-position targets, 20x loss weights",
+    "tot_masked_untrained": "TOT-CAKT, masked-position targets, 20x loss weights, untrained teacher",
+    "tot_kd": "TOT-CAKT + distillation through the plan",
+    "tot_kd_untrained": "TOT-CAKT + distillation through the plan, untrained teacher",
 }
 """The compared methods: a key (``--methods``, the run folders) and its name in the report."""
 
@@ -77,9 +86,24 @@ VARIANTS = {
     "tot_adapter": ({"alignment": "tot", "ctc_input": "adapter"}, "trained"),
     "tot_linear_adapter": ({"alignment": "tot", "ctc_input": "adapter", "adapter_type": "linear"}, "trained"),
     "tot_untrained": ({"alignment": "tot"}, "untrained"),
+    **{
+        f"{name}{twin}": (settings, "untrained" if twin else "trained")
+        for name, settings in (
+            # The dose: 20 times the default OT and alignment weights (0.1 and 0.3), which put about 1 % of CTC's
+            # gradient on the encoder's output (docs/RESULTS.md, "The knowledge share").
+            ("tot_dose", {"alignment": "tot", "ot_loss_weight": 2.0, "align_loss_weight": 6.0}),
+            (
+                "tot_masked",
+                {"alignment": "tot", "ot_loss_weight": 2.0, "align_loss_weight": 6.0, "teacher_target": "masked_states"},
+            ),
+            ("tot_kd", {"alignment": "tot", "kd_loss_weight": 0.3}),
+        )
+        for twin in ("", "_untrained")
+    },
 }
 """Methods that are not an ``--alignment`` alone: their ``train_hf.py`` settings and teacher (``"trained"``, the
-preset's, or ``"untrained"``, the same architecture and vocabulary randomly initialised)."""
+preset's, or ``"untrained"``, the same architecture and vocabulary randomly initialised, drawn anew for each seed).
+Every ``<name>_untrained`` is ``<name>``'s twin: the same settings with that seed's untrained teacher."""
 
 COMPARISONS = (
     ("tot", "none"),
@@ -95,6 +119,16 @@ COMPARISONS = (
     ("uot", "tot"),
     ("gmot", "none"),
     ("gmot", "tot"),
+    *(
+        pair
+        for name in ("tot_dose", "tot_masked", "tot_kd")
+        for pair in (
+            (name, "none"),
+            (name, f"{name}_untrained"),
+            (f"{name}_untrained", "none"),
+            (name, "tot"),
+        )
+    ),
 )
 """The paired differences reported (method, baseline), each where either side has runs."""
 
@@ -110,15 +144,16 @@ def method_of(run: dict) -> str:
 
 
 def untrained_teacher(trained: Path, target: Path, seed: int = 0) -> Path:
-    """A randomly initialised copy of the teacher in `trained` (same configuration and tokenizer), saved in
-    `target` (reused when there): the ablation that tells knowledge from a per-character target."""
+    """A randomly initialised copy of the teacher in `trained` (same configuration and tokenizer), drawn with `seed`
+    and saved in `target` (reused when there) with its masked-LM head, so that the targets that need the teacher's
+    predictions have a twin too: the ablation that tells knowledge from a per-character target."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     torch.manual_seed(seed)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(trained))  # what training loads of the teacher
+    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(trained))
     target.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(trained).save_pretrained(target)
     model.save_pretrained(target)
@@ -535,11 +570,13 @@ def main(argv=None) -> dict:
     corpus, teacher, encoder = stages.corpus(build), stages.teacher(build), stages.encoder(build)
     language_model = stages.language_model()["arpa"] if args.lm and build else None
     methods = args.methods or list(bench.methods)
-    untrained = None
-    if build and any(method_settings(method)[1] == "untrained" for method in methods):
-        untrained = untrained_teacher(stages.paths.teacher, stages.paths.root / "teacher_untrained")
-
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in methods]
+    # Each seed's untrained teacher is its own draw (seeded by the run's seed), shared by that seed's twins.
+    untrained = {
+        seed: untrained_teacher(stages.paths.teacher, stages.paths.root / f"teacher_untrained-seed{seed}", seed=seed)
+        for seed in sorted({seed for method, seed in jobs if method_settings(method)[1] == "untrained"})
+        if build
+    }
     runs: list[dict] = []
     lock = threading.Lock()
     output, plot = Path(args.output), Path(args.plot)
@@ -595,7 +632,7 @@ def main(argv=None) -> dict:
         run_stages = stages.for_run(
             runs_dir / f"{method}-seed{seed}",
             train={**preset.train, **overrides, **settings, "seed": seed},
-            teacher=untrained if teacher_kind == "untrained" else None,
+            teacher=untrained[seed] if teacher_kind == "untrained" else None,
         )
         result = run_once(
             run_stages,

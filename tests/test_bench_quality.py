@@ -237,7 +237,7 @@ def test_variants_are_paired_by_their_method_not_their_alignment():
 def test_the_untrained_teacher_has_the_teachers_architecture_and_vocabulary_and_new_weights(tmp_path):
     import torch
     from tiny_models import make_teacher
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     trained = make_teacher(tmp_path / "teacher")
     target = bench_quality.untrained_teacher(trained, tmp_path / "untrained", seed=0)
@@ -252,6 +252,12 @@ def test_the_untrained_teacher_has_the_teachers_architecture_and_vocabulary_and_
     assert torch.equal(
         AutoModel.from_pretrained(again).embeddings.word_embeddings.weight, random.embeddings.word_embeddings.weight
     )
+    # Another seed is another draw (each seed's twin gets its own untrained teacher).
+    other = AutoModel.from_pretrained(bench_quality.untrained_teacher(trained, tmp_path / "seed1", seed=1))
+    assert not torch.equal(other.embeddings.word_embeddings.weight, random.embeddings.word_embeddings.weight)
+    # It is saved with its masked-LM head, which the distillation through the plan needs: nothing is missing.
+    _, loading = AutoModelForMaskedLM.from_pretrained(target, output_loading_info=True)
+    assert not loading["missing_keys"]
 
 
 def test_report_only_summarises_the_finished_runs_and_trains_nothing(tmp_path):
