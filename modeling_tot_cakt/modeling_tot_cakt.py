@@ -676,6 +676,102 @@ class TOTCAKTPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+class ClipGroupNorm(nn.GroupNorm):
+    """
+    The group normalisation of a raw-waveform encoder's first convolution (wav2vec2-base, HuBERT-base, WavLM-base,
+    SEW: `feat_extract_norm="group"`), with statistics over each clip's own steps. The stock layer averages over
+    the whole padded time axis, so a clip padded in a batch gets other features than alone; given the clip lengths
+    of the current call (`clip_lengths`, in this layer's steps), this one gives the same result for a clip alone
+    and in any batch, and 0 before its affine map on the padding. Without lengths it is `nn.GroupNorm`. Its
+    parameters keep the replaced layer's names, so checkpoints load unchanged.
+    """
+
+    clip_lengths: torch.Tensor | None = None
+    position: int = 0  # which convolution it follows
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.clip_lengths is None:
+            return super().forward(hidden_states)
+        batch, channels, steps = hidden_states.shape
+        valid = (torch.arange(steps, device=hidden_states.device) < self.clip_lengths[:, None]).to(hidden_states.dtype)
+        grouped = hidden_states.reshape(batch, self.num_groups, channels // self.num_groups, steps)
+        valid = valid[:, None, None, :]
+        count = (valid.sum(-1, keepdim=True) * grouped.shape[2]).clamp(min=1)
+        mean = (grouped * valid).sum((-2, -1), keepdim=True) / count
+        variance = (((grouped - mean) * valid) ** 2).sum((-2, -1), keepdim=True) / count
+        normalised = ((grouped - mean) * torch.rsqrt(variance + self.eps) * valid).reshape(batch, channels, steps)
+        if self.affine:
+            normalised = normalised * self.weight[:, None] + self.bias[:, None]
+        return normalised
+
+
+class ClipLayerNorm(nn.LayerNorm):
+    """
+    The layer normalisations in front of Wav2Vec2-BERT's adapter convolutions, with the padding frames set to 0
+    after them (`clip_lengths`, in the adapter layer's input frames): the strided convolution then reads past a
+    clip's end the zeros it reads alone, where the stock layer would read the normalised padding. Without lengths
+    it is `nn.LayerNorm`; its parameters keep the replaced layer's names.
+    """
+
+    clip_lengths: torch.Tensor | None = None
+    position: int = 0  # which adapter layer it belongs to
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normalised = super().forward(hidden_states)
+        if self.clip_lengths is None:
+            return normalised
+        valid = torch.arange(hidden_states.shape[1], device=hidden_states.device) < self.clip_lengths[:, None]
+        return normalised * valid[..., None].to(normalised.dtype)
+
+
+def _replace(parent: nn.Module, child: str, module: nn.Module, position: int) -> nn.Module:
+    """Put `module`'s clip-aware twin (same parameters) in its place under `parent`; returns the twin."""
+    if isinstance(module, nn.GroupNorm):
+        twin = ClipGroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+    else:
+        twin = ClipLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None)
+    for name in ("weight", "bias"):
+        if getattr(module, name, None) is not None:
+            setattr(twin, name, getattr(module, name))
+    twin.position = position
+    setattr(parent, child, twin)
+    return twin
+
+
+def clip_norms(encoder: nn.Module) -> list[nn.Module]:
+    """
+    Make `encoder`'s output for a clip independent of the clips it is padded with, where transformers' encoder
+    is not: the group normalisations of the convolutional feature encoder (`feature_extractor.conv_layers[i]`)
+    become [`ClipGroupNorm`]s and the layer normalisations in front of a Wav2Vec2-BERT adapter's convolutions
+    (`adapter.layers[i]`) [`ClipLayerNorm`]s, holding the same parameters. Returns them (none for other encoders).
+    """
+    replaced = []
+    conv_layers = getattr(getattr(encoder, "feature_extractor", None), "conv_layers", None)
+    for index, layer in enumerate(conv_layers if isinstance(conv_layers, nn.ModuleList) else ()):
+        norm = getattr(layer, "layer_norm", None)
+        if type(norm) is nn.GroupNorm:
+            replaced.append(_replace(layer, "layer_norm", norm, index))
+    if getattr(encoder.config, "model_type", None) == "wav2vec2-bert" and getattr(encoder, "adapter", None):
+        for index, layer in enumerate(encoder.adapter.layers):
+            for name in ("residual_layer_norm", "self_attn_layer_norm"):
+                if type(getattr(layer, name, None)) is nn.LayerNorm:
+                    replaced.append(_replace(layer, name, getattr(layer, name), index))
+    return replaced
+
+
+def clip_norm_lengths(encoder_config, norm: nn.Module, input_lengths: torch.Tensor) -> torch.Tensor:
+    """The lengths, in `norm`'s own steps, of clips of `input_lengths` (samples or feature frames)."""
+    lengths = input_lengths
+    if isinstance(norm, ClipGroupNorm):
+        for kernel, stride in list(zip(encoder_config.conv_kernel, encoder_config.conv_stride))[: norm.position + 1]:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths
+    kernel, stride = encoder_config.adapter_kernel_size, encoder_config.adapter_stride
+    for _ in range(norm.position):  # the adapter layers before it
+        lengths = torch.div(lengths + 2 * (kernel // 2) - kernel, stride, rounding_mode="floor") + 1
+    return lengths
+
+
 class TOTCAKTModel(TOTCAKTPreTrainedModel):
     """
     The bare TOT-CAKT model: the acoustic encoder (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-BERT, ...)
@@ -687,6 +783,8 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
     def __init__(self, config: TOTCAKTConfig):
         super().__init__(config)
         self.encoder = AutoModel.from_config(config.encoder_config)
+        # Normalisations that would mix a clip with its padding see the clip alone (batch-independent outputs).
+        self.clip_norms = clip_norms(self.encoder)
         # The pipeline feeds the feature extractor's output under this name.
         self.main_input_name = self.encoder.main_input_name
         self.adapter = TOTCAKTAdapter(config) if config.has_adapter else None
@@ -798,13 +896,20 @@ class TOTCAKTModel(TOTCAKTPreTrainedModel):
             # type Double".
             input_values = input_values.to(self.dtype)
 
-        outputs = self.encoder(
-            input_values,
-            attention_mask=attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        if self.clip_norms and attention_mask is not None:
+            for norm in self.clip_norms:
+                norm.clip_lengths = clip_norm_lengths(self.config.encoder_config, norm, attention_mask.sum(-1))
+        try:
+            outputs = self.encoder(
+                input_values,
+                attention_mask=attention_mask,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        finally:
+            for norm in self.clip_norms:
+                norm.clip_lengths = None
         output = TOTCAKTModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             adapted_features=self.adapter(outputs.last_hidden_state) if output_adapted_features else None,
@@ -979,6 +1084,18 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
     def frame_mask(self, frames: int, attention_mask: torch.Tensor) -> torch.BoolTensor:
         """Valid output frames `(B, frames)` for an input `attention_mask`; see [`TOTCAKTModel.frame_mask`]."""
         return self.tot_cakt.frame_mask(frames, attention_mask)
+
+    def blank_padding_frames(self, logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        `logits` with every padding frame (past the clip's own frames, as `attention_mask` gives them) replaced by
+        a certain blank: 0 for the blank (`pad_token_id`) and -1e4 for every other symbol. A greedy or beam search
+        over a padded batch then writes what it writes for each clip alone, as the frames past a clip's end are
+        never read as speech; the losses are computed before, on the valid frames only.
+        """
+        valid = self.frame_mask(logits.shape[1], attention_mask)
+        blank = torch.full((logits.shape[-1],), -1e4, dtype=logits.dtype, device=logits.device)
+        blank[self.config.pad_token_id] = 0
+        return torch.where(valid[..., None], logits, blank)
 
     # ------------------------------------------------------------------ teacher features
     @torch.no_grad()
@@ -1472,6 +1589,8 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             losses.update(self._loss_gradient_norms(aligned_states, losses))
         if not output_coupling:
             losses.pop("coupling", None)
+        if attention_mask is not None:
+            logits = self.blank_padding_frames(logits, attention_mask)
         output = TOTCAKTOutput(
             logits=logits,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
