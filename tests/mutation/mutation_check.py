@@ -63,6 +63,7 @@ RESUME = ("tests/test_faults.py", "tests/test_train_hf.py")
 TRAIN = ("tests/test_train_hf.py",)
 FEATURE_CACHE = ("tests/test_teacher_features.py",)
 KNOWLEDGE = ("tests/test_knowledge.py",)
+BATCH = ("tests/test_batch_independence.py",)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,30 @@ MUTANTS = (
         r"(\1) | True",
         WIRING + MODELING,
         "every output frame counts as valid, padded ones included",
+    ),
+    Mutant(
+        "padding-frames-not-blank",
+        MODEL,
+        r"logits = self\.blank_padding_frames\(logits, attention_mask\)",
+        "pass",
+        BATCH,
+        "the frames past a clip's end keep what the head makes of the padding, so a batched clip gains characters",
+    ),
+    Mutant(
+        "group-norm-over-padding",
+        MODEL,
+        r"if type\(norm\) is nn\.GroupNorm:",
+        "if False:",
+        BATCH,
+        "a wav2vec2-base-style group norm averages over the padded batch axis: a clip's features depend on its batch",
+    ),
+    Mutant(
+        "adapter-reads-normalised-padding",
+        MODEL,
+        r"if type\(getattr\(layer, name, None\)\) is nn\.LayerNorm:",
+        "if False:",
+        BATCH,
+        "Wav2Vec2-BERT's adapter convolutions read the normalised padding past a clip's end",
     ),
     Mutant(
         "ot-mode-runs-tot",
