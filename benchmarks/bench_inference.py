@@ -94,7 +94,14 @@ def parse_args(argv=None):
     )
     parser.add_argument("--test_manifest", default=None, help="JSONL {audio, text} of the test clips for --model_dir")
     parser.add_argument("--beam_width", type=int, default=32, help="beam width of the LM decoding (default 32)")
+    parser.add_argument(
+        "--test_set_only",
+        action="store_true",
+        help="only the trained folder's part (7.): its forms' CER and speed and the LM decoding's share",
+    )
     args = parser.parse_args(argv)
+    if args.test_set_only and args.model_dir is None:
+        parser.error("--test_set_only measures a trained folder: give --model_dir and --test_manifest.")
     if (args.model_dir is None) != (args.test_manifest is None):
         parser.error("--model_dir and --test_manifest go together: the test CER needs both the model and the clips.")
     return args
@@ -387,6 +394,20 @@ def format_sizes(sizes: dict) -> str:
     )
 
 
+def trained_test_set(args, directory: Path, preset: dict) -> dict:
+    """Part 7 on ``args.model_dir``'s test clips, in a child process; printed and returned as its record."""
+    report = in_child(
+        transcribe_test_set,
+        Path(args.model_dir),
+        Path(args.test_manifest),
+        directory / "trained-onnx",
+        args.beam_width,
+        preset["test_repeats"],
+    )
+    print(f"\nTrained model {args.model_dir}:\n" + format_test_set(report), flush=True)
+    return dict(model_dir=args.model_dir, test_manifest=args.test_manifest, **report)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -394,6 +415,14 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     encoder_config = ENCODERS[preset["encoder"]]
     transformers_logging.disable_progress_bar()
+    if args.test_set_only:
+        with tempfile.TemporaryDirectory() as scratch:
+            results = {"test_set": trained_test_set(args, Path(args.workdir or scratch), preset)}
+        meta = dict(preset=args.preset, **environment(device, args.threads))
+        meta["load_average_after"] = environment(device, args.threads)["load_average"]
+        if args.out:
+            write_json(args.out, meta, results)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(args.workdir or scratch)
         folders = in_child(save_models, encoder_config, directory)
@@ -448,16 +477,7 @@ def main(argv=None):
             results["onnx_bytes"] = {name: path.stat().st_size for name, path in onnx_files.items()}
             torch.set_num_threads(args.threads)
         if args.model_dir:
-            report = in_child(
-                transcribe_test_set,
-                Path(args.model_dir),
-                Path(args.test_manifest),
-                directory / "trained-onnx",
-                args.beam_width,
-                preset["test_repeats"],
-            )
-            print(f"\nTrained model {args.model_dir}:\n" + format_test_set(report), flush=True)
-            results["test_set"] = dict(model_dir=args.model_dir, test_manifest=args.test_manifest, **report)
+            results["test_set"] = trained_test_set(args, directory, preset)
     meta["load_average_after"] = environment(device, args.threads)["load_average"]
     if args.out:
         write_json(args.out, meta, results)

@@ -94,7 +94,12 @@ VARIANTS = {
             ("tot_dose", {"alignment": "tot", "ot_loss_weight": 2.0, "align_loss_weight": 6.0}),
             (
                 "tot_masked",
-                {"alignment": "tot", "ot_loss_weight": 2.0, "align_loss_weight": 6.0, "teacher_target": "masked_states"},
+                {
+                    "alignment": "tot",
+                    "ot_loss_weight": 2.0,
+                    "align_loss_weight": 6.0,
+                    "teacher_target": "masked_states",
+                },
             ),
             ("tot_kd", {"alignment": "tot", "kd_loss_weight": 0.3}),
         )

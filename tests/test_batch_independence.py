@@ -116,5 +116,8 @@ def test_the_clip_aware_normalisations_keep_the_encoders_checkpoint_names(family
     assert len(model.tot_cakt.clip_norms) == replaced
     assert set(model.tot_cakt.encoder.state_dict()) == set(stock.state_dict())
     batch = torch.zeros(2, 8000) if family.startswith("raw") else torch.zeros(2, 30, 160)
-    model(batch, attention_mask=torch.tensor([[1] * batch.shape[1], [1] * (batch.shape[1] // 2) + [0] * (batch.shape[1] // 2)]))
+    model(
+        batch,
+        attention_mask=torch.tensor([[1] * batch.shape[1], [1] * (batch.shape[1] // 2) + [0] * (batch.shape[1] // 2)]),
+    )
     assert all(norm.clip_lengths is None for norm in model.tot_cakt.clip_norms)  # reset after each forward
