@@ -39,7 +39,13 @@ from tests.tiny_models import (
     save_emitting_model,
 )
 
-ENCODERS = {"wav2vec2": TINY_WAV2VEC2, "hubert": TINY_HUBERT, "wavlm": TINY_WAVLM, "w2v-bert": TINY_WAV2VEC2_BERT}
+ENCODERS = {
+    "wav2vec2": TINY_WAV2VEC2,
+    "wav2vec2 group norm": {**TINY_WAV2VEC2, "feat_extract_norm": "group"},
+    "hubert": TINY_HUBERT,
+    "wavlm": TINY_WAVLM,
+    "w2v-bert": TINY_WAV2VEC2_BERT,
+}
 INT8_TOLERANCE = 0.02
 INT8_ARGMAX_AGREEMENT = 0.97
 CLIP_SECONDS = (0.7, 1.3, 0.45)  # not the lengths the export traced
