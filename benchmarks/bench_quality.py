@@ -489,7 +489,7 @@ def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
         method_runs = [run for run in runs if method_of(run) == method and run["dev_cer_by_step"]]
         if not method_runs:
             continue
-        colour = f"C{index}"
+        colour = pyplot.get_cmap("tab20")(index % 20)  # one colour per method (the default cycle has 10)
         for run in method_runs:
             steps, cers = zip(*run["dev_cer_by_step"])
             axis.plot(steps, cers, color=colour, alpha=0.3, linewidth=0.8)
@@ -503,7 +503,7 @@ def plot_curves(runs: list[dict], summary: dict, path: Path) -> None:
     axis.set_ylabel("dev CER")
     axis.set_ylim(0, 1.05)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=7, loc="upper right")
     save_figure(figure, path)
 
 
