@@ -132,7 +132,8 @@ bench-knowledge: install
 
 # The knowledge-dose decision: CTC-only (decoded greedily and with the LM, the control), today's TOT-CAKT, and the
 # variants that raise the teacher's share of the encoder's gradient, each with a per-seed untrained teacher; five
-# paired seeds, 45 fine-tunes of 1,000 steps (docs/RESULTS.md, "Does the knowledge transfer?").
+# paired seeds, 45 fine-tunes of 1,000 steps: 74 minutes on 2 cores once the knowledge preset's corpus, teacher and
+# encoder exist (about 30 more; docs/RESULTS.md, "Decided again at a dose that could say yes").
 DOSE_METHODS = tot tot_untrained tot_dose tot_dose_untrained tot_masked tot_masked_untrained tot_kd tot_kd_untrained
 bench-knowledge-dose: install
 	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --lm --methods none \
