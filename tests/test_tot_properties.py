@@ -103,4 +103,6 @@ def test_tot_tends_to_plain_ot_as_lambda1_vanishes_and_sigma_grows(problem):
     close = tot_sinkhorn(cost, source_mask, target_mask, lambda1=1e-7, sigma=1e7, **near)
     far = tot_sinkhorn(cost, source_mask, target_mask, lambda1=1e-2, sigma=1e2, **near)
     torch.testing.assert_close(close, plain, rtol=1e-5, atol=1e-12)
-    assert (close - plain).abs().max() <= 1e-3 * (far - plain).abs().max() + 1e-15
+    # The floor is float64 rounding (a few hundred ulps of a plan entry): a problem whose plan the marginals fix
+    # alone (one valid row) leaves both differences at rounding noise, e.g. 1.3e-15 each.
+    assert (close - plain).abs().max() <= 1e-3 * (far - plain).abs().max() + 1e-13
