@@ -82,6 +82,10 @@ METHODS = {
 }
 """The compared methods: a key (``--methods``, the run folders) and its name in the report."""
 
+DOSE = {"ot_loss_weight": 2.0, "align_loss_weight": 6.0}
+"""The knowledge-dose variants' loss weights: 20 times the defaults (0.1 and 0.3), which put about 1 % of CTC's
+gradient on the encoder's output (docs/RESULTS.md, "The knowledge share")."""
+
 VARIANTS = {
     "tot_adapter": ({"alignment": "tot", "ctc_input": "adapter"}, "trained"),
     "tot_linear_adapter": ({"alignment": "tot", "ctc_input": "adapter", "adapter_type": "linear"}, "trained"),
@@ -89,18 +93,8 @@ VARIANTS = {
     **{
         f"{name}{twin}": (settings, "untrained" if twin else "trained")
         for name, settings in (
-            # The dose: 20 times the default OT and alignment weights (0.1 and 0.3), which put about 1 % of CTC's
-            # gradient on the encoder's output (docs/RESULTS.md, "The knowledge share").
-            ("tot_dose", {"alignment": "tot", "ot_loss_weight": 2.0, "align_loss_weight": 6.0}),
-            (
-                "tot_masked",
-                {
-                    "alignment": "tot",
-                    "ot_loss_weight": 2.0,
-                    "align_loss_weight": 6.0,
-                    "teacher_target": "masked_states",
-                },
-            ),
+            ("tot_dose", {"alignment": "tot", **DOSE}),
+            ("tot_masked", {"alignment": "tot", **DOSE, "teacher_target": "masked_states"}),
             ("tot_kd", {"alignment": "tot", "kd_loss_weight": 0.3}),
         )
         for twin in ("", "_untrained")
