@@ -26,7 +26,8 @@ on toned syllables of other sentences, five seeds, and the ablations: CTC-only, 
 the CTC head on the adapter (MLP and linear), TOT-CAKT with an untrained teacher, and the alignment family's UOT
 and GM-OT; ``--methods`` adds the knowledge-dose variants: 20 times the default OT and alignment weights, the same
 with masked-position targets, and the distillation of the teacher's masked-LM predictions through the plan, each with
-an untrained twin)
+an untrained twin, and the distillation from a deeper teacher, 4 x 256, pretrained on the same text when first needed,
+with its own untrained twin)
 and ``full`` (the demo's ``full`` preset, longer, one run at a time; for a GPU). A corpus with the second test
 track (``test_seen_voices``) has it scored like ``test``: ``test_seen_voices_cer`` and its error split per run,
 per method and in the paired differences (greedily and, with ``--lm``, with the language model).
@@ -79,12 +80,26 @@ METHODS = {
     "tot_masked_untrained": "TOT-CAKT, masked-position targets, 20x loss weights, untrained teacher",
     "tot_kd": "TOT-CAKT + distillation through the plan",
     "tot_kd_untrained": "TOT-CAKT + distillation through the plan, untrained teacher",
+    "tot_kd_deep": "TOT-CAKT + distillation through the plan, 4 x 256 teacher",
+    "tot_kd_deep_untrained": "TOT-CAKT + distillation through the plan, 4 x 256 teacher, untrained",
 }
 """The compared methods: a key (``--methods``, the run folders) and its name in the report."""
 
 DOSE = {"ot_loss_weight": 2.0, "align_loss_weight": 6.0}
 """The knowledge-dose variants' loss weights: 20 times the defaults (0.1 and 0.3), which put about 1 % of CTC's
 gradient on the encoder's output (docs/RESULTS.md, "The knowledge share")."""
+
+DEEP_TEACHER = {
+    "num_layers": 4,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "max_steps": 6000,
+    "learning_rate": 5e-4,
+    "warmup_ratio": 0.1,
+}
+"""The deeper teacher (``<demo preset>/teacher_deep``): these settings over the preset's teacher section, so the same
+text sources, vocabulary and held-out sentences; a lower peak learning rate than the 2 x 128 teacher's 1e-3, at which
+a 3 x 192 teacher stayed on the masked-LM frequency plateau (docs/RESULTS.md, "The teacher")."""
 
 VARIANTS = {
     "tot_adapter": ({"alignment": "tot", "ctc_input": "adapter"}, "trained"),
@@ -99,10 +114,13 @@ VARIANTS = {
         )
         for twin in ("", "_untrained")
     },
+    "tot_kd_deep": ({"alignment": "tot", "kd_loss_weight": 0.3}, "deep"),
+    "tot_kd_deep_untrained": ({"alignment": "tot", "kd_loss_weight": 0.3}, "deep_untrained"),
 }
 """Methods that are not an ``--alignment`` alone: their ``train_hf.py`` settings and teacher (``"trained"``, the
-preset's, or ``"untrained"``, the same architecture and vocabulary randomly initialised, drawn anew for each seed).
-Every ``<name>_untrained`` is ``<name>``'s twin: the same settings with that seed's untrained teacher."""
+preset's; ``"deep"``, the :data:`DEEP_TEACHER`; ``"untrained"`` / ``"deep_untrained"``, the same architecture and
+vocabulary randomly initialised, drawn anew for each seed). Every ``<name>_untrained`` is ``<name>``'s twin: the same
+settings with that seed's untrained teacher."""
 
 COMPARISONS = (
     ("tot", "none"),
@@ -128,6 +146,10 @@ COMPARISONS = (
             (name, "tot"),
         )
     ),
+    ("tot_kd_deep", "none"),
+    ("tot_kd_deep", "tot_kd_deep_untrained"),
+    ("tot_kd_deep_untrained", "none"),
+    ("tot_kd_deep", "tot_kd"),
 )
 """The paired differences reported (method, baseline), each where either side has runs."""
 
@@ -157,6 +179,51 @@ def untrained_teacher(trained: Path, target: Path, seed: int = 0) -> Path:
     AutoTokenizer.from_pretrained(trained).save_pretrained(target)
     model.save_pretrained(target)
     return target
+
+
+def deep_teacher(stages: demo.DemoStages, build: bool = True):
+    """Pretrain (or reuse) the :data:`DEEP_TEACHER` in ``<demo preset>/teacher_deep``, holding out the corpus' dev/test
+    sentences like the preset's teacher; with ``build=False`` only reuse it (None when absent)."""
+    from modeling_tot_cakt.demo.teacher_pretraining import TeacherConfig, build_teacher
+
+    if not build and stages.corpus(build=False) is None:  # its held-out sentences are the corpus'
+        return None
+    config = TeacherConfig(
+        output_dir=str(stages.paths.root / "teacher_deep"),
+        corpus_dir=str(stages.paths.corpus),
+        **{**stages.preset.teacher, **DEEP_TEACHER},
+    )
+    return build_teacher(config, reuse_only=not build)
+
+
+def teacher_record(teacher) -> dict | None:
+    """A teacher's entry in the report: its folder, held-out masked accuracy and homophone choice."""
+    return teacher and {
+        "dir": str(teacher.output_dir),
+        "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"],
+        "homophone_choice": teacher.report.get("homophone_choice"),
+    }
+
+
+def run_teachers(stages: demo.DemoStages, jobs: list[tuple[str, int]], build: bool = True) -> tuple[dict, object]:
+    """The teacher folder of each ``(teacher kind, seed)`` that the ``(method, seed)`` `jobs` need (None: the
+    preset's own teacher), and the deep teacher's summary (None when no job needs it). Each seed's untrained teacher
+    is its own draw (seeded by the run's seed), shared by that seed's twins. With ``build=False`` nothing is made and
+    the folders are not resolved (an empty dict)."""
+    kinds = {(method_settings(method)[1], seed) for method, seed in jobs}
+    deep = deep_teacher(stages, build) if any(kind.startswith("deep") for kind, _ in kinds) else None
+    trained = {"trained": None, "deep": deep and Path(deep.output_dir)}
+    copied = {"untrained": stages.paths.teacher, "deep_untrained": trained["deep"]}  # what a twin's teacher copies
+    teachers = {
+        (kind, seed): (
+            untrained_teacher(copied[kind], stages.paths.root / f"teacher_{kind}-seed{seed}", seed=seed)
+            if kind in copied
+            else trained[kind]
+        )
+        for kind, seed in sorted(kinds)
+        if build
+    }
+    return teachers, deep
 
 
 @dataclass
@@ -570,12 +637,7 @@ def main(argv=None) -> dict:
     language_model = stages.language_model()["arpa"] if args.lm and build else None
     methods = args.methods or list(bench.methods)
     jobs = [(method, seed) for seed in (args.seeds or bench.seeds) for method in methods]
-    # Each seed's untrained teacher is its own draw (seeded by the run's seed), shared by that seed's twins.
-    untrained = {
-        seed: untrained_teacher(stages.paths.teacher, stages.paths.root / f"teacher_untrained-seed{seed}", seed=seed)
-        for seed in sorted({seed for method, seed in jobs if method_settings(method)[1] == "untrained"})
-        if build
-    }
+    teachers, deep = run_teachers(stages, jobs, build)
     runs: list[dict] = []
     lock = threading.Lock()
     output, plot = Path(args.output), Path(args.plot)
@@ -598,12 +660,8 @@ def main(argv=None) -> dict:
                 "test_tracks": corpus.info.get("test_tracks"),
             },
             "label": args.label,
-            "teacher": teacher
-            and {
-                "dir": str(stages.paths.teacher),
-                "heldout_masked_token_accuracy": teacher.report["heldout_masked_token_accuracy"],
-                "homophone_choice": teacher.report.get("homophone_choice"),
-            },
+            "teacher": teacher_record(teacher),
+            **({"deep_teacher": teacher_record(deep)} if deep else {}),
             "pretrained_encoder": encoder,
             "complete": report_complete,
             "runs_planned": len(jobs),
@@ -631,7 +689,7 @@ def main(argv=None) -> dict:
         run_stages = stages.for_run(
             runs_dir / f"{method}-seed{seed}",
             train={**preset.train, **overrides, **settings, "seed": seed},
-            teacher=untrained[seed] if teacher_kind == "untrained" else None,
+            teacher=teachers.get((teacher_kind, seed)),
         )
         result = run_once(
             run_stages,

