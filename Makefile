@@ -16,7 +16,7 @@ LOCK := requirements/lock.txt
 UV_SPEC ?= uv==0.13.9
 
 .PHONY: install system-deps kenlm lint test test-latest test-oldest drift-venv lock demo bench bench-quick bench-quality \
-	bench-knowledge bench-knowledge-dose mutation clean
+	bench-knowledge bench-knowledge-dose bench-knowledge-long bench-knowledge-deep mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -142,6 +142,23 @@ bench-knowledge-dose: install
 		--output docs/results/knowledge_dose.json --plot docs/results/knowledge_dose_curves.png
 	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --report_only --methods none $(DOSE_METHODS) \
 		--output docs/results/knowledge_dose.json --plot docs/results/knowledge_dose_curves.png
+
+# The decision's two follow-ups (docs/RESULTS.md, "Decided again at a dose that could say yes"): CTC-only (greedy and
+# with the LM) and the distillation with its untrained twin fine-tuned 3,000 steps, five paired seeds (15 runs); and
+# the distillation from a deeper teacher (4 x 256, pretrained first) with its untrained twin, 1,000 steps, five seeds.
+LONG := --preset knowledge --label dose3000 --max_steps 3000 --output docs/results/knowledge_dose_3000.json \
+	--plot docs/results/knowledge_dose_3000_curves.png
+bench-knowledge-long: install
+	$(PY) benchmarks/bench_quality.py $(LONG) --lm --methods none
+	$(PY) benchmarks/bench_quality.py $(LONG) --methods tot_kd tot_kd_untrained
+	$(PY) benchmarks/bench_quality.py $(LONG) --report_only --methods none tot_kd tot_kd_untrained
+
+DEEP := --preset knowledge --label dose --output docs/results/knowledge_deep_teacher.json \
+	--plot docs/results/knowledge_deep_teacher_curves.png
+bench-knowledge-deep: install
+	$(PY) benchmarks/bench_quality.py $(DEEP) --methods tot_kd_deep tot_kd_deep_untrained
+	$(PY) benchmarks/bench_quality.py $(DEEP) --report_only --methods none tot_kd tot_kd_untrained tot_kd_deep \
+		tot_kd_deep_untrained
 
 bench: bench-quick bench-quality
 
