@@ -315,7 +315,9 @@ def test_the_deep_teacher_is_the_presets_teacher_section_with_the_deep_settings(
     from modeling_tot_cakt.demo import teacher_pretraining
 
     built = []
-    monkeypatch.setattr(teacher_pretraining, "build_teacher", lambda config, reuse_only: built.append(config) or config)
+    monkeypatch.setattr(
+        teacher_pretraining, "build_teacher", lambda config, reuse_only: built.append(config) or config
+    )
     stages = bench_quality.demo.DemoStages.create(tmp_path, bench_quality.demo.load_preset("knowledge"))
     bench_quality.deep_teacher(stages)
     (config,) = built
@@ -339,7 +341,11 @@ def test_each_run_gets_its_kinds_teacher_and_each_twin_a_copy_of_its_own_teacher
     config.save_pretrained(deep_dir)
     monkeypatch.setattr(bench_quality, "deep_teacher", lambda stages, build: SimpleNamespace(output_dir=deep_dir))
     stages = SimpleNamespace(paths=SimpleNamespace(root=tmp_path, teacher=preset_teacher))
-    jobs = [(method, seed) for seed in (0, 1) for method in ("none", "tot_untrained", "tot_kd_deep", "tot_kd_deep_untrained")]
+    jobs = [
+        (method, seed)
+        for seed in (0, 1)
+        for method in ("none", "tot_untrained", "tot_kd_deep", "tot_kd_deep_untrained")
+    ]
     teachers, deep = bench_quality.run_teachers(stages, jobs)
     assert deep.output_dir == deep_dir
     assert teachers[("trained", 0)] is None and teachers[("deep", 1)] == deep_dir
