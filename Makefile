@@ -145,7 +145,8 @@ bench-knowledge-dose: install
 
 # The decision's two follow-ups (docs/RESULTS.md, "Decided again at a dose that could say yes"): CTC-only (greedy and
 # with the LM) and the distillation with its untrained twin fine-tuned 3,000 steps, five paired seeds (15 runs); and
-# the distillation from a deeper teacher (4 x 256, pretrained first) with its untrained twin, 1,000 steps, five seeds.
+# the distillation from a deeper teacher (4 x 256, pretrained first) with its untrained twin, five seeds of 1,000 steps
+# and of 3,000 steps (the 3,000-step part reuses bench-knowledge-long's CTC-only and 2 x 128 runs).
 LONG := --preset knowledge --label dose3000 --max_steps 3000 --output docs/results/knowledge_dose_3000.json \
 	--plot docs/results/knowledge_dose_3000_curves.png
 bench-knowledge-long: install
@@ -155,10 +156,14 @@ bench-knowledge-long: install
 
 DEEP := --preset knowledge --label dose --output docs/results/knowledge_deep_teacher.json \
 	--plot docs/results/knowledge_deep_teacher_curves.png
+DEEP_LONG := --preset knowledge --label dose3000 --max_steps 3000 --output docs/results/knowledge_deep_teacher_3000.json \
+	--plot docs/results/knowledge_deep_teacher_3000_curves.png
+KD_METHODS := none tot_kd tot_kd_untrained tot_kd_deep tot_kd_deep_untrained
 bench-knowledge-deep: install
 	$(PY) benchmarks/bench_quality.py $(DEEP) --methods tot_kd_deep tot_kd_deep_untrained
-	$(PY) benchmarks/bench_quality.py $(DEEP) --report_only --methods none tot_kd tot_kd_untrained tot_kd_deep \
-		tot_kd_deep_untrained
+	$(PY) benchmarks/bench_quality.py $(DEEP) --report_only --methods $(KD_METHODS)
+	$(PY) benchmarks/bench_quality.py $(DEEP_LONG) --methods tot_kd_deep tot_kd_deep_untrained
+	$(PY) benchmarks/bench_quality.py $(DEEP_LONG) --report_only --methods $(KD_METHODS)
 
 bench: bench-quick bench-quality
 
