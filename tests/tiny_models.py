@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertModel, BertTokenizer, TrainingArguments
+from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer, TrainingArguments
 
 from modeling_tot_cakt import TOTCAKTConfig, TOTCAKTForCTC, create_processor
 from modeling_tot_cakt.processing_tot_cakt import vocabulary_from_characters
@@ -63,8 +63,9 @@ def write_vocab(directory: Path) -> Path:
     return path
 
 
-def make_teacher(directory: Path) -> Path:
-    """A randomly initialised 1-layer BERT with a character vocab.txt, saved in HF format."""
+def make_teacher(directory: Path, masked_lm: bool = True) -> Path:
+    """A randomly initialised 1-layer BERT with a character vocab.txt, saved in HF format: with its masked-LM head
+    (as the demo's teacher is; the distillation reads it), or without it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARACTERS]
@@ -77,7 +78,7 @@ def make_teacher(directory: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=32,
     )
-    BertModel(config).save_pretrained(directory)
+    (BertForMaskedLM if masked_lm else BertModel)(config).save_pretrained(directory)
     return directory
 
 
