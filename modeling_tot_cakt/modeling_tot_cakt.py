@@ -137,8 +137,8 @@ def load_teacher(
         raise ValueError(
             f"The teacher checkpoint at teacher_name_or_path='{name_or_path}' has no masked-LM head (it lacks "
             f"{', '.join(key for key in missing if key.startswith('cls.'))[:200]}), which the distillation of its "
-            "predictions needs: give a checkpoint saved with its head (a *ForMaskedLM model), or set "
-            "kd_loss_weight=0."
+            "predictions needs (kd_loss_weight > 0): give a checkpoint saved with its head (a *ForMaskedLM model), "
+            "or set kd_loss_weight=0 (train_hf.py --kd_loss_weight 0) to train without it."
         )
     if missing:
         raise ValueError(
@@ -1061,7 +1061,7 @@ class TOTCAKTForCTC(TOTCAKTPreTrainedModel):
             raise ValueError(
                 f"kd_loss_weight={self.config.kd_loss_weight} maps the teacher's predictions into the CTC vocabulary: "
                 "attach the teacher with the model's CTC tokenizer (model.attach_teacher(teacher, tokenizer, "
-                "ctc_tokenizer=processor.tokenizer))."
+                "ctc_tokenizer=processor.tokenizer)), or set kd_loss_weight=0 to train without the distillation."
             )
         self.__dict__["_teacher_to_ctc"] = teacher_vocabulary_map(
             tokenizer, ctc_tokenizer, teacher.get_output_embeddings().out_features
