@@ -518,6 +518,13 @@ def summarise(runs: list[dict], target_cer: float | None) -> dict:
         summary["paired_differences"][f"{METHODS[method]} with LM - greedy"] = {
             metric: paired_difference(flat, f"{method}+lm", method, metric) for metric in metrics
         }
+        # Whether a method's gain survives the LM: both decoded with it, paired by seed.
+        if method != "none" and "none" in decoded:
+            both = [run for run in flat if method_of(run) in (f"{method}+lm", "none+lm")]
+            summary["paired_differences"][f"{METHODS[method]} with LM - {METHODS['none']} with LM"] = {
+                metric: paired_difference(flat, f"{method}+lm", "none+lm", metric)
+                for metric in common_metrics(both, ("test_cer", "dev_cer", *TRACK_METRICS))
+            }
     summary["control_share"] = control_share(summary)
     return summary
 

@@ -122,6 +122,24 @@ def test_lm_decoded_runs_are_paired_with_the_same_models_decoded_greedily():
     assert control["test_homophone_cer"]["ci95"][1] < 0  # this control moves
     assert summary["methods"]["none"]["with_lm"]["test_homophone_cer"]["mean"] == pytest.approx(0.14 / 3)
     assert "TOT-CAKT with LM - greedy" not in summary["paired_differences"]
+    assert "TOT-CAKT with LM - CTC only with LM" not in summary["paired_differences"]
+
+
+def test_a_method_decoded_with_the_lm_is_paired_with_ctc_only_decoded_with_it():
+    def errors(homophone):
+        return {"homophone_cer": homophone, "other_cer": 0.3, "tone_cer": 0.02}
+
+    runs = []
+    for seed, (ctc, ctc_lm, tot, tot_lm) in enumerate([(0.10, 0.04, 0.08, 0.05), (0.12, 0.05, 0.10, 0.08)]):
+        for method, greedy, with_lm in (("none", ctc, ctc_lm), ("tot", tot, tot_lm)):
+            lm = {"dev_cer": 0.3, "test_cer": 0.3 + with_lm, "test_errors": errors(with_lm)}
+            runs.append({**run(method, seed, 0.5, 0.3 + greedy, []), "test_errors": errors(greedy), "lm": lm})
+    differences = bench_quality.summarise(runs, target_cer=None)["paired_differences"]
+    # Greedily TOT-CAKT is ahead by 0.02 on both seeds; decoded with the LM it is behind by 0.01 and 0.03.
+    assert differences["TOT-CAKT - CTC only"]["test_homophone_cer"]["per_seed"] == pytest.approx([-0.02, -0.02])
+    survived = differences["TOT-CAKT with LM - CTC only with LM"]
+    assert survived["test_homophone_cer"]["per_seed"] == pytest.approx([0.01, 0.03])
+    assert survived["test_cer"]["mean"] == pytest.approx(0.02)
 
 
 def test_every_test_track_of_the_corpus_is_scored_greedily_and_with_the_lm(tmp_path, monkeypatch):
