@@ -16,7 +16,7 @@ LOCK := requirements/lock.txt
 UV_SPEC ?= uv==0.13.9
 
 .PHONY: install system-deps kenlm lint test test-latest test-oldest drift-venv lock demo bench bench-quick bench-quality \
-	bench-knowledge bench-knowledge-dose bench-knowledge-long bench-knowledge-deep mutation clean
+	bench-knowledge bench-knowledge-dose bench-knowledge-long bench-knowledge-deep bench-knowledge-lm mutation clean
 
 # espeak-ng synthesises the offline corpus; fortunes-zh provides its Chinese sentences; manpages-zh and
 # debian-reference-zh-cn are more text for the offline teacher.
@@ -164,6 +164,16 @@ bench-knowledge-deep: install
 	$(PY) benchmarks/bench_quality.py $(DEEP) --report_only --methods $(KD_METHODS)
 	$(PY) benchmarks/bench_quality.py $(DEEP_LONG) --methods tot_kd_deep tot_kd_deep_untrained
 	$(PY) benchmarks/bench_quality.py $(DEEP_LONG) --report_only --methods $(KD_METHODS)
+
+# Whether the distillation's gain survives the character LM (docs/RESULTS.md, "With the language model"): the
+# 3,000-step CTC-only and distillation runs above decoded with the LM too, and the distillation at weights 0.1 and
+# 0.03 (10 more runs, about 50 minutes on 2 cores); then the 1,000-step ones. Finished runs are reused.
+KD_LM_METHODS := none tot_kd tot_kd_deep tot_kd_light tot_kd_faint
+bench-knowledge-lm: install
+	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose3000 --max_steps 3000 --lm --methods $(KD_LM_METHODS) \
+		--output docs/results/knowledge_kd_lm_3000.json --plot docs/results/knowledge_kd_lm_3000_curves.png
+	$(PY) benchmarks/bench_quality.py --preset knowledge --label dose --lm --methods none tot_kd \
+		--output docs/results/knowledge_kd_lm_1000.json --plot docs/results/knowledge_kd_lm_1000_curves.png
 
 bench: bench-quick bench-quality
 

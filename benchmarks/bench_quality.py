@@ -82,6 +82,8 @@ METHODS = {
     "tot_kd_untrained": "TOT-CAKT + distillation through the plan, untrained teacher",
     "tot_kd_deep": "TOT-CAKT + distillation through the plan, 4 x 256 teacher",
     "tot_kd_deep_untrained": "TOT-CAKT + distillation through the plan, 4 x 256 teacher, untrained",
+    "tot_kd_light": "TOT-CAKT + distillation through the plan, weight 0.1",
+    "tot_kd_faint": "TOT-CAKT + distillation through the plan, weight 0.03",
 }
 """The compared methods: a key (``--methods``, the run folders) and its name in the report."""
 
@@ -116,6 +118,8 @@ VARIANTS = {
     },
     "tot_kd_deep": ({"alignment": "tot", "kd_loss_weight": 0.3}, "deep"),
     "tot_kd_deep_untrained": ({"alignment": "tot", "kd_loss_weight": 0.3}, "deep_untrained"),
+    "tot_kd_light": ({"alignment": "tot", "kd_loss_weight": 0.1}, "trained"),
+    "tot_kd_faint": ({"alignment": "tot", "kd_loss_weight": 0.03}, "trained"),
 }
 """Methods that are not an ``--alignment`` alone: their ``train_hf.py`` settings and teacher (``"trained"``, the
 preset's; ``"deep"``, the :data:`DEEP_TEACHER`; ``"untrained"`` / ``"deep_untrained"``, the same architecture and
@@ -150,6 +154,9 @@ COMPARISONS = (
     ("tot_kd_deep", "tot_kd_deep_untrained"),
     ("tot_kd_deep_untrained", "none"),
     ("tot_kd_deep", "tot_kd"),
+    ("tot_kd_light", "none"),
+    ("tot_kd_faint", "none"),
+    ("tot_kd", "tot_kd_light"),
 )
 """The paired differences reported (method, baseline), each where either side has runs."""
 

@@ -209,7 +209,10 @@ class TOTCAKTConfig(PreTrainedConfig):
             Weight of the distillation of the teacher's masked-LM predictions through the transport plan
             (`kd_loss`, see [`plan_distillation_loss`]): at each frame, the teacher's top-`kd_top_k` distribution of
             the tokens the plan assigns to it, mapped into the CTC vocabulary, against the CTC posterior over the
-            non-blank symbols. 0 (the default) turns it off; above 0 the teacher needs its masked-LM head.
+            non-blank symbols. 0 (the default, the paper's TOT-CAKT) turns it off; above 0 the teacher needs its
+            masked-LM head and is attached with the CTC tokenizer. 0.3 lowers homophone substitutions of greedy
+            decoding in long fine-tunes, but a model trained with it gains much less from a character language
+            model in the beam search (docs/RESULTS.md, "Decided again at a dose that could say yes").
         kd_top_k (`int`, defaults to 8):
             How many of the teacher's most probable tokens per position are kept (and cached) for `kd_loss`.
         align_layer (`int`, defaults to -1):
