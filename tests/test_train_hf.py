@@ -110,8 +110,9 @@ def test_training_run_learns_evaluates_and_saves_a_pipeline_ready_model(speech_c
         assert {"ctc_loss", "ot_loss", "align_loss"} <= entry.keys()
         weighted = entry["ctc_loss"] + 0.1 * entry["ot_loss"] + 0.3 * entry["align_loss"]  # the config's weights
         assert entry["loss"] == pytest.approx(weighted, rel=1e-4)
-        # The solver's diagnostics are logged too: converged plans (tot_tol 1e-4) within the default budget.
-        assert entry["solver_marginal_error"] < 1e-4 and 1 <= entry["solver_iterations"] <= 1000
+        # The solver's diagnostics are logged too: converged plans (tot_tol 1e-4) within the default budget; the
+        # error is measured on the returned plan, which may differ from the tested one by float32 rounding.
+        assert entry["solver_marginal_error"] < 1e-4 + 1e-6 and 1 <= entry["solver_iterations"] <= 1000
     evals = [entry for entry in state["log_history"] if "eval_cer" in entry]
     assert len(evals) == 2 and all({"eval_ctc_loss", "eval_ot_loss", "eval_align_loss"} <= e.keys() for e in evals)
     # The best checkpoint is chosen by CER.

@@ -63,9 +63,10 @@ def write_vocab(directory: Path) -> Path:
     return path
 
 
-def make_teacher(directory: Path, masked_lm: bool = True) -> Path:
+def make_teacher(directory: Path, masked_lm: bool = True, seed: int = 0) -> Path:
     """A randomly initialised 1-layer BERT with a character vocab.txt, saved in HF format: with its masked-LM head
-    (as the demo's teacher is; the distillation reads it), or without it."""
+    (as the demo's teacher is; the distillation reads it), or without it. Its weights are drawn with `seed`, so
+    they are the same whichever test builds it first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARACTERS]
@@ -78,7 +79,10 @@ def make_teacher(directory: Path, masked_lm: bool = True) -> Path:
         num_attention_heads=2,
         intermediate_size=32,
     )
-    (BertForMaskedLM if masked_lm else BertModel)(config).save_pretrained(directory)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        teacher = (BertForMaskedLM if masked_lm else BertModel)(config)
+    teacher.save_pretrained(directory)
     return directory
 
 
