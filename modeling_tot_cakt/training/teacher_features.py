@@ -95,7 +95,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         # No token feature reads the pooler, and a checkpoint saved with a masked-LM head (the demo's teacher) has
         # none: loaded as a base model it gets a freshly drawn one, which must not change the cache's key.
-        if "pooler." in f".{name}":
+        if ".pooler." in f".{name}":
             continue
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
